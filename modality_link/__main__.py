@@ -1,0 +1,3 @@
+from modality_link.cli import main
+
+raise SystemExit(main())
