@@ -1,0 +1,292 @@
+"""The local disk archive: DICOM files by UID under the home folder, indexed in SQLite.
+
+A file enters the archive in three steps (DESIGN.md "Persistence"): it is written to a temporary
+name on the archive's file system and fsynced, renamed to its final name, and only then indexed.
+A crash at any point leaves either no file, an unindexed complete file (found again by
+:meth:`Archive.reconcile`), or an indexed complete file: never a half-written archive file.
+
+Paths are built from the Study, Series and SOP Instance UIDs of the dataset, after each was
+checked to be a valid UID (PS3.5 §9.1: 1-64 characters, digits and dots, no empty component and
+no leading zero). A UID that came over the wire never reaches the file system unchecked.
+
+Files are stored as PS3.10 files whose File Meta Information we write ourselves (Implementation
+Class UID and Version Name, Source AE Title of the sender); the dataset bytes are copied as
+received, never decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from modality_link.db import Database, InstanceRecord
+
+LOG = logging.getLogger("modality_link.archive")
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+#: Storage status codes (PS3.4 Annex B.2.3, PS3.7 Annex C).
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+class ArchiveError(Exception):
+    """Storing failed; `status` is the DICOM status to answer with (PS3.4 B.2.3)."""
+
+    status = STATUS_CANNOT_UNDERSTAND
+
+
+class DiskFull(ArchiveError):
+    status = STATUS_OUT_OF_RESOURCES
+
+
+class DatasetMismatch(ArchiveError):
+    status = STATUS_DATASET_MISMATCH
+
+
+class CannotUnderstand(ArchiveError):
+    status = STATUS_CANNOT_UNDERSTAND
+
+
+def is_valid_uid(uid: object) -> bool:
+    """True if `uid` is a UID by PS3.5 §9.1 (1-64 characters, digits and dots)."""
+    return isinstance(uid, str) and 0 < len(uid) <= 64 and _UID.match(uid) is not None
+
+
+def checked_uid(uid: object, what: str) -> str:
+    """Return `uid` if valid, else raise :class:`DatasetMismatch` naming the attribute."""
+    if not is_valid_uid(uid):
+        shown = repr(uid)[:80]
+        raise DatasetMismatch(f"{what} {shown} is not a valid UID (PS3.5 9.1)")
+    return str(uid)
+
+
+def _meta_end(fp: BinaryIO) -> int:
+    """Offset of the first dataset byte of a PS3.10 file (after the File Meta group)."""
+    fp.seek(0)
+    head = fp.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
+        raise CannotUnderstand("not a PS3.10 file (no DICM prefix and group length)")
+    # (0002,0000) UL, explicit VR little endian: tag, 'UL', length 4, value
+    (group_length,) = struct.unpack("<I", head[140:144])
+    return 144 + group_length
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def read_header(path: Path) -> Dataset:
+    """Read the dataset of a PS3.10 file without its pixel data, and check it is complete.
+
+    Large values are skipped (deferred) rather than read; a value that runs past the end of the
+    file, or bytes after the last element, make the dataset incomplete.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fp:
+            ds = dcmread(fp, defer_size=4096)
+            end = fp.tell()
+            last = ds._dict[max(ds._dict)] if ds._dict else None
+    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as exc:
+        raise CannotUnderstand(f"dataset cannot be parsed: {exc}") from None
+    if end > size:
+        raise CannotUnderstand(f"dataset is truncated: {end - size} bytes missing at its end")
+    value_tell = getattr(last, "value_tell", None)
+    length = getattr(last, "length", None)
+    if value_tell is not None and length not in (None, 0xFFFFFFFF) and value_tell + length != size:
+        raise CannotUnderstand(
+            f"dataset is truncated or has trailing bytes: last element ends at "
+            f"{value_tell + length}, file has {size}"
+        )
+    return ds
+
+
+def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:
+    """The index row for `ds` (the dataset's own UIDs, each checked)."""
+    charset = _text(ds, "SpecificCharacterSet")
+    return InstanceRecord(
+        sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
+        sop_class_uid=checked_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)"),
+        series_uid=checked_uid(ds.get("SeriesInstanceUID"), "Series Instance UID (0020,000E)"),
+        study_uid=checked_uid(ds.get("StudyInstanceUID"), "Study Instance UID (0020,000D)"),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        path=path,
+        size=size,
+        patient_id=_text(ds, "PatientID"),
+        patient_name=_text(ds, "PatientName"),
+        birth_date=_text(ds, "PatientBirthDate"),
+        sex=_text(ds, "PatientSex"),
+        study_date=_text(ds, "StudyDate"),
+        study_time=_text(ds, "StudyTime"),
+        accession=_text(ds, "AccessionNumber"),
+        study_id=_text(ds, "StudyID"),
+        study_description=_text(ds, "StudyDescription"),
+        referring_physician=_text(ds, "ReferringPhysicianName"),
+        charset=charset,
+        modality=_text(ds, "Modality"),
+        series_number=_text(ds, "SeriesNumber"),
+        series_description=_text(ds, "SeriesDescription"),
+        body_part=_text(ds, "BodyPartExamined"),
+        instance_number=_text(ds, "InstanceNumber"),
+        source_ae=source_ae,
+    )
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> FileMetaDataset:
+    """File Meta Information (PS3.10 §7.1) with our implementation identity."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    if source_ae:
+        meta.SourceApplicationEntityTitle = source_ae.strip()
+    return meta
+
+
+@dataclass
+class Archive:
+    """Files under `root`, indexed in `db`."""
+
+    root: Path
+    db: Database
+    min_free_mb: int = 512
+    #: Called with (code, message) when the operator must be told (disk full...).
+    on_alert: Callable[[str, str], None] | None = None
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / ".tmp"
+
+    def path_for(self, rec: InstanceRecord) -> str:
+        """Relative path of an instance: STUDY_UID/SERIES_UID/SOP_INSTANCE_UID.dcm."""
+        parts = (
+            checked_uid(rec.study_uid, "Study Instance UID"),
+            checked_uid(rec.series_uid, "Series Instance UID"),
+            checked_uid(rec.sop_instance_uid, "SOP Instance UID") + ".dcm",
+        )
+        return "/".join(parts)
+
+    def check_space(self) -> None:
+        """Raise :class:`DiskFull` when the free space is below the configured reserve."""
+        free = shutil.disk_usage(self.root).free
+        if free < self.min_free_mb * 1024 * 1024:
+            raise self._disk_full(
+                f"only {free // (1024 * 1024)} MiB free on the archive's file system, "
+                f"{self.min_free_mb} MiB are kept in reserve"
+            )
+
+    def _disk_full(self, detail: str) -> DiskFull:
+        msg = f"archive disk full: {detail}"
+        if self.on_alert:
+            self.on_alert("disk-full", msg)
+        return DiskFull(msg)
+
+    def store_part10(self, src: Path, source_ae: str, expected_uid: str | None = None) -> InstanceRecord:
+        """Archive the PS3.10 file `src` (a received dataset or a file to import).
+
+        The dataset bytes are copied unchanged after a File Meta group of our own.
+        `expected_uid` is the C-STORE's Affected SOP Instance UID, which must match the dataset's.
+        """
+        self.check_space()
+        ds = read_header(src)
+        rec = record_from_dataset(ds, "", 0, source_ae)
+        if expected_uid is not None and rec.sop_instance_uid != expected_uid:
+            raise DatasetMismatch(
+                f"SOP Instance UID in the dataset ({rec.sop_instance_uid}) differs from the "
+                f"C-STORE's Affected SOP Instance UID ({expected_uid})"
+            )
+        rec.path = self.path_for(rec)
+        meta = file_meta(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax, source_ae)
+        final = self.root / rec.path
+        part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(src, "rb") as fin, open(part, "wb") as fout:
+                start = _meta_end(fin)
+                fout.write(b"\x00" * 128 + b"DICM")
+                write_file_meta_info(fout, meta, enforce_standard=True)
+                fout.flush()
+                fin.seek(start)
+                remaining = os.fstat(fin.fileno()).st_size - start
+                offset = start
+                while remaining > 0:
+                    sent = os.sendfile(fout.fileno(), fin.fileno(), offset, remaining)
+                    if sent == 0:
+                        raise CannotUnderstand("source file shrank while it was copied")
+                    offset += sent
+                    remaining -= sent
+                os.fsync(fout.fileno())
+                rec.size = os.fstat(fout.fileno()).st_size
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(part, final)
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._disk_full(str(exc)) from None
+            raise
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        old = self.db.index_instance(rec)
+        if old is not None and old != rec.path:
+            (self.root / old).unlink(missing_ok=True)
+        return rec
+
+    def import_paths(self, paths: Iterable[Path], source_ae: str = "") -> Iterator[tuple[Path, InstanceRecord | Exception]]:
+        """Import files and folders (recursively); yields (path, record or error) per file."""
+        for path in paths:
+            path = Path(path)
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for f in files:
+                if f.name == "DICOMDIR":
+                    continue
+                try:
+                    yield f, self.store_part10(f, source_ae)
+                except (ArchiveError, OSError) as exc:
+                    yield f, exc
+
+    def reconcile(self) -> int:
+        """Index archive files that a crash left unindexed, and delete stale temporaries."""
+        for part in self.tmp_dir.glob("*.part"):
+            part.unlink(missing_ok=True)
+        known = self.db.instance_paths()
+        added = 0
+        for f in self.root.glob("*/*/*.dcm"):
+            rel = f.relative_to(self.root).as_posix()
+            if rel in known:
+                continue
+            try:
+                ds = read_header(f)
+                rec = record_from_dataset(ds, rel, f.stat().st_size, "")
+                rec.source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", ""))
+                if self.path_for(rec) != rel:
+                    raise DatasetMismatch("file name does not match its UIDs")
+                self.db.index_instance(rec)
+                added += 1
+            except ArchiveError as exc:
+                LOG.error("archive: %s is not a valid archive file (%s); left in place", rel, exc)
+        return added

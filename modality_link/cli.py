@@ -1,0 +1,228 @@
+"""`modality-link`: the command line (a contract: see shared/DESIGN.md "The command line").
+
+`serve` runs the service; every other command except `config`, `node` and `demo` is a thin
+client of the running service over IPC. `config` and `node` edit the config file (so that a
+service engineer can configure before the first start) and, when a service runs, ask it to
+reload.
+
+Exit codes: 0 success, 1 the operation failed, 2 bad usage or an invalid value, 3 no service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from modality_link import __version__, config
+from modality_link.config import ConfigError, Node
+from modality_link.home import Home
+from modality_link.ipc import IpcClient, IpcError, NotRunning
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+
+
+def _out(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _call(home: Home, method: str, **params: Any) -> Any:
+    with IpcClient(home.socket_path) as client:
+        return client.call(method, **params)
+
+
+def _notify_reload(home: Home) -> None:
+    try:
+        _call(home, "config.reload")
+        print("the running service reloaded its configuration")
+    except NotRunning:
+        pass
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, home: Home) -> int:
+    from modality_link.service import Service
+
+    service = Service(home)
+    service.start()
+    service.run_forever()
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, home: Home) -> int:
+    from modality_link.demo import run_demo
+
+    return run_demo(images=args.images, keep=args.keep)
+
+
+def cmd_status(args: argparse.Namespace, home: Home) -> int:
+    st = _call(home, "status")
+    if args.json:
+        _out(st)
+        return EXIT_OK
+    print(f"modality_link {st['version']} (pid {st['pid']}), home {st['home']}, up {st['uptime_s']} s")
+    for name, lst in st["listeners"].items():
+        state = "listening" if lst["running"] else "stopped"
+        print(f"  {name}: {lst['ae_title']} port {lst['port']} {state}")
+    print(f"  archive: {st['archive']['studies']} studies, {st['archive']['instances']} instances")
+    for a in st["alerts"]:
+        print(f"  ALERT {a['level']} {a['code']}: {a['message']}")
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace, home: Home) -> int:
+    home.ensure()
+    if args.action == "show":
+        print(home.config_path.read_text(encoding="utf-8"), end="")
+    elif args.action == "get":
+        value = config.get_value(config.load(home.config_path), args.key)
+        print(json.dumps(value) if not isinstance(value, str) else value)
+    elif args.action == "set":
+        cfg = config.set_value(home.config_path, args.key, args.value)
+        print(f"{args.key} = {json.dumps(config.get_value(cfg, args.key), ensure_ascii=False)}")
+        _notify_reload(home)
+    elif args.action == "validate":
+        config.load(home.config_path)
+        print(f"{home.config_path}: valid")
+    return EXIT_OK
+
+
+def cmd_node(args: argparse.Namespace, home: Home) -> int:
+    home.ensure()
+    cfg = config.load(home.config_path)
+    if args.action == "list":
+        nodes = {n: vars(node) for n, node in cfg.nodes.items()}
+        if args.json:
+            _out(nodes)
+        else:
+            for n, node in nodes.items():
+                print(f"{n}: {node['ae_title']}@{node['host']}:{node['port']} roles={','.join(node['roles'])}")
+        return EXIT_OK
+    if args.action == "add":
+        if any(n.lower() == args.name.lower() for n in cfg.nodes):
+            raise ConfigError(f"nodes.{args.name}: duplicate node name (remove it first)")
+        roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+        cfg.nodes[args.name] = Node(ae_title=args.ae, host=args.host, port=args.port, roles=roles)
+        config.save(cfg, home.config_path)
+        print(f"node {args.name} added")
+    elif args.action == "remove":
+        cfg.node(args.name)
+        del cfg.nodes[args.name]
+        config.save(cfg, home.config_path)
+        print(f"node {args.name} removed")
+    _notify_reload(home)
+    return EXIT_OK
+
+
+def cmd_echo(args: argparse.Namespace, home: Home) -> int:
+    if not args.all and not args.name:
+        print("modality-link echo: give a node name or --all", file=sys.stderr)
+        return EXIT_USAGE
+    results = _call(home, "nodes.echo", name=args.name, all=args.all)
+    for r in results:
+        status = f"0x{r['status']:04X}" if r["status"] is not None else "-"
+        print(f"{r['node']}: {'OK' if r['ok'] else 'FAILED'} status {status} {r['rtt_ms']:.1f} ms {r['message']}")
+    return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
+
+
+def cmd_import(args: argparse.Namespace, home: Home) -> int:
+    import os
+
+    res = _call(home, "archive.import", paths=[os.path.abspath(p) for p in args.paths])
+    print(f"imported {res['imported']} file(s)")
+    for f in res["failed"]:
+        print(f"refused {f['path']}: {f['error']}", file=sys.stderr)
+    return EXIT_OK if not res["failed"] else EXIT_FAILED
+
+
+def cmd_studies(args: argparse.Namespace, home: Home) -> int:
+    studies = _call(home, "studies.list")
+    if args.json:
+        _out(studies)
+        return EXIT_OK
+    for s in studies:
+        print(
+            f"{s['study_uid']}  {s['patient_id']:<12} {s['patient_name']:<28} "
+            f"{s['study_date']} {s['modalities'] or '':<5} {s['instances']:>5} instances"
+        )
+    return EXIT_OK
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modality-link", description="DICOM connectivity for a modality console")
+    p.add_argument("--home", help="home folder (default $MODALITY_LINK_HOME or ~/.local/share/modality-link)")
+    p.add_argument("--version", action="version", version=f"modality_link {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("serve", help="run the service in the foreground").set_defaults(func=cmd_serve)
+    d = sub.add_parser("demo", help="service + simulated hospital in a temporary home, end to end")
+    d.add_argument("--images", type=int, default=20)
+    d.add_argument("--keep", action="store_true", help="keep the temporary home")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("status", help="the service's state")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    c = sub.add_parser("config", help="show, get, set or validate the configuration")
+    csub = c.add_subparsers(dest="action", required=True)
+    csub.add_parser("show")
+    g = csub.add_parser("get")
+    g.add_argument("key")
+    st = csub.add_parser("set")
+    st.add_argument("key")
+    st.add_argument("value")
+    csub.add_parser("validate")
+    c.set_defaults(func=cmd_config)
+
+    n = sub.add_parser("node", help="remote DICOM nodes")
+    nsub = n.add_subparsers(dest="action", required=True)
+    na = nsub.add_parser("add")
+    na.add_argument("name")
+    na.add_argument("--ae", required=True)
+    na.add_argument("--host", required=True)
+    na.add_argument("--port", type=int, required=True)
+    na.add_argument("--roles", default="store")
+    nl = nsub.add_parser("list")
+    nl.add_argument("--json", action="store_true")
+    nr = nsub.add_parser("remove")
+    nr.add_argument("name")
+    n.set_defaults(func=cmd_node)
+
+    e = sub.add_parser("echo", help="C-ECHO a configured node from the service")
+    e.add_argument("name", nargs="?")
+    e.add_argument("--all", action="store_true")
+    e.set_defaults(func=cmd_echo)
+
+    i = sub.add_parser("import", help="import files or folders into the archive")
+    i.add_argument("paths", nargs="+")
+    i.set_defaults(func=cmd_import)
+
+    so = sub.add_parser("studies", help="list the archive's studies")
+    so.add_argument("--json", action="store_true")
+    so.set_defaults(func=cmd_studies)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    home = Home.resolve(args.home)
+    try:
+        return int(args.func(args, home))
+    except ConfigError as exc:
+        print(f"modality-link: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotRunning as exc:
+        print(f"modality-link: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except IpcError as exc:
+        print(f"modality-link: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,370 @@
+"""The service's configuration: one TOML file in the home folder, validated by dataclasses.
+
+Every value a service engineer may set lives here with its default and its rule. A value that
+breaks a rule is refused with a sentence naming the key and the rule (:class:`ConfigError`), and
+the file on disk is never changed by a refused edit.
+
+AE titles follow PS3.5 §6.2 (VR AE): at most 16 characters of the default character repertoire,
+no backslash, no control characters, not all spaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.toml"
+ROLES = ("worklist", "mpps", "store", "commit", "qr")
+MODALITIES = ("CT", "MR")
+_NODE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
+
+
+class ConfigError(ValueError):
+    """A configuration value broke a rule; the message names the key and the rule."""
+
+
+def check_ae_title(key: str, value: Any) -> str:
+    """Return `value` if it is a valid AE title (PS3.5 §6.2, VR AE), else raise ConfigError."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: an AE title must be a string, not {value!r}")
+    if not value.strip():
+        raise ConfigError(f"{key}: an AE title must not be empty or all spaces")
+    if len(value) > 16:
+        raise ConfigError(f"{key}: an AE title has at most 16 characters, {value!r} has {len(value)}")
+    if "\\" in value:
+        raise ConfigError(f"{key}: an AE title must not contain a backslash")
+    if any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ConfigError(f"{key}: an AE title uses printable ASCII only (no control characters)")
+    return value
+
+
+def _check_port(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(f"{key}: a TCP port is a whole number from 1 to 65535, not {value!r}")
+    return value
+
+
+def _check_range(key: str, value: Any, low: float, high: float, kind: type = int) -> Any:
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or not low <= value <= high:
+        what = "a number" if kind is float else "a whole number"
+        raise ConfigError(f"{key}: must be {what} from {low} to {high}, not {value!r}")
+    return value
+
+
+def _check_max_pdu(key: str, value: Any) -> int:
+    """PS3.8 D.3.3.1: 0 means unlimited; otherwise at least 2048 (seed 003's minimum)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not (
+        value == 0 or 2048 <= value <= 0xFFFFFFFF
+    ):
+        raise ConfigError(
+            f"{key}: the maximum PDU length is 0 (unlimited) or from 2048 to 4294967295, not {value!r}"
+        )
+    return value
+
+
+@dataclass
+class Station:
+    """The scanner itself: the calling AE title of every SCU and the modality it acquires."""
+
+    ae_title: str = "MODLINK"
+    modality: str = "CT"
+    name: str = "CT01"
+    institution: str = ""
+
+    def validate(self, prefix: str) -> None:
+        check_ae_title(f"{prefix}.ae_title", self.ae_title)
+        if self.modality not in MODALITIES:
+            raise ConfigError(f"{prefix}.modality: one of {', '.join(MODALITIES)}, not {self.modality!r}")
+        if not isinstance(self.name, str) or len(self.name) > 16:
+            raise ConfigError(f"{prefix}.name: the station name has at most 16 characters (VR SH)")
+
+
+@dataclass
+class Listener:
+    """A listening AE (PS3.8 §9): disk server or memory server."""
+
+    ae_title: str = "MODLINK"
+    port: int = 11112
+    bind_address: str = ""
+    enabled: bool = True
+    #: Maximum PDU length we receive (PS3.8 D.3.3.1); 0 is unlimited.
+    max_pdu: int = 262144
+    #: Acceptor limit: associations beyond it get A-ASSOCIATE-RJ transient, reason 2.
+    max_associations: int = 100
+    #: Calling AE titles allowed to associate; empty allows any.
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    #: Reject an A-ASSOCIATE-RQ whose called AE title is not ours (reason 7).
+    require_called_aet: bool = True
+
+    def validate(self, prefix: str) -> None:
+        check_ae_title(f"{prefix}.ae_title", self.ae_title)
+        _check_port(f"{prefix}.port", self.port)
+        if not isinstance(self.bind_address, str):
+            raise ConfigError(f"{prefix}.bind_address: an address string, '' for all interfaces")
+        _check_max_pdu(f"{prefix}.max_pdu", self.max_pdu)
+        _check_range(f"{prefix}.max_associations", self.max_associations, 1, 1000)
+        if not isinstance(self.allowed_calling_aets, list):
+            raise ConfigError(f"{prefix}.allowed_calling_aets: a list of AE titles")
+        for i, aet in enumerate(self.allowed_calling_aets):
+            check_ae_title(f"{prefix}.allowed_calling_aets[{i}]", aet)
+
+
+@dataclass
+class Timeouts:
+    """Timeouts in seconds (REQUIREMENTS §12; PS3.8 §9.1.5 ARTIM)."""
+
+    connect: float = 30.0
+    acse: float = 30.0
+    dimse: float = 60.0
+    network: float = 60.0
+
+    def validate(self, prefix: str) -> None:
+        for f in dataclasses.fields(self):
+            _check_range(f"{prefix}.{f.name}", getattr(self, f.name), 0.1, 3600, float)
+
+
+@dataclass
+class Archive:
+    """The local disk archive."""
+
+    #: Free space (MiB) to keep on the archive's file system; below it C-STORE answers A700.
+    min_free_mb: int = 512
+
+    def validate(self, prefix: str) -> None:
+        _check_range(f"{prefix}.min_free_mb", self.min_free_mb, 0, 10**9)
+
+
+@dataclass
+class Logging:
+    level: str = "INFO"
+    max_bytes: int = 10 * 1024 * 1024
+    backups: int = 5
+
+    def validate(self, prefix: str) -> None:
+        if self.level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"{prefix}.level: one of DEBUG, INFO, WARNING, ERROR, not {self.level!r}")
+        _check_range(f"{prefix}.max_bytes", self.max_bytes, 4096, 10**10)
+        _check_range(f"{prefix}.backups", self.backups, 0, 100)
+
+
+@dataclass
+class Node:
+    """A remote DICOM node (REQUIREMENTS K2)."""
+
+    ae_title: str = ""
+    host: str = "127.0.0.1"
+    port: int = 104
+    roles: list[str] = field(default_factory=lambda: ["store"])
+    #: Max PDU we announce when we are the requestor; 0 is unlimited.
+    max_pdu: int = 262144
+
+    def validate(self, prefix: str) -> None:
+        check_ae_title(f"{prefix}.ae_title", self.ae_title)
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"{prefix}.host: a host name or IP address")
+        _check_port(f"{prefix}.port", self.port)
+        if not isinstance(self.roles, list) or not all(r in ROLES for r in self.roles):
+            raise ConfigError(f"{prefix}.roles: a list drawn from {', '.join(ROLES)}, not {self.roles!r}")
+        _check_max_pdu(f"{prefix}.max_pdu", self.max_pdu)
+
+
+@dataclass
+class Config:
+    station: Station = field(default_factory=Station)
+    disk_server: Listener = field(default_factory=Listener)
+    memory_server: Listener = field(
+        default_factory=lambda: Listener(ae_title="MODLINK_MEM", port=11113, enabled=False)
+    )
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    archive: Archive = field(default_factory=Archive)
+    logging: Logging = field(default_factory=Logging)
+    nodes: dict[str, Node] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` on the first value that breaks a rule."""
+        for f in dataclasses.fields(self):
+            if f.name != "nodes":
+                getattr(self, f.name).validate(f.name)
+        seen: dict[str, str] = {}
+        for name, node in self.nodes.items():
+            if not _NODE_NAME.match(name):
+                raise ConfigError(
+                    f"nodes.{name}: a node name is 1-32 letters, digits, '_', '-' or '.'"
+                )
+            if name.lower() in seen:
+                raise ConfigError(f"nodes.{name}: duplicate node name (also {seen[name.lower()]!r})")
+            seen[name.lower()] = name
+            node.validate(f"nodes.{name}")
+        used = {}
+        for key in ("disk_server", "memory_server"):
+            lst: Listener = getattr(self, key)
+            if lst.enabled and lst.port in used:
+                raise ConfigError(f"{key}.port: port {lst.port} is already used by {used[lst.port]}")
+            used[lst.port] = key
+
+    def node(self, name: str) -> Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            known = ", ".join(sorted(self.nodes)) or "none"
+            raise ConfigError(f"nodes.{name}: no such node (configured: {known})") from None
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix}: must be a table")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(names)})")
+    obj = cls()
+    for key, value in data.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from parsed TOML."""
+    cfg = Config()
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in data.items():
+        if key not in sections:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(sections)})")
+        if key == "nodes":
+            if not isinstance(value, dict):
+                raise ConfigError("nodes: must be a table of [nodes.NAME] tables")
+            cfg.nodes = {n: _build(Node, v, f"nodes.{n}") for n, v in value.items()}
+        else:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: must be a table [{key}]")
+            base = getattr(cfg, key)
+            merged = dataclasses.asdict(base) | value
+            setattr(cfg, key, _build(type(base), merged, key))
+    cfg.validate()
+    return cfg
+
+
+def load(path: Path) -> Config:
+    """Read and validate the config file; a missing file gives the defaults."""
+    if not path.exists():
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        msg = str(exc)
+        if "twice" in msg or "overwrite" in msg.lower():
+            raise ConfigError(f"{path.name}: a key or node is defined twice ({msg})") from None
+        raise ConfigError(f"{path.name}: not valid TOML ({msg})") from None
+    return from_dict(data)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        escaped = "".join(c if ord(c) >= 0x20 else f"\\u{ord(c):04x}" for c in escaped)
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dumps(cfg: Config) -> str:
+    """Serialise `cfg` as TOML (the subset this schema uses)."""
+    lines: list[str] = ["# modality_link configuration (edit with `modality-link config set`)"]
+    for f in dataclasses.fields(cfg):
+        if f.name == "nodes":
+            continue
+        lines.append(f"\n[{f.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, f.name)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, node in cfg.nodes.items():
+        lines.append(f'\n[nodes."{name}"]')
+        for key, value in dataclasses.asdict(node).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def save(cfg: Config, path: Path) -> None:
+    """Validate, then write atomically (temporary file, fsync, rename)."""
+    cfg.validate()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(dumps(cfg))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# -- dotted keys (the CLI's `config get|set`) ---------------------------------------------------
+
+
+def _locate(cfg: Config, key: str) -> tuple[Any, str, dataclasses.Field]:
+    parts = key.split(".")
+    if parts[0] == "nodes":
+        if len(parts) != 3:
+            raise ConfigError(f"{key}: a node key is nodes.NAME.FIELD")
+        obj: Any = cfg.node(parts[1])
+    else:
+        if len(parts) != 2:
+            raise ConfigError(f"{key}: a key is SECTION.FIELD, e.g. station.ae_title")
+        sections = [f.name for f in dataclasses.fields(cfg) if f.name != "nodes"]
+        if parts[0] not in sections:
+            raise ConfigError(f"{key}: unknown section {parts[0]!r} (known: {', '.join(sections)})")
+        obj = getattr(cfg, parts[0])
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    if parts[-1] not in fields:
+        raise ConfigError(f"{key}: unknown key (known in this section: {', '.join(fields)})")
+    return obj, parts[-1], fields[parts[-1]]
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    obj, name, _ = _locate(cfg, key)
+    return getattr(obj, name)
+
+
+def parse_value(key: str, text: str, current: Any) -> Any:
+    """Convert command-line text to the type of the key's current value."""
+    if isinstance(current, bool):
+        if text.lower() in ("true", "yes", "on", "1"):
+            return True
+        if text.lower() in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"{key}: true or false, not {text!r}")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: a whole number, not {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: a number, not {text!r}") from None
+    if isinstance(current, list):
+        return [p.strip() for p in text.split(",") if p.strip()]
+    return text
+
+
+def set_value(path: Path, key: str, text: str) -> Config:
+    """Set one dotted key in the file at `path`; the file is untouched if the result is invalid."""
+    cfg = load(path)
+    obj, name, _ = _locate(cfg, key)
+    setattr(obj, name, parse_value(key, text, getattr(obj, name)))
+    save(cfg, path)
+    return cfg

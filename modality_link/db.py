@@ -1,0 +1,266 @@
+"""The SQLite database: the one module that knows the schema.
+
+Everything the service persists lives in one SQLite file in WAL mode: the archive index at
+patient / study / series / instance level (the keys Query/Retrieve needs, PS3.4 C.6), alerts for
+the operator, and (later) jobs. Other modules call the functions here and never write SQL.
+
+Writes are serialised by a lock: SQLite allows one writer at a time and the service has several
+threads (one per association, the IPC server, workers).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE patients (
+        pk INTEGER PRIMARY KEY,
+        patient_key TEXT NOT NULL UNIQUE,       -- Patient ID, or the name when the ID is empty
+        patient_id TEXT NOT NULL,
+        patient_name TEXT NOT NULL,
+        birth_date TEXT NOT NULL,
+        sex TEXT NOT NULL
+    );
+    CREATE INDEX patients_name ON patients(patient_name);
+    CREATE TABLE studies (
+        study_uid TEXT PRIMARY KEY,
+        patient_pk INTEGER NOT NULL REFERENCES patients(pk),
+        study_date TEXT NOT NULL,
+        study_time TEXT NOT NULL,
+        accession TEXT NOT NULL,
+        study_id TEXT NOT NULL,
+        description TEXT NOT NULL,
+        referring_physician TEXT NOT NULL,
+        charset TEXT NOT NULL
+    );
+    CREATE INDEX studies_patient ON studies(patient_pk);
+    CREATE INDEX studies_date ON studies(study_date);
+    CREATE INDEX studies_accession ON studies(accession);
+    CREATE TABLE series (
+        series_uid TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+        modality TEXT NOT NULL,
+        series_number TEXT NOT NULL,
+        description TEXT NOT NULL,
+        body_part TEXT NOT NULL
+    );
+    CREATE INDEX series_study ON series(study_uid);
+    CREATE TABLE instances (
+        sop_instance_uid TEXT PRIMARY KEY,
+        series_uid TEXT NOT NULL REFERENCES series(series_uid),
+        sop_class_uid TEXT NOT NULL,
+        instance_number TEXT NOT NULL,
+        transfer_syntax TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        path TEXT NOT NULL,                     -- relative to the archive folder
+        source_ae TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX instances_series ON instances(series_uid);
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        level TEXT NOT NULL,                    -- warning | error
+        code TEXT NOT NULL,                     -- e.g. disk-full
+        message TEXT NOT NULL,
+        cleared INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+]
+
+
+@dataclass
+class InstanceRecord:
+    """The index row of one archived instance, with its patient, study and series keys."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    patient_id: str = ""
+    patient_name: str = ""
+    birth_date: str = ""
+    sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    referring_physician: str = ""
+    charset: str = ""
+    modality: str = ""
+    series_number: str = ""
+    series_description: str = ""
+    body_part: str = ""
+    instance_number: str = ""
+    source_ae: str = ""
+    received_at: float = field(default_factory=time.time)
+
+
+class Database:
+    """One SQLite connection shared by the service's threads, writes under a lock."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed index row survives a power cut (the file was fsynced before).
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(_SCHEMA[version:], start=version + 1):
+                self._conn.executescript(f"BEGIN; {script}; PRAGMA user_version={number}; COMMIT;")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, args).fetchall()
+
+    # -- archive index --------------------------------------------------------------------------
+
+    def index_instance(self, rec: InstanceRecord) -> str | None:
+        """Insert or replace the row of `rec`; return the previous relative path, if any.
+
+        Re-storing an existing SOP Instance UID replaces its row (never a second row); a study or
+        series that no longer has any instance afterwards is removed.
+        """
+        r = asdict(rec)
+        key = rec.patient_id or f"name:{rec.patient_name}"
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                old = c.execute(
+                    "SELECT path, series_uid FROM instances WHERE sop_instance_uid=?",
+                    (rec.sop_instance_uid,),
+                ).fetchone()
+                c.execute(
+                    """INSERT INTO patients(patient_key, patient_id, patient_name, birth_date, sex)
+                       VALUES (?,?,?,?,?)
+                       ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,
+                         birth_date=excluded.birth_date, sex=excluded.sex""",
+                    (key, rec.patient_id, rec.patient_name, rec.birth_date, rec.sex),
+                )
+                pk = c.execute("SELECT pk FROM patients WHERE patient_key=?", (key,)).fetchone()[0]
+                c.execute(
+                    """INSERT INTO studies(study_uid, patient_pk, study_date, study_time, accession,
+                         study_id, description, referring_physician, charset)
+                       VALUES (:study_uid, :pk, :study_date, :study_time, :accession, :study_id,
+                         :study_description, :referring_physician, :charset)
+                       ON CONFLICT(study_uid) DO UPDATE SET patient_pk=excluded.patient_pk""",
+                    r | {"pk": pk},
+                )
+                c.execute(
+                    """INSERT INTO series(series_uid, study_uid, modality, series_number,
+                         description, body_part)
+                       VALUES (:series_uid, :study_uid, :modality, :series_number,
+                         :series_description, :body_part)
+                       ON CONFLICT(series_uid) DO UPDATE SET study_uid=excluded.study_uid""",
+                    r,
+                )
+                c.execute(
+                    """INSERT OR REPLACE INTO instances(sop_instance_uid, series_uid, sop_class_uid,
+                         instance_number, transfer_syntax, size, path, source_ae, received_at)
+                       VALUES (:sop_instance_uid, :series_uid, :sop_class_uid, :instance_number,
+                         :transfer_syntax, :size, :path, :source_ae, :received_at)""",
+                    r,
+                )
+                if old is not None and old["series_uid"] != rec.series_uid:
+                    self._drop_empty(old["series_uid"])
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return old["path"] if old is not None else None
+
+    def _drop_empty(self, series_uid: str) -> None:
+        c = self._conn
+        row = c.execute("SELECT study_uid FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+        if row is None:
+            return
+        c.execute(
+            "DELETE FROM series WHERE series_uid=? AND NOT EXISTS "
+            "(SELECT 1 FROM instances WHERE series_uid=?)",
+            (series_uid, series_uid),
+        )
+        c.execute(
+            "DELETE FROM studies WHERE study_uid=? AND NOT EXISTS "
+            "(SELECT 1 FROM series WHERE study_uid=?)",
+            (row["study_uid"], row["study_uid"]),
+        )
+
+    def instance(self, sop_instance_uid: str) -> dict[str, Any] | None:
+        rows = self._query(
+            "SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,)
+        )
+        return dict(rows[0]) if rows else None
+
+    def instance_paths(self) -> set[str]:
+        """Every indexed relative path (for reconciling the archive with the index)."""
+        return {r[0] for r in self._query("SELECT path FROM instances")}
+
+    def studies(self) -> list[dict[str, Any]]:
+        """One dict per study with its patient and counts (the CLI's `studies`)."""
+        rows = self._query(
+            """SELECT s.study_uid, p.patient_id, p.patient_name, p.birth_date, p.sex,
+                      s.study_date, s.study_time, s.accession, s.study_id, s.description,
+                      (SELECT COUNT(*) FROM series se WHERE se.study_uid=s.study_uid) AS series,
+                      (SELECT COUNT(*) FROM instances i JOIN series se USING(series_uid)
+                         WHERE se.study_uid=s.study_uid) AS instances,
+                      (SELECT GROUP_CONCAT(DISTINCT se.modality) FROM series se
+                         WHERE se.study_uid=s.study_uid) AS modalities
+               FROM studies s JOIN patients p ON p.pk=s.patient_pk
+               ORDER BY s.study_date, s.study_time, s.study_uid"""
+        )
+        return [dict(r) for r in rows]
+
+    def study_instances(self, study_uid: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            """SELECT i.*, se.study_uid FROM instances i JOIN series se USING(series_uid)
+               WHERE se.study_uid=? ORDER BY se.series_number, CAST(i.instance_number AS INTEGER)""",
+            (study_uid,),
+        )
+        return [dict(r) for r in rows]
+
+    # -- alerts ---------------------------------------------------------------------------------
+
+    def add_alert(self, level: str, code: str, message: str) -> int:
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT INTO alerts(time, level, code, message) VALUES (?,?,?,?)",
+                (time.time(), level, code, message),
+            )
+            return int(cur.lastrowid)
+
+    def alerts(self, limit: int = 50, include_cleared: bool = False) -> list[dict[str, Any]]:
+        where = "" if include_cleared else "WHERE cleared=0"
+        rows = self._query(f"SELECT * FROM alerts {where} ORDER BY id DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+    def clear_alerts(self, code: str | None = None) -> None:
+        with self._lock:
+            if code is None:
+                self._conn.execute("UPDATE alerts SET cleared=1")
+            else:
+                self._conn.execute("UPDATE alerts SET cleared=1 WHERE code=?", (code,))
+
