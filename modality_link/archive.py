@@ -28,10 +28,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
@@ -154,18 +152,36 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
     )
 
 
-def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> FileMetaDataset:
-    """File Meta Information (PS3.10 §7.1) with our implementation identity."""
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    if source_ae:
-        meta.SourceApplicationEntityTitle = source_ae.strip()
-    return meta
+def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (PS3.5 §7.1.2)."""
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        return struct.pack("<HH2s2xI", group, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, prefix and File Meta Information (PS3.10 §7.1) with our implementation identity.
+
+    Encoded by hand (seven elements, explicit VR little endian): it is written for every received
+    instance, and pydicom's general encoder costs more than the rest of the copy.
+    """
+    body = b"".join(
+        [
+            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, 0x0002, b"UI", _padded(sop_class, b"\x00")),
+            _element(0x0002, 0x0003, b"UI", _padded(sop_instance, b"\x00")),
+            _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
+            _element(0x0002, 0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+            _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+            _element(0x0002, 0x0016, b"AE", _padded(source_ae.strip(), b" ")) if source_ae.strip() else b"",
+        ]
+    )
+    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 @dataclass
@@ -221,14 +237,13 @@ class Archive:
                 f"C-STORE's Affected SOP Instance UID ({expected_uid})"
             )
         rec.path = self.path_for(rec)
-        meta = file_meta(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax, source_ae)
+        meta = encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax, source_ae)
         final = self.root / rec.path
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             with open(src, "rb") as fin, open(part, "wb") as fout:
                 start = _meta_end(fin)
-                fout.write(b"\x00" * 128 + b"DICM")
-                write_file_meta_info(fout, meta, enforce_standard=True)
+                fout.write(meta)
                 fout.flush()
                 fin.seek(start)
                 remaining = os.fstat(fin.fileno()).st_size - start

@@ -94,7 +94,7 @@ class Listener:
     bind_address: str = ""
     enabled: bool = True
     #: Maximum PDU length we receive (PS3.8 D.3.3.1); 0 is unlimited.
-    max_pdu: int = 262144
+    max_pdu: int = 1048576
     #: Acceptor limit: associations beyond it get A-ASSOCIATE-RJ transient, reason 2.
     max_associations: int = 100
     #: Calling AE titles allowed to associate; empty allows any.
