@@ -363,6 +363,14 @@ class XorrisoDrive:
 
     def _run(self, args: Sequence[str], error: Type[DriveError]) -> str:
         """Run a short xorriso query; return its merged output or raise."""
+        returncode, output = self._run_raw(args)
+        if returncode != 0:
+            raise classify_failure(output, self.device,
+                                   capabilities=self._capabilities or frozenset(), default=error)
+        return output
+
+    def _run_raw(self, args: Sequence[str]) -> tuple[int, str]:
+        """Run a short xorriso query; return its exit code and merged output."""
         try:
             completed = subprocess.run(
                 self._command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -375,10 +383,7 @@ class XorrisoDrive:
             raise DriveUnavailableError(
                 f"The drive {self.device} did not answer within {self.timeout:.0f} seconds.",
                 device=self.device, detail=str(exc)) from exc
-        if completed.returncode != 0:
-            raise classify_failure(completed.stdout, self.device,
-                                   capabilities=self._capabilities or frozenset(), default=error)
-        return completed.stdout
+        return completed.returncode, completed.stdout
 
     def _toc(self) -> TocReport:
         return parse_toc(self._run(["-pkt_output", "on", "-outdev", self.device,
@@ -491,22 +496,34 @@ class XorrisoDrive:
         if not media.present:
             raise NoMediaError(f"There is no disc in {self.device} to verify.", device=self.device)
         blocks = max(1, -(-image.stat().st_size // BLOCK_SIZE))
-        output = self._run(["-pkt_output", "on", "-outdev", self.device, "-check_media",
-                            "use=outdev", "what=disc", "min_lba=0", f"max_lba={blocks - 1}", "--"],
-                           VerifyError)
+        returncode, output = self._run_raw(
+            ["-pkt_output", "on", "-outdev", self.device, "-check_media",
+             "use=outdev", "what=disc", "min_lba=0", f"max_lba={blocks - 1}", "--"])
         regions = parse_check_media(output)
-        if not regions:
-            raise VerifyError(f"The disc in {self.device} could not be checked: the drive gave no "
-                              f"report.", device=self.device, detail=output)
+        drive_problem: Optional[DriveError] = None
+        if returncode != 0 or not regions:
+            drive_problem = classify_failure(output, self.device, default=VerifyError)
+            if isinstance(drive_problem, (DriveUnavailableError, NoMediaError)):
+                raise drive_problem
         unreadable = tuple((region.lba * BLOCK_SIZE, region.blocks * BLOCK_SIZE)
                            for region in regions if region.bad and region.lba < blocks)
         try:
             with open(self.readback_path, "rb") as medium:
-                return compare_image(image, medium, device=self.device, progress=progress,
-                                     extra_bad_ranges=unreadable)
+                result = compare_image(image, medium, device=self.device, progress=progress,
+                                       extra_bad_ranges=unreadable)
         except OSError as exc:
             raise VerifyError(f"The disc in {self.device} could not be read back for verification "
                               f"({exc.strerror or exc}).", device=self.device, detail=str(exc)) from exc
+        if drive_problem is not None and result.ok:
+            # The bytes compared equal but the drive's own check failed: never report good.
+            reason = (drive_problem.detail or "no report").splitlines()[-1]
+            return VerifyResult(
+                ok=False,
+                message=(f"Verification failed: the drive could not check the disc in "
+                         f"{self.device} ({reason}). Do not use it."),
+                bytes_checked=result.bytes_checked, bad_ranges=result.bad_ranges,
+                image_sha256=result.image_sha256, medium_sha256=result.medium_sha256)
+        return result
 
     def eject(self) -> None:
         """Open the tray (``-eject all``); harmless for a ``stdio:`` pseudo-drive."""
