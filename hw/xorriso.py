@@ -470,16 +470,21 @@ class XorrisoDrive:
                 f"cannot be used.", device=self.device, detail=str(exc)) from exc
         assert process.stdout is not None
         with process:
-            for line in process.stdout:
-                line = line.rstrip()
-                output.append(line)
-                if "Beginning to write data track" in line:
-                    report(PHASE_WRITE, 0.0, f"Writing to {self.device}")
-                value = parse_progress(line)
-                if value is not None:
-                    # Until xorriso says it is done, the MB-granular count stays below 100 %.
-                    report(PHASE_WRITE, min(value, 0.99),
-                           f"Writing to {self.device}: {int(value * 100)} %")
+            try:
+                for line in process.stdout:
+                    line = line.rstrip()
+                    output.append(line)
+                    if "Beginning to write data track" in line:
+                        report(PHASE_WRITE, 0.0, f"Writing to {self.device}")
+                    value = parse_progress(line)
+                    if value is not None:
+                        # Until xorriso says it is done, the MB-granular count stays below 100 %.
+                        report(PHASE_WRITE, min(value, 0.99),
+                               f"Writing to {self.device}: {int(value * 100)} %")
+            except BaseException:
+                # The caller (e.g. its progress callback) gave up: do not leave xorriso running.
+                process.kill()
+                raise
             returncode = process.wait()
         text = "\n".join(output)
         succeeded = returncode == 0 and "completed successfully" in text and not _failure_lines(text)
