@@ -211,10 +211,7 @@ class Archive:
         """Raise :class:`DiskFull` when the free space is below the configured reserve."""
         free = shutil.disk_usage(self.root).free
         if free < self.min_free_mb * 1024 * 1024:
-            raise self._disk_full(
-                f"only {free // (1024 * 1024)} MiB free on the archive's file system, "
-                f"{self.min_free_mb} MiB are kept in reserve"
-            )
+            raise self._disk_full(f"{free // (1024 * 1024)} MiB free, {self.min_free_mb} MiB reserve")
 
     def _disk_full(self, detail: str) -> DiskFull:
         msg = f"archive disk full: {detail}"
