@@ -44,10 +44,15 @@ def _notify_reload(home: Home) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, home: Home) -> int:
-    from modality_link.service import Service
+    from modality_link.service import Service, ServiceError
 
     service = Service(home)
-    service.start()
+    try:
+        service.start()
+    except (ServiceError, OSError) as exc:
+        print(f"modality-link serve: {exc}", file=sys.stderr)
+        service.stop()
+        return EXIT_FAILED
     service.run_forever()
     return EXIT_OK
 

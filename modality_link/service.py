@@ -9,6 +9,7 @@ storage in `modality_link.archive`, the schema in `modality_link.db`, the protoc
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import logging.handlers
 import os
@@ -35,6 +36,10 @@ from modality_link.net.servers import StorageServer
 
 LOG = logging.getLogger("modality_link.service")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class ServiceError(Exception):
+    """The service cannot start; the message says why."""
 
 
 def setup_logging(home: Home, cfg: config.Config, to_stderr: bool = True) -> None:
@@ -76,10 +81,12 @@ class Service:
         self.ipc: IpcServer | None = None
         self.started_at = 0.0
         self._stop = threading.Event()
+        self._lock_file: Any = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self, log_to_stderr: bool = True) -> None:
+        self._lock_home()
         setup_logging(self.home, self.config, log_to_stderr)
         self.db = Database(self.home.db_path)
         self.archive = Archive(
@@ -93,6 +100,15 @@ class Service:
         self.ipc.start()
         self.started_at = time.time()
         LOG.info("modality_link %s serving home %s (pid %d)", __version__, self.home.root, os.getpid())
+
+    def _lock_home(self) -> None:
+        """One service per home folder: hold an exclusive lock on ``service.lock``."""
+        self._lock_file = open(self.home.root / "service.lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise ServiceError(f"another modality-link service is already running on {self.home.root}") from None
 
     def _start_servers(self) -> None:
         assert self.archive is not None
@@ -115,6 +131,9 @@ class Service:
         if self.db is not None:
             self.db.close()
             self.db = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
         LOG.info("modality_link stopped")
 
     def run_forever(self) -> None:
