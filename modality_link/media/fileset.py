@@ -263,18 +263,25 @@ def _converted_size_bound(ds: Dataset, offset: int, header_end: int, size: int) 
 
     Explicit VR costs at most 4 more bytes per element than Implicit VR and
     an element takes at least 8 bytes, so the non-pixel part grows by at most
-    half; decompressed Pixel Data is Rows x Columns x Frames x Samples x Bits/8.
+    half; Pixel Data keeps its size when uncompressed and becomes Rows x
+    Columns x Frames x Samples x Bits Allocated / 8 bytes when decompressed.
     """
-    meta = 512
-    header = (header_end - offset) * 3 // 2 + 64
     rows = int(ds.get("Rows", 0) or 0)
     cols = int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     bits = int(ds.get("BitsAllocated", 16) or 16)
     pixels = (rows * cols * frames * samples * bits + 7) // 8 + 16
-    rest = (size - header_end) * 3 // 2 + 64  # pixel data as stored, plus trailing elements
-    return meta + header + max(pixels, 0) + rest
+    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    meta = 512
+    if ts.is_deflated:  # the stream positions say nothing about the inflated size
+        return meta + 16 * size + pixels
+    header = (header_end - offset) * 3 // 2 + 64
+    rest = size - header_end  # Pixel Data element as stored and any trailing elements
+    if ts.is_compressed:
+        return meta + header + pixels + 64
+    pixel_element = min(rest, pixels + 12)
+    return meta + header + pixel_element + 4 + (rest - pixel_element) * 3 // 2 + 64
 
 
 # ---------------------------------------------------------------------------
