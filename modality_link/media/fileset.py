@@ -13,20 +13,18 @@ of the File Meta Information.
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
-from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
 import modality_link
+from modality_link.media.header import Header, encode_element, read_header, tag_of, vr_of
 from modality_link.media.options import MediaError
 from modality_link.media.profiles import COPY, Profile, action_for, output_transfer_syntax
 
@@ -101,10 +99,12 @@ INSTANCE_KEYS: dict[str, tuple[tuple[str, int], ...]] = {
 }
 
 _HEADER_KEYWORDS: list[str] = sorted(
-    {"SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"}
+    {"SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+     "Rows", "Columns"}
     | {k for keys in (PATIENT_KEYS, STUDY_KEYS, SERIES_KEYS) for k, _ in keys}
     | {k for keys in INSTANCE_KEYS.values() for k, _ in keys}
 )
+_HEADER_TAGS: frozenset[int] = frozenset(tag_of(k) for k in _HEADER_KEYWORDS)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
@@ -137,7 +137,7 @@ class Instance:
     """What the file-set needs to know about one source Part-10 file."""
 
     path: Path
-    header: Dataset  # the keys of `_HEADER_KEYWORDS` only, never pixel data
+    header: Header  # the keys of `_HEADER_KEYWORDS` only, never pixel data
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
@@ -150,23 +150,19 @@ class Instance:
 
     @property
     def patient_id(self) -> str:
-        return str(self.header.get("PatientID", "") or "")
+        return self.header.text("PatientID")
 
     @property
     def study_uid(self) -> str:
-        return str(self.header.get("StudyInstanceUID", "") or "")
+        return self.header.text("StudyInstanceUID")
 
     @property
     def series_uid(self) -> str:
-        return str(self.header.get("SeriesInstanceUID", "") or "")
+        return self.header.text("SeriesInstanceUID")
 
     @property
     def instance_number(self) -> int:
-        value = self.header.get("InstanceNumber")
-        try:
-            return int(value) if value not in (None, "") else 0
-        except (TypeError, ValueError):
-            return 0
+        return self.header.integer("InstanceNumber")
 
 
 def dataset_offset(fp: BinaryIO) -> int:
@@ -208,19 +204,33 @@ def file_meta(
 
 
 def file_meta_bytes(meta: FileMetaDataset) -> bytes:
-    """Preamble, ``DICM`` prefix and the encoded File Meta elements."""
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    fp.write(PREAMBLE)
-    write_file_meta_info(fp, meta, enforce_standard=True)
-    return fp.getvalue()
+    """Preamble, ``DICM`` prefix and the encoded File Meta elements (with group length)."""
+    return encoded_file_meta(
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID,
+        meta.get("SourceApplicationEntityTitle", ""),
+    )
+
+
+def encoded_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str) -> bytes:
+    """File Meta Information (PS3.10 §7.1) naming this implementation, encoded directly."""
+    body = b"".join(
+        (
+            encode_element(0x00020001, "OB", b"\x00\x01"),
+            encode_element(0x00020002, "UI", sop_class_uid.encode("ascii")),
+            encode_element(0x00020003, "UI", sop_instance_uid.encode("ascii")),
+            encode_element(0x00020010, "UI", transfer_syntax_uid.encode("ascii")),
+            encode_element(0x00020012, "UI", modality_link.IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            encode_element(0x00020013, "SH", modality_link.IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+            encode_element(0x00020016, "AE", source_ae_title.encode("ascii")) if source_ae_title else b"",
+        )
+    )
+    return PREAMBLE + encode_element(0x00020000, "UL", struct.pack("<L", len(body))) + body
 
 
 def instance_head(inst: Instance, profile: Profile, source_ae_title: str) -> bytes:
     """Bytes that replace the source File Meta when `inst` is copied as is."""
     ts = output_transfer_syntax(inst.transfer_syntax_uid, profile)
-    return file_meta_bytes(file_meta(inst.sop_class_uid, inst.sop_instance_uid, ts, source_ae_title))
+    return encoded_file_meta(inst.sop_class_uid, inst.sop_instance_uid, ts, source_ae_title)
 
 
 def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK") -> Instance | None:
@@ -231,15 +241,12 @@ def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK"
     """
     path = Path(path)
     with open(path, "rb") as fp:
-        offset = dataset_offset(fp)
-        fp.seek(0)
-        ds = dcmread(fp, stop_before_pixels=True, specific_tags=_HEADER_KEYWORDS)
-        header_end = fp.tell()
-        fp.seek(0, 2)
-        size = fp.tell()
-    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
-    sop_instance = str(ds.get("SOPInstanceUID", "") or ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
+        offset, header_end, header = read_header(fp, _HEADER_TAGS)
+        size = os.fstat(fp.fileno()).st_size
+    meta = header.meta
+    ts = meta.get(0x00020010, b"").rstrip(b" \x00").decode("ascii", "replace")
+    sop_class = header.text("SOPClassUID") or meta.get(0x00020002, b"").rstrip(b" \x00").decode("ascii", "replace")
+    sop_instance = header.text("SOPInstanceUID") or meta.get(0x00020003, b"").rstrip(b" \x00").decode("ascii", "replace")
     if not ts or not sop_class or not sop_instance:
         raise MediaError(f"{path}: missing Transfer Syntax, SOP Class or SOP Instance UID")
     rtype = record_type(sop_class)
@@ -251,14 +258,14 @@ def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK"
         return None
     action = action_for(ts, profile)
     if action == COPY:
-        head = file_meta_bytes(file_meta(sop_class, sop_instance, ts, source_ae_title))
+        head = encoded_file_meta(sop_class, sop_instance, ts, source_ae_title)
         out_size = len(head) + size - offset
     else:
-        out_size = _converted_size_bound(ds, offset, header_end, size)
-    return Instance(path, ds, sop_class, sop_instance, ts, rtype, action, offset, size, out_size)
+        out_size = _converted_size_bound(header, ts, offset, header_end, size)
+    return Instance(path, header, sop_class, sop_instance, ts, rtype, action, offset, size, out_size)
 
 
-def _converted_size_bound(ds: Dataset, offset: int, header_end: int, size: int) -> int:
+def _converted_size_bound(header: Header, ts: str, offset: int, header_end: int, size: int) -> int:
     """Upper bound of the size of a file after conversion to Explicit VR Little Endian.
 
     Explicit VR costs at most 4 more bytes per element than Implicit VR and
@@ -266,13 +273,13 @@ def _converted_size_bound(ds: Dataset, offset: int, header_end: int, size: int) 
     half; Pixel Data keeps its size when uncompressed and becomes Rows x
     Columns x Frames x Samples x Bits Allocated / 8 bytes when decompressed.
     """
-    rows = int(ds.get("Rows", 0) or 0)
-    cols = int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    bits = int(ds.get("BitsAllocated", 16) or 16)
+    rows = header.integer("Rows")
+    cols = header.integer("Columns")
+    frames = header.integer("NumberOfFrames", 1) or 1
+    samples = header.integer("SamplesPerPixel", 1) or 1
+    bits = header.integer("BitsAllocated", 16) or 16
     pixels = (rows * cols * frames * samples * bits + 7) // 8 + 16
-    ts = UID(str(ds.file_meta.TransferSyntaxUID))
+    ts = UID(ts)
     meta = 512
     if ts.is_deflated:  # the stream positions say nothing about the inflated size
         return meta + 16 * size + pixels
@@ -360,53 +367,36 @@ _NEXT_POS = 8 + 8
 _LOWER_POS = 8 + 8 + 4 + 8 + 2 + 8
 
 
-def _copy_keys(record: Dataset, header: Dataset, keys: Sequence[tuple[str, int]], what: str) -> None:
-    for keyword, key_type in keys:
-        elem = header[keyword] if keyword in header else None
-        if elem is not None and not elem.is_empty:
-            record[elem.tag] = elem
+_FIXED = (
+    encode_element(0x00041400, "UL", b"\x00\x00\x00\x00")  # Offset of the Next Directory Record
+    + encode_element(0x00041410, "US", b"\xff\xff")  # Record In-use Flag
+    + encode_element(0x00041420, "UL", b"\x00\x00\x00\x00")  # Offset of Referenced Lower-Level Directory Entity
+)
+
+
+def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: str, extra: bytes = b"") -> bytearray:
+    """Encode one Directory Record item (PS3.3 F.3.2.2) from the keys of `header`.
+
+    The keys are copied as encoded in the instance (Explicit VR Little
+    Endian, see :mod:`~modality_link.media.header`); `extra` holds the
+    encoded (0004,15xx) Referenced ... In File elements. The three offsets
+    are zero here and patched by :func:`encode_dicomdir`.
+    """
+    parts = [_FIXED, encode_element(0x00041430, "CS", rtype.encode("ascii")), extra]
+    charset = header.elements.get(0x00080005)
+    if charset is not None:
+        parts.append(charset)
+    for keyword, key_type in sorted(keys, key=lambda k: tag_of(k[0])):  # all after (0008,0005)
+        tag = tag_of(keyword)
+        elem = header.elements.get(tag)
+        if elem is not None and header.raw(tag):
+            parts.append(elem)
         elif key_type in (1, 2):
             if key_type == 1:
                 LOGGER.warning("%s: Type 1 key %s is missing or empty", what, keyword)
-            record.add_new(_tag(keyword), _vr(keyword), None)
-
-
-def _tag(keyword: str) -> int:
-    from pydicom.datadict import tag_for_keyword
-
-    tag = tag_for_keyword(keyword)
-    assert tag is not None
-    return tag
-
-
-def _vr(keyword: str) -> str:
-    from pydicom.datadict import dictionary_VR
-
-    return dictionary_VR(_tag(keyword))
-
-
-def _record(rtype: str, header: Dataset, keys: Sequence[tuple[str, int]], what: str) -> Dataset:
-    record = Dataset()
-    record.add_new(0x00041400, "UL", 0)  # Offset of the Next Directory Record
-    record.add_new(0x00041410, "US", 0xFFFF)  # Record In-use Flag
-    record.add_new(0x00041420, "UL", 0)  # Offset of Referenced Lower-Level Directory Entity
-    record.add_new(0x00041430, "CS", rtype)  # Directory Record Type
-    charset = header.get("SpecificCharacterSet")
-    if charset:
-        record.add_new(0x00080005, "CS", charset)
-    _copy_keys(record, header, keys, what)
-    return record
-
-
-def _encode_item(record: Dataset) -> bytearray:
-    fp = DicomBytesIO()
-    fp.is_little_endian = True
-    fp.is_implicit_VR = False
-    write_dataset(fp, record)
-    body = fp.getvalue()
-    item = bytearray(_ITEM + struct.pack("<L", len(body)) + body)
-    assert item[8:12] == b"\x04\x00\x00\x14" and item[30:34] == b"\x04\x00\x20\x14"
-    return item
+            parts.append(encode_element(tag, vr_of(tag), b""))
+    body = b"".join(parts)
+    return bytearray(_ITEM + struct.pack("<L", len(body)) + body)
 
 
 @dataclass
@@ -433,41 +423,40 @@ def encode_dicomdir(
     roots: list[_Node] = []
     for patient in patients.values():
         first = next(iter(next(iter(patient.studies.values())).series.values())).instances[0]
-        p_node = _Node(_encode_item(_record("PATIENT", first.header, PATIENT_KEYS, f"patient {patient.patient_id!r}")))
+        p_node = _Node(_record("PATIENT", first.header, PATIENT_KEYS, f"patient {patient.patient_id!r}"))
         roots.append(p_node)
         for study in patient.studies.values():
             first = next(iter(study.series.values())).instances[0]
-            s_node = _Node(_encode_item(_record("STUDY", first.header, STUDY_KEYS, f"study {study.uid}")))
+            s_node = _Node(_record("STUDY", first.header, STUDY_KEYS, f"study {study.uid}"))
             p_node.children.append(s_node)
             for series in study.series.values():
-                r_node = _Node(
-                    _encode_item(_record("SERIES", series.instances[0].header, SERIES_KEYS, f"series {series.uid}"))
-                )
+                r_node = _Node(_record("SERIES", series.instances[0].header, SERIES_KEYS, f"series {series.uid}"))
                 s_node.children.append(r_node)
                 for inst in series.instances:
-                    rec = _record(
-                        inst.record_type, inst.header, INSTANCE_KEYS[inst.record_type], f"instance {inst.path}"
+                    ts = output_transfer_syntax(inst.transfer_syntax_uid, profile)
+                    extra = b"".join(
+                        (
+                            encode_element(0x00041500, "CS", "\\".join(file_ids[id(inst)]).encode("ascii")),
+                            encode_element(0x00041510, "UI", inst.sop_class_uid.encode("ascii")),
+                            encode_element(0x00041511, "UI", inst.sop_instance_uid.encode("ascii")),
+                            encode_element(0x00041512, "UI", ts.encode("ascii")),
+                        )
                     )
-                    rec.add_new(0x00041500, "CS", list(file_ids[id(inst)]))  # Referenced File ID
-                    rec.add_new(0x00041510, "UI", inst.sop_class_uid)
-                    rec.add_new(0x00041511, "UI", inst.sop_instance_uid)
-                    rec.add_new(0x00041512, "UI", output_transfer_syntax(inst.transfer_syntax_uid, profile))
-                    r_node.children.append(_Node(_encode_item(rec)))
+                    keys = INSTANCE_KEYS[inst.record_type]
+                    r_node.children.append(_Node(_record(inst.record_type, inst.header, keys, str(inst.path), extra)))
 
-    meta = file_meta(MediaStorageDirectoryStorage, generate_uid(), ExplicitVRLittleEndian, source_ae_title)
-    head = file_meta_bytes(meta)
+    head = encoded_file_meta(MediaStorageDirectoryStorage, generate_uid(), ExplicitVRLittleEndian, source_ae_title)
 
     def root_dataset(first: int, last: int) -> bytes:
-        ds = Dataset()
-        ds.add_new(0x00041130, "CS", fileset_id)  # File-set ID
-        ds.add_new(0x00041200, "UL", first)  # Offset of the First Directory Record of the Root Directory Entity
-        ds.add_new(0x00041202, "UL", last)  # Offset of the Last Directory Record of the Root Directory Entity
-        ds.add_new(0x00041212, "US", 0)  # File-set Consistency Flag
-        fp = DicomBytesIO()
-        fp.is_little_endian = True
-        fp.is_implicit_VR = False
-        write_dataset(fp, ds)
-        return fp.getvalue()
+        return b"".join(
+            (
+                encode_element(0x00041130, "CS", fileset_id.encode("ascii")),  # File-set ID
+                # Offsets of the First and Last Directory Records of the Root Directory Entity
+                encode_element(0x00041200, "UL", struct.pack("<L", first)),
+                encode_element(0x00041202, "UL", struct.pack("<L", last)),
+                encode_element(0x00041212, "US", b"\x00\x00"),  # File-set Consistency Flag
+            )
+        )
 
     # Pass 1: offsets (all offset values are fixed-length UL, so sizes are known).
     pos = len(head) + len(root_dataset(0, 0)) + len(_DIRECTORY_RECORD_SEQUENCE_UNDEFINED)
@@ -508,12 +497,11 @@ DICOMDIR_BASE_BYTES = 1024
 _FILE_ID_BYTES = 12 + len("DICOM\\PAT00001\\STU00001\\SER00001\\IM000001")
 
 
-def record_size_bound(header: Dataset, keys: Sequence[tuple[str, int]]) -> int:
+def record_size_bound(header: Header, keys: Sequence[tuple[str, int]]) -> int:
     """Upper bound of the encoded size of a Directory Record built from `header`."""
-    size = 8 + 4 * 12 + 64 + 12 + len(str(header.get("SpecificCharacterSet", "")))
+    size = 8 + len(_FIXED) + 8 + 16 + len(header.elements.get(0x00080005, b""))
     for keyword, _ in keys:
-        value = header.get(keyword)
-        size += 13 + (len(str(value).encode("utf-8")) if value is not None else 0)
+        size += len(header.elements.get(tag_of(keyword), b"")) + 12
     return size
 
 
