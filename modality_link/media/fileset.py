@@ -17,6 +17,7 @@ import os
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -108,6 +109,7 @@ _HEADER_TAGS: frozenset[int] = frozenset(tag_of(k) for k in _HEADER_KEYWORDS)
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
 
+@lru_cache(maxsize=256)
 def record_type(sop_class_uid: str) -> str | None:
     """Directory Record Type (0004,1430) for a Storage SOP Class (PS3.3 F.4).
 

@@ -16,6 +16,7 @@ DICOMDIR itself is always Explicit VR Little Endian (PS3.11 D.3.2).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -76,6 +77,7 @@ def action_for(transfer_syntax: str, profile: Profile) -> str:
     return COPY if transfer_syntax in profile.transfer_syntaxes else CONVERT
 
 
+@lru_cache(maxsize=64)
 def output_transfer_syntax(transfer_syntax: str, profile: Profile) -> UID:
     """Transfer syntax of the written file for a source in `transfer_syntax`."""
     if transfer_syntax in profile.transfer_syntaxes:
