@@ -223,9 +223,7 @@ def read_header(fp: BinaryIO, wanted: Iterable[int]) -> tuple[int, int, Header]:
                         if vr == "SQ" or " or " in vr:
                             raise _Fallback("sequence or ambiguous key in implicit VR")
                         header.elements[tag] = encode_element(tag, vr, reader.buf[start:end])
-                    elif vr == "SQ" and length:
-                        header.elements[tag] = reader.buf[pos:end]  # defined-length ELE sequence
-                    else:
+                    else:  # Explicit VR Little Endian: the element as it is (incl. defined-length SQ)
                         header.elements[tag] = reader.buf[pos:end]
             pos = end
         return offset, pos, header
