@@ -1,0 +1,512 @@
+"""DICOM File-set (PS3.10 §8) and its DICOMDIR (Basic Directory IOD, PS3.3 A.38, F.3, F.5).
+
+The record tree is built with plain dicts (patient -> study -> series ->
+instances) and the record offsets are computed here in two passes, so that
+building a DICOMDIR is linear in the number of instances. pydicom is used
+only to encode each Directory Record item and the File Meta Information.
+
+Record Offsets (PS3.3 F.3.2.2) count bytes from the first byte of the file,
+i.e. from the first byte of the File Preamble, which PS3.10 §7.1 makes part
+of the File Meta Information.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
+
+import modality_link
+from modality_link.media.header import Header, encode_element, read_header, tag_of, vr_of
+from modality_link.media.options import MediaError
+from modality_link.media.profiles import COPY, Profile, action_for, output_transfer_syntax
+
+LOGGER = logging.getLogger(__name__)
+
+#: Maximum number of components of a File ID (PS3.10 §8.5, PS3.12 F.3.2).
+MAX_FILE_ID_COMPONENTS = 8
+#: Maximum length of one File ID component.
+MAX_COMPONENT_LENGTH = 8
+#: Top-level directory that holds the instances.
+DATA_DIRECTORY = "DICOM"
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+# Keys copied into each Directory Record: (keyword, record key type).
+# Type 1 must have a value, type 2 is present (maybe empty), type 3 only if
+# present in the instance (PS3.3 F.5). No private attributes are ever copied.
+PATIENT_KEYS: tuple[tuple[str, int], ...] = (
+    ("PatientName", 2),
+    ("PatientID", 1),
+    ("PatientBirthDate", 3),
+    ("PatientSex", 3),
+)
+STUDY_KEYS: tuple[tuple[str, int], ...] = (
+    ("StudyDate", 1),
+    ("StudyTime", 1),
+    ("AccessionNumber", 2),
+    ("StudyDescription", 2),
+    ("StudyInstanceUID", 1),
+    ("StudyID", 2),
+)
+SERIES_KEYS: tuple[tuple[str, int], ...] = (
+    ("Modality", 1),
+    ("SeriesDescription", 3),
+    ("SeriesInstanceUID", 1),
+    ("SeriesNumber", 1),
+)
+#: Keys of the instance-level records, by Directory Record Type (PS3.3 F.5.4-F.5.x).
+INSTANCE_KEYS: dict[str, tuple[tuple[str, int], ...]] = {
+    "IMAGE": (("ImageType", 3), ("InstanceNumber", 1), ("Rows", 3), ("Columns", 3)),
+    "SR DOCUMENT": (
+        ("ContentDate", 1),
+        ("ContentTime", 1),
+        ("InstanceNumber", 1),
+        ("ConceptNameCodeSequence", 1),
+        ("CompletionFlag", 1),
+        ("VerificationFlag", 1),
+    ),
+    "KEY OBJECT DOC": (
+        ("ContentDate", 1),
+        ("ContentTime", 1),
+        ("InstanceNumber", 1),
+        ("ConceptNameCodeSequence", 1),
+    ),
+    "PRESENTATION": (
+        ("PresentationCreationDate", 1),
+        ("PresentationCreationTime", 1),
+        ("InstanceNumber", 1),
+        ("ContentLabel", 1),
+        ("ContentDescription", 2),
+        ("ContentCreatorName", 2),
+        ("ReferencedSeriesSequence", 3),
+    ),
+    "ENCAP DOC": (
+        ("ContentDate", 2),
+        ("ContentTime", 2),
+        ("InstanceNumber", 1),
+        ("ConceptNameCodeSequence", 2),
+        ("DocumentTitle", 2),
+        ("MIMETypeOfEncapsulatedDocument", 1),
+    ),
+}
+
+_HEADER_KEYWORDS: list[str] = sorted(
+    {"SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+     "Rows", "Columns"}
+    | {k for keys in (PATIENT_KEYS, STUDY_KEYS, SERIES_KEYS) for k, _ in keys}
+    | {k for keys in INSTANCE_KEYS.values() for k, _ in keys}
+)
+_HEADER_TAGS: frozenset[int] = frozenset(tag_of(k) for k in _HEADER_KEYWORDS)
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+@lru_cache(maxsize=256)
+def record_type(sop_class_uid: str) -> str | None:
+    """Directory Record Type (0004,1430) for a Storage SOP Class (PS3.3 F.4).
+
+    A small table keyed on the SOP Class name: Structured Reports are
+    ``SR DOCUMENT``, Key Object Selection ``KEY OBJECT DOC``, Presentation
+    States ``PRESENTATION``, Encapsulated documents ``ENCAP DOC`` and every
+    "... Image Storage" class ``IMAGE``. Any other class returns ``None``:
+    such instances are left off the medium with a warning rather than being
+    described by a wrong record type.
+    """
+    name = UID(sop_class_uid).name
+    if name == "Key Object Selection Document Storage":
+        return "KEY OBJECT DOC"
+    if name.endswith("SR Storage") or name.endswith("SR Storage - Trial"):
+        return "SR DOCUMENT"
+    if name.endswith("Presentation State Storage"):
+        return "PRESENTATION"
+    if name.startswith("Encapsulated ") and name.endswith(" Storage"):
+        return "ENCAP DOC"
+    if "Image Storage" in name:
+        return "IMAGE"
+    return None
+
+
+@dataclass
+class Instance:
+    """What the file-set needs to know about one source Part-10 file."""
+
+    path: Path
+    header: Header  # the keys of `_HEADER_KEYWORDS` only, never pixel data
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    record_type: str
+    action: str  # profiles.COPY or profiles.CONVERT
+    dataset_offset: int  # byte offset of the data set (after File Meta) in the source
+    source_size: int
+    #: Exact size of the written file for COPY, an upper bound for CONVERT.
+    output_size: int
+
+    @property
+    def patient_id(self) -> str:
+        return self.header.text("PatientID")
+
+    @property
+    def study_uid(self) -> str:
+        return self.header.text("StudyInstanceUID")
+
+    @property
+    def series_uid(self) -> str:
+        return self.header.text("SeriesInstanceUID")
+
+    @property
+    def instance_number(self) -> int:
+        return self.header.integer("InstanceNumber")
+
+
+def dataset_offset(fp: BinaryIO) -> int:
+    """Return the offset of the data set in a Part-10 stream (PS3.10 §7.1).
+
+    Walks the (always Explicit VR Little Endian) File Meta elements from the
+    current position, which must be the start of the file.
+    """
+    head = fp.read(132)
+    if len(head) < 132 or head[128:132] != b"DICM":
+        raise MediaError("not a DICOM Part-10 file (no 'DICM' prefix after the preamble)")
+    pos = 132
+    while True:
+        hdr = fp.read(8)
+        if len(hdr) < 8 or hdr[0:2] != b"\x02\x00":
+            return pos
+        if hdr[4:6] in _LONG_VRS:
+            (length,) = struct.unpack("<L", fp.read(4))
+            pos += 12 + length
+        else:
+            (length,) = struct.unpack("<H", hdr[6:8])
+            pos += 8 + length
+        fp.seek(pos)
+
+
+def file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str
+) -> FileMetaDataset:
+    """File Meta Information (PS3.10 §7.1) naming this implementation."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
+    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
+    meta.ImplementationClassUID = UID(modality_link.IMPLEMENTATION_CLASS_UID)
+    meta.ImplementationVersionName = modality_link.IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = source_ae_title
+    return meta
+
+
+def file_meta_bytes(meta: FileMetaDataset) -> bytes:
+    """Preamble, ``DICM`` prefix and the encoded File Meta elements (with group length)."""
+    return encoded_file_meta(
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID,
+        meta.get("SourceApplicationEntityTitle", ""),
+    )
+
+
+def encoded_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str) -> bytes:
+    """File Meta Information (PS3.10 §7.1) naming this implementation, encoded directly."""
+    body = b"".join(
+        (
+            encode_element(0x00020001, "OB", b"\x00\x01"),
+            encode_element(0x00020002, "UI", sop_class_uid.encode("ascii")),
+            encode_element(0x00020003, "UI", sop_instance_uid.encode("ascii")),
+            encode_element(0x00020010, "UI", transfer_syntax_uid.encode("ascii")),
+            encode_element(0x00020012, "UI", modality_link.IMPLEMENTATION_CLASS_UID.encode("ascii")),
+            encode_element(0x00020013, "SH", modality_link.IMPLEMENTATION_VERSION_NAME.encode("ascii")),
+            encode_element(0x00020016, "AE", source_ae_title.encode("ascii")) if source_ae_title else b"",
+        )
+    )
+    return PREAMBLE + encode_element(0x00020000, "UL", struct.pack("<L", len(body))) + body
+
+
+def instance_head(inst: Instance, profile: Profile, source_ae_title: str) -> bytes:
+    """Bytes that replace the source File Meta when `inst` is copied as is."""
+    ts = output_transfer_syntax(inst.transfer_syntax_uid, profile)
+    return encoded_file_meta(inst.sop_class_uid, inst.sop_instance_uid, ts, source_ae_title)
+
+
+def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK") -> Instance | None:
+    """Read the header keys of the Part-10 file `path`.
+
+    Returns ``None`` (with a warning) for a SOP Class that has no directory
+    record type in :func:`record_type`.
+    """
+    path = Path(path)
+    with open(path, "rb") as fp:
+        offset, header_end, header = read_header(fp, _HEADER_TAGS)
+        size = os.fstat(fp.fileno()).st_size
+    meta = header.meta
+    ts = meta.get(0x00020010, b"").rstrip(b" \x00").decode("ascii", "replace")
+    sop_class = header.text("SOPClassUID") or meta.get(0x00020002, b"").rstrip(b" \x00").decode("ascii", "replace")
+    sop_instance = header.text("SOPInstanceUID") or meta.get(0x00020003, b"").rstrip(b" \x00").decode("ascii", "replace")
+    if not ts or not sop_class or not sop_instance:
+        raise MediaError(f"{path}: missing Transfer Syntax, SOP Class or SOP Instance UID")
+    rtype = record_type(sop_class)
+    if rtype is None:
+        LOGGER.warning(
+            "%s: SOP Class %s (%s) has no directory record type; instance %s left off the medium",
+            path, sop_class, UID(sop_class).name, sop_instance,
+        )
+        return None
+    action = action_for(ts, profile)
+    if action == COPY:
+        head = encoded_file_meta(sop_class, sop_instance, ts, source_ae_title)
+        out_size = len(head) + size - offset
+    else:
+        out_size = _converted_size_bound(header, ts, offset, header_end, size)
+    return Instance(path, header, sop_class, sop_instance, ts, rtype, action, offset, size, out_size)
+
+
+def _converted_size_bound(header: Header, ts: str, offset: int, header_end: int, size: int) -> int:
+    """Upper bound of the size of a file after conversion to Explicit VR Little Endian.
+
+    Explicit VR costs at most 4 more bytes per element than Implicit VR and
+    an element takes at least 8 bytes, so the non-pixel part grows by at most
+    half; Pixel Data keeps its size when uncompressed and becomes Rows x
+    Columns x Frames x Samples x Bits Allocated / 8 bytes when decompressed.
+    """
+    rows = header.integer("Rows")
+    cols = header.integer("Columns")
+    frames = header.integer("NumberOfFrames", 1) or 1
+    samples = header.integer("SamplesPerPixel", 1) or 1
+    bits = header.integer("BitsAllocated", 16) or 16
+    pixels = (rows * cols * frames * samples * bits + 7) // 8 + 16
+    ts = UID(ts)
+    meta = 512
+    if ts.is_deflated:  # the stream positions say nothing about the inflated size
+        return meta + 16 * size + pixels
+    header = (header_end - offset) * 3 // 2 + 64
+    rest = size - header_end  # Pixel Data element as stored and any trailing elements
+    if ts.is_compressed:
+        return meta + header + pixels + 64
+    pixel_element = min(rest, pixels + 12)
+    return meta + header + pixel_element + 4 + (rest - pixel_element) * 3 // 2 + 64
+
+
+# ---------------------------------------------------------------------------
+# Layout: File IDs (PS3.10 §8.5, PS3.12 F.3.2) and the record tree
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SeriesNode:
+    uid: str
+    instances: list[Instance] = field(default_factory=list)
+
+
+@dataclass
+class StudyNode:
+    uid: str
+    series: dict[str, SeriesNode] = field(default_factory=dict)
+
+
+@dataclass
+class PatientNode:
+    patient_id: str
+    studies: dict[str, StudyNode] = field(default_factory=dict)
+
+
+def group_instances(instances: Iterable[Instance]) -> dict[str, PatientNode]:
+    """Group `instances` by Patient ID -> Study -> Series, in input order (linear)."""
+    patients: dict[str, PatientNode] = {}
+    for inst in instances:
+        patient = patients.get(inst.patient_id)
+        if patient is None:
+            patient = patients[inst.patient_id] = PatientNode(inst.patient_id)
+        study = patient.studies.get(inst.study_uid)
+        if study is None:
+            study = patient.studies[inst.study_uid] = StudyNode(inst.study_uid)
+        series = study.series.get(inst.series_uid)
+        if series is None:
+            series = study.series[inst.series_uid] = SeriesNode(inst.series_uid)
+        series.instances.append(inst)
+    return patients
+
+
+def file_id(patient: int, study: int, series: int, instance: int) -> tuple[str, ...]:
+    """File ID components ``DICOM/PATppppp/STUsssss/SERrrrrr/IMiiiiii`` (1-based).
+
+    Five components of at most 8 characters from ``A-Z 0-9 _``, no extension
+    (PS3.12 F.3.2); up to 99 999 patients/studies/series and 999 999
+    instances per series.
+    """
+    if max(patient, study, series) > 99_999 or instance > 999_999:
+        raise MediaError("file-set too large for the PATnnnnn/STUnnnnn/SERnnnnn/IMnnnnnn File ID scheme")
+    return (DATA_DIRECTORY, f"PAT{patient:05d}", f"STU{study:05d}", f"SER{series:05d}", f"IM{instance:06d}")
+
+
+def assign_file_ids(patients: dict[str, PatientNode]) -> list[tuple[tuple[str, ...], Instance]]:
+    """File IDs of every instance of the tree, in directory order."""
+    out: list[tuple[tuple[str, ...], Instance]] = []
+    for p, patient in enumerate(patients.values(), 1):
+        for s, study in enumerate(patient.studies.values(), 1):
+            for r, series in enumerate(study.series.values(), 1):
+                for i, inst in enumerate(series.instances, 1):
+                    out.append((file_id(p, s, r, i), inst))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# DICOMDIR encoding
+# ---------------------------------------------------------------------------
+
+_ITEM = b"\xfe\xff\x00\xe0"
+_SEQ_DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_DIRECTORY_RECORD_SEQUENCE_UNDEFINED = b"\x04\x00\x20\x12SQ\x00\x00\xff\xff\xff\xff"
+# Positions of the UL values in an encoded record item (item header 8 bytes,
+# then (0004,1400) UL, (0004,1410) US, (0004,1420) UL as its first elements).
+_NEXT_POS = 8 + 8
+_LOWER_POS = 8 + 8 + 4 + 8 + 2 + 8
+
+
+_FIXED = (
+    encode_element(0x00041400, "UL", b"\x00\x00\x00\x00")  # Offset of the Next Directory Record
+    + encode_element(0x00041410, "US", b"\xff\xff")  # Record In-use Flag
+    + encode_element(0x00041420, "UL", b"\x00\x00\x00\x00")  # Offset of Referenced Lower-Level Directory Entity
+)
+
+
+def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: str, extra: bytes = b"") -> bytearray:
+    """Encode one Directory Record item (PS3.3 F.3.2.2) from the keys of `header`.
+
+    The keys are copied as encoded in the instance (Explicit VR Little
+    Endian, see :mod:`~modality_link.media.header`); `extra` holds the
+    encoded (0004,15xx) Referenced ... In File elements. The three offsets
+    are zero here and patched by :func:`encode_dicomdir`.
+    """
+    parts = [_FIXED, encode_element(0x00041430, "CS", rtype.encode("ascii")), extra]
+    charset = header.elements.get(0x00080005)
+    if charset is not None:
+        parts.append(charset)
+    for keyword, key_type in sorted(keys, key=lambda k: tag_of(k[0])):  # all after (0008,0005)
+        tag = tag_of(keyword)
+        elem = header.elements.get(tag)
+        if elem is not None and header.raw(tag):
+            parts.append(elem)
+        elif key_type in (1, 2):
+            if key_type == 1:
+                LOGGER.warning("%s: Type 1 key %s is missing or empty", what, keyword)
+            parts.append(encode_element(tag, vr_of(tag), b""))
+    body = b"".join(parts)
+    return bytearray(_ITEM + struct.pack("<L", len(body)) + body)
+
+
+@dataclass
+class _Node:
+    item: bytearray
+    children: list[_Node] = field(default_factory=list)
+    offset: int = 0
+
+
+def encode_dicomdir(
+    patients: dict[str, PatientNode],
+    file_ids: dict[int, tuple[str, ...]],
+    fileset_id: str,
+    source_ae_title: str,
+    profile: Profile,
+) -> bytes:
+    """Encode the DICOMDIR of the file-set `patients` (PS3.3 F.3, F.5).
+
+    `file_ids` maps ``id(instance)`` to its File ID components. Records are
+    emitted depth first (PATIENT, its STUDYs, each STUDY's SERIES, each
+    SERIES' instance records), each with a defined length, inside a Directory
+    Record Sequence of undefined length. Linear in the number of instances.
+    """
+    roots: list[_Node] = []
+    for patient in patients.values():
+        first = next(iter(next(iter(patient.studies.values())).series.values())).instances[0]
+        p_node = _Node(_record("PATIENT", first.header, PATIENT_KEYS, f"patient {patient.patient_id!r}"))
+        roots.append(p_node)
+        for study in patient.studies.values():
+            first = next(iter(study.series.values())).instances[0]
+            s_node = _Node(_record("STUDY", first.header, STUDY_KEYS, f"study {study.uid}"))
+            p_node.children.append(s_node)
+            for series in study.series.values():
+                r_node = _Node(_record("SERIES", series.instances[0].header, SERIES_KEYS, f"series {series.uid}"))
+                s_node.children.append(r_node)
+                for inst in series.instances:
+                    ts = output_transfer_syntax(inst.transfer_syntax_uid, profile)
+                    extra = b"".join(
+                        (
+                            encode_element(0x00041500, "CS", "\\".join(file_ids[id(inst)]).encode("ascii")),
+                            encode_element(0x00041510, "UI", inst.sop_class_uid.encode("ascii")),
+                            encode_element(0x00041511, "UI", inst.sop_instance_uid.encode("ascii")),
+                            encode_element(0x00041512, "UI", ts.encode("ascii")),
+                        )
+                    )
+                    keys = INSTANCE_KEYS[inst.record_type]
+                    r_node.children.append(_Node(_record(inst.record_type, inst.header, keys, str(inst.path), extra)))
+
+    head = encoded_file_meta(MediaStorageDirectoryStorage, generate_uid(), ExplicitVRLittleEndian, source_ae_title)
+
+    def root_dataset(first: int, last: int) -> bytes:
+        return b"".join(
+            (
+                encode_element(0x00041130, "CS", fileset_id.encode("ascii")),  # File-set ID
+                # Offsets of the First and Last Directory Records of the Root Directory Entity
+                encode_element(0x00041200, "UL", struct.pack("<L", first)),
+                encode_element(0x00041202, "UL", struct.pack("<L", last)),
+                encode_element(0x00041212, "US", b"\x00\x00"),  # File-set Consistency Flag
+            )
+        )
+
+    # Pass 1: offsets (all offset values are fixed-length UL, so sizes are known).
+    pos = len(head) + len(root_dataset(0, 0)) + len(_DIRECTORY_RECORD_SEQUENCE_UNDEFINED)
+    order: list[_Node] = []
+    stack = list(reversed(roots))
+    while stack:
+        node = stack.pop()
+        node.offset = pos
+        pos += len(node.item)
+        order.append(node)
+        stack.extend(reversed(node.children))
+
+    # Pass 2: patch the Next and Lower-level offsets.
+    def link(siblings: list[_Node]) -> None:
+        for i, node in enumerate(siblings):
+            nxt = siblings[i + 1].offset if i + 1 < len(siblings) else 0
+            struct.pack_into("<L", node.item, _NEXT_POS, nxt)
+            struct.pack_into("<L", node.item, _LOWER_POS, node.children[0].offset if node.children else 0)
+
+    link(roots)
+    for node in order:
+        link(node.children)
+
+    parts = [head, root_dataset(roots[0].offset if roots else 0, roots[-1].offset if roots else 0)]
+    parts.append(_DIRECTORY_RECORD_SEQUENCE_UNDEFINED)
+    parts.extend(bytes(node.item) for node in order)
+    parts.append(_SEQ_DELIM)
+    return b"".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Size bounds, for disc spanning
+# ---------------------------------------------------------------------------
+
+#: Upper bound of the DICOMDIR bytes outside the records (preamble, File Meta,
+#: root keys, sequence header and delimiter).
+DICOMDIR_BASE_BYTES = 1024
+_FILE_ID_BYTES = 12 + len("DICOM\\PAT00001\\STU00001\\SER00001\\IM000001")
+
+
+def record_size_bound(header: Header, keys: Sequence[tuple[str, int]]) -> int:
+    """Upper bound of the encoded size of a Directory Record built from `header`."""
+    size = 8 + len(_FIXED) + 8 + 16 + len(header.elements.get(0x00080005, b""))
+    for keyword, _ in keys:
+        size += len(header.elements.get(tag_of(keyword), b"")) + 12
+    return size
+
+
+def instance_record_bound(inst: Instance) -> int:
+    """Upper bound of the encoded size of the instance-level record of `inst`."""
+    return record_size_bound(inst.header, INSTANCE_KEYS[inst.record_type]) + _FILE_ID_BYTES + 3 * (8 + 64)
