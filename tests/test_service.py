@@ -1,0 +1,83 @@
+"""The service as a whole: the demo, TCP_NODELAY on both ends, log rotation."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from modality_link import config
+from modality_link.config import Node
+from modality_link.home import Home
+from modality_link.net.association import associate, make_ae
+from modality_link.service import Service, setup_logging
+from tests.conftest import free_port
+
+
+def test_demo_runs_end_to_end() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "modality_link", "demo", "--images", "5"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stored 5/5 CT images by C-STORE" in proc.stdout
+    assert "5 instances" in proc.stdout
+
+
+def _nodelay(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_tcp_nodelay_on_acceptor_and_requestor_sockets(short_tmp: Path) -> None:
+    home = Home(short_tmp)
+    home.ensure()
+    cfg = config.load(home.config_path)
+    cfg.disk_server.port = free_port()
+    cfg.disk_server.bind_address = "127.0.0.1"
+    config.save(cfg, home.config_path)
+    service = Service(home)
+    service.start(log_to_stderr=False)
+    try:
+        ae = make_ae("TESTER", cfg.timeouts)
+        ae.add_requested_context(Verification)
+        node = Node(ae_title="MODLINK", host="127.0.0.1", port=cfg.disk_server.port)
+        with associate(ae, node) as assoc:
+            assert _nodelay(assoc.dul.socket.socket) == 1
+            (server_side,) = service.disk_server.ae.active_associations
+            assert _nodelay(server_side.dul.socket.socket) == 1
+            assert assoc.send_c_echo().Status == 0
+        # A plain pynetdicom requestor (no handlers of ours) still gets NODELAY on our side.
+        plain = AE(ae_title="PLAIN")
+        plain.add_requested_context(Verification)
+        a2 = plain.associate("127.0.0.1", cfg.disk_server.port, ae_title="MODLINK")
+        (server_side,) = service.disk_server.ae.active_associations
+        assert _nodelay(server_side.dul.socket.socket) == 1
+        a2.release()
+    finally:
+        service.stop()
+
+
+def test_log_rotates(short_tmp: Path) -> None:
+    home = Home(short_tmp)
+    home.ensure()
+    cfg = config.Config()
+    cfg.logging.max_bytes = 4096
+    cfg.logging.backups = 2
+    setup_logging(home, cfg, to_stderr=False)
+    log = logging.getLogger("modality_link.test")
+    for i in range(200):
+        log.warning("line %d of a long enough log message to fill the file quickly", i)
+    files = sorted(p.name for p in home.log_dir.iterdir())
+    assert files == ["modality-link.log", "modality-link.log.1", "modality-link.log.2"]
+    assert all((home.log_dir / f).stat().st_size <= 4096 for f in files)
+    setup_logging(home, cfg, to_stderr=False)  # idempotent: no duplicate handlers
+    root_handlers = [h for h in logging.getLogger().handlers if getattr(h, "_modality_link", False)]
+    assert len(root_handlers) == 1
+    for h in root_handlers:
+        logging.getLogger().removeHandler(h)
+        h.close()
