@@ -80,7 +80,7 @@ def demo_items(station_aet: str = "MODLINK", modality: str = "CT", date: str | N
         sps.Modality = modality
         sps.ScheduledStationAETitle = station_aet
         sps.ScheduledProcedureStepStartDate = date
-        sps.ScheduledProcedureStepStartTime = f"{8 + i:02d}0000"
+        sps.ScheduledProcedureStepStartTime = f"{8 + i % 10:02d}{i // 10:02d}00"
         sps.ScheduledProcedureStepDescription = "Thorax nativ"
         proto = Dataset()
         proto.CodeValue, proto.CodingSchemeDesignator, proto.CodeMeaning = "P1", "L", "Thorax protocol"
