@@ -37,7 +37,11 @@ def main() -> int:
     print("ready", flush=True)
     while True:
         assoc = odil.Association()
-        assoc.receive_association("v4", port)
+        try:
+            assoc.receive_association("v4", port)
+        except Exception as exc:  # a probe connection or a bad request: keep serving
+            print(f"odil_mpps_scp: association refused: {exc}", file=sys.stderr, flush=True)
+            continue
         dispatcher = odil.SCPDispatcher(assoc)
         create = odil.NCreateSCP(assoc)
         create.set_callback(on_create)
@@ -52,6 +56,8 @@ def main() -> int:
             pass
         except odil.AssociationAborted:
             pass
+        except Exception as exc:
+            print(f"odil_mpps_scp: {exc}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
