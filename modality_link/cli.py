@@ -156,6 +156,45 @@ def cmd_studies(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_worklist(args: argparse.Namespace, home: Home) -> int:
+    params = {k: v for k, v in {
+        "node": args.node, "date": args.date, "patient_name": args.patient_name,
+        "patient_id": args.patient_id, "accession": args.accession, "modality": args.modality,
+    }.items() if v is not None}
+    res = _call(home, "worklist.query", **params)
+    if args.json:
+        _out([i["dataset"] for i in res["items"]])
+    else:
+        for i in res["items"]:
+            print(f"{i['sps_id']:<16} {i['patient_id']:<12} {i['patient_name']:<32} {i['accession']:<12} "
+                  f"{i['start_date']} {i['start_time'][:4]} {i['modality']:<3} {i['description']}")
+    if res["partial"]:
+        print(f"modality-link: warning: {res['message']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_exam(args: argparse.Namespace, home: Home) -> int:
+    import os
+
+    if args.action == "start":
+        if not args.item and not (args.patient_id and args.patient_name):
+            print("modality-link exam start: give --item SPS_ID or --patient-id and --patient-name", file=sys.stderr)
+            return EXIT_USAGE
+        params = {"item": args.item} if args.item else {"patient_id": args.patient_id, "patient_name": args.patient_name}
+        res = _call(home, "exam.start", **params)
+        if args.json:
+            _out(res)
+        else:
+            print(res["exam_id"])
+    elif args.action == "add":
+        res = _call(home, "exam.add_image", exam_id=args.exam_id, paths=[os.path.abspath(p) for p in args.paths])
+        print(f"exam {res['exam_id']}: {len(res['added'])} object(s) archived")
+    elif args.action == "end":
+        res = _call(home, "exam.end", exam_id=args.exam_id, discontinue=args.discontinue)
+        print(f"exam {res['exam_id']}: {res['state']}")
+    return EXIT_OK
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -212,6 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     so = sub.add_parser("studies", help="list the archive's studies")
     so.add_argument("--json", action="store_true")
     so.set_defaults(func=cmd_studies)
+
+    w = sub.add_parser("worklist", help="query the modality worklist (MWL C-FIND)")
+    w.add_argument("--node")
+    w.add_argument("--date", help="today, YYYYMMDD or YYYYMMDD-YYYYMMDD")
+    w.add_argument("--patient-name")
+    w.add_argument("--patient-id")
+    w.add_argument("--accession")
+    w.add_argument("--modality", help="a modality code, or '*' for any")
+    w.add_argument("--json", action="store_true", help="items in the DICOM JSON model")
+    w.set_defaults(func=cmd_worklist)
+
+    x = sub.add_parser("exam", help="exam lifecycle: start, add images, end (MPPS)")
+    xsub = x.add_subparsers(dest="action", required=True)
+    xs = xsub.add_parser("start")
+    xs.add_argument("--item", help="SPS ID of a worklist item of the last query")
+    xs.add_argument("--patient-id")
+    xs.add_argument("--patient-name")
+    xs.add_argument("--json", action="store_true")
+    xa = xsub.add_parser("add")
+    xa.add_argument("exam_id", type=int)
+    xa.add_argument("paths", nargs="+")
+    xe = xsub.add_parser("end")
+    xe.add_argument("exam_id", type=int)
+    xe.add_argument("--discontinue", metavar="CODE", help="CID 9300 reason code, e.g. 110513")
+    x.set_defaults(func=cmd_exam)
     return p
 
 

@@ -163,6 +163,17 @@ class Node:
     roles: list[str] = field(default_factory=lambda: ["store"])
     #: Max PDU we announce when we are the requestor; 0 is unlimited.
     max_pdu: int = 262144
+    #: Worklist query defaults (REQUIREMENTS B3): Scheduled Station AE Title ("" = ours,
+    #: "*" = any), SPS Start Date ("today", YYYYMMDD[-YYYYMMDD], "" = any), Modality ("" = ours,
+    #: "*" = any), and the response limit after which the query is cancelled (0 = none).
+    worklist_station_aet: str = ""
+    worklist_date: str = "today"
+    worklist_modality: str = ""
+    response_limit: int = 200
+    #: MPPS: let the SCP assign the SOP Instance UID (N-CREATE without one, PS3.7 10.1.5).
+    mpps_scp_assigns_uid: bool = False
+    #: Longest wait (seconds) between retries of a message to this node (backoff doubles up to it).
+    retry_interval: float = 60.0
 
     def validate(self, prefix: str) -> None:
         check_ae_title(f"{prefix}.ae_title", self.ae_title)
@@ -172,6 +183,24 @@ class Node:
         if not isinstance(self.roles, list) or not all(r in ROLES for r in self.roles):
             raise ConfigError(f"{prefix}.roles: a list drawn from {', '.join(ROLES)}, not {self.roles!r}")
         _check_max_pdu(f"{prefix}.max_pdu", self.max_pdu)
+        if self.worklist_station_aet not in ("", "*"):
+            check_ae_title(f"{prefix}.worklist_station_aet", self.worklist_station_aet)
+        if not isinstance(self.worklist_date, str) or not re.fullmatch(
+            r"|today|\d{8}|\d{8}-\d{8}|-\d{8}|\d{8}-", self.worklist_date
+        ):
+            raise ConfigError(
+                f"{prefix}.worklist_date: 'today', YYYYMMDD, YYYYMMDD-YYYYMMDD or '' (any date), "
+                f"not {self.worklist_date!r}"
+            )
+        if not isinstance(self.worklist_modality, str) or not re.fullmatch(r"|\*|[A-Z0-9_]{1,16}", self.worklist_modality):
+            raise ConfigError(
+                f"{prefix}.worklist_modality: a modality code such as CT or MR, '*' (any) or '' "
+                f"(the station's), not {self.worklist_modality!r}"
+            )
+        _check_range(f"{prefix}.response_limit", self.response_limit, 0, 100000)
+        if not isinstance(self.mpps_scp_assigns_uid, bool):
+            raise ConfigError(f"{prefix}.mpps_scp_assigns_uid: true or false")
+        _check_range(f"{prefix}.retry_interval", self.retry_interval, 0.1, 86400, float)
 
 
 @dataclass

@@ -73,6 +73,56 @@ _SCHEMA = [
         cleared INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # version 2: worklist items, exams and the MPPS outbox (issue 4)
+    """
+    CREATE TABLE worklist_items (
+        sps_id TEXT PRIMARY KEY,                -- Scheduled Procedure Step ID (0040,0009)
+        node TEXT NOT NULL,
+        item_json TEXT NOT NULL,                -- the item in the DICOM JSON model
+        fetched_at REAL NOT NULL
+    );
+    CREATE TABLE exams (
+        id INTEGER PRIMARY KEY,
+        state TEXT NOT NULL,                    -- IN PROGRESS | COMPLETED | DISCONTINUED
+        sps_id TEXT NOT NULL,                   -- '' for an unscheduled exam
+        item_json TEXT NOT NULL,                -- worklist item or local patient data (JSON model)
+        study_uid TEXT NOT NULL,
+        study_id TEXT NOT NULL,
+        pps_id TEXT NOT NULL,
+        mpps_node TEXT NOT NULL,                -- '' when no MPPS node is configured
+        mpps_uid TEXT NOT NULL,                 -- '' until known (SCP-assigned UIDs)
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE exam_objects (
+        sop_instance_uid TEXT PRIMARY KEY,
+        exam_id INTEGER NOT NULL REFERENCES exams(id),
+        sop_class_uid TEXT NOT NULL,
+        series_uid TEXT NOT NULL,
+        series_description TEXT NOT NULL,
+        protocol_name TEXT NOT NULL,
+        operator TEXT NOT NULL,
+        performing_physician TEXT NOT NULL,
+        is_image INTEGER NOT NULL,
+        added_at REAL NOT NULL
+    );
+    CREATE INDEX exam_objects_exam ON exam_objects(exam_id);
+    CREATE TABLE mpps_outbox (
+        id INTEGER PRIMARY KEY,                 -- the order messages are sent in
+        exam_id INTEGER NOT NULL REFERENCES exams(id),
+        kind TEXT NOT NULL,                     -- create | set
+        node TEXT NOT NULL,
+        dataset_json TEXT NOT NULL,
+        state TEXT NOT NULL,                    -- queued | sent | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        sent_at REAL
+    );
+    CREATE INDEX mpps_outbox_state ON mpps_outbox(state, id);
+    """,
 ]
 
 
@@ -264,3 +314,96 @@ class Database:
             else:
                 self._conn.execute("UPDATE alerts SET cleared=1 WHERE code=?", (code,))
 
+
+    # -- worklist, exams, MPPS outbox -------------------------------------------------------------
+
+    def save_worklist_items(self, node: str, items: list[tuple[str, str]]) -> None:
+        """Keep the items of the last query by SPS ID (an item seen again is replaced)."""
+        now = time.time()
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.executemany(
+                    "INSERT OR REPLACE INTO worklist_items(sps_id, node, item_json, fetched_at) VALUES (?,?,?,?)",
+                    [(sps, node, js, now) for sps, js in items],
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def worklist_item(self, sps_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM worklist_items WHERE sps_id=?", (sps_id,))
+        return dict(rows[0]) if rows else None
+
+    def create_exam(self, **fields: Any) -> int:
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        with self._lock:
+            cur = self._conn.execute(f"INSERT INTO exams({cols}) VALUES ({marks})", tuple(fields.values()))
+            return int(cur.lastrowid)
+
+    _EXAM_FIELDS = {"state", "mpps_uid", "ended_at", "reason"}
+
+    def update_exam(self, exam_id: int, **fields: Any) -> None:
+        assert set(fields) <= self._EXAM_FIELDS, fields
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self._lock:
+            self._conn.execute(f"UPDATE exams SET {sets} WHERE id=?", (*fields.values(), exam_id))
+
+    def exam(self, exam_id: int) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM exams WHERE id=?", (exam_id,))
+        return dict(rows[0]) if rows else None
+
+    def exams(self, limit: int = 100) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM exams ORDER BY id DESC LIMIT ?", (limit,))]
+
+    def add_exam_object(self, exam_id: int, **fields: Any) -> None:
+        fields = {"exam_id": exam_id, "added_at": time.time(), **fields}
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        with self._lock:
+            self._conn.execute(
+                f"INSERT OR REPLACE INTO exam_objects({cols}) VALUES ({marks})", tuple(fields.values())
+            )
+
+    def exam_objects(self, exam_id: int) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM exam_objects WHERE exam_id=? ORDER BY added_at, rowid", (exam_id,))
+        return [dict(r) for r in rows]
+
+    def outbox_add(self, exam_id: int, kind: str, node: str, dataset_json: str) -> int:
+        now = time.time()
+        with self._lock:
+            cur = self._conn.execute(
+                """INSERT INTO mpps_outbox(exam_id, kind, node, dataset_json, state, next_attempt, created_at)
+                   VALUES (?,?,?,?, 'queued', ?, ?)""",
+                (exam_id, kind, node, dataset_json, now, now),
+            )
+            return int(cur.lastrowid)
+
+    def outbox_head(self) -> dict[str, Any] | None:
+        """The oldest queued message: messages leave in the order they were queued."""
+        rows = self._query("SELECT * FROM mpps_outbox WHERE state='queued' ORDER BY id LIMIT 1")
+        return dict(rows[0]) if rows else None
+
+    def outbox_update(self, row_id: int, **fields: Any) -> None:
+        assert set(fields) <= {"state", "attempts", "next_attempt", "last_error", "sent_at"}, fields
+        sets = ", ".join(f"{k}=?" for k in fields)
+        with self._lock:
+            self._conn.execute(f"UPDATE mpps_outbox SET {sets} WHERE id=?", (*fields.values(), row_id))
+
+    def outbox_fail_exam(self, exam_id: int, error: str) -> None:
+        """Give up the queued messages of an exam whose N-CREATE was refused."""
+        with self._lock:
+            self._conn.execute(
+                "UPDATE mpps_outbox SET state='failed', last_error=? WHERE exam_id=? AND state='queued'",
+                (error, exam_id),
+            )
+
+    def outbox(self, exam_id: int | None = None) -> list[dict[str, Any]]:
+        if exam_id is None:
+            rows = self._query("SELECT * FROM mpps_outbox ORDER BY id")
+        else:
+            rows = self._query("SELECT * FROM mpps_outbox WHERE exam_id=? ORDER BY id", (exam_id,))
+        return [{k: r[k] for k in r.keys() if k != "dataset_json"} for r in rows]

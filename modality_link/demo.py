@@ -24,6 +24,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _demo_exam(service: Service, home: Home, root: Path) -> bool:
+    """Worklist query → exam start → images → exam end against the simulated RIS."""
+    from sim import images as sim_images
+    from sim.ris import RIS
+
+    with RIS() as ris:
+        service.config.nodes["ris"] = config.Node(
+            ae_title="RIS", host="127.0.0.1", port=ris.port, roles=["worklist", "mpps"], retry_interval=1.0
+        )
+        with IpcClient(home.socket_path) as client:
+            items = client.call("worklist.query")["items"]
+            print(f"demo: worklist has {len(items)} item(s): " + ", ".join(f"{i['sps_id']} {i['patient_name']}" for i in items))
+            exam = client.call("exam.start", item=items[0]["sps_id"])
+            spool = root / "spool"
+            spool.mkdir()
+            paths = []
+            for n, ds in enumerate(sim_images.make_study("CT", images=5, seed=2)):
+                p = spool / f"{n}.dcm"
+                ds.save_as(p, enforce_file_format=True)
+                paths.append(str(p))
+            client.call("exam.add_image", exam_id=exam["exam_id"], paths=paths)
+            client.call("exam.end", exam_id=exam["exam_id"])
+            deadline = time.time() + 15
+            while time.time() < deadline and len(ris.mpps_messages) < 2:
+                time.sleep(0.1)
+        states = [(m["kind"], m["status"]) for m in ris.mpps_messages]
+        print(f"demo: exam {exam['exam_id']} of {items[0]['patient_name']}: RIS received MPPS {states}")
+        return states == [("create", 0), ("set", 0)]
+
+
 def run_demo(images: int = 20, keep: bool = False) -> int:
     from sim import images as sim_images
     from sim.sender import send
@@ -51,7 +81,8 @@ def run_demo(images: int = 20, keep: bool = False) -> int:
                     f"demo: archive holds study {s['study_uid']} of {s['patient_name']} "
                     f"({s['patient_id']}), {s['instances']} instances"
                 )
-        return 0 if ok == len(statuses) == images else 1
+        exam_ok = _demo_exam(service, home, root)
+        return 0 if ok == len(statuses) == images and exam_ok else 1
     finally:
         service.stop()
         if keep:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import logging
 import logging.handlers
 import os
@@ -23,9 +24,12 @@ from modality_link import __version__, config
 from modality_link.archive import Archive, ArchiveError
 from modality_link.config import ConfigError
 from modality_link.db import Database, InstanceRecord
+from modality_link.exam import ExamError, ExamManager
 from modality_link.home import Home
 from modality_link.ipc import (
     CONFIG_INVALID,
+    CONFLICT,
+    DICOM_FAILURE,
     INVALID_PARAMS,
     NOT_FOUND,
     IpcError,
@@ -79,6 +83,7 @@ class Service:
         self.archive: Archive | None = None
         self.disk_server: StorageServer | None = None
         self.ipc: IpcServer | None = None
+        self.exams: ExamManager | None = None
         self.started_at = 0.0
         self._stop = threading.Event()
         self._lock_file: Any = None
@@ -96,6 +101,10 @@ class Service:
         if found:
             LOG.warning("archive: indexed %d file(s) left unindexed by an earlier stop", found)
         self._start_servers()
+        self.exams = ExamManager(
+            self.db, self.archive, lambda: self.config, self.home.tmp_dir, self.alert, self.publish
+        )
+        self.exams.start_worker()
         self.ipc = IpcServer(self.home.socket_path, self.methods())
         self.ipc.start()
         self.started_at = time.time()
@@ -127,6 +136,9 @@ class Service:
         if self.ipc is not None:
             self.ipc.stop()
             self.ipc = None
+        if self.exams is not None:
+            self.exams.stop_worker()
+            self.exams = None
         self._stop_servers()
         if self.db is not None:
             self.db.close()
@@ -179,7 +191,29 @@ class Service:
             "config.reload": self.config_reload,
             "alerts.list": self.alerts_list,
             "alerts.clear": self.alerts_clear,
+            "worklist.query": self._exam_call("query_worklist"),
+            "exam.start": self._exam_call("start"),
+            "exam.add_image": self._exam_call("add_image"),
+            "exam.end": self._exam_call("end"),
+            "exam.show": self._exam_call("exam_info"),
         }
+
+    _EXAM_ERRORS = {"not_found": NOT_FOUND, "conflict": CONFLICT, "invalid": INVALID_PARAMS, "dicom": DICOM_FAILURE}
+
+    def _exam_call(self, name: str) -> Callable[..., Any]:
+        """An IPC method calling ExamManager.`name`, its errors mapped to IPC error codes."""
+
+        assert self.exams is not None, "methods() is called after start() built the exam manager"
+        target = getattr(self.exams, name)
+
+        @functools.wraps(target)  # the IPC server checks the params against the signature
+        def call(*args: Any, **params: Any) -> Any:
+            try:
+                return target(*args, **params)
+            except ExamError as exc:
+                raise IpcError(self._EXAM_ERRORS[exc.kind], str(exc)) from None
+
+        return call
 
     def status(self) -> dict[str, Any]:
         assert self.db is not None

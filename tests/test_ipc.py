@@ -133,11 +133,23 @@ def test_import_files_and_folders(service: RunningService, tmp_path: Path) -> No
     assert sorted(s["modalities"] for s in studies) == ["CT", "MR"]
 
 
-def test_every_ipc_method_is_documented(tmp_path: Path) -> None:
+def test_every_ipc_method_is_documented(short_tmp: Path) -> None:
     doc = (REPO / "docs" / "ipc.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^### `([a-z_.]+)`", doc, flags=re.M))
-    service = Service(Home(tmp_path))
-    methods = set(service.methods()) | {"events.subscribe"}
+    from modality_link import config
+    from tests.conftest import free_port
+
+    home = Home(short_tmp)
+    home.ensure()
+    cfg = config.load(home.config_path)
+    cfg.disk_server.port = free_port()
+    config.save(cfg, home.config_path)
+    service = Service(home)
+    service.start(log_to_stderr=False)
+    try:
+        methods = set(service.ipc.methods)
+    finally:
+        service.stop()
     missing = methods - documented
     assert not missing, f"IPC methods missing from docs/ipc.md: {sorted(missing)}"
     stale = documented - methods

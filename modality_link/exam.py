@@ -1,0 +1,455 @@
+"""The exam lifecycle: worklist item → exam start (MPPS N-CREATE) → images → exam end (N-SET).
+
+- :meth:`ExamManager.query_worklist` runs the MWL query with the node's defaults (REQUIREMENTS
+  B3) and keeps the items by SPS ID in the database, so an exam can be started from them later.
+- :meth:`ExamManager.start` starts an exam from a kept item, or unscheduled from local patient
+  data (IHE SWF "unscheduled case": a new Study Instance UID, no accession, REQUIREMENTS B15).
+- :meth:`ExamManager.add_image` completes each handed-over PS3.10 file with the worklist
+  mapping of REQUIREMENTS B14 (PS3.17 / IHE SWF mapping table) and writes it into the archive.
+- :meth:`ExamManager.end` closes the exam COMPLETED or DISCONTINUED (CID 9300 reason).
+
+MPPS messages are never sent from the caller's thread: they are rows of an ordered outbox
+(``mpps_outbox``) that a worker thread sends oldest first, retrying with a doubling backoff when
+the SCP cannot be reached, across restarts too (REQUIREMENTS C7). A message the SCP refuses
+(e.g. 0x0121) is marked failed, the operator is alerted, and the exam's later messages are not
+sent (an N-SET without its N-CREATE is meaningless).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+
+from modality_link import config
+from modality_link.archive import Archive
+from modality_link.db import Database
+from modality_link.net import mpps
+from modality_link.net.charset import charset_for
+from modality_link.net.worklist import WorklistQuery, find_worklist, item_summary, resolve_date
+
+LOG = logging.getLogger("modality_link.exam")
+
+#: Top-level attributes copied from the worklist item into every image (REQUIREMENTS B14).
+PATIENT_KEYS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "OtherPatientIDsSequence", "PatientBirthName", "PatientAge", "PatientWeight", "PatientSize",
+    "EthnicGroup", "PatientComments", "ReferencedPatientSequence",
+    # Patient Medical module (C.2.4; 003 T67)
+    "MedicalAlerts", "Allergies", "AdditionalPatientHistory", "PregnancyStatus", "SpecialNeeds",
+    "PatientState",
+)
+STUDY_KEYS = ("AccessionNumber", "ReferringPhysicianName", "ReferencedStudySequence")
+NON_IMAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.59",  # KOS
+    "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+    "1.2.840.10008.5.1.4.1.1.11.1",   # GSPS
+    "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+    "1.2.840.10008.5.1.4.1.1.66",     # Raw Data
+}
+
+
+class ExamError(Exception):
+    """An exam request that cannot be done; `kind` is not_found, conflict, invalid or dicom."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _json(ds: Dataset) -> str:
+    return json.dumps(ds.to_json_dict(), ensure_ascii=False)
+
+
+def _from_json(text: str) -> Dataset:
+    return Dataset.from_json(text)
+
+
+def _sps(item: Dataset) -> Dataset:
+    seq = item.get("ScheduledProcedureStepSequence")
+    return seq[0] if seq else Dataset()
+
+
+def _all_text(ds: Dataset) -> list[str]:
+    out = []
+    for elem in ds.iterall():
+        if elem.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "UC") and elem.value is not None:
+            vals = elem.value if elem.VM > 1 else [elem.value]
+            out.extend(str(v) for v in vals)
+    return out
+
+
+def apply_worklist(ds: Dataset, exam: dict[str, Any], item: Dataset, scheduled: bool) -> Dataset:
+    """Complete an acquired image with the exam's worklist data (REQUIREMENTS B14) in place."""
+    for key in PATIENT_KEYS:
+        if key in item and item[key].value not in (None, ""):
+            ds[key] = item[key]
+        elif key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+            setattr(ds, key, item.get(key, "") or "")
+    ds.StudyInstanceUID = exam["study_uid"]
+    ds.StudyID = exam["study_id"]
+    if scheduled:
+        for key in STUDY_KEYS:
+            if key in item and item[key].value not in (None, ""):
+                ds[key] = item[key]
+        if item.get("RequestedProcedureCodeSequence"):
+            ds.ProcedureCodeSequence = item.RequestedProcedureCodeSequence
+        if item.get("RequestedProcedureDescription"):
+            ds.StudyDescription = item.RequestedProcedureDescription
+        sps = _sps(item)
+        req = Dataset()
+        req.RequestedProcedureID = item.get("RequestedProcedureID", "") or ""
+        req.AccessionNumber = item.get("AccessionNumber", "") or ""
+        req.StudyInstanceUID = exam["study_uid"]
+        req.RequestedProcedureDescription = item.get("RequestedProcedureDescription", "") or ""
+        if item.get("RequestedProcedureCodeSequence"):
+            req.RequestedProcedureCodeSequence = item.RequestedProcedureCodeSequence
+        req.ScheduledProcedureStepID = sps.get("ScheduledProcedureStepID", "") or ""
+        req.ScheduledProcedureStepDescription = sps.get("ScheduledProcedureStepDescription", "") or ""
+        if sps.get("ScheduledProtocolCodeSequence"):
+            req.ScheduledProtocolCodeSequence = sps.ScheduledProtocolCodeSequence
+        ds.RequestAttributesSequence = Sequence([req])
+        if not ds.get("SeriesDescription") and sps.get("ScheduledProcedureStepDescription"):
+            ds.SeriesDescription = sps.ScheduledProcedureStepDescription
+    else:
+        ds.AccessionNumber = ""
+        for key in ("RequestAttributesSequence", "ReferencedStudySequence", "ProcedureCodeSequence"):
+            if key in ds:
+                del ds[key]
+    # Performed Procedure Step summary (PS3.3 C.4.14 as used in General Series, C.7.3.1)
+    started = datetime.datetime.fromtimestamp(exam["started_at"])
+    ds.PerformedProcedureStepID = exam["pps_id"]
+    ds.PerformedProcedureStepStartDate = started.strftime("%Y%m%d")
+    ds.PerformedProcedureStepStartTime = started.strftime("%H%M%S")
+    if exam.get("mpps_uid"):
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = mpps.MPPS_SOP_CLASS
+        ref.ReferencedSOPInstanceUID = exam["mpps_uid"]
+        ds.ReferencedPerformedProcedureStepSequence = Sequence([ref])
+    ds.SpecificCharacterSet = charset_for(_all_text(ds))
+    return ds
+
+
+class ExamManager:
+    """Exams, the kept worklist and the MPPS outbox of one service."""
+
+    def __init__(
+        self,
+        db: Database,
+        archive: Archive,
+        get_config: Callable[[], config.Config],
+        tmp_dir: Path,
+        alert: Callable[[str, str], None],
+        publish: Callable[..., None],
+    ) -> None:
+        self.db = db
+        self.archive = archive
+        self.get_config = get_config
+        self.tmp_dir = tmp_dir
+        self.alert = alert
+        self.publish = publish
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- worklist -------------------------------------------------------------------------------
+
+    def _node(self, name: str | None, role: str) -> tuple[str, config.Node] | None:
+        cfg = self.get_config()
+        if name:
+            try:
+                node = cfg.node(name)
+            except config.ConfigError as exc:
+                raise ExamError("not_found", str(exc)) from None
+            return name, node
+        for n, node in cfg.nodes.items():
+            if role in node.roles:
+                return n, node
+        return None
+
+    def query_worklist(
+        self,
+        node: str | None = None,
+        date: str | None = None,
+        patient_name: str = "",
+        patient_id: str = "",
+        accession: str = "",
+        modality: str | None = None,
+        requested_procedure_id: str = "",
+        station_aet: str | None = None,
+    ) -> dict[str, Any]:
+        found = self._node(node, "worklist")
+        if found is None:
+            raise ExamError("not_found", "no worklist node is configured (a node with role 'worklist')")
+        name, n = found
+        cfg = self.get_config()
+
+        def pick(value: str | None, default: str, ours: str) -> str:
+            v = default if value is None else value
+            if v == "":
+                v = ours
+            return "" if v == "*" else v
+
+        try:
+            q = WorklistQuery(
+                station_aet=pick(station_aet, n.worklist_station_aet, cfg.station.ae_title),
+                date=resolve_date(n.worklist_date if date is None else date),
+                modality=pick(modality, n.worklist_modality, cfg.station.modality),
+                patient_name=patient_name or "",
+                patient_id=patient_id or "",
+                accession=accession or "",
+                requested_procedure_id=requested_procedure_id or "",
+                limit=n.response_limit,
+            )
+        except ValueError as exc:
+            raise ExamError("invalid", str(exc)) from None
+        from modality_link.net.worklist import WorklistError
+
+        try:
+            res = find_worklist(n, cfg.station.ae_title, cfg.timeouts, q)
+        except WorklistError as exc:
+            raise ExamError("dicom", str(exc)) from None
+        keep = []
+        out = []
+        for item in res.items:
+            summary = item_summary(item)
+            js = item.to_json_dict()
+            if summary["sps_id"]:
+                keep.append((summary["sps_id"], json.dumps(js, ensure_ascii=False)))
+            out.append({**summary, "dataset": js})
+        self.db.save_worklist_items(name, keep)
+        if res.partial:
+            LOG.warning("worklist: %s", res.message)
+        return {"node": name, "items": out, "partial": res.partial, "message": res.message,
+                "status": res.status}
+
+    # -- exams ----------------------------------------------------------------------------------
+
+    def start(
+        self,
+        item: str | None = None,
+        patient_id: str | None = None,
+        patient_name: str | None = None,
+        birth_date: str = "",
+        sex: str = "",
+    ) -> dict[str, Any]:
+        cfg = self.get_config()
+        if item:
+            row = self.db.worklist_item(item)
+            if row is None:
+                raise ExamError("not_found", f"no worklist item with SPS ID {item!r} (query the worklist first)")
+            ds = _from_json(row["item_json"])
+            study_uid = str(ds.get("StudyInstanceUID", "") or "") or generate_uid()
+            scheduled = True
+        elif patient_id or patient_name:
+            ds = Dataset()
+            ds.PatientName = patient_name or ""
+            ds.PatientID = patient_id or ""
+            ds.PatientBirthDate = birth_date or ""
+            ds.PatientSex = sex or ""
+            study_uid = generate_uid()
+            scheduled = False
+        else:
+            raise ExamError("invalid", "exam.start: give a worklist item (SPS ID) or patient_id and patient_name")
+        now = time.time()
+        pps_id = f"PPS{int(now * 1000) % 10**13}"
+        found = self._node(None, "mpps")
+        mpps_node, node = found if found else ("", None)
+        mpps_uid = "" if node is None or node.mpps_scp_assigns_uid else generate_uid()
+        study_id = pps_id[-16:]
+        exam_id = self.db.create_exam(
+            state=mpps.IN_PROGRESS, sps_id=item or "", item_json=_json(ds), study_uid=study_uid,
+            study_id=study_id, pps_id=pps_id, mpps_node=mpps_node, mpps_uid=mpps_uid, started_at=now,
+        )
+        if node is not None:
+            step = mpps.ProcedureStep(
+                pps_id=pps_id, station_aet=cfg.station.ae_title, station_name=cfg.station.name,
+                modality=cfg.station.modality, study_uid=study_uid, study_id=study_id,
+                start=datetime.datetime.fromtimestamp(now), location=cfg.station.institution,
+                description=str(_sps(ds).get("ScheduledProcedureStepDescription", "") or "") if scheduled else "",
+                item=ds if scheduled else None,
+                patient_name=str(ds.get("PatientName", "") or ""), patient_id=str(ds.get("PatientID", "") or ""),
+                birth_date=str(ds.get("PatientBirthDate", "") or ""), sex=str(ds.get("PatientSex", "") or ""),
+            )
+            self.db.outbox_add(exam_id, "create", mpps_node, _json(mpps.build_n_create(step)))
+            self._wake.set()
+        self.publish("exam.state", exam_id=exam_id, state=mpps.IN_PROGRESS)
+        LOG.info("exam %d started (%s), study %s", exam_id, f"SPS {item}" if item else "unscheduled", study_uid)
+        return self.exam_info(exam_id)
+
+    def _exam(self, exam_id: Any) -> dict[str, Any]:
+        try:
+            eid = int(exam_id)
+        except (TypeError, ValueError):
+            raise ExamError("invalid", f"an exam id is a whole number, not {exam_id!r}") from None
+        exam = self.db.exam(eid)
+        if exam is None:
+            raise ExamError("not_found", f"no exam {eid}")
+        return exam
+
+    def exam_info(self, exam_id: Any) -> dict[str, Any]:
+        exam = self._exam(exam_id)
+        return {
+            "exam_id": exam["id"], "state": exam["state"], "sps_id": exam["sps_id"],
+            "study_uid": exam["study_uid"], "pps_id": exam["pps_id"], "mpps_uid": exam["mpps_uid"],
+            "mpps_node": exam["mpps_node"], "objects": len(self.db.exam_objects(exam["id"])),
+            "mpps": self.db.outbox(exam["id"]),
+        }
+
+    def add_image(self, exam_id: Any, paths: list[str]) -> dict[str, Any]:
+        exam = self._exam(exam_id)
+        if exam["state"] != mpps.IN_PROGRESS:
+            raise ExamError("conflict", f"exam {exam['id']} is {exam['state']}: no more images may be added")
+        if not isinstance(paths, list) or not paths:
+            raise ExamError("invalid", "exam.add_image: give a list of PS3.10 file paths")
+        item = _from_json(exam["item_json"])
+        station = self.get_config().station.ae_title
+        added = []
+        for p in paths:
+            path = Path(p)
+            if not path.is_file():
+                raise ExamError("not_found", f"no such file: {p}")
+            try:
+                ds = dcmread(path)
+            except Exception as exc:
+                raise ExamError("invalid", f"{p}: not a DICOM file ({exc})") from None
+            apply_worklist(ds, exam, item, scheduled=bool(exam["sps_id"]))
+            tmp = self.tmp_dir / f"exam-{uuid.uuid4().hex}.dcm"
+            try:
+                ds.save_as(tmp, enforce_file_format=True)
+                rec = self.archive.store_part10(tmp, station)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self.db.add_exam_object(
+                exam["id"], sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                series_uid=rec.series_uid, series_description=str(ds.get("SeriesDescription", "") or ""),
+                protocol_name=str(ds.get("ProtocolName", "") or ""),
+                operator=str(ds.get("OperatorsName", "") or ""),
+                performing_physician=str(ds.get("PerformingPhysicianName", "") or ""),
+                is_image=int("PixelData" in ds and rec.sop_class_uid not in NON_IMAGE_CLASSES),
+            )
+            added.append(rec.sop_instance_uid)
+        return {"exam_id": exam["id"], "added": added}
+
+    def end(self, exam_id: Any, discontinue: str | None = None) -> dict[str, Any]:
+        exam = self._exam(exam_id)
+        if exam["state"] != mpps.IN_PROGRESS:
+            raise ExamError("conflict", f"exam {exam['id']} is already {exam['state']}; a final state is sent once")
+        final = mpps.DISCONTINUED if discontinue else mpps.COMPLETED
+        if discontinue and discontinue not in mpps.DISCONTINUATION_REASONS:
+            raise ExamError(
+                "invalid",
+                f"discontinuation reason {discontinue!r} is not a CID 9300 code "
+                f"(e.g. 110513 unspecified, 110501 equipment failure)",
+            )
+        now = time.time()
+        if exam["mpps_node"]:
+            cfg = self.get_config()
+            objs = [
+                mpps.PerformedObject(
+                    o["sop_class_uid"], o["sop_instance_uid"], o["series_uid"], o["series_description"],
+                    o["protocol_name"], o["operator"], o["performing_physician"], bool(o["is_image"]),
+                )
+                for o in self.db.exam_objects(exam["id"])
+            ]
+            charset = charset_for([o.series_description + o.protocol_name + o.operator for o in objs])
+            ds = mpps.build_n_set(
+                objs, datetime.datetime.fromtimestamp(now), final,
+                cfg.disk_server.ae_title, discontinue, charset,
+            )
+            self.db.outbox_add(exam["id"], "set", exam["mpps_node"], _json(ds))
+            self._wake.set()
+        self.db.update_exam(exam["id"], state=final, ended_at=now, reason=discontinue or "")
+        self.publish("exam.state", exam_id=exam["id"], state=final)
+        LOG.info("exam %d ended %s", exam["id"], final)
+        return self.exam_info(exam["id"])
+
+    # -- the MPPS outbox ------------------------------------------------------------------------
+
+    def start_worker(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="mpps-outbox", daemon=True)
+        self._thread.start()
+
+    def stop_worker(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                delay = self.send_due()
+            except Exception:  # never let the worker die
+                LOG.exception("MPPS outbox worker")
+                delay = 5.0
+            self._wake.wait(timeout=delay)
+            self._wake.clear()
+
+    def send_due(self) -> float:
+        """Send queued messages oldest first; return how long to wait before looking again."""
+        while not self._stopping.is_set():
+            row = self.db.outbox_head()
+            if row is None:
+                return 60.0
+            wait = row["next_attempt"] - time.time()
+            if wait > 0:
+                return wait
+            self._send(row)
+        return 0.0
+
+    def _send(self, row: dict[str, Any]) -> None:
+        cfg = self.get_config()
+        exam = self.db.exam(row["exam_id"])
+        assert exam is not None
+        node = cfg.nodes.get(row["node"])
+        attempts = row["attempts"] + 1
+        if node is None:
+            self._retry(row, attempts, f"node {row['node']!r} is no longer configured", 60.0)
+            return
+        ds = _from_json(row["dataset_json"])
+        try:
+            if row["kind"] == "create":
+                uid = mpps.send_n_create(node, cfg.station.ae_title, cfg.timeouts, ds, exam["mpps_uid"] or None)
+                if uid != exam["mpps_uid"]:
+                    self.db.update_exam(exam["id"], mpps_uid=uid)
+            else:
+                if not exam["mpps_uid"]:
+                    raise mpps.MppsError("N-SET before the MPPS SOP Instance UID is known", retryable=True)
+                mpps.send_n_set(node, cfg.station.ae_title, cfg.timeouts, ds, exam["mpps_uid"])
+        except mpps.MppsError as exc:
+            if exc.retryable:
+                self._retry(row, attempts, str(exc), node.retry_interval)
+            else:
+                self.db.outbox_update(row["id"], state="failed", attempts=attempts, last_error=str(exc))
+                if row["kind"] == "create":
+                    self.db.outbox_fail_exam(exam["id"], f"not sent: the N-CREATE was refused ({exc})")
+                self.alert("mpps-refused", f"exam {exam['id']}: {exc}")
+                self.publish("mpps.failed", exam_id=exam["id"], kind=row["kind"], error=str(exc))
+            return
+        self.db.outbox_update(row["id"], state="sent", attempts=attempts, sent_at=time.time(), last_error="")
+        self.publish("mpps.sent", exam_id=exam["id"], kind=row["kind"])
+
+    def _retry(self, row: dict[str, Any], attempts: int, error: str, longest: float) -> None:
+        delay = min(longest, 0.5 * 2 ** (attempts - 1))
+        LOG.warning("MPPS %s of exam %d: attempt %d failed (%s); retry in %.1f s",
+                    row["kind"], row["exam_id"], attempts, error, delay)
+        self.db.outbox_update(row["id"], attempts=attempts, last_error=error, next_attempt=time.time() + delay)
+        if attempts == 3:
+            self.alert("mpps-unreachable", f"exam {row['exam_id']}: MPPS {row['kind']} not delivered yet: {error}")
