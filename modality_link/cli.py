@@ -149,9 +149,12 @@ def cmd_studies(args: argparse.Namespace, home: Home) -> int:
         _out(studies)
         return EXIT_OK
     for s in studies:
+        nodes = " ".join(
+            f"{n}:{c['sent']}sent/{c['committed']}committed" for n, c in s.get("nodes", {}).items()
+        )
         print(
             f"{s['study_uid']}  {s['patient_id']:<12} {s['patient_name']:<28} "
-            f"{s['study_date']} {s['modalities'] or '':<5} {s['instances']:>5} instances"
+            f"{s['study_date']} {s['modalities'] or '':<5} {s['instances']:>5} instances {nodes}".rstrip()
         )
     return EXIT_OK
 
@@ -192,6 +195,73 @@ def cmd_exam(args: argparse.Namespace, home: Home) -> int:
     elif args.action == "end":
         res = _call(home, "exam.end", exam_id=args.exam_id, discontinue=args.discontinue)
         print(f"exam {res['exam_id']}: {res['state']}")
+
+def _wait_job(home: Home, job_id: int) -> dict[str, Any]:
+    """Follow a job and the jobs it queues (commit, resend) until the last one ends."""
+    import time
+
+    tty = sys.stderr.isatty()
+    while True:
+        job = _call(home, "jobs.show", id=job_id)
+        total = max(job["total"], 1)
+        if tty:
+            width = 30
+            filled = int(width * (job["done"] + job["failed"]) / total)
+            sys.stderr.write(
+                f"\r{job['kind']:<6} job {job_id} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{job['done']}/{job['total']} {job['state']:<9}"
+            )
+            sys.stderr.flush()
+        if job["state"] in ("done", "failed", "cancelled"):
+            if tty:
+                sys.stderr.write("\n")
+            msg = job["last_error"] or job["detail"]
+            print(f"job {job_id} ({job['kind']} to {job['node']}): {job['state']}: {msg}")
+            if job["children"]:
+                job_id = job["children"][-1]
+                continue
+            return job
+        time.sleep(0.1)
+
+
+def cmd_send(args: argparse.Namespace, home: Home) -> int:
+    res = _call(home, "send", study_uids=args.study_uids, node=args.to, commit=args.commit)
+    print(f"job {res['job_id']} queued")
+    if not args.wait:
+        return EXIT_OK
+    job = _wait_job(home, res["job_id"])
+    return EXIT_OK if job["state"] == "done" else EXIT_FAILED
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    extra = f" ({j['last_error']})" if j["last_error"] else (f" ({j['detail']})" if j["detail"] else "")
+    return (
+        f"{j['id']:>5} {j['kind']:<7} {j['node']:<12} {j['state']:<9} "
+        f"{j['done']}/{j['total']} failed {j['failed']} attempts {j['attempts']}{extra}"
+    )
+
+
+def cmd_jobs(args: argparse.Namespace, home: Home) -> int:
+    jobs = _call(home, "jobs.list")
+    if args.json:
+        _out(jobs)
+    else:
+        for j in jobs:
+            print(_job_line(j))
+    return EXIT_OK
+
+
+def cmd_job(args: argparse.Namespace, home: Home) -> int:
+    method = {"show": "jobs.show", "retry": "jobs.retry", "cancel": "jobs.cancel"}[args.action]
+    job = _call(home, method, id=args.id)
+    if args.json:
+        _out(job)
+        return EXIT_OK
+    print(_job_line(job))
+    for item in job.get("failed_items", []):
+        print(f"  failed  {item['item']}: {item['detail']}")
+    for item in job.get("warning_items", []):
+        print(f"  warning {item['item']}: {item['detail']}")
     return EXIT_OK
 
 
@@ -276,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     xe.add_argument("exam_id", type=int)
     xe.add_argument("--discontinue", metavar="CODE", help="CID 9300 reason code, e.g. 110513")
     x.set_defaults(func=cmd_exam)
+    se = sub.add_parser("send", help="send studies to a node (C-STORE), optionally with commitment")
+    se.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    se.add_argument("--to", required=True, metavar="NODE")
+    se.add_argument("--commit", action="store_true", help="ask for Storage Commitment afterwards")
+    se.add_argument("--wait", action="store_true", help="show progress; exit 0 only on success")
+    se.set_defaults(func=cmd_send)
+
+    jl = sub.add_parser("jobs", help="list the job queue")
+    jl.add_argument("--json", action="store_true")
+    jl.set_defaults(func=cmd_jobs)
+    jb = sub.add_parser("job", help="show, retry or cancel one job")
+    jb.add_argument("action", choices=("show", "retry", "cancel"))
+    jb.add_argument("id", type=int)
+    jb.add_argument("--json", action="store_true")
+    jb.set_defaults(func=cmd_job)
     return p
 
 

@@ -20,6 +20,15 @@ from typing import Any
 
 CONFIG_FILE = "config.toml"
 ROLES = ("worklist", "mpps", "store", "commit", "qr")
+#: Transfer syntaxes a node may be configured to receive (PS3.5 §10, REQUIREMENTS §8).
+KNOWN_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
+)
+FAILURE_POLICIES = ("stop", "continue")
+AUTO_SEND_RULES = ("none", "exam", "series")
 MODALITIES = ("CT", "MR")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,32}$")
 
@@ -172,8 +181,24 @@ class Node:
     response_limit: int = 200
     #: MPPS: let the SCP assign the SOP Instance UID (N-CREATE without one, PS3.7 10.1.5).
     mpps_scp_assigns_uid: bool = False
-    #: Longest wait (seconds) between retries of a message to this node (backoff doubles up to it).
-    retry_interval: float = 60.0
+    #: Transfer syntaxes proposed when sending, in order (REQUIREMENTS A10): ELE, ILE by default.
+    transfer_syntaxes: list[str] = field(
+        default_factory=lambda: ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+    )
+    #: Simultaneous associations we open to this node (REQUIREMENTS A6).
+    max_associations: int = 1
+    #: Send jobs: attempts after the first, and the first wait in seconds (doubled each time).
+    retries: int = 3
+    retry_interval: float = 30.0
+    #: On a failed C-STORE: "stop" the batch, or "continue" with the next instance (D6).
+    failure_policy: str = "continue"
+    #: Storage Commitment: seconds to wait for the N-EVENT-REPORT on the N-ACTION's association
+    #: (E4; 0 releases at once), seconds to wait for a report at all, N-ACTION retries (E7).
+    commit_wait: float = 60.0
+    commit_timeout: float = 600.0
+    commit_retries: int = 3
+    #: Send automatically: "none", every completed "exam", or every completed "series" (D2).
+    auto_send: str = "none"
 
     def validate(self, prefix: str) -> None:
         check_ae_title(f"{prefix}.ae_title", self.ae_title)
@@ -200,7 +225,29 @@ class Node:
         _check_range(f"{prefix}.response_limit", self.response_limit, 0, 100000)
         if not isinstance(self.mpps_scp_assigns_uid, bool):
             raise ConfigError(f"{prefix}.mpps_scp_assigns_uid: true or false")
-        _check_range(f"{prefix}.retry_interval", self.retry_interval, 0.1, 86400, float)
+        ts = self.transfer_syntaxes
+        if not isinstance(ts, list) or not ts:
+            raise ConfigError(f"{prefix}.transfer_syntaxes: a non-empty list of transfer syntax UIDs")
+        for i, uid in enumerate(ts):
+            if uid not in KNOWN_TRANSFER_SYNTAXES:
+                raise ConfigError(
+                    f"{prefix}.transfer_syntaxes[{i}]: {uid!r} is not a transfer syntax UID this "
+                    f"module sends (known: {', '.join(KNOWN_TRANSFER_SYNTAXES)})"
+                )
+        _check_range(f"{prefix}.max_associations", self.max_associations, 1, 16)
+        _check_range(f"{prefix}.retries", self.retries, 0, 1000)
+        _check_range(f"{prefix}.retry_interval", self.retry_interval, 0, 86400, float)
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ConfigError(
+                f"{prefix}.failure_policy: one of {', '.join(FAILURE_POLICIES)}, not {self.failure_policy!r}"
+            )
+        _check_range(f"{prefix}.commit_wait", self.commit_wait, 0, 3600, float)
+        _check_range(f"{prefix}.commit_timeout", self.commit_timeout, 0.1, 7 * 86400, float)
+        _check_range(f"{prefix}.commit_retries", self.commit_retries, 0, 1000)
+        if self.auto_send not in AUTO_SEND_RULES:
+            raise ConfigError(
+                f"{prefix}.auto_send: one of {', '.join(AUTO_SEND_RULES)}, not {self.auto_send!r}"
+            )
 
 
 @dataclass

@@ -10,6 +10,7 @@ threads (one per association, the IPC server, workers).
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -73,7 +74,52 @@ _SCHEMA = [
         cleared INTEGER NOT NULL DEFAULT 0
     );
     """,
-    # version 2: worklist items, exams and the MPPS outbox (issue 4)
+    # version 2: the job queue (DESIGN.md "Jobs"), per-node sent/committed state, Storage
+    # Commitment transactions (PS3.4 J.3)
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,                     -- send | commit (later: mpps, burn, retrieve)
+        node TEXT NOT NULL,                     -- destination node name ('' if none)
+        state TEXT NOT NULL,                    -- queued | running | done | failed | cancelled
+        params TEXT NOT NULL DEFAULT '{}',      -- JSON, the kind's own parameters
+        parent_id INTEGER REFERENCES jobs(id),  -- the job that queued this one
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '',        -- what the job does or waits for, in words
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_state ON jobs(state, next_attempt_at);
+    CREATE INDEX jobs_parent ON jobs(parent_id);
+    CREATE TABLE job_items (
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        seq INTEGER NOT NULL,
+        item TEXT NOT NULL,                     -- a SOP Instance UID for send and commit
+        state TEXT NOT NULL DEFAULT 'pending',  -- pending | done | warning | failed
+        status INTEGER,                         -- the last DICOM status
+        detail TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (job_id, item)
+    );
+    CREATE TABLE node_instances (
+        node TEXT NOT NULL,
+        sop_instance_uid TEXT NOT NULL,
+        sent_at REAL,
+        committed_at REAL,
+        PRIMARY KEY (node, sop_instance_uid)
+    );
+    CREATE INDEX node_instances_uid ON node_instances(sop_instance_uid);
+    CREATE TABLE commit_transactions (
+        transaction_uid TEXT PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        node TEXT NOT NULL,
+        requested_at REAL NOT NULL,
+        reported_at REAL
+    );
+    """,
+    # version 3: worklist items, exams and the MPPS outbox (issue 4)
     """
     CREATE TABLE worklist_items (
         sps_id TEXT PRIMARY KEY,                -- Scheduled Procedure Step ID (0040,0009)
@@ -284,6 +330,29 @@ class Database:
         )
         return [dict(r) for r in rows]
 
+    def study_node_counts(self) -> dict[str, dict[str, dict[str, int]]]:
+        """{study_uid: {node: {"sent": n, "committed": m}}} from the per-node instance state."""
+        rows = self._query(
+            """SELECT se.study_uid, n.node, COUNT(n.sent_at) AS sent,
+                      COUNT(n.committed_at) AS committed
+               FROM node_instances n JOIN instances i USING(sop_instance_uid)
+               JOIN series se USING(series_uid) GROUP BY se.study_uid, n.node"""
+        )
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for r in rows:
+            out.setdefault(r["study_uid"], {})[r["node"]] = {
+                "sent": r["sent"], "committed": r["committed"]
+            }
+        return out
+
+    def series_instance_uids(self, series_uid: str) -> list[str]:
+        rows = self._query(
+            "SELECT sop_instance_uid FROM instances WHERE series_uid=? "
+            "ORDER BY CAST(instance_number AS INTEGER)",
+            (series_uid,),
+        )
+        return [r[0] for r in rows]
+
     def study_instances(self, study_uid: str) -> list[dict[str, Any]]:
         rows = self._query(
             """SELECT i.*, se.study_uid FROM instances i JOIN series se USING(series_uid)
@@ -313,6 +382,206 @@ class Database:
                 self._conn.execute("UPDATE alerts SET cleared=1")
             else:
                 self._conn.execute("UPDATE alerts SET cleared=1 WHERE code=?", (code,))
+
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def add_job(
+        self,
+        kind: str,
+        node: str,
+        items: list[str],
+        params: dict[str, Any],
+        max_attempts: int,
+        parent_id: int | None = None,
+        detail: str = "",
+    ) -> int:
+        """Insert a queued job with its items; return its id."""
+        now = time.time()
+        with self._lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                cur = c.execute(
+                    """INSERT INTO jobs(kind, node, state, params, parent_id, max_attempts,
+                         next_attempt_at, detail, created_at, updated_at)
+                       VALUES (?,?,'queued',?,?,?,?,?,?,?)""",
+                    (kind, node, json.dumps(params), parent_id, max_attempts, now, detail, now, now),
+                )
+                job_id = int(cur.lastrowid)
+                c.executemany(
+                    "INSERT OR IGNORE INTO job_items(job_id, seq, item) VALUES (?,?,?)",
+                    [(job_id, i, item) for i, item in enumerate(items)],
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        return job_id
+
+    def job(self, job_id: int) -> dict[str, Any] | None:
+        rows = self._query(
+            f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE id=?", (job_id,)
+        )
+        return _job_dict(rows[0]) if rows else None
+
+    def jobs(self, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j ORDER BY id DESC LIMIT ?", (limit,))
+        return [_job_dict(r) for r in rows]
+
+    def child_jobs(self, job_id: int) -> list[int]:
+        return [r[0] for r in self._query("SELECT id FROM jobs WHERE parent_id=? ORDER BY id", (job_id,))]
+
+    def requeue_running_jobs(self) -> int:
+        """At start-up: a job left 'running' by a crash goes back to 'queued'."""
+        with self._lock:
+            cur = self._conn.execute(
+                "UPDATE jobs SET state='queued', updated_at=? WHERE state='running'", (time.time(),)
+            )
+            return cur.rowcount
+
+    def claim_job(self, busy: dict[str, int], limits: dict[str, int]) -> dict[str, Any] | None:
+        """Mark the oldest due queued job whose node is below its limit as running; return it."""
+        now = time.time()
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE state='queued' AND next_attempt_at<=? "
+                "ORDER BY next_attempt_at, id",
+                (now,),
+            ).fetchall()
+            for r in rows:
+                if busy.get(r["node"], 0) < limits.get(r["node"], 1):
+                    self._conn.execute(
+                        "UPDATE jobs SET state='running', updated_at=? WHERE id=? AND state='queued'",
+                        (now, r["id"]),
+                    )
+                    job = _job_dict(r)
+                    job["state"] = "running"
+                    return job
+        return None
+
+    def next_due(self) -> float | None:
+        rows = self._query("SELECT MIN(next_attempt_at) FROM jobs WHERE state='queued'")
+        return rows[0][0] if rows else None
+
+    def update_job(self, job_id: int, *, only_if: str | None = None, **fields: Any) -> bool:
+        """Set columns of a job (state, attempts, next_attempt_at, last_error, detail, params).
+
+        With `only_if`, the row changes only while its state is that one (so that a job
+        cancelled meanwhile is not marked done); return whether it changed.
+        """
+        if "params" in fields:
+            fields["params"] = json.dumps(fields["params"])
+        fields["updated_at"] = time.time()
+        sets = ", ".join(f"{k}=?" for k in fields)
+        sql = f"UPDATE jobs SET {sets} WHERE id=?"
+        args: list[Any] = [*fields.values(), job_id]
+        if only_if is not None:
+            sql += " AND state=?"
+            args.append(only_if)
+        with self._lock:
+            return self._conn.execute(sql, args).rowcount > 0
+
+    def job_items(self, job_id: int, state: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT item, state, status, detail FROM job_items WHERE job_id=?"
+        args: tuple = (job_id,)
+        if state is not None:
+            sql += " AND state=?"
+            args = (job_id, state)
+        return [dict(r) for r in self._query(sql + " ORDER BY seq", args)]
+
+    def set_item(self, job_id: int, item: str, state: str, status: int | None = None, detail: str = "") -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE job_items SET state=?, status=?, detail=? WHERE job_id=? AND item=?",
+                (state, status, detail, job_id, item),
+            )
+
+    def reset_items(self, job_id: int, states: tuple[str, ...] = ("failed",)) -> None:
+        marks = ",".join("?" * len(states))
+        with self._lock:
+            self._conn.execute(
+                f"UPDATE job_items SET state='pending', status=NULL, detail='' "
+                f"WHERE job_id=? AND state IN ({marks})",
+                (job_id, *states),
+            )
+
+    # -- per-node instance state and Storage Commitment transactions --------------------------
+
+    def mark_sent(self, job_id: int, node: str, uid: str, state: str, status: int, detail: str = "") -> None:
+        """One C-STORE succeeded: the job item and the node's sent state, in one transaction.
+
+        Written with synchronous=NORMAL: in WAL mode the row survives a crash of the process
+        (SIGKILL); a power cut may lose the last marks, which only means a resend (C-STORE is
+        idempotent by SOP Instance UID), and saves one fsync per instance.
+        """
+        now = time.time()
+        with self._lock:
+            c = self._conn
+            c.execute("PRAGMA synchronous=NORMAL")
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.execute(
+                    "UPDATE job_items SET state=?, status=?, detail=? WHERE job_id=? AND item=?",
+                    (state, status, detail, job_id, uid),
+                )
+                c.execute(
+                    """INSERT INTO node_instances(node, sop_instance_uid, sent_at, committed_at)
+                       VALUES (?,?,?,NULL)
+                       ON CONFLICT(node, sop_instance_uid)
+                       DO UPDATE SET sent_at=excluded.sent_at, committed_at=NULL""",
+                    (node, uid, now),
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            finally:
+                c.execute("PRAGMA synchronous=FULL")
+
+    def mark_committed(self, node: str, uids: list[str]) -> None:
+        now = time.time()
+        with self._lock:
+            self._conn.executemany(
+                """INSERT INTO node_instances(node, sop_instance_uid, sent_at, committed_at)
+                   VALUES (?,?,NULL,?)
+                   ON CONFLICT(node, sop_instance_uid) DO UPDATE SET committed_at=excluded.committed_at""",
+                [(node, u, now) for u in uids],
+            )
+
+    def committed(self, node: str, uids: list[str]) -> set[str]:
+        out: set[str] = set()
+        for i in range(0, len(uids), 500):
+            chunk = uids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out |= {
+                r[0]
+                for r in self._query(
+                    f"SELECT sop_instance_uid FROM node_instances WHERE node=? AND "
+                    f"committed_at IS NOT NULL AND sop_instance_uid IN ({marks})",
+                    (node, *chunk),
+                )
+            }
+        return out
+
+    def add_transaction(self, transaction_uid: str, job_id: int, node: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT INTO commit_transactions(transaction_uid, job_id, node, requested_at) VALUES (?,?,?,?)",
+                (transaction_uid, job_id, node, time.time()),
+            )
+
+    def transaction(self, transaction_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM commit_transactions WHERE transaction_uid=?", (transaction_uid,))
+        return dict(rows[0]) if rows else None
+
+    def transaction_reported(self, transaction_uid: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE commit_transactions SET reported_at=? WHERE transaction_uid=?",
+                (time.time(), transaction_uid),
+            )
+
 
 
     # -- worklist, exams, MPPS outbox -------------------------------------------------------------
@@ -407,3 +676,17 @@ class Database:
         else:
             rows = self._query("SELECT * FROM mpps_outbox WHERE exam_id=? ORDER BY id", (exam_id,))
         return [{k: r[k] for k in r.keys() if k != "dataset_json"} for r in rows]
+
+
+_JOB_COLUMNS = (
+    "j.*, (SELECT COUNT(*) FROM job_items WHERE job_id=j.id) AS total, "
+    "(SELECT COUNT(*) FROM job_items WHERE job_id=j.id AND state IN ('done','warning')) AS done, "
+    "(SELECT COUNT(*) FROM job_items WHERE job_id=j.id AND state='warning') AS warnings, "
+    "(SELECT COUNT(*) FROM job_items WHERE job_id=j.id AND state='failed') AS failed"
+)
+
+
+def _job_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["params"] = json.loads(d["params"])
+    return d

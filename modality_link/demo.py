@@ -54,6 +54,37 @@ def _demo_exam(service: Service, home: Home, root: Path) -> bool:
         return states == [("create", 0), ("set", 0)]
 
 
+def _demo_send_and_commit(home: Home, cfg: config.Config) -> bool:
+    """Send the archived study to a simulated PACS and get Storage Commitment."""
+    from sim.pacs import Pacs
+
+    pacs = Pacs(ae_title="SIMPACS", commit_mode="new-role",
+                report_to=(cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port)).start()
+    try:
+        with IpcClient(home.socket_path) as client:
+            cfg2 = config.load(home.config_path)
+            cfg2.nodes["PACS"] = config.Node(ae_title="SIMPACS", host="127.0.0.1", port=pacs.port,
+                                             roles=["store", "commit"], commit_wait=1.0)
+            config.save(cfg2, home.config_path)
+            client.call("config.reload")
+            study = client.call("studies.list")[0]["study_uid"]
+            job_id = client.call("send", study_uids=[study], node="PACS", commit=True)["job_id"]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                job = client.call("jobs.show", id=job_id)
+                if job["state"] in ("done", "failed", "cancelled"):
+                    print(f"demo: {job['kind']} job {job_id} {job['state']}: {job['last_error'] or job['detail']}")
+                    if not job["children"]:
+                        break
+                    job_id = job["children"][-1]
+                time.sleep(0.1)
+            nodes = client.call("studies.list")[0]["nodes"]
+            print(f"demo: PACS holds {len(pacs.received)} instances; per node: {nodes}")
+            return job["state"] == "done" and job["kind"] == "commit"
+    finally:
+        pacs.stop()
+
+
 def run_demo(images: int = 20, keep: bool = False) -> int:
     from sim import images as sim_images
     from sim.sender import send
@@ -81,8 +112,9 @@ def run_demo(images: int = 20, keep: bool = False) -> int:
                     f"demo: archive holds study {s['study_uid']} of {s['patient_name']} "
                     f"({s['patient_id']}), {s['instances']} instances"
                 )
+        sent_ok = _demo_send_and_commit(home, cfg)
         exam_ok = _demo_exam(service, home, root)
-        return 0 if ok == len(statuses) == images and exam_ok else 1
+        return 0 if ok == len(statuses) == images and sent_ok and exam_ok else 1
     finally:
         service.stop()
         if keep:

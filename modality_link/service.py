@@ -27,6 +27,7 @@ from modality_link.db import Database, InstanceRecord
 from modality_link.exam import ExamError, ExamManager
 from modality_link.home import Home
 from modality_link.ipc import (
+    CONFLICT,
     CONFIG_INVALID,
     CONFLICT,
     DICOM_FAILURE,
@@ -35,6 +36,8 @@ from modality_link.ipc import (
     IpcError,
     IpcServer,
 )
+from modality_link.jobs import JobQueue
+from modality_link.net.commitment import report_handler
 from modality_link.net.echo import echo
 from modality_link.net.servers import StorageServer
 
@@ -84,6 +87,7 @@ class Service:
         self.disk_server: StorageServer | None = None
         self.ipc: IpcServer | None = None
         self.exams: ExamManager | None = None
+        self.jobs: JobQueue | None = None
         self.started_at = 0.0
         self._stop = threading.Event()
         self._lock_file: Any = None
@@ -100,6 +104,9 @@ class Service:
         found = self.archive.reconcile()
         if found:
             LOG.warning("archive: indexed %d file(s) left unindexed by an earlier stop", found)
+        self.jobs = JobQueue(
+            self.db, self.home.archive_dir, lambda: self.config, self.publish, self.alert
+        )
         self._start_servers()
         self.exams = ExamManager(
             self.db, self.archive, lambda: self.config, self.home.tmp_dir, self.alert, self.publish
@@ -107,6 +114,7 @@ class Service:
         self.exams.start_worker()
         self.ipc = IpcServer(self.home.socket_path, self.methods())
         self.ipc.start()
+        self.jobs.start()
         self.started_at = time.time()
         LOG.info("modality_link %s serving home %s (pid %d)", __version__, self.home.root, os.getpid())
 
@@ -122,8 +130,10 @@ class Service:
     def _start_servers(self) -> None:
         assert self.archive is not None
         if self.config.disk_server.enabled:
+            reports = report_handler(self.jobs.handle_report) if self.jobs is not None else None
             self.disk_server = StorageServer(
-                self.config.disk_server, self.config.timeouts, self.archive, self._on_stored
+                self.config.disk_server, self.config.timeouts, self.archive, self._on_stored,
+                on_event_report=reports,
             )
             self.disk_server.start()
 
@@ -133,6 +143,9 @@ class Service:
             self.disk_server = None
 
     def stop(self) -> None:
+        if self.jobs is not None:
+            self.jobs.stop()
+            self.jobs = None
         if self.ipc is not None:
             self.ipc.stop()
             self.ipc = None
@@ -196,6 +209,11 @@ class Service:
             "exam.add_image": self._exam_call("add_image"),
             "exam.end": self._exam_call("end"),
             "exam.show": self._exam_call("exam_info"),
+            "send": self.send,
+            "jobs.list": self.jobs_list,
+            "jobs.show": self.jobs_show,
+            "jobs.retry": self.jobs_retry,
+            "jobs.cancel": self.jobs_cancel,
         }
 
     _EXAM_ERRORS = {"not_found": NOT_FOUND, "conflict": CONFLICT, "invalid": INVALID_PARAMS, "dicom": DICOM_FAILURE}
@@ -242,7 +260,11 @@ class Service:
 
     def studies_list(self) -> list[dict[str, Any]]:
         assert self.db is not None
-        return self.db.studies()
+        studies = self.db.studies()
+        counts = self.db.study_node_counts()
+        for s in studies:
+            s["nodes"] = counts.get(s["study_uid"], {})
+        return studies
 
     def archive_import(self, paths: list[str]) -> dict[str, Any]:
         assert self.archive is not None
@@ -252,14 +274,60 @@ class Service:
         if missing:
             raise IpcError(NOT_FOUND, f"no such file or folder: {', '.join(missing)}")
         imported, failed = 0, []
+        studies: dict[str, None] = {}
         for path, result in self.archive.import_paths([Path(p) for p in paths], self.config.station.ae_title):
             if isinstance(result, (ArchiveError, OSError)):
                 LOG.error("import: %s refused: %s", path, result)
                 failed.append({"path": str(path), "error": str(result)})
             else:
                 imported += 1
+                studies[result.study_uid] = None
                 self._on_stored(result)
-        return {"imported": imported, "failed": failed}
+        jobs = []
+        if self.jobs is not None:  # auto-send rule "exam": an imported study counts as complete
+            for study in studies:
+                jobs += self.jobs.on_exam_complete(study)
+        return {"imported": imported, "failed": failed, "jobs": jobs}
+
+    # -- jobs (send, commit) -------------------------------------------------------------------
+
+    def send(self, study_uids: list[str], node: str, commit: bool = False) -> dict[str, Any]:
+        assert self.jobs is not None
+        if not isinstance(study_uids, list) or not study_uids or not isinstance(node, str):
+            raise IpcError(INVALID_PARAMS, "send: give study_uids (a list) and node (a name)")
+        try:
+            job_id = self.jobs.submit_send(study_uids, node, bool(commit))
+        except ConfigError as exc:
+            raise IpcError(INVALID_PARAMS, str(exc)) from None
+        except KeyError as exc:
+            raise IpcError(NOT_FOUND, str(exc.args[0])) from None
+        return {"job_id": job_id}
+
+    def jobs_list(self) -> list[dict[str, Any]]:
+        assert self.jobs is not None
+        return self.jobs.list()
+
+    def _job_call(self, fn: Callable[[int], Any], id: Any) -> Any:
+        if isinstance(id, bool) or not isinstance(id, int):
+            raise IpcError(INVALID_PARAMS, "give the job id as a whole number")
+        try:
+            return fn(id)
+        except KeyError as exc:
+            raise IpcError(NOT_FOUND, str(exc.args[0])) from None
+        except ValueError as exc:
+            raise IpcError(CONFLICT, str(exc)) from None
+
+    def jobs_show(self, id: int) -> dict[str, Any]:
+        assert self.jobs is not None
+        return self._job_call(self.jobs.show, id)
+
+    def jobs_retry(self, id: int) -> dict[str, Any]:
+        assert self.jobs is not None
+        return self._job_call(self.jobs.retry, id)
+
+    def jobs_cancel(self, id: int) -> dict[str, Any]:
+        assert self.jobs is not None
+        return self._job_call(self.jobs.cancel, id)
 
     def nodes_list(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(node) for name, node in self.config.nodes.items()}

@@ -81,6 +81,7 @@ class StorageServer:
         archive: Archive,
         on_stored: Callable[[InstanceRecord], None] | None = None,
         name: str = "disk server",
+        on_event_report: Callable[[evt.Event], object] | None = None,
     ) -> None:
         self.listener = listener
         self.archive = archive
@@ -93,6 +94,12 @@ class StorageServer:
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, ARCHIVE_TRANSFER_SYNTAXES)
+        #: EVT_N_EVENT_REPORT handler for Storage Commitment reports on a new association (E5).
+        self.on_event_report = on_event_report
+        if on_event_report is not None:
+            from modality_link.net.commitment import accept_reports
+
+            accept_reports(self.ae)
         self._server: ThreadedAssociationServer | None = None
         self.stored = 0
         self._count_lock = threading.Lock()
@@ -110,6 +117,8 @@ class StorageServer:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
+        if self.on_event_report is not None:
+            handlers.append((evt.EVT_N_EVENT_REPORT, self.on_event_report))
         address = (self.listener.bind_address, self.listener.port)
         self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
         LOG.info(

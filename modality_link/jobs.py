@@ -1,0 +1,529 @@
+"""The persistent job queue (DESIGN.md "Jobs") and the send and commit jobs.
+
+A job is a row in SQLite (`modality_link.db`) with a kind, a destination node, a list of items
+(SOP Instance UIDs) and a state: queued -> running -> done | failed | cancelled. Worker threads
+claim due jobs, at most ``node.max_associations`` at a time per destination (REQUIREMENTS A6).
+
+Crash safety: every C-STORE success is committed to the database before the next instance is
+sent, and a job left 'running' by a crash is queued again at start-up, so after SIGKILL a job
+resumes with the instances not yet acknowledged; C-STORE is idempotent by SOP Instance UID.
+
+Kinds:
+- ``send``: C-STORE the items to the node (PS3.4 Annex B; `modality_link.net.storage`); retry
+  with back-off (D6, D7); when every item is stored and commitment was asked for, queue a
+  ``commit`` job for the same set (E2).
+- ``commit``: Storage Commitment Push (PS3.4 Annex J; `modality_link.net.commitment`); the
+  report is matched by Transaction UID whether it comes on the N-ACTION's association or on a
+  new one, before or after a restart (E4, E5); no report within ``commit_timeout`` -> the
+  N-ACTION is repeated up to ``commit_retries`` times (E7); failed instances are sent again and
+  commitment asked once more, then a warning alert is raised (E9).
+Other kinds (mpps, burn) register an executor with :meth:`JobQueue.register`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from pynetdicom import evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+from modality_link.config import Config, ConfigError
+from modality_link.db import Database
+from modality_link.net import commitment, storage
+from modality_link.net.association import AssociationFailed, associate, make_ae
+
+LOG = logging.getLogger("modality_link.jobs")
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+MAX_BACKOFF = 3600.0
+
+
+class Retry(Exception):
+    """The attempt failed in a way that may succeed later (lost peer, out of resources)."""
+
+
+class Fail(Exception):
+    """The job cannot succeed; it ends failed with this sentence (and an alert unless quiet)."""
+
+    def __init__(self, message: str, alert: bool = True) -> None:
+        super().__init__(message)
+        self.alert = alert
+
+
+class Stopping(Exception):
+    """The service stops or the job was cancelled during the attempt."""
+
+
+@dataclass
+class Wait:
+    """Returned by an executor: queue the job again, without counting an attempt, until `until`."""
+
+    until: float
+    detail: str
+
+
+@dataclass
+class JobContext:
+    """What an executor gets besides its job row."""
+
+    job_id: int
+    stop: threading.Event
+    cancelled: set[int]
+
+    def should_stop(self) -> bool:
+        return self.stop.is_set() or self.job_id in self.cancelled
+
+
+Executor = Callable[[dict[str, Any], JobContext], "Wait | None"]
+
+
+class JobQueue:
+    """Worker threads over the jobs table."""
+
+    def __init__(
+        self,
+        db: Database,
+        archive_root: Path,
+        get_config: Callable[[], Config],
+        publish: Callable[..., None] = lambda *a, **k: None,
+        alert: Callable[..., None] = lambda *a, **k: None,
+        workers: int = 4,
+    ) -> None:
+        self.db = db
+        self.archive_root = Path(archive_root)
+        self.get_config = get_config
+        self.publish = publish
+        self.alert = alert
+        self.workers = workers
+        self._executors: dict[str, Executor] = {"send": self._run_send, "commit": self._run_commit}
+        self._cond = threading.Condition()
+        self._busy: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._cancelled: set[int] = set()
+        self._threads: list[threading.Thread] = []
+        self._reports = commitment.ReportWaiter()
+
+    def register(self, kind: str, executor: Executor) -> None:
+        """Add a job kind (mpps, burn...): ``executor(job, ctx)`` returns None when done."""
+        self._executors[kind] = executor
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        n = self.db.requeue_running_jobs()
+        if n:
+            LOG.warning("jobs: %d job(s) interrupted by an earlier stop queued again", n)
+        self._stop.clear()
+        for i in range(self.workers):
+            t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.wake()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- submitting and managing ------------------------------------------------------------------
+
+    def submit(
+        self,
+        kind: str,
+        node: str,
+        items: list[str],
+        params: dict[str, Any] | None = None,
+        parent_id: int | None = None,
+        max_attempts: int | None = None,
+    ) -> int:
+        cfg = self.get_config()
+        n = cfg.nodes.get(node)
+        if max_attempts is None:
+            if kind == "commit":
+                max_attempts = (n.commit_retries if n else 0) + 1
+            else:
+                max_attempts = (n.retries if n else 0) + 1
+        job_id = self.db.add_job(kind, node, items, params or {}, max_attempts, parent_id)
+        LOG.info("job %d: %s of %d item(s) to %s queued", job_id, kind, len(items), node)
+        self._progress(job_id)
+        self.wake()
+        return job_id
+
+    def submit_send(self, study_uids: list[str], node: str, commit: bool = False) -> int:
+        """Queue a send job of every instance of the studies to `node` (the Send button)."""
+        cfg = self.get_config()
+        n = cfg.node(node)  # ConfigError names the known nodes
+        if "store" not in n.roles:
+            raise ConfigError(f"nodes.{node}: this node has no 'store' role")
+        if commit and "commit" not in n.roles:
+            raise ConfigError(f"nodes.{node}: this node has no 'commit' role (Storage Commitment)")
+        uids: list[str] = []
+        for study in study_uids:
+            rows = self.db.study_instances(study)
+            if not rows:
+                raise KeyError(f"no study {study} in the archive")
+            uids += [r["sop_instance_uid"] for r in rows]
+        return self.submit("send", node, uids, {"commit": commit, "studies": study_uids})
+
+    def on_exam_complete(self, study_uid: str) -> list[int]:
+        """Auto-send rule "exam" (D2): queue the study to every node whose rule is "exam"."""
+        return self._auto("exam", [r["sop_instance_uid"] for r in self.db.study_instances(study_uid)])
+
+    def on_series_complete(self, series_uid: str) -> list[int]:
+        """Auto-send rule "series" (D2): queue the series to every node whose rule is "series"."""
+        return self._auto("series", self.db.series_instance_uids(series_uid))
+
+    def _auto(self, rule: str, uids: list[str]) -> list[int]:
+        if not uids:
+            return []
+        jobs = []
+        for name, node in self.get_config().nodes.items():
+            if node.auto_send == rule and "store" in node.roles:
+                jobs.append(self.submit("send", name, uids, {"commit": "commit" in node.roles, "auto": rule}))
+        return jobs
+
+    def show(self, job_id: int) -> dict[str, Any]:
+        job = self.db.job(job_id)
+        if job is None:
+            raise KeyError(f"no job {job_id}")
+        job["children"] = self.db.child_jobs(job_id)
+        job["failed_items"] = self.db.job_items(job_id, "failed")[:100]
+        job["warning_items"] = self.db.job_items(job_id, "warning")[:100]
+        return job
+
+    def list(self) -> list[dict[str, Any]]:
+        return self.db.jobs()
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        job = self.show(job_id)
+        if job["state"] not in ("queued", "running"):
+            raise ValueError(f"job {job_id} is {job['state']}; only a queued or running job can be cancelled")
+        self._cancelled.add(job_id)
+        self.db.update_job(job_id, state="cancelled", detail="cancelled by the operator")
+        LOG.info("job %d cancelled", job_id)
+        self._progress(job_id)
+        return self.show(job_id)
+
+    def retry(self, job_id: int) -> dict[str, Any]:
+        job = self.show(job_id)
+        if job["state"] not in ("failed", "cancelled"):
+            raise ValueError(f"job {job_id} is {job['state']}; only a failed or cancelled job can be retried")
+        self._cancelled.discard(job_id)
+        self.db.reset_items(job_id)
+        params = job["params"]
+        params.pop("tx", None)
+        params.pop("timeouts", None)
+        self.db.update_job(job_id, state="queued", attempts=0, next_attempt_at=time.time(),
+                           last_error="", detail="retried by the operator", params=params)
+        self._progress(job_id)
+        self.wake()
+        return self.show(job_id)
+
+    # -- the workers ------------------------------------------------------------------------------
+
+    def _limits(self) -> dict[str, int]:
+        return {name: n.max_associations for name, n in self.get_config().nodes.items()}
+
+    def _worker(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                job = self.db.claim_job(self._busy, self._limits())
+                if job is None:
+                    due = self.db.next_due()
+                    wait = 1.0 if due is None else min(max(due - time.time(), 0.01), 1.0)
+                    self._cond.wait(wait)
+                    continue
+                self._busy[job["node"]] = self._busy.get(job["node"], 0) + 1
+            try:
+                self._execute(job)
+            finally:
+                with self._cond:
+                    self._busy[job["node"]] -= 1
+                    self._cond.notify_all()
+
+    def _execute(self, job: dict[str, Any]) -> None:
+        job_id = job["id"]
+        ctx = JobContext(job_id, self._stop, self._cancelled)
+        executor = self._executors.get(job["kind"])
+        self._progress(job_id)
+        try:
+            if executor is None:
+                raise Fail(f"no executor for jobs of kind {job['kind']!r}")
+            result = executor(job, ctx)
+        except Stopping:
+            self.db.update_job(job_id, only_if="running", state="queued", detail="interrupted; will resume")
+        except Retry as exc:
+            attempts = job["attempts"] + 1
+            if attempts < job["max_attempts"]:
+                node = self.get_config().nodes.get(job["node"])
+                base = node.retry_interval if node else 30.0
+                delay = min(base * 2 ** (attempts - 1), MAX_BACKOFF)
+                LOG.warning("job %d: attempt %d failed (%s); next in %.1f s", job_id, attempts, exc, delay)
+                self.db.update_job(job_id, only_if="running", state="queued", attempts=attempts,
+                                   next_attempt_at=time.time() + delay, last_error=str(exc),
+                                   detail=f"attempt {attempts} of {job['max_attempts']} failed; retrying")
+            else:
+                LOG.error("job %d failed after %d attempt(s): %s", job_id, attempts, exc)
+                self.db.update_job(job_id, only_if="running", state="failed", attempts=attempts,
+                                   last_error=str(exc), detail=f"gave up after {attempts} attempt(s)")
+                self.alert("job-failed", f"{job['kind']} job {job_id} to {job['node']} failed: {exc}")
+        except Fail as exc:
+            LOG.error("job %d failed: %s", job_id, exc)
+            self.db.update_job(job_id, only_if="running", state="failed", attempts=job["attempts"] + 1,
+                               last_error=str(exc), detail="failed")
+            if exc.alert:
+                self.alert("job-failed", f"{job['kind']} job {job_id} to {job['node']} failed: {exc}")
+        except Exception as exc:  # a bug: keep the worker, log, retry later
+            LOG.exception("job %d: unexpected error", job_id)
+            self.db.update_job(job_id, only_if="running", state="queued", attempts=job["attempts"] + 1,
+                               next_attempt_at=time.time() + 30, last_error=f"internal error: {exc}")
+        else:
+            if isinstance(result, Wait):
+                self.db.update_job(job_id, only_if="running", state="queued",
+                                   next_attempt_at=result.until, detail=result.detail)
+            else:
+                self.db.update_job(job_id, only_if="running", state="done")
+                LOG.info("job %d done", job_id)
+        self._progress(job_id)
+
+    def _progress(self, job_id: int, **extra: Any) -> None:
+        job = self.db.job(job_id)
+        if job is None:
+            return
+        self.publish(
+            "job.progress",
+            job_id=job_id, kind=job["kind"], node=job["node"], state=job["state"],
+            total=job["total"], done=job["done"], failed=job["failed"], warnings=job["warnings"],
+            detail=job["detail"], last_error=job["last_error"], parent_id=job["parent_id"], **extra,
+        )
+
+    # -- send ---------------------------------------------------------------------------------------
+
+    def _node(self, job: dict[str, Any]):
+        try:
+            return self.get_config().node(job["node"])
+        except ConfigError as exc:
+            raise Fail(str(exc)) from None
+
+    def _run_send(self, job: dict[str, Any], ctx: JobContext) -> Wait | None:
+        cfg = self.get_config()
+        node = self._node(job)
+        job_id = job["id"]
+        self.db.reset_items(job_id)  # failed items get another chance in this attempt
+        instances: list[storage.Instance] = []
+        for it in self.db.job_items(job_id, "pending"):
+            row = self.db.instance(it["item"])
+            if row is None:
+                self.db.set_item(job_id, it["item"], "failed", None, "no longer in the archive")
+                continue
+            instances.append(storage.Instance(
+                row["sop_instance_uid"], row["sop_class_uid"], row["transfer_syntax"],
+                self.archive_root / row["path"],
+            ))
+        counts = {"done": job["total"] - len(instances), "failed": 0, "retryable": 0}
+        total = job["total"]
+        if instances:
+            self.db.update_job(job_id, detail=f"sending {len(instances)} instance(s)")
+            ae = make_ae(cfg.station.ae_title, cfg.timeouts, node.max_pdu)
+            storage.requested_ae(ae, [i.sop_class_uid for i in instances], node.transfer_syntaxes)
+            last_publish = [0.0]
+
+            def on_result(inst: storage.Instance, out: storage.Outcome) -> bool:
+                if out.state in ("done", "warning"):
+                    self.db.mark_sent(job_id, job["node"], inst.sop_instance_uid, out.state,
+                                      out.status or 0, out.detail)
+                    counts["done"] += 1
+                    if out.state == "warning":
+                        LOG.warning("job %d: %s stored with %s", job_id, inst.sop_instance_uid, out.detail)
+                else:
+                    self.db.set_item(job_id, inst.sop_instance_uid, "failed", out.status, out.detail)
+                    counts["failed"] += 1
+                    counts["retryable"] += out.retryable
+                    LOG.error("job %d: %s %s", job_id, inst.sop_instance_uid, out.detail)
+                now = time.monotonic()
+                if now - last_publish[0] > 0.1 or counts["done"] + counts["failed"] == total:
+                    last_publish[0] = now
+                    self.publish("job.progress", job_id=job_id, kind="send", node=job["node"],
+                                 state="running", total=total, done=counts["done"],
+                                 failed=counts["failed"], warnings=0, detail="sending",
+                                 last_error="", parent_id=job["parent_id"])
+                return out.state != "failed" or node.failure_policy == "continue"
+
+            try:
+                with associate(ae, node) as assoc:
+                    try:
+                        storage.store_instances(assoc, instances, on_result,
+                                                self.archive_root / ".tmp", ctx.should_stop)
+                    except storage.AssociationLost:
+                        assoc.abort()
+                        raise
+                    if ctx.should_stop():
+                        assoc.abort()
+                        raise Stopping()
+            except AssociationFailed as exc:
+                raise Retry(str(exc)) from None
+            except storage.AssociationLost as exc:
+                raise Retry(f"{node.ae_title}@{node.host}:{node.port}: {exc}") from None
+        failed = self.db.job_items(job_id, "failed")
+        if failed:
+            first = failed[0]["detail"]
+            msg = f"{len(failed)} of {total} instance(s) not stored (first: {first})"
+            if counts["retryable"] or any(f["status"] is not None and f["status"] & 0xFF00 in (0xA700, 0xA900)
+                                          for f in failed):
+                raise Retry(msg)
+            raise Fail(msg)
+        warnings = self.db.job_items(job_id, "warning")
+        if warnings:
+            self.db.update_job(job_id, detail=f"stored; {len(warnings)} with a warning ({warnings[0]['detail']})")
+        else:
+            self.db.update_job(job_id, detail=f"{total} instance(s) stored")
+        params = job["params"]
+        if params.get("commit"):
+            uids = [it["item"] for it in self.db.job_items(job_id)]
+            self.submit("commit", job["node"], uids, {"round": params.get("round", 1)}, parent_id=job_id)
+        return None
+
+    # -- commit -------------------------------------------------------------------------------------
+
+    def handle_report(self, rep: commitment.Report) -> None:
+        """An N-EVENT-REPORT, on any association: record it against its transaction (E5)."""
+        tx = self.db.transaction(rep.transaction_uid)
+        if tx is None:
+            raise commitment.ReportError(
+                commitment.STATUS_PROCESSING_FAILURE,
+                f"unknown Transaction UID {rep.transaction_uid} (from {rep.calling_ae})",
+            )
+        node, job_id = tx["node"], tx["job_id"]
+        committed = [uid for _, uid in rep.committed]
+        self.db.mark_committed(node, committed)
+        items = {it["item"] for it in self.db.job_items(job_id)}
+        for uid in committed:
+            if uid in items:
+                self.db.set_item(job_id, uid, "done", 0, "committed")
+        for _, uid, reason in rep.failed:
+            if uid in items:
+                text = commitment.FAILURE_REASONS.get(reason, "failure")
+                self.db.set_item(job_id, uid, "failed", reason, f"not committed: 0x{reason:04X} {text}")
+        self.db.transaction_reported(rep.transaction_uid)
+        LOG.info("commitment report for transaction %s from %s: %d committed, %d failed%s",
+                 rep.transaction_uid, rep.calling_ae or node, len(committed), len(rep.failed),
+                 f" ({rep.failure_text()})" if rep.failed else "")
+        self._reports.seen(rep.transaction_uid)
+        job = self.db.job(job_id)
+        if job is not None and job["state"] == "queued":  # waiting: let a worker finish it now
+            self.db.update_job(job_id, only_if="queued", next_attempt_at=time.time())
+            self.wake()
+        self._progress(job_id)
+
+    def _run_commit(self, job: dict[str, Any], ctx: JobContext) -> Wait | None:
+        cfg = self.get_config()
+        node = self._node(job)
+        job_id, params = job["id"], dict(job["params"])
+        if "commit" not in node.roles:
+            raise Fail(f"nodes.{job['node']}: this node has no 'commit' role")
+        tx = params.get("tx")
+        if tx:
+            row = self.db.transaction(tx)
+            if row is not None and row["reported_at"] is not None:
+                return self._commit_result(job, params)
+            if time.time() < params.get("deadline", 0):
+                return Wait(params["deadline"], f"waiting for the commitment report of transaction {tx}")
+            params["timeouts"] = params.get("timeouts", 0) + 1
+            LOG.warning("job %d: no commitment report for transaction %s within %.0f s",
+                        job_id, tx, node.commit_timeout)
+            if params["timeouts"] > node.commit_retries:
+                raise Fail(f"no commitment report after {params['timeouts']} request(s) "
+                           f"(each waited {node.commit_timeout:.0f} s)")
+        # items already committed (an earlier report) need no new request
+        uids = [it["item"] for it in self.db.job_items(job_id)]
+        done = self.db.committed(job["node"], uids)
+        for uid in done:
+            self.db.set_item(job_id, uid, "done", 0, "committed")
+        refs = []
+        for uid in uids:
+            if uid in done:
+                continue
+            row = self.db.instance(uid)
+            if row is None:
+                self.db.set_item(job_id, uid, "failed", None, "no longer in the archive")
+                continue
+            refs.append((row["sop_class_uid"], uid))
+        if not refs:
+            return self._commit_result(job, params)
+        tx = commitment.new_transaction_uid()
+        params.update(tx=tx, deadline=time.time() + node.commit_timeout,
+                      requests=params.get("requests", 0) + 1)
+        self.db.add_transaction(tx, job_id, job["node"])
+        self.db.update_job(job_id, params=params,
+                           detail=f"asking commitment of {len(refs)} instance(s), transaction {tx}")
+        ae = make_ae(cfg.station.ae_title, cfg.timeouts, node.max_pdu)
+        ae.add_requested_context(StorageCommitmentPushModel)
+        handler = commitment.report_handler(self.handle_report)
+        answered = threading.Event()  # our N-EVENT-REPORT-RSP left: safe to release
+        got_here = threading.Event()  # a report came on this association
+
+        def on_sent(event: evt.Event) -> None:
+            if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+                answered.set()
+
+        def on_report(event: evt.Event) -> tuple[int, None]:
+            got_here.set()
+            return handler(event)
+
+        handlers = [(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)]
+        try:
+            with associate(ae, node, evt_handlers=handlers) as assoc:
+                if not assoc.accepted_contexts:
+                    raise Fail(f"{node.ae_title} does not accept the Storage Commitment Push Model")
+                try:
+                    status = commitment.request(assoc, tx, refs)
+                except ConnectionError as exc:
+                    raise Retry(str(exc)) from None
+                if status != 0x0000:
+                    assoc.abort()  # E10
+                    msg = f"{node.ae_title} refused the commitment request (N-ACTION status 0x{status:04X})"
+                    self.alert("commit-refused", msg)
+                    raise Fail(msg)
+                LOG.info("job %d: commitment of %d instance(s) requested, transaction %s",
+                         job_id, len(refs), tx)
+                end = time.monotonic() + node.commit_wait
+                while time.monotonic() < end and assoc.is_established and not ctx.should_stop():
+                    if self._reports.wait(tx, min(0.2, end - time.monotonic()), assoc):
+                        if got_here.is_set():
+                            answered.wait(5.0)
+                        break
+        except AssociationFailed as exc:
+            raise Retry(str(exc)) from None
+        row = self.db.transaction(tx)
+        if row is not None and row["reported_at"] is not None:
+            return self._commit_result(job, params)
+        return Wait(params["deadline"], f"waiting for the commitment report of transaction {tx}")
+
+    def _commit_result(self, job: dict[str, Any], params: dict[str, Any]) -> None:
+        job_id = job["id"]
+        failed = self.db.job_items(job_id, "failed")
+        pending = self.db.job_items(job_id, "pending")
+        if pending and not failed:
+            # a report that left some out: ask again for the rest
+            raise Retry(f"{len(pending)} instance(s) missing from the commitment report")
+        if not failed:
+            self.db.update_job(job_id, detail=f"{job['total']} instance(s) committed")
+            return None
+        reasons = ", ".join(sorted({f["detail"] for f in failed}))
+        msg = f"{len(failed)} of {job['total']} instance(s) not committed ({reasons})"
+        if params.get("round", 1) < 2:  # E9: resend them and ask once more
+            child = self.submit("send", job["node"], [f["item"] for f in failed],
+                                {"commit": True, "round": 2}, parent_id=job_id)
+            raise Fail(f"{msg}; sending them again (job {child})", alert=False)
+        self.alert("commit-failed", f"{job['node']}: {msg} after a second attempt", level="warning")
+        raise Fail(msg, alert=False)

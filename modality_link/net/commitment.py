@@ -1,0 +1,175 @@
+"""Storage Commitment Push Model SCU (PS3.4 Annex J; DIMSE-N PS3.7 §10.1.4, §10.1.1).
+
+The request is an N-ACTION (Action Type ID 1, "Request Storage Commitment", PS3.4 J.3.2) on the
+well-known SOP Instance 1.2.840.10008.1.20.1.1 carrying a Transaction UID (0008,1195) and a
+Referenced SOP Sequence (0008,1199) of (Referenced SOP Class UID, Referenced SOP Instance UID).
+
+The result is an N-EVENT-REPORT (PS3.4 J.3.3) from the SCP: Event Type ID 1 "Storage
+Commitment Request Successful" (every instance in the Referenced SOP Sequence) or 2 "Storage
+Commitment Request Complete - Failures Exist" (a Failed SOP Sequence (0008,1198) whose items
+carry a Failure Reason (0008,1197), PS3.4 J.3.3.1.1). It may arrive on the N-ACTION's own
+association or on a new association the SCP opens to our listening AE, with or without an
+SCP/SCU Role Selection item (PS3.7 D.3.3.4) in which the SCP proposes the SCP role (J.3.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, Association, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel
+
+LOG = logging.getLogger("modality_link.net.commitment")
+
+STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+ACTION_REQUEST = 1  # PS3.4 Table J.3-1
+EVENT_SUCCESS, EVENT_FAILURES = 1, 2  # PS3.4 Table J.3-2
+
+#: PS3.4 J.3.3.1.1 Failure Reason values.
+FAILURE_REASONS = {
+    0x0110: "processing failure",
+    0x0112: "no such object instance",
+    0x0213: "resource limitation",
+    0x0122: "referenced SOP class not supported",
+    0x0119: "class / instance conflict",
+    0x0131: "duplicate transaction UID",
+}
+#: PS3.7 Annex C statuses we answer an N-EVENT-REPORT with.
+STATUS_SUCCESS = 0x0000
+STATUS_PROCESSING_FAILURE = 0x0110
+STATUS_INVALID_ARGUMENT = 0x0115
+STATUS_NO_SUCH_EVENT_TYPE = 0x0113
+
+
+@dataclass
+class Report:
+    """A decoded N-EVENT-REPORT (PS3.4 J.3.3)."""
+
+    transaction_uid: str
+    committed: list[tuple[str, str]] = field(default_factory=list)  # (class, instance)
+    failed: list[tuple[str, str, int]] = field(default_factory=list)  # (class, instance, reason)
+    calling_ae: str = ""
+
+    def failure_text(self) -> str:
+        reasons: dict[int, int] = {}
+        for _, _, r in self.failed:
+            reasons[r] = reasons.get(r, 0) + 1
+        return ", ".join(
+            f"{n} x 0x{r:04X} {FAILURE_REASONS.get(r, 'failure')}" for r, n in sorted(reasons.items())
+        )
+
+
+class ReportError(ValueError):
+    """The N-EVENT-REPORT cannot be processed; `status` is our answer (PS3.7 Annex C)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def new_transaction_uid() -> str:
+    return str(generate_uid())
+
+
+def action_dataset(transaction_uid: str, refs: Sequence[tuple[str, str]]) -> Dataset:
+    """The N-ACTION Action Information (PS3.4 Table J.3-1); no Storage Media File-Set (E11)."""
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    items = []
+    for sop_class, sop_instance in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_instance
+        items.append(item)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+def parse_report(event_type: int | None, info: Dataset | None, calling_ae: str = "") -> Report:
+    """Decode the Event Information of an N-EVENT-REPORT, or raise :class:`ReportError`."""
+    if event_type not in (EVENT_SUCCESS, EVENT_FAILURES):
+        raise ReportError(STATUS_NO_SUCH_EVENT_TYPE, f"unknown Event Type ID {event_type}")
+    if info is None or not info.get("TransactionUID"):
+        raise ReportError(STATUS_INVALID_ARGUMENT, "the report has no Transaction UID (0008,1195)")
+    rep = Report(str(info.TransactionUID), calling_ae=calling_ae)
+    for item in info.get("ReferencedSOPSequence", []):
+        rep.committed.append((str(item.get("ReferencedSOPClassUID", "")), str(item.ReferencedSOPInstanceUID)))
+    for item in info.get("FailedSOPSequence", []):
+        reason = int(item.get("FailureReason", STATUS_PROCESSING_FAILURE))
+        rep.failed.append(
+            (str(item.get("ReferencedSOPClassUID", "")), str(item.ReferencedSOPInstanceUID), reason)
+        )
+    return rep
+
+
+def report_handler(on_report: Callable[[Report], None]) -> Callable[[evt.Event], tuple[int, None]]:
+    """An EVT_N_EVENT_REPORT handler that decodes the report and hands it to `on_report`.
+
+    `on_report` raises :class:`ReportError` to answer with a failure status (E10).
+    """
+
+    def handle(event: evt.Event) -> tuple[int, None]:
+        calling = event.assoc.requestor.ae_title.strip() if not event.assoc.is_requestor else (
+            event.assoc.acceptor.ae_title.strip())
+        req = event.request
+        if str(req.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH:
+            LOG.error("N-EVENT-REPORT for SOP class %s refused", req.AffectedSOPClassUID)
+            return STATUS_PROCESSING_FAILURE, None
+        try:
+            rep = parse_report(req.EventTypeID, event.event_information, calling)
+            on_report(rep)
+        except ReportError as exc:
+            LOG.error("N-EVENT-REPORT from %s refused with 0x%04X: %s", calling, exc.status, exc)
+            return exc.status, None
+        except Exception:
+            LOG.exception("N-EVENT-REPORT from %s: processing failure", calling)
+            return STATUS_PROCESSING_FAILURE, None
+        return STATUS_SUCCESS, None
+
+    return handle
+
+
+def accept_reports(ae: AE) -> None:
+    """Let the SCP open a new association to `ae` to send reports, proposing the SCP role by
+    SCP/SCU Role Selection or not proposing roles at all (REQUIREMENTS A13, E5)."""
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+
+
+def request(assoc: Association, transaction_uid: str, refs: Sequence[tuple[str, str]]) -> int:
+    """Send the N-ACTION; return the response status (None -> raise ConnectionError)."""
+    status, _ = assoc.send_n_action(
+        action_dataset(transaction_uid, refs),
+        ACTION_REQUEST,
+        STORAGE_COMMITMENT_PUSH,
+        STORAGE_COMMITMENT_INSTANCE,
+    )
+    code = getattr(status, "Status", None)
+    if code is None:
+        raise ConnectionError("no N-ACTION response (association aborted or DIMSE timeout)")
+    return int(code)
+
+
+class ReportWaiter:
+    """Waits on a requestor association for the report of given transactions (E4)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._seen: set[str] = set()
+
+    def seen(self, transaction_uid: str) -> None:
+        with self._cond:
+            self._seen.add(transaction_uid)
+            self._cond.notify_all()
+
+    def wait(self, transaction_uid: str, timeout: float, assoc: Association) -> bool:
+        """True once the report of `transaction_uid` arrived; False on timeout or lost link."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: transaction_uid in self._seen or not assoc.is_established, timeout
+            ) and transaction_uid in self._seen

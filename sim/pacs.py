@@ -1,0 +1,257 @@
+"""A simulated PACS: Storage SCP + Storage Commitment Push SCP with quirk modes.
+
+PS3.4 Annex B (Storage) and Annex J (Storage Commitment); REQUIREMENTS §11 items 3-4.
+Quirks (all keyword arguments of :class:`Pacs`):
+
+- ``commit_mode``: "same" (N-EVENT-REPORT on the N-ACTION's association; on a new one if that
+  is gone by then), "new" (a new association without role selection), "new-role" (a new
+  association proposing the SCP role by SCP/SCU Role Selection), "multi" (hold reports until
+  ``multi_count`` transactions are pending, then send them all on one new association),
+  "never" (no report at all);
+- ``commit_delay``: seconds before the report; ``fail_commit``: report the last N referenced
+  instances of a request as failed (Failure Reason 0x0110) in the first ``fail_commit_rounds``
+  requests; an instance not received before the N-ACTION is failed with 0x0112 (seed 001);
+- ``action_status``: the N-ACTION response status;
+- ``store_status``: a status for every C-STORE, or a function (call index, SOP Instance UID) ->
+  status; failures are not kept, warnings (B000/B006/B007) are;
+- ``abort_after``: abort the association once, after this many C-STOREs were received;
+- ``ack_delay``: seconds before each C-STORE response; ``transfer_syntaxes`` accepted;
+  ``reject_sop_classes``: SOP classes refused at negotiation.
+
+Usable in-process (tests) or as ``python -m sim.pacs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_role, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+
+LOG = logging.getLogger("sim.pacs")
+COMMIT_MODES = ("same", "new", "new-role", "multi", "never")
+
+
+@dataclass
+class Received:
+    transfer_syntax: str
+    pixel_sha256: str
+    sop_class_uid: str
+
+
+@dataclass
+class Pacs:
+    ae_title: str = "SIMPACS"
+    port: int = 0
+    host: str = "127.0.0.1"
+    #: Where to open the report association: (AE title, host, port) of the modality's AE.
+    report_to: tuple[str, str, int] | None = None
+    commit_mode: str = "same"
+    commit_delay: float = 0.0
+    multi_count: int = 2
+    fail_commit: int = 0
+    fail_commit_rounds: int = 1
+    action_status: int = 0x0000
+    store_status: int | Callable[[int, str], int] = 0x0000
+    abort_after: int | None = None
+    ack_delay: float = 0.0
+    transfer_syntaxes: list[str] = field(
+        default_factory=lambda: [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+    )
+    reject_sop_classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.commit_mode not in COMMIT_MODES:
+            raise ValueError(f"commit_mode: one of {COMMIT_MODES}")
+        self.received: dict[str, Received] = {}
+        self.store_calls = 0
+        self.actions: list[Dataset] = []
+        self.reports_sent: list[tuple[str, str, int, int]] = []  # (tx, how, committed, failed)
+        self.report_associations = 0
+        self._lock = threading.Lock()
+        self._pending: list[Dataset] = []
+        self._aborted = False
+        self._server = None
+        self.ae = AE(self.ae_title)
+        self.ae.maximum_pdu_size = 0
+        self.ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax not in self.reject_sop_classes:
+                self.ae.add_supported_context(cx.abstract_syntax, self.transfer_syntaxes)
+        self.ae.add_supported_context(StorageCommitmentPushModel)
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> "Pacs":
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda e: 0),
+            (evt.EVT_N_ACTION, self._on_action),
+            (evt.EVT_DIMSE_SENT, self._on_sent),
+        ]
+        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        self.port = int(self._server.server_address[1])
+        LOG.info("simulated PACS %s on %s:%d (commit mode %s)", self.ae_title, self.host, self.port, self.commit_mode)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def __enter__(self) -> "Pacs":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- Storage SCP ----------------------------------------------------------------------------
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            index = self.store_calls
+            self.store_calls += 1
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if self.ack_delay:
+            time.sleep(self.ack_delay)
+        status = self.store_status(index, uid) if callable(self.store_status) else self.store_status
+        if status == 0 or status in (0xB000, 0xB006, 0xB007):
+            ds = event.dataset
+            pixels = ds.get("PixelData", b"") or b""
+            self.received[uid] = Received(
+                str(event.context.transfer_syntax), hashlib.sha256(pixels).hexdigest(), str(ds.SOPClassUID)
+            )
+        if self.abort_after is not None and not self._aborted and self.store_calls >= self.abort_after:
+            self._aborted = True
+            LOG.info("simulated PACS: aborting the association after %d C-STORE(s)", self.store_calls)
+            event.assoc.abort()
+        return status
+
+    # -- Storage Commitment SCP -----------------------------------------------------------------
+
+    def _on_sent(self, event: evt.Event) -> None:
+        if type(event.message).__name__ == "N_ACTION_RSP":
+            getattr(event.assoc, "_sim_action_answered", threading.Event()).set()
+
+    def _on_action(self, event: evt.Event) -> tuple[int, None]:
+        if not hasattr(event.assoc, "_sim_action_answered"):
+            event.assoc._sim_action_answered = threading.Event()
+        event.assoc._sim_action_answered.clear()
+        info = event.action_information
+        self.actions.append(info)
+        if self.action_status != 0:
+            return self.action_status, None
+        round_no = len(self.actions)
+        report = Dataset()
+        report.TransactionUID = info.TransactionUID
+        ok, failed = [], []
+        refs = list(info.ReferencedSOPSequence)
+        n_fail = self.fail_commit if round_no <= self.fail_commit_rounds else 0
+        for i, ref in enumerate(refs):
+            item = Dataset()
+            item.ReferencedSOPClassUID = ref.ReferencedSOPClassUID
+            item.ReferencedSOPInstanceUID = ref.ReferencedSOPInstanceUID
+            if str(ref.ReferencedSOPInstanceUID) not in self.received:
+                item.FailureReason = 0x0112
+                failed.append(item)
+            elif i >= len(refs) - n_fail:
+                item.FailureReason = 0x0110
+                failed.append(item)
+            else:
+                ok.append(item)
+        if ok:
+            report.ReferencedSOPSequence = ok
+        if failed:
+            report.FailedSOPSequence = failed
+        if self.commit_mode != "never":
+            threading.Thread(target=self._report, args=(event.assoc, report), daemon=True).start()
+        return 0x0000, None
+
+    def _report(self, assoc, report: Dataset) -> None:
+        # send nothing on the association before our N-ACTION-RSP has left (pynetdicom's
+        # reactor is not safe against a concurrent send while it answers)
+        assoc._sim_action_answered.wait(5.0)
+        time.sleep(max(self.commit_delay, 0.05))
+        if self.commit_mode == "same" and assoc.is_established:
+            if self._send_report(assoc, report, "same"):
+                return
+        if self.commit_mode == "multi":
+            with self._lock:
+                self._pending.append(report)
+                if len(self._pending) < self.multi_count:
+                    return
+                reports, self._pending = self._pending, []
+        else:
+            reports = [report]
+        self._new_association(reports, role=self.commit_mode == "new-role")
+
+    def _send_report(self, assoc, report: Dataset, how: str) -> bool:
+        event_type = 2 if "FailedSOPSequence" in report else 1
+        status, _ = assoc.send_n_event_report(
+            report, event_type, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
+        )
+        code = getattr(status, "Status", None)
+        n_ok = len(report.get("ReferencedSOPSequence", []))
+        n_failed = len(report.get("FailedSOPSequence", []))
+        self.reports_sent.append((str(report.TransactionUID), how, n_ok, n_failed))
+        LOG.info("simulated PACS: report %s sent (%s), answer %s", report.TransactionUID, how, code)
+        return code is not None
+
+    def _new_association(self, reports: list[Dataset], role: bool) -> None:
+        if self.report_to is None:
+            LOG.error("simulated PACS: no report_to configured; report dropped")
+            return
+        aet, host, port = self.report_to
+        ae = AE(self.ae_title)
+        ae.add_requested_context(StorageCommitmentPushModel)
+        ext = [build_role(StorageCommitmentPushModel, scp_role=True)] if role else None
+        assoc = ae.associate(host, port, ae_title=aet, ext_neg=ext)
+        if not assoc.is_established:
+            LOG.error("simulated PACS: report association to %s refused", self.report_to)
+            return
+        self.report_associations += 1
+        for rep in reports:
+            self._send_report(assoc, rep, "new-role" if role else "new")
+        assoc.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sim.pacs", description=__doc__.splitlines()[0])
+    p.add_argument("--ae", default="SIMPACS")
+    p.add_argument("--port", type=int, default=11114)
+    p.add_argument("--report-to", help="AE@HOST:PORT of the modality's listening AE")
+    p.add_argument("--commit-mode", choices=COMMIT_MODES, default="same")
+    p.add_argument("--commit-delay", type=float, default=0.0)
+    p.add_argument("--fail-commit", type=int, default=0)
+    p.add_argument("--store-status", type=lambda s: int(s, 16), default=0, help="hex, e.g. A700")
+    p.add_argument("--abort-after", type=int)
+    p.add_argument("--ack-delay", type=float, default=0.0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    report_to = None
+    if a.report_to:
+        aet, rest = a.report_to.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        report_to = (aet, host, int(port))
+    pacs = Pacs(a.ae, a.port, report_to=report_to, commit_mode=a.commit_mode,
+                commit_delay=a.commit_delay, fail_commit=a.fail_commit, store_status=a.store_status,
+                abort_after=a.abort_after, ack_delay=a.ack_delay).start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pacs.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Helpers for the storage, commitment and job tests: a service in a temporary home, peers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modality_link import config
+from modality_link.home import Home
+from modality_link.ipc import IpcClient
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need_tool(path: str) -> None:
+    """Skip (outside CI) or fail (in CI) when a peer tool is missing."""
+    if not Path(path).exists():
+        if IN_CI:
+            pytest.fail(f"{path} is required in CI")
+        pytest.skip(f"{path} not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_home(**node_kw: Any) -> Home:
+    """A home with a disk server on a free loopback port and, if given, node PACS."""
+    root = Path(tempfile.mkdtemp(prefix="ml"))
+    home = Home(root)
+    home.ensure()
+    cfg = config.load(home.config_path)
+    cfg.disk_server.port = free_port()
+    cfg.disk_server.bind_address = "127.0.0.1"
+    if node_kw:
+        defaults = dict(host="127.0.0.1", roles=["store", "commit"], retry_interval=0.2,
+                        commit_wait=5.0, commit_timeout=10.0)
+        cfg.nodes["PACS"] = config.Node(**(defaults | node_kw))
+    config.save(cfg, home.config_path)
+    return home
+
+
+def cleanup(home: Home) -> None:
+    shutil.rmtree(home.root, ignore_errors=True)
+
+
+def call(home: Home, method: str, **params: Any) -> Any:
+    with IpcClient(home.socket_path) as c:
+        return c.call(method, **params)
+
+
+def wait_chain(home: Home, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
+    """Wait until the job and the jobs it queued (commit, resend) are all finished; return the last."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job = call(home, "jobs.show", id=job_id)
+        if job["state"] in ("done", "failed", "cancelled"):
+            if not job["children"]:
+                return job
+            job_id = job["children"][-1]
+            continue
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} not finished in {timeout} s: {job}")

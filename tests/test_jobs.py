@@ -1,0 +1,57 @@
+"""The job queue's persistence and the node settings it uses (DESIGN.md "Jobs")."""
+
+from __future__ import annotations
+
+import pytest
+
+from modality_link import config
+from modality_link.config import ConfigError
+from modality_link.db import Database
+
+
+def test_running_job_is_requeued_after_a_crash(tmp_path):
+    db = Database(tmp_path / "i.sqlite")
+    job = db.add_job("send", "PACS", ["1.2.3", "1.2.4"], {"commit": True}, 3)
+    assert db.claim_job({}, {"PACS": 1})["id"] == job
+    db.mark_sent(job, "PACS", "1.2.3", "done", 0)
+    db.close()
+    db = Database(tmp_path / "i.sqlite")  # "restart"
+    assert db.requeue_running_jobs() == 1
+    row = db.job(job)
+    assert row["state"] == "queued" and row["done"] == 1 and row["params"] == {"commit": True}
+    assert [i["item"] for i in db.job_items(job, "pending")] == ["1.2.4"]
+
+
+def test_per_destination_limit(tmp_path):
+    db = Database(tmp_path / "i.sqlite")
+    a = db.add_job("send", "PACS", ["1"], {}, 1)
+    db.add_job("send", "PACS", ["2"], {}, 1)
+    c = db.add_job("send", "OTHER", ["3"], {}, 1)
+    assert db.claim_job({}, {"PACS": 1, "OTHER": 1})["id"] == a
+    assert db.claim_job({"PACS": 1}, {"PACS": 1, "OTHER": 1})["id"] == c
+    assert db.claim_job({"PACS": 1, "OTHER": 1}, {"PACS": 1, "OTHER": 1}) is None
+
+
+def test_cancelled_job_is_not_marked_done(tmp_path):
+    db = Database(tmp_path / "i.sqlite")
+    job = db.add_job("send", "PACS", ["1"], {}, 1)
+    db.claim_job({}, {"PACS": 1})
+    db.update_job(job, state="cancelled")
+    assert not db.update_job(job, only_if="running", state="done")
+    assert db.job(job)["state"] == "cancelled"
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("transfer_syntaxes", ["1.2.3"], "not a transfer syntax"),
+    ("transfer_syntaxes", [], "non-empty"),
+    ("max_associations", 0, "max_associations"),
+    ("failure_policy", "ignore", "one of stop, continue"),
+    ("auto_send", "study", "one of none, exam, series"),
+    ("commit_wait", -1, "commit_wait"),
+    ("retries", -1, "retries"),
+])
+def test_node_settings_validated(key, value, words):
+    node = config.Node(ae_title="PACS")
+    setattr(node, key, value)
+    with pytest.raises(ConfigError, match=words):
+        node.validate("nodes.PACS")

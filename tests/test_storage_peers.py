@@ -1,0 +1,165 @@
+"""Storage SCU against real peers: DCMTK storescp (300 CT images, pixel data identical),
+Storage Commitment against Orthanc (report on a separate association), and SIGKILL of the
+service mid-send (the job resumes and completes after a restart)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from modality_link import config
+from modality_link.service import Service
+from sim import images
+from tests.store_support import call, cleanup, free_port, make_home, need_tool, wait_chain
+
+STORESCP = "/usr/bin/storescp"
+ORTHANC = "/usr/sbin/Orthanc"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ct300():
+    d = Path(tempfile.mkdtemp(prefix="mlct"))
+    images.write_study(d, modality="CT", images=300, rows=512, columns=512, seed=7)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def start_storescp(out: Path, port: int) -> subprocess.Popen:
+    env = dict(os.environ, TCP_NODELAY="1")
+    proc = subprocess.Popen([STORESCP, "-od", str(out), "-aet", "STORESCP", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    return proc
+
+
+def pixel_hashes(folder: Path) -> dict[str, str]:
+    out = {}
+    for f in folder.iterdir():
+        if f.is_file():
+            ds = dcmread(f)
+            out[ds.SOPInstanceUID] = hashlib.sha256(ds.PixelData).hexdigest()
+    return out
+
+
+def test_300_ct_images_to_dcmtk_storescp(ct300):
+    need_tool(STORESCP)
+    out = Path(tempfile.mkdtemp(prefix="mlout"))
+    port = free_port()
+    scp = start_storescp(out, port)
+    home = make_home(ae_title="STORESCP", port=port, roles=["store"])
+    service = Service(home)
+    service.start(log_to_stderr=False)
+    try:
+        call(home, "archive.import", paths=[str(ct300)])
+        study = call(home, "studies.list")[0]["study_uid"]
+        job = wait_chain(home, call(home, "send", study_uids=[study], node="PACS")["job_id"], 90)
+        assert job["state"] == "done" and job["done"] == 300, job
+        assert pixel_hashes(out) == pixel_hashes(ct300)
+        assert call(home, "studies.list")[0]["nodes"]["PACS"]["sent"] == 300
+    finally:
+        service.stop()
+        scp.terminate()
+        scp.wait()
+        cleanup(home)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_commitment_against_orthanc():
+    need_tool(ORTHANC)
+    work = Path(tempfile.mkdtemp(prefix="mlorth"))
+    study_dir = work / "study"
+    images.write_study(study_dir, modality="CT", images=5, rows=64, columns=64, seed=11)
+    dicom_port, http_port = free_port(), free_port()
+    home = make_home(ae_title="ORTHANC", port=dicom_port, commit_wait=0.5, commit_timeout=30.0)
+    cfg = config.load(home.config_path)
+    (work / "orthanc.json").write_text(json.dumps({
+        "Name": "mltest", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+        "DicomModalities": {"modlink": [cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port]},
+        "DicomServerEnabled": True, "HttpServerEnabled": True, "Plugins": [],
+    }))
+    orthanc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], cwd=work,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    service = Service(home)
+    service.start(log_to_stderr=False)
+    try:
+        from pynetdicom import AE
+        for _ in range(100):  # wait for Orthanc's DICOM port
+            ae = AE("PROBE")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            a = ae.associate("127.0.0.1", dicom_port, ae_title="ORTHANC")
+            if a.is_established:
+                a.release()
+                break
+            time.sleep(0.1)
+        call(home, "archive.import", paths=[str(study_dir)])
+        study = call(home, "studies.list")[0]["study_uid"]
+        job = wait_chain(home, call(home, "send", study_uids=[study], node="PACS", commit=True)["job_id"], 60)
+        assert job["kind"] == "commit" and job["state"] == "done", job
+        assert call(home, "studies.list")[0]["nodes"]["PACS"] == {"sent": 5, "committed": 5}
+    finally:
+        service.stop()
+        orthanc.terminate()
+        orthanc.wait()
+        cleanup(home)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_sigkill_mid_send_resumes(ct300):
+    need_tool(STORESCP)
+    out = Path(tempfile.mkdtemp(prefix="mlout"))
+    port = free_port()
+    scp = start_storescp(out, port)
+    home = make_home(ae_title="STORESCP", port=port, roles=["store"])
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+    def serve() -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "modality_link", "--home", str(home.root), "serve"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            if home.socket_path.exists():
+                try:
+                    call(home, "status")
+                    return p
+                except Exception:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError("service did not start")
+
+    proc = serve()
+    try:
+        call(home, "archive.import", paths=[str(ct300)])
+        study = call(home, "studies.list")[0]["study_uid"]
+        job_id = call(home, "send", study_uids=[study], node="PACS")["job_id"]
+        for _ in range(400):
+            if call(home, "jobs.show", id=job_id)["done"] >= 60:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at = len(list(out.iterdir()))
+        assert killed_at < 300
+        proc = serve()
+        job = wait_chain(home, job_id, 90)
+        assert job["state"] == "done" and job["done"] == 300, job
+        assert set(pixel_hashes(out)) == set(pixel_hashes(ct300))
+    finally:
+        proc.kill()
+        proc.wait()
+        scp.terminate()
+        scp.wait()
+        cleanup(home)
+        shutil.rmtree(out, ignore_errors=True)
