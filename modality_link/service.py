@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from modality_link import __version__, config
 from modality_link.archive import Archive, ArchiveError
+from modality_link.burns import Burns
 from modality_link.config import ConfigError
 from modality_link.db import Database, InstanceRecord
 from modality_link.home import Home
@@ -82,6 +83,14 @@ class Service:
         self.started_at = 0.0
         self._stop = threading.Event()
         self._lock_file: Any = None
+        self.burns = Burns(
+            lambda: self.config.media,
+            lambda: self.config.station.ae_title,
+            self._study_files,
+            home.tmp_dir / "burn",
+            self.publish,
+            self.alert,
+        )
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -179,7 +188,16 @@ class Service:
             "config.reload": self.config_reload,
             "alerts.list": self.alerts_list,
             "alerts.clear": self.alerts_clear,
+            "burn": self.burns.start,
+            "burn.status": self.burns.status,
+            "burn.list": self.burns.list,
+            "burn.disc_inserted": self.burns.disc_inserted,
+            "drives.list": self.burns.drives,
         }
+
+    def _study_files(self, study_uid: str) -> list[Path]:
+        assert self.db is not None and self.archive is not None
+        return [self.archive.root / row["path"] for row in self.db.study_instances(study_uid)]
 
     def status(self) -> dict[str, Any]:
         assert self.db is not None
