@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -277,3 +278,21 @@ def test_burn_errors(svc):
     assert proc.returncode == 2
     proc = service.cli("burn", svc["studies"]["PID1"], "--iso", "x.iso", "--profile", "NOPE")
     assert proc.returncode == 1 and "NOPE" in proc.stderr
+
+
+def test_cli_wait_yes_answers_disc_prompts(svc):
+    service: RunningService = svc["service"]
+    service.call("config.set", key="media.capacity_bytes", value="3000000")
+    try:
+        proc = service.cli("burn", svc["studies"]["PID3"], "--drive", "sim:span", "--wait", "--yes")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "Insert blank disc 2 of" in proc.stdout
+        assert "disc 2 of" in proc.stdout and proc.stdout.rstrip().endswith("done")
+        # without --yes and without a terminal the prompt cannot be answered: a clear failure
+        proc = subprocess.run(
+            [sys.executable, "-m", "modality_link", "--home", str(service.home.root),
+             "burn", svc["studies"]["PID3"], "--drive", "sim:span2", "--wait"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "--yes" in proc.stderr
+    finally:
+        service.call("config.set", key="media.capacity_bytes", value=str(700 * 1024 * 1024))
