@@ -262,6 +262,85 @@ def cmd_job(args: argparse.Namespace, home: Home) -> int:
         print(f"  failed  {item['item']}: {item['detail']}")
     for item in job.get("warning_items", []):
         print(f"  warning {item['item']}: {item['detail']}")
+
+def _progress_line(ev: dict[str, Any]) -> str:
+    return f"disc {ev['disc']} of {ev['discs']}: {ev['phase']} {int(ev['fraction'] * 100):3d} %"
+
+
+def cmd_burn(args: argparse.Namespace, home: Home) -> int:
+    import os
+
+    if (args.drive is None) == (args.iso is None):
+        print("modality-link burn: give either --drive DEV or --iso FILE", file=sys.stderr)
+        return EXIT_USAGE
+    params: dict[str, Any] = {"study_uids": args.study_uids}
+    if args.drive is not None:
+        params["drive"] = args.drive
+    else:
+        params["iso"] = os.path.abspath(args.iso)
+    if args.profile:
+        params["profile"] = args.profile
+    if not args.wait:
+        burn = _call(home, "burn", **params)
+        print(burn["id"])
+        return EXIT_OK
+    # Subscribe before starting so that no event of this burn is missed.
+    with IpcClient(home.socket_path, timeout=None) as events, IpcClient(home.socket_path) as client:
+        stream = events.events()
+        burn = client.call("burn", **params)
+        burn_id = burn["id"]
+        print(f"{burn_id}: burning {len(args.study_uids)} study(ies) to {burn['target']}", flush=True)
+        tty = sys.stdout.isatty()
+        for ev in stream:
+            if ev.get("id") != burn_id:
+                continue
+            if ev["type"] == "burn.progress":
+                line = _progress_line(ev)
+                if tty:
+                    print("\r" + line, end="", flush=True)
+                elif ev["fraction"] >= 1.0:
+                    print(line, flush=True)
+            elif ev["type"] == "burn.insert_disc":
+                print(("\n" if tty else "") + ev["message"], flush=True)
+                if not args.yes:
+                    try:
+                        input("Press Enter when the disc is in the drive (Ctrl-C to stop waiting) ")
+                    except EOFError:
+                        print("modality-link burn: no terminal to answer the disc prompt; use --yes",
+                              file=sys.stderr)
+                        return EXIT_FAILED
+                client.call("burn.disc_inserted", id=burn_id)
+            elif ev["type"] == "burn.done":
+                break
+        if tty:
+            print()
+        status = client.call("burn.status", id=burn_id)
+    for d in status["discs"]:
+        print(f"disc {d['index']} of {d['count']} ({d['target']}): {d['state']} {d['message']}")
+    if status["state"] != "done":
+        print(f"modality-link burn: {status['error']}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{burn_id}: done")
+    return EXIT_OK
+
+
+def cmd_drives(args: argparse.Namespace, home: Home) -> int:
+    drives = _call(home, "drives.list")
+    if args.json:
+        _out(drives)
+        return EXIT_OK
+    if not drives:
+        print("no drives found")
+    for d in drives:
+        m = d.get("media")
+        if m is None:
+            media = f"error: {d.get('error', 'unknown')}"
+        elif not m["present"]:
+            media = "no disc"
+        else:
+            free = m["free_bytes"]
+            media = f"{m['kind'] or 'disc'} {m['state']}" + (f", {free} bytes free" if free is not None else "")
+        print(f"{d['device']}: {d['description']}: {media}{' (busy)' if d.get('busy') else ''}")
     return EXIT_OK
 
 
@@ -361,6 +440,19 @@ def build_parser() -> argparse.ArgumentParser:
     jb.add_argument("id", type=int)
     jb.add_argument("--json", action="store_true")
     jb.set_defaults(func=cmd_job)
+
+    b = sub.add_parser("burn", help="burn studies to a disc (--drive) or an ISO image file (--iso)")
+    b.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    b.add_argument("--drive", metavar="DEV", help="/dev/srN, stdio:/path or sim:NAME")
+    b.add_argument("--iso", metavar="FILE", help="write ISO image file(s): FILE, FILE_2, ...")
+    b.add_argument("--profile", help="application profile (default media.profile, STD-GEN-CD)")
+    b.add_argument("--wait", action="store_true", help="follow the burn; exit 0 only if it succeeded")
+    b.add_argument("--yes", action="store_true", help="with --wait: do not ask before the next disc")
+    b.set_defaults(func=cmd_burn)
+
+    dr = sub.add_parser("drives", help="optical drives and their media")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=cmd_drives)
     return p
 
 

@@ -163,6 +163,33 @@ class Logging:
 
 
 @dataclass
+class Media:
+    """DICOM media export (PS3.11 application profiles, PS3.12 media formats)."""
+
+    #: Application profile used when a burn request names none.
+    profile: str = "STD-GEN-CD"
+    #: File-set ID (0004,1130) and ISO 9660 volume identifier: 1-16 of A-Z, 0-9, _.
+    fileset_id: str = "MODLINK"
+    #: Usable bytes of one disc; larger sets span several discs (700 MiB CD-R by default).
+    capacity_bytes: int = 700 * 1024 * 1024
+    #: Drives offered besides those udev finds: "/dev/srN", "stdio:/path" (an xorriso
+    #: pseudo-drive writing a file), "sim:NAME" (a simulated burner, for demos and tests).
+    drives: list[str] = field(default_factory=list)
+    #: Seconds a burn waits for the next blank disc of a spanned set.
+    disc_timeout_s: float = 600.0
+
+    def validate(self, prefix: str) -> None:
+        if not isinstance(self.profile, str) or not self.profile:
+            raise ConfigError(f"{prefix}.profile: an application profile name such as STD-GEN-CD")
+        if not isinstance(self.fileset_id, str) or not re.match(r"^[A-Z0-9_]{1,16}$", self.fileset_id):
+            raise ConfigError(f"{prefix}.fileset_id: 1-16 characters from A-Z, 0-9 and _, not {self.fileset_id!r}")
+        _check_range(f"{prefix}.capacity_bytes", self.capacity_bytes, 1024 * 1024, 10**13)
+        if not isinstance(self.drives, list) or not all(isinstance(d, str) and d for d in self.drives):
+            raise ConfigError(f"{prefix}.drives: a list of device names, not {self.drives!r}")
+        _check_range(f"{prefix}.disc_timeout_s", self.disc_timeout_s, 1, 86400, float)
+
+
+@dataclass
 class Node:
     """A remote DICOM node (REQUIREMENTS K2)."""
 
@@ -260,6 +287,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     archive: Archive = field(default_factory=Archive)
     logging: Logging = field(default_factory=Logging)
+    media: Media = field(default_factory=Media)
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def validate(self) -> None:

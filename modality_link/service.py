@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from modality_link import __version__, config
 from modality_link.archive import Archive, ArchiveError
+from modality_link.burns import Burns
 from modality_link.config import ConfigError
 from modality_link.db import Database, InstanceRecord
 from modality_link.exam import ExamError, ExamManager
@@ -91,6 +92,14 @@ class Service:
         self.started_at = 0.0
         self._stop = threading.Event()
         self._lock_file: Any = None
+        self.burns = Burns(
+            lambda: self.config.media,
+            lambda: self.config.station.ae_title,
+            self._study_files,
+            home.tmp_dir / "burn",
+            self.publish,
+            self.alert,
+        )
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -214,6 +223,11 @@ class Service:
             "jobs.show": self.jobs_show,
             "jobs.retry": self.jobs_retry,
             "jobs.cancel": self.jobs_cancel,
+            "burn": self.burns.start,
+            "burn.status": self.burns.status,
+            "burn.list": self.burns.list,
+            "burn.disc_inserted": self.burns.disc_inserted,
+            "drives.list": self.burns.drives,
         }
 
     _EXAM_ERRORS = {"not_found": NOT_FOUND, "conflict": CONFLICT, "invalid": INVALID_PARAMS, "dicom": DICOM_FAILURE}
@@ -232,6 +246,10 @@ class Service:
                 raise IpcError(self._EXAM_ERRORS[exc.kind], str(exc)) from None
 
         return call
+
+    def _study_files(self, study_uid: str) -> list[Path]:
+        assert self.db is not None and self.archive is not None
+        return [self.archive.root / row["path"] for row in self.db.study_instances(study_uid)]
 
     def status(self) -> dict[str, Any]:
         assert self.db is not None
