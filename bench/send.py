@@ -46,7 +46,10 @@ def main() -> int:
     cfg = config.load(home.config_path)
     cfg.disk_server.port = free_port()
     cfg.disk_server.bind_address = "127.0.0.1"
-    cfg.nodes["SCP"] = config.Node(ae_title="STORESCP", host="127.0.0.1", port=port, roles=["store"])
+    # storescp serves one association at a time: release ours at the end of the job so that
+    # DCMTK's storescu, next in the same run, is not kept waiting behind it.
+    cfg.nodes["SCP"] = config.Node(ae_title="STORESCP", host="127.0.0.1", port=port, roles=["store"],
+                                   idle_release=0)
     config.save(cfg, home.config_path)
     ml = [sys.executable, "-m", "modality_link", "--home", str(home.root)]
     service = subprocess.Popen([*ml, "serve"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

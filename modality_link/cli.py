@@ -197,31 +197,34 @@ def cmd_exam(args: argparse.Namespace, home: Home) -> int:
         print(f"exam {res['exam_id']}: {res['state']}")
 
 def _wait_job(home: Home, job_id: int) -> dict[str, Any]:
-    """Follow a job and the jobs it queues (commit, resend) until the last one ends."""
-    import time
-
+    """Follow a job and the jobs it queues (commit, resend) until the last one ends: the
+    service's ``job.progress`` events wake us, ``jobs.show`` gives the state."""
     tty = sys.stderr.isatty()
-    while True:
-        job = _call(home, "jobs.show", id=job_id)
-        total = max(job["total"], 1)
-        if tty:
-            width = 30
-            filled = int(width * (job["done"] + job["failed"]) / total)
-            sys.stderr.write(
-                f"\r{job['kind']:<6} job {job_id} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{job['done']}/{job['total']} {job['state']:<9}"
-            )
-            sys.stderr.flush()
-        if job["state"] in ("done", "failed", "cancelled"):
+    with IpcClient(home.socket_path) as client:
+        client.call("events.subscribe")
+        while True:
+            job = client.call("jobs.show", id=job_id)
+            total = max(job["total"], 1)
             if tty:
-                sys.stderr.write("\n")
-            msg = job["last_error"] or job["detail"]
-            print(f"job {job_id} ({job['kind']} to {job['node']}): {job['state']}: {msg}")
-            if job["children"]:
-                job_id = job["children"][-1]
-                continue
-            return job
-        time.sleep(0.1)
+                width = 30
+                filled = int(width * (job["done"] + job["failed"]) / total)
+                sys.stderr.write(
+                    f"\r{job['kind']:<6} job {job_id} [{'#' * filled}{'.' * (width - filled)}] "
+                    f"{job['done']}/{job['total']} {job['state']:<9}"
+                )
+                sys.stderr.flush()
+            if job["state"] in ("done", "failed", "cancelled"):
+                if tty:
+                    sys.stderr.write("\n")
+                msg = job["last_error"] or job["detail"]
+                print(f"job {job_id} ({job['kind']} to {job['node']}): {job['state']}: {msg}")
+                if job["children"]:
+                    job_id = job["children"][-1]
+                    continue
+                return job
+            while (event := client.next_event(1.0)) is not None:
+                if event.get("type") == "job.progress" and event.get("job_id") == job_id:
+                    break
 
 
 def cmd_send(args: argparse.Namespace, home: Home) -> int:

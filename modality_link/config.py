@@ -214,6 +214,9 @@ class Node:
     )
     #: Simultaneous associations we open to this node (REQUIREMENTS A6).
     max_associations: int = 1
+    #: Seconds a send association stays open after its job, for the next job to the same node
+    #: (REQUIREMENTS D3, §12: 60 s); 0 releases it when the job ends.
+    idle_release: float = 60.0
     #: Send jobs: attempts after the first, and the first wait in seconds (doubled each time).
     retries: int = 3
     retry_interval: float = 30.0
@@ -262,6 +265,7 @@ class Node:
                     f"module sends (known: {', '.join(KNOWN_TRANSFER_SYNTAXES)})"
                 )
         _check_range(f"{prefix}.max_associations", self.max_associations, 1, 16)
+        _check_range(f"{prefix}.idle_release", self.idle_release, 0, 3600, float)
         _check_range(f"{prefix}.retries", self.retries, 0, 1000)
         _check_range(f"{prefix}.retry_interval", self.retry_interval, 0, 86400, float)
         if self.failure_policy not in FAILURE_POLICIES:

@@ -17,9 +17,11 @@ import inspect
 import json
 import logging
 import os
+import select
 import socket
 import socketserver
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -233,11 +235,10 @@ class IpcClient:
                 f"no modality-link service is running (no one answers on {self.path}); "
                 f"start it with `modality-link serve`"
             ) from None
-        self._file = self._sock.makefile("rwb")
+        self._buf = b""
         self._next_id = 0
 
     def close(self) -> None:
-        self._file.close()
         self._sock.close()
 
     def __enter__(self) -> "IpcClient":
@@ -250,27 +251,44 @@ class IpcClient:
         """Call `method`; return its result or raise :class:`IpcError`."""
         self._next_id += 1
         req_id = self._next_id
-        self._file.write(_encode({"jsonrpc": "2.0", "id": req_id, "method": method, "params": params}))
-        self._file.flush()
+        self._sock.sendall(_encode({"jsonrpc": "2.0", "id": req_id, "method": method, "params": params}))
         while True:
             msg = self._read()
-            if msg.get("id") == req_id:
+            if msg is not None and msg.get("id") == req_id:
                 break
         if "error" in msg:
             e = msg["error"]
             raise IpcError(e.get("code", INTERNAL_ERROR), e.get("message", "unknown error"), e.get("data"))
         return msg.get("result")
 
-    def _read(self) -> dict[str, Any]:
-        line = self._file.readline()
-        if not line:
-            raise NotRunning(f"the service closed the connection on {self.path}")
+    def _read(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """The next message; None when `timeout` (seconds) passes first."""
+        while b"\n" not in self._buf:
+            if timeout is not None:
+                ready, _, _ = select.select([self._sock], [], [], max(timeout, 0.0))
+                if not ready:
+                    return None
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise NotRunning(f"the service closed the connection on {self.path}")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
         return json.loads(line)
+
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next event's params on a subscribed connection; None after `timeout` seconds."""
+        end = time.monotonic() + timeout
+        while True:
+            msg = self._read(end - time.monotonic())
+            if msg is None:
+                return None
+            if msg.get("method") == "event":
+                return msg.get("params", {})
 
     def events(self) -> Iterator[dict[str, Any]]:
         """Subscribe and yield each event's params (``type`` and its fields)."""
         self.call("events.subscribe")
         while True:
             msg = self._read()
-            if msg.get("method") == "event":
+            if msg is not None and msg.get("method") == "event":
                 yield msg.get("params", {})

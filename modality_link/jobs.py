@@ -107,6 +107,7 @@ class JobQueue:
         self._cancelled: set[int] = set()
         self._threads: list[threading.Thread] = []
         self._reports = commitment.ReportWaiter()
+        self._associations = storage.AssociationPool()
 
     def register(self, kind: str, executor: Executor) -> None:
         """Add a job kind (mpps, burn...): ``executor(job, ctx)`` returns None when done."""
@@ -119,6 +120,7 @@ class JobQueue:
         if n:
             LOG.warning("jobs: %d job(s) interrupted by an earlier stop queued again", n)
         self._stop.clear()
+        self._associations = storage.AssociationPool()
         for i in range(self.workers):
             t = threading.Thread(target=self._worker, name=f"job-worker-{i}", daemon=True)
             t.start()
@@ -130,6 +132,7 @@ class JobQueue:
         for t in self._threads:
             t.join(timeout)
         self._threads = []
+        self._associations.close()
 
     def wake(self) -> None:
         with self._cond:
@@ -334,8 +337,6 @@ class JobQueue:
         total = job["total"]
         if instances:
             self.db.update_job(job_id, detail=f"sending {len(instances)} instance(s)")
-            ae = make_ae(cfg.station.ae_title, cfg.timeouts, node.max_pdu)
-            storage.requested_ae(ae, [i.sop_class_uid for i in instances], node.transfer_syntaxes)
             last_publish = [0.0]
 
             def on_result(inst: storage.Instance, out: storage.Outcome) -> bool:
@@ -359,21 +360,28 @@ class JobQueue:
                                  last_error="", parent_id=job["parent_id"])
                 return out.state != "failed" or node.failure_policy == "continue"
 
+            key = (job["node"], node.host, node.port, node.ae_title, cfg.station.ae_title,
+                   tuple(node.transfer_syntaxes), node.max_pdu)
             try:
-                with associate(ae, node) as assoc:
-                    try:
-                        storage.store_instances(assoc, instances, on_result,
-                                                self.archive_root / ".tmp", ctx.should_stop)
-                    except storage.AssociationLost:
-                        assoc.abort()
-                        raise
-                    if ctx.should_stop():
-                        assoc.abort()
-                        raise Stopping()
+                assoc = self._associations.acquire(
+                    key, node.host, node.port, cfg.station.ae_title, node.ae_title,
+                    [i.sop_class_uid for i in instances], node.transfer_syntaxes, cfg.timeouts,
+                    node.max_pdu)
             except AssociationFailed as exc:
                 raise Retry(str(exc)) from None
+            try:
+                storage.store_instances(assoc, instances, on_result, self.archive_root / ".tmp",
+                                        ctx.should_stop)
             except storage.AssociationLost as exc:
+                assoc.abort()
                 raise Retry(f"{node.ae_title}@{node.host}:{node.port}: {exc}") from None
+            except BaseException:
+                assoc.abort()
+                raise
+            if ctx.should_stop():
+                assoc.abort()
+                raise Stopping()
+            self._associations.give_back(key, assoc, node.idle_release)
         failed = self.db.job_items(job_id, "failed")
         if failed:
             first = failed[0]["detail"]

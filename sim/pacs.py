@@ -77,6 +77,9 @@ class Pacs:
         self.actions: list[Dataset] = []
         self.reports_sent: list[tuple[str, str, int, int]] = []  # (tx, how, committed, failed)
         self.report_associations = 0
+        #: Associations we accepted, and of those the ones the requestor released (A-RELEASE).
+        self.associations = 0
+        self.released = 0
         self._lock = threading.Lock()
         self._pending: list[Dataset] = []
         self._aborted = False
@@ -97,6 +100,8 @@ class Pacs:
             (evt.EVT_C_ECHO, lambda e: 0),
             (evt.EVT_N_ACTION, self._on_action),
             (evt.EVT_DIMSE_SENT, self._on_sent),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
         ]
         self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = int(self._server.server_address[1])
@@ -107,6 +112,21 @@ class Pacs:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def abort_associations(self) -> int:
+        """A-ABORT every association open to us now (a PACS closing idle connections)."""
+        assocs = list(self._server.active_associations) if self._server is not None else []
+        for assoc in assocs:
+            assoc.abort()
+        return len(assocs)
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        with self._lock:
+            self.associations += 1
+
+    def _on_released(self, event: evt.Event) -> None:
+        with self._lock:
+            self.released += 1
 
     def __enter__(self) -> "Pacs":
         return self.start()

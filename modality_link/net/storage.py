@@ -3,36 +3,44 @@
 - presentation contexts are built from the SOP classes of the instances to send and the
   destination's transfer-syntax list (REQUIREMENTS A10, D4), one context per (SOP class,
   transfer syntax) pair so that the peer can accept each syntax we may send natively;
-- a file whose stored transfer syntax was accepted is sent from disk in chunks, never decoded
-  (pynetdicom ``STORE_SEND_CHUNKED_DATASET``); otherwise it is converted to an accepted syntax
-  (ILE / ELE / EBE between each other, compressed to uncompressed when pydicom can decode it:
-  A12, D9) through a temporary file;
-- every response status is classified by the matrix of REQUIREMENTS D5 (PS3.4 B.2.3).
+- a file whose stored transfer syntax was accepted is sent as its bytes on disk, never decoded;
+  otherwise it is converted to an accepted syntax (ILE / ELE / EBE between each other,
+  compressed to uncompressed when pydicom can decode it: A12, D9) through a temporary file;
+- every response status is classified by the matrix of REQUIREMENTS D5 (PS3.4 B.2.3);
+- an association stays open after its job for the next job to the same node, and is released
+  after ``idle_release`` seconds without work (D3).
+
+The association itself is :class:`modality_link.net.upper_layer.Requestor`, not pynetdicom's
+(the module docstring there says why).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import struct
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, Association, _config, build_context
+
+from modality_link.config import Timeouts
+from modality_link.net.upper_layer import AssociationLost, Requestor
 
 LOG = logging.getLogger("modality_link.net.storage")
-
-# Send files from disk without decoding them (pynetdicom >= 2.0).
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 #: PS3.4 B.2.3 warning statuses: the instance was stored (REQUIREMENTS D5).
 WARNING_STATUSES = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
                     0xB007: "data set does not match SOP class"}
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
-MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
+MAX_CONTEXTS = 128
+#: Explicit VR with a 4-byte length (PS3.5 §7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 
 
 @dataclass
@@ -75,25 +83,14 @@ class Instance:
     path: Path
 
 
-class AssociationLost(Exception):
-    """The association was aborted or the connection lost during the transfer (D7)."""
-
-
-def build_contexts(sop_classes: Sequence[str], transfer_syntaxes: Sequence[str]) -> list:
-    """Requested presentation contexts: one per (SOP class, transfer syntax), or one per SOP
-    class with every syntax when that would exceed the 128 contexts PS3.8 allows."""
+def build_contexts(sop_classes: Sequence[str], transfer_syntaxes: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Requested presentation contexts as (abstract syntax, [transfer syntaxes]): one per
+    (SOP class, transfer syntax), or one per SOP class with every syntax when that would
+    exceed the 128 contexts PS3.8 §9.3.2.2 allows."""
     classes = list(dict.fromkeys(sop_classes))
     if len(classes) * len(transfer_syntaxes) <= MAX_CONTEXTS:
-        return [build_context(c, [ts]) for c in classes for ts in transfer_syntaxes]
-    return [build_context(c, list(transfer_syntaxes)) for c in classes[:MAX_CONTEXTS]]
-
-
-def accepted_syntaxes(assoc: Association) -> dict[str, list[str]]:
-    """{SOP class UID: [accepted transfer syntaxes, in our proposal order]}."""
-    out: dict[str, list[str]] = {}
-    for cx in assoc.accepted_contexts:
-        out.setdefault(str(cx.abstract_syntax), []).append(str(cx.transfer_syntax[0]))
-    return out
+        return [(c, [ts]) for c in classes for ts in transfer_syntaxes]
+    return [(c, list(transfer_syntaxes)) for c in classes[:MAX_CONTEXTS]]
 
 
 def _convert(inst: Instance, target: str, tmp_dir: Path) -> Path:
@@ -125,8 +122,138 @@ def choose_syntax(inst: Instance, accepted: dict[str, list[str]]) -> str | None:
     return None
 
 
+def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
+    """A C-STORE-RQ command set, Implicit VR Little Endian (PS3.7 §9.3.1.1, Table 9.3-1)."""
+    body = b"".join([
+        _command_element(0x0002, _padded(sop_class)),
+        _command_element(0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
+        _command_element(0x0110, struct.pack("<H", message_id)),
+        _command_element(0x0700, struct.pack("<H", 0x0000)),  # Priority: medium
+        _command_element(0x0800, struct.pack("<H", 0x0000)),  # a data set follows
+        _command_element(0x1000, _padded(sop_instance)),
+    ])
+    return _command_element(0x0000, struct.pack("<L", len(body))) + body
+
+
+def _padded(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+
+def parse_command(data: bytes) -> dict[int, bytes]:
+    """{element number: value} of a group 0000 command set in Implicit VR Little Endian."""
+    out, pos = {}, 0
+    while pos + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHL", data, pos)
+        if group != 0x0000:
+            raise AssociationLost(f"malformed command set (group {group:04X} at byte {pos})")
+        out[element] = data[pos + 8:pos + 8 + length]
+        pos += 8 + length
+    return out
+
+
+def dataset_start(buf: bytes | memoryview) -> int:
+    """Offset of the data set in a PS3.10 file: after the preamble, 'DICM' and group 0002."""
+    if bytes(buf[128:132]) != b"DICM":
+        raise ValueError("not a DICOM Part-10 file (no 'DICM' prefix)")
+    pos = 132
+    while pos + 8 <= len(buf) and bytes(buf[pos:pos + 2]) == b"\x02\x00":
+        if bytes(buf[pos + 4:pos + 6]) in _LONG_VRS:
+            (length,) = struct.unpack_from("<L", buf, pos + 8)
+            pos += 12 + length
+        else:
+            (length,) = struct.unpack_from("<H", buf, pos + 6)
+            pos += 8 + length
+    return pos
+
+
+class AssociationPool:
+    """Send associations kept open between jobs to the same destination (REQUIREMENTS D3).
+
+    :meth:`acquire` hands out an idle association whose proposal covers the SOP classes of the
+    job, if the peer has not closed or aborted it meanwhile; otherwise it opens a new one.
+    :meth:`give_back` keeps it for `idle` seconds, after which a reaper thread releases it
+    (A-RELEASE, PS3.8 §7.2). :meth:`close` releases them all (the service stops).
+    """
+
+    def __init__(self) -> None:
+        self._idle: dict[Hashable, list[tuple[Requestor, float]]] = {}
+        self._cond = threading.Condition()
+        self._reaper: threading.Thread | None = None
+        self._closed = False
+
+    def acquire(
+        self, key: Hashable, host: str, port: int, calling_ae: str, called_ae: str,
+        sop_classes: Sequence[str], transfer_syntaxes: Sequence[str], timeouts: Timeouts,
+        max_pdu: int,
+    ) -> Requestor:
+        """An open association to (host, port) proposing every SOP class in `sop_classes`."""
+        wanted = set(sop_classes)
+        stale: list[Requestor] = []
+        found = None
+        with self._cond:
+            kept = self._idle.get(key, [])
+            for i, (assoc, _) in enumerate(kept):
+                if wanted <= {a for a, _ in assoc.proposed} and assoc.is_open:
+                    found = kept.pop(i)[0]
+                    break
+            else:
+                stale = [a for a, _ in kept if not a.is_open]
+                kept[:] = [(a, t) for a, t in kept if a not in stale]
+        for assoc in stale:
+            assoc.close()
+        if found is not None:
+            LOG.debug("reusing the open association to %s", found.peer)
+            return found
+        proposed = build_contexts(sop_classes, transfer_syntaxes)
+        return Requestor(host, port, calling_ae, called_ae, proposed, timeouts, max_pdu).open()
+
+    def give_back(self, key: Hashable, assoc: Requestor, idle: float) -> None:
+        """Keep `assoc` open for `idle` seconds for the next job to the same node (0: release)."""
+        if idle <= 0 or self._closed or not assoc.is_open:
+            assoc.release()
+            return
+        with self._cond:
+            self._idle.setdefault(key, []).append((assoc, time.monotonic() + idle))
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="send-idle-release", daemon=True)
+                self._reaper.start()
+            self._cond.notify_all()
+
+    def _reap(self) -> None:
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                expired = [a for kept in self._idle.values() for a, t in kept if t <= now]
+                for kept in self._idle.values():
+                    kept[:] = [(a, t) for a, t in kept if t > now]
+                deadlines = [t for kept in self._idle.values() for _, t in kept]
+                if not expired:
+                    self._cond.wait(min(deadlines) - now if deadlines else None)
+                    continue
+            for assoc in expired:
+                LOG.info("association to %s released: no more work for it", assoc.peer)
+                assoc.release()
+
+    def close(self) -> None:
+        """Release every kept association."""
+        with self._cond:
+            self._closed = True
+            kept = [a for lst in self._idle.values() for a, _ in lst]
+            self._idle.clear()
+            self._cond.notify_all()
+        for assoc in kept:
+            assoc.release()
+
+
 def store_instances(
-    assoc: Association,
+    assoc: Requestor,
     instances: Sequence[Instance],
     on_result: Callable[[Instance, Outcome], bool],
     tmp_dir: Path,
@@ -134,23 +261,29 @@ def store_instances(
 ) -> None:
     """C-STORE each instance on `assoc`; call ``on_result(instance, outcome)`` after each.
 
-    `on_result` returns False to stop the batch (failure policy "stop", D6). Raises
-    :class:`AssociationLost` when the association is aborted or the connection lost (D7).
+    A file whose transfer syntax was accepted goes out as its bytes on disk after the File
+    Meta Information, never decoded. `on_result` returns False to stop the batch (failure
+    policy "stop", D6). Raises :class:`AssociationLost` when the association is aborted or
+    the connection lost (D7).
     """
-    accepted = accepted_syntaxes(assoc)
+    accepted = assoc.accepted()
+    syntaxes = {sop: [ts for _, ts in cxs] for sop, cxs in accepted.items()}
+    rejected = assoc.rejected()
     for inst in instances:
         if should_stop():
             return
-        ts = choose_syntax(inst, accepted)
+        ts = choose_syntax(inst, syntaxes)
         if ts is None:
             if inst.sop_class_uid not in accepted:
-                why = "the peer rejected its SOP class (presentation context not accepted)"
+                reason = rejected.get(inst.sop_class_uid, "not proposed")
+                why = f"the peer rejected its SOP class (presentation context: {reason})"
             else:
                 why = (f"the peer accepts none of the transfer syntaxes it can be sent in "
                        f"(stored as {inst.transfer_syntax})")
             if not on_result(inst, Outcome("failed", None, f"not sent: {why}")):
                 return
             continue
+        context_id = next(cid for cid, t in accepted[inst.sop_class_uid] if t == ts)
         path, temporary = inst.path, False
         if ts != inst.transfer_syntax:
             try:
@@ -161,25 +294,27 @@ def store_instances(
                     return
                 continue
         try:
-            rsp = assoc.send_c_store(path)
+            data = path.read_bytes()
+            start = dataset_start(data)
+        except (OSError, ValueError) as exc:
+            outcome = Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")
+            if not on_result(inst, outcome):
+                return
+            continue
         finally:
             if temporary:
                 os.unlink(path)
-        status = getattr(rsp, "Status", None)
-        if status is None:
-            if assoc.is_aborted or not assoc.is_established:
-                raise AssociationLost("association aborted or connection lost during C-STORE")
-            raise AssociationLost("no C-STORE response (DIMSE timeout); association aborted")
-        outcome = classify(int(status))
-        comment = getattr(rsp, "ErrorComment", None)
+        message_id = assoc.next_message_id()
+        assoc.send_message(context_id, c_store_rq(message_id, inst.sop_class_uid, inst.sop_instance_uid),
+                           memoryview(data)[start:])
+        rsp = parse_command(assoc.receive_command(assoc.timeouts.dimse))
+        if rsp.get(0x0100) != b"\x01\x80" or 0x0900 not in rsp:  # C-STORE-RSP with a Status
+            assoc.abort()
+            raise AssociationLost(f"{assoc.peer} answered a C-STORE-RQ with something else than a C-STORE-RSP")
+        (status,) = struct.unpack("<H", rsp[0x0900])
+        outcome = classify(status)
+        comment = rsp.get(0x0902, b"").rstrip(b"\x00 ").decode("latin-1")
         if comment and outcome.state != "done":
             outcome.detail += f" ({comment})"
         if not on_result(inst, outcome):
             return
-
-
-def requested_ae(ae: AE, sop_classes: Sequence[str], transfer_syntaxes: Sequence[str]) -> None:
-    """Put the requested contexts for these SOP classes on `ae` (replacing earlier ones)."""
-    ae.requested_contexts = []
-    for cx in build_contexts(sop_classes, transfer_syntaxes):
-        ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
