@@ -18,7 +18,7 @@ from pydicom import dcmread
 
 from modality_link import config
 from modality_link.config import Timeouts
-from modality_link.net import storage
+from modality_link.net import storage, upper_layer
 from modality_link.net.association import AssociationFailed
 from modality_link.service import Service
 from sim import images
@@ -167,10 +167,14 @@ def test_nobody_listening_says_connection_refused():
             "k", "127.0.0.1", free_port(), "MODLINK", "PACS", [CT], SYNTAXES, Timeouts(), 16384)
 
 
-@pytest.mark.parametrize("max_pdu", ["4096", "131072"])
-def test_peer_max_pdu_fragmentation_to_storescp(study_dir, max_pdu):
-    """Fragments never exceed the peer's maximum PDU length (storescp rejects a larger one);
-    Pixel data arrives identical."""
+@pytest.mark.parametrize("max_pdu, streamed", [("4096", False), ("131072", False), ("4096", True)])
+def test_peer_max_pdu_fragmentation_to_storescp(study_dir, max_pdu, streamed, monkeypatch):
+    """Fragments never exceed the peer's maximum PDU length (storescp rejects a larger one),
+    whether the file is sent from memory or streamed from disk a block at a time (a large
+    multi-frame object; here the thresholds are lowered). Pixel data arrives identical."""
+    if streamed:
+        monkeypatch.setattr(storage, "IN_MEMORY", 1000)
+        monkeypatch.setattr(upper_layer, "STREAM_BLOCK", 3000)
     require_tool("/usr/bin/storescp")
     out = Path(tempfile.mkdtemp(prefix="mlscp"))
     port = free_port()

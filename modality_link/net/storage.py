@@ -39,6 +39,8 @@ WARNING_STATUSES = {0xB000: "coercion of data elements", 0xB006: "elements disca
                     0xB007: "data set does not match SOP class"}
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 MAX_CONTEXTS = 128
+#: Files up to this size are read whole and sent from memory; larger ones are streamed.
+IN_MEMORY = 32 << 20
 #: Explicit VR with a 4-byte length (PS3.5 §7.1.2).
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 
@@ -294,19 +296,29 @@ def store_instances(
                     return
                 continue
         try:
-            data = path.read_bytes()
-            start = dataset_start(data)
-        except (OSError, ValueError) as exc:
-            outcome = Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")
-            if not on_result(inst, outcome):
+            fp = open(path, "rb")
+        except OSError as exc:
+            if not on_result(inst, Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")):
                 return
             continue
         finally:
             if temporary:
-                os.unlink(path)
-        message_id = assoc.next_message_id()
-        assoc.send_message(context_id, c_store_rq(message_id, inst.sop_class_uid, inst.sop_instance_uid),
-                           memoryview(data)[start:])
+                os.unlink(path)  # the open file stays readable
+        with fp:
+            try:
+                size = os.fstat(fp.fileno()).st_size
+                data = fp.read() if size <= IN_MEMORY else fp.read(65536)
+                start = dataset_start(data)
+            except (OSError, ValueError) as exc:
+                if not on_result(inst, Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")):
+                    return
+                continue
+            command = c_store_rq(assoc.next_message_id(), inst.sop_class_uid, inst.sop_instance_uid)
+            if size <= IN_MEMORY:
+                assoc.send_message(context_id, command, memoryview(data)[start:])
+            else:
+                fp.seek(start)
+                assoc.send_message(context_id, command, fp, size - start)
         rsp = parse_command(assoc.receive_command(assoc.timeouts.dimse))
         if rsp.get(0x0100) != b"\x01\x80" or 0x0900 not in rsp:  # C-STORE-RSP with a Status
             assoc.abort()

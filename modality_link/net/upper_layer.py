@@ -17,7 +17,7 @@ import select
 import socket
 import struct
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -47,6 +47,8 @@ CONTEXT_RESULTS = {
 }
 #: The largest P-DATA-TF we send when the peer sets no limit (maximum length 0, PS3.8 D.1).
 UNLIMITED_PDU = 1 << 20
+#: Bytes read from a file at a time when a data set is streamed rather than read whole.
+STREAM_BLOCK = 4 << 20
 _IOV_MAX = 1024  # buffers per sendmsg() call (Linux UIO_MAXIOV)
 _PDU_HEADER = struct.Struct(">BBL")
 _PDV_HEADER = struct.Struct(">LBB")
@@ -179,21 +181,54 @@ class Requestor:
         self._message_id = self._message_id % 0xFFFF + 1
         return self._message_id
 
-    def send_message(self, context_id: int, command: bytes, dataset: bytes | memoryview | None) -> None:
+    def send_message(
+        self, context_id: int, command: bytes, dataset: bytes | memoryview | BinaryIO | None = None,
+        size: int = 0,
+    ) -> None:
         """Send a DIMSE message: the command set, then the data set fragmented to the peer's
-        maximum PDU length (PS3.8 §9.3.5, Annex E; PS3.7 §6.3.1)."""
+        maximum PDU length (PS3.8 §9.3.5, Annex E; PS3.7 §6.3.1).
+
+        `dataset` is the encoded data set in memory, or a binary file positioned at its start
+        with `size` bytes to send, read a block at a time (a large multi-frame object)."""
         assert self.sock is not None
         limit = (self.peer_max_pdu or UNLIMITED_PDU) - 6  # PDV item header: length, ID, control
         parts: list[bytes | memoryview] = []
         self._frame(parts, context_id, memoryview(command), 0x01, limit)
-        if dataset is not None:
-            self._frame(parts, context_id, memoryview(dataset), 0x00, limit)
         try:
             self.sock.settimeout(self.timeouts.network)
+            if dataset is None or isinstance(dataset, (bytes, bytearray, memoryview)):
+                if dataset is not None:
+                    self._frame(parts, context_id, memoryview(dataset), 0x00, limit)
+                self._send_vectored(parts)
+                return
             self._send_vectored(parts)
+            block = limit * max(1, STREAM_BLOCK // limit)
+            left = size
+            while left > 0:
+                chunk = dataset.read(min(block, left))
+                if not chunk:
+                    self.abort()
+                    raise AssociationLost(f"the file ended {left} bytes early while it was being sent; "
+                                          f"association aborted")
+                left -= len(chunk)
+                parts = []
+                self._frame(parts, context_id, memoryview(chunk), 0x00, limit, final=left == 0)
+                self._send_vectored(parts)
         except OSError as exc:
             self.close()
             raise AssociationLost(self._lost_reason(exc)) from None
+
+    @staticmethod
+    def _frame(parts: list, context_id: int, data: memoryview, control: int, limit: int,
+               final: bool = True) -> None:
+        """One P-DATA-TF per fragment; bit 1 of the message control header marks the last."""
+        n = len(data)
+        for start in range(0, max(n, 1), limit):
+            chunk = data[start:start + limit]
+            last = 0x02 if final and start + limit >= n else 0x00
+            parts.append(_PDU_HEADER.pack(P_DATA_TF_TYPE, 0, len(chunk) + 6))
+            parts.append(_PDV_HEADER.pack(len(chunk) + 2, context_id, control | last))
+            parts.append(chunk)
 
     def _send_vectored(self, parts: list) -> None:
         """sendall() for a list of buffers, without joining them into one copy (sendmsg)."""
@@ -206,17 +241,6 @@ class Requestor:
                 views.pop(0)
             if sent:
                 views[0] = views[0][sent:]
-
-    @staticmethod
-    def _frame(parts: list, context_id: int, data: memoryview, control: int, limit: int) -> None:
-        """One P-DATA-TF per fragment; bit 1 of the message control header marks the last."""
-        n = len(data)
-        for start in range(0, max(n, 1), limit):
-            chunk = data[start:start + limit]
-            last = 0x02 if start + limit >= n else 0x00
-            parts.append(_PDU_HEADER.pack(P_DATA_TF_TYPE, 0, len(chunk) + 6))
-            parts.append(_PDV_HEADER.pack(len(chunk) + 2, context_id, control | last))
-            parts.append(chunk)
 
     def receive_command(self, timeout: float) -> bytes:
         """The next complete command set from the peer (its data set, if any, is skipped).
