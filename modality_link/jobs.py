@@ -468,6 +468,7 @@ class JobQueue:
             refs.append((row["sop_class_uid"], uid))
         if not refs:
             return self._commit_result(job, params)
+        self._associations.release_idle(job["node"])  # the node's association limit (A6)
         tx = commitment.new_transaction_uid()
         params.update(tx=tx, deadline=time.time() + node.commit_timeout,
                       requests=params.get("requests", 0) + 1)

@@ -80,6 +80,9 @@ class Pacs:
         #: Associations we accepted, and of those the ones the requestor released (A-RELEASE).
         self.associations = 0
         self.released = 0
+        #: Associations open to us now, and the most that were open at once.
+        self.open = 0
+        self.max_open = 0
         self._lock = threading.Lock()
         self._pending: list[Dataset] = []
         self._aborted = False
@@ -102,6 +105,8 @@ class Pacs:
             (evt.EVT_DIMSE_SENT, self._on_sent),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
         self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = int(self._server.server_address[1])
@@ -123,10 +128,20 @@ class Pacs:
     def _on_accepted(self, event: evt.Event) -> None:
         with self._lock:
             self.associations += 1
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+            event.assoc._sim_counted = True
 
     def _on_released(self, event: evt.Event) -> None:
         with self._lock:
             self.released += 1
+        self._on_closed(event)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            if getattr(event.assoc, "_sim_counted", False):
+                event.assoc._sim_counted = False
+                self.open -= 1
 
     def __enter__(self) -> "Pacs":
         return self.start()

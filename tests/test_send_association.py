@@ -100,7 +100,7 @@ def test_jobs_to_one_node_share_one_association(station):
     s = station({"idle_release": 30})
     assert s.send()["state"] == "done"
     assert s.send()["state"] == "done"
-    assert s.pacs.associations == 1 and s.pacs.store_calls == 12
+    assert s.pacs.associations == 1 and s.pacs.store_calls == 12 and s.pacs.max_open == 1
     s.service.stop()
     assert wait_for(lambda: s.pacs.released == 1)
 
@@ -204,3 +204,13 @@ def test_peer_max_pdu_fragmentation_to_storescp(study_dir, max_pdu, streamed, mo
         scp.terminate()
         scp.wait(10)
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_commit_job_releases_the_kept_send_association(station):
+    """A6 with D3: the node's limit of one association holds when the commitment job opens
+    its own: the idle send association is released first."""
+    s = station({"idle_release": 30, "roles": ["store", "commit"], "commit_wait": 5.0})
+    job = call(s.home, "send", study_uids=[s.study], node="PACS", commit=True)
+    last = wait_chain(s.home, job["job_id"], 30)
+    assert last["kind"] == "commit" and last["state"] == "done", last
+    assert s.pacs.associations == 2 and s.pacs.max_open == 1

@@ -203,11 +203,14 @@ class AssociationPool:
                 if wanted <= {a for a, _ in assoc.proposed} and assoc.is_open:
                     found = kept.pop(i)[0]
                     break
-            else:
-                stale = [a for a, _ in kept if not a.is_open]
-                kept[:] = [(a, t) for a, t in kept if a not in stale]
+            else:  # none fits: release them, so that no more than the node's limit are open
+                stale = [a for a, _ in kept]
+                kept.clear()
         for assoc in stale:
-            assoc.close()
+            if assoc.is_open:
+                assoc.release()
+            else:
+                assoc.close()
         if found is not None:
             LOG.debug("reusing the open association to %s", found.peer)
             return found
@@ -242,6 +245,17 @@ class AssociationPool:
             for assoc in expired:
                 LOG.info("association to %s released: no more work for it", assoc.peer)
                 assoc.release()
+
+    def release_idle(self, node: str) -> None:
+        """Release the kept associations of `node` (the first member of their keys): another
+        kind of job is about to open one, and the node's association limit holds for all."""
+        with self._cond:
+            kept = [a for key, lst in self._idle.items() if isinstance(key, tuple) and key[0] == node
+                    for a, _ in lst]
+            for key in [k for k in self._idle if isinstance(k, tuple) and k[0] == node]:
+                del self._idle[key]
+        for assoc in kept:
+            assoc.release()
 
     def close(self) -> None:
         """Release every kept association."""
