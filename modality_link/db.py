@@ -516,17 +516,20 @@ class Database:
 
     def set_items(self, job_id: int, items: list[str], state: str, detail: str = "") -> None:
         """Set the state of many items of a job in one transaction (a disc of a burn)."""
+        self._execute_many(
+            "UPDATE job_items SET state=?, status=NULL, detail=? WHERE job_id=? AND item=?",
+            [(state, detail, job_id, item) for item in items],
+        )
+
+    def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run `sql` for every row in one write transaction (all rows or none)."""
         with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
+            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                c.executemany(
-                    "UPDATE job_items SET state=?, status=NULL, detail=? WHERE job_id=? AND item=?",
-                    [(state, detail, job_id, item) for item in items],
-                )
-                c.execute("COMMIT")
+                self._conn.executemany(sql, rows)
+                self._conn.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                self._conn.execute("ROLLBACK")
                 raise
 
     def reset_items(self, job_id: int, states: tuple[str, ...] = ("failed",)) -> None:

@@ -262,14 +262,14 @@ def test_cancel_a_queued_burn_and_one_being_written(svc):
     a = service.call("burn", study_uids=[svc["studies"]["slow"]], drive="sim:slow")["id"]
     b = service.call("burn", study_uids=[svc["studies"]["small"]], drive="sim:slow")["id"]
     wait_until(lambda: (s := status(service, a))["discs"] and s["discs"][0]["state"] == "writing", "the write")
-    assert status(service, b)["state"] == "queued"
+    res = service.call("burn.cancel", id=a)  # being written: the write is finished first
+    assert res["state"] == "cancelled" and res["stopping"] is True and res["finished"] is None
 
+    assert status(service, b)["state"] == "queued"  # the drive is still busy with the write
     res = service.call("burn.cancel", id=b)  # queued: cancelled at once
     assert res["state"] == "cancelled" and not res["stopping"] and res["finished"] is not None
     assert events.done(b) == {"type": "burn.done", "id": b, "state": "cancelled", "error": "cancelled by the operator"}
 
-    res = service.call("burn.cancel", id=a)  # being written: the write is finished first
-    assert res["state"] == "cancelled" and res["stopping"] is True and res["finished"] is None
     done = events.done(a)
     assert done["state"] == "cancelled" and "do not use" in done["error"]
     st = ended(service, a)
@@ -303,8 +303,9 @@ def test_cancel_while_waiting_for_a_disc_then_retry_resumes(svc, tools):
         st = ended(service, burn)
         assert st["discs"][0]["state"] == "done" and st["discs"][1]["state"] == "pending"
         assert st["waiting_for_disc"] is None
-        text = service.cli("job", "show", str(burn)).stdout
-        assert "burn" in text and "cancelled" in text and "disc 1 of" in text
+        proc = service.cli("job", "show", str(burn))
+        assert proc.returncode == 0, proc.stderr
+        assert "burn" in proc.stdout and "cancelled" in proc.stdout and "disc 1 of" in proc.stdout
         assert not leftovers(service, root)
 
         # retried, the burn goes on with disc 2: disc 1 is not burned again
@@ -318,6 +319,10 @@ def test_cancel_while_waiting_for_a_disc_then_retry_resumes(svc, tools):
         assert not leftovers(service, root)
         proc = service.cli("job", "cancel", str(burn))
         assert proc.returncode == 1 and "only a queued or running job" in proc.stderr
+        proc = service.cli("burn", "--cancel", "99999")
+        assert proc.returncode == 1 and "no burn 99999" in proc.stderr
+        assert service.cli("burn", "--iso", str(root / "x.iso")).returncode == 2  # no study
+        assert service.cli("burn", svc["studies"]["big"], "--cancel", str(burn)).returncode == 2
     finally:
         service.call("config.set", key="media.capacity_bytes", value=str(700 * 1024 * 1024))
 
