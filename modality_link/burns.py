@@ -1,112 +1,126 @@
-"""Burn requests of the service: one background thread per burn, state kept in memory.
+"""Burn requests of the service: jobs of kind ``burn`` in the persistent job queue.
 
-TODO: burns move into the persistent job queue (``modality_link/jobs.py``, REQUIREMENTS L1)
-when it lands; until then a burn does not survive a restart of the service.
+A burn (REQUIREMENTS I11, I12, L1) is a row of the job queue (:mod:`modality_link.jobs`), so it is
+queued, survives a crash or a restart of the service, and can be cancelled like a send job:
 
-The burn itself is :func:`modality_link.media.burn.burn_studies`; this module resolves drives
-(:mod:`hw`), collects the archive files of the studies, turns progress into IPC events
-(``burn.progress``, ``burn.insert_disc``, ``burn.done``) and waits for ``burn.disc_inserted``
-between the discs of a spanned set.
+- ``node`` is ``drive:DEV`` (``drive:/dev/sr0``, ``drive:stdio:/path``, ``drive:sim:NAME``) or
+  ``iso:PATH``. Unknown nodes may run one job at a time, so burns to one drive (or one image
+  file) run one after another: a burn asked for while the drive is busy is queued behind the
+  running one, and when it starts it asks for a blank disc (``burn.insert_disc``, disc 1) if the
+  drive holds none.
+- the items are the SOP Instance UIDs of the studies when the burn was asked for (a burn writes
+  what the technologist saw, even if images arrive later); an item is ``done`` once the disc it
+  is on was written and verified, ``failed`` if that disc failed.
+- the params hold the media options of the request and ``discs``: one entry per planned disc with
+  its state, saved at every change. A disc already written and verified is not burned again
+  when the job resumes after a restart or is retried; the job goes on with the next disc.
+
+:func:`modality_link.media.burn.burn_studies` does the burn; this module resolves drives
+(:mod:`hw`), turns progress into IPC events (``burn.progress``, ``burn.disc``,
+``burn.insert_disc``, ``burn.done``) and waits for ``burn.disc_inserted`` between the discs of
+a spanned set. Cancelling (``burn.cancel`` or ``jobs.cancel``) stops a queued burn at once and
+a running one at the next safe point (see :mod:`modality_link.media.burn`: a disc being written
+is finished first, then ejected unverified and reported ``stopped``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import hw
 from modality_link.config import Media
+from modality_link.db import Database
 from modality_link.ipc import CONFLICT, INVALID_PARAMS, NOT_FOUND, IpcError
+from modality_link.jobs import FINAL_STATES, Fail, JobContext, JobQueue, Stopping
 from modality_link.media import MediaError, MediaOptions
-from modality_link.media.burn import BurnAborted, BurnReport, burn_studies
+from modality_link.media.burn import (
+    DISC_DONE, DISC_FAILED, DISC_STOPPED, BurnAborted, BurnStopped, DiscReport, burn_studies,
+)
 
 LOG = logging.getLogger("modality_link.burns")
 
-STATE_RUNNING = "running"
-STATE_DONE = "done"
-STATE_FAILED = "failed"
+KIND = "burn"
 
 #: Least time between two ``burn.progress`` events of the same phase and disc (seconds).
 PROGRESS_INTERVAL = 0.25
+
+#: Write speed of the ``sim:slow`` drive: a 4x CD (4 x 150 KiB/s), to watch a burn run.
+SIM_SLOW_BYTES_PER_SECOND = 4 * 150 * 1024
 
 
 def open_drive(device: str) -> hw.Drive:
     """The :class:`hw.Drive` for a device name.
 
     ``stdio:/path`` and ``/dev/srN`` are driven by xorriso; ``sim:NAME`` is a simulated burner
-    with a blank CD-R (``sim:corrupt`` damages what it writes, so verification fails).
+    with a blank CD-R (``sim:corrupt`` damages what it writes, so verification fails;
+    ``sim:slow`` writes at 4x CD speed).
     """
     if device.startswith("sim:"):
-        return hw.SimulatedDrive(device, corrupt_on_write=device == "sim:corrupt")
+        speed = SIM_SLOW_BYTES_PER_SECOND if device == "sim:slow" else None
+        return hw.SimulatedDrive(device, corrupt_on_write=device == "sim:corrupt", bytes_per_second=speed)
     if device.startswith(("stdio:", "/dev/")):
         return hw.XorrisoDrive(device)
     raise IpcError(INVALID_PARAMS, f"unknown drive {device!r}: give /dev/srN, stdio:/path or sim:NAME")
 
 
+def drive_node(device: str) -> str:
+    """The job queue node of a drive: burns to one drive run one at a time."""
+    return f"drive:{device}"
+
+
+def iso_node(path: Path) -> str:
+    """The job queue node of an image file export."""
+    return f"iso:{path}"
+
+
 @dataclass
-class Burn:
-    """One burn request and its progress."""
+class _DiscWait:
+    """A burn waiting for ``burn.disc_inserted``."""
 
-    id: str
-    study_uids: list[str]
-    target: str
-    profile: str
-    state: str = STATE_RUNNING
-    error: str = ""
-    discs: list[dict[str, Any]] = field(default_factory=list)
-    waiting_for_disc: int | None = None
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-    inserted: threading.Event = field(default_factory=threading.Event, repr=False)
-    done: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "study_uids": self.study_uids, "target": self.target,
-            "profile": self.profile, "state": self.state, "error": self.error,
-            "discs": self.discs, "waiting_for_disc": self.waiting_for_disc,
-            "started": self.started, "finished": self.finished,
-        }
+    disc: int
+    inserted: threading.Event = field(default_factory=threading.Event)
 
 
 class Burns:
-    """The service's burns.
+    """The service's burns, on top of the job queue.
 
-    `files_of(study_uid)` gives the archive files of a study; `publish(type, **fields)` sends an
-    IPC event; `alert(code, message)` tells the operator.
+    `media()` gives the ``[media]`` config, `source_ae_title()` the station's AE title;
+    `publish(type, **fields)` sends an IPC event; `alert(code, message)` tells the operator.
     """
 
     def __init__(
         self,
+        jobs: JobQueue,
         media: Callable[[], Media],
         source_ae_title: Callable[[], str],
-        files_of: Callable[[str], list[Path]],
         staging_dir: Path,
         publish: Callable[..., None],
         alert: Callable[[str, str], None],
     ) -> None:
+        self._jobs = jobs
+        self._db: Database = jobs.db
         self._media = media
         self._source_ae_title = source_ae_title
-        self._files_of = files_of
         self._staging_dir = Path(staging_dir)
         self._publish = publish
         self._alert = alert
-        self._burns: dict[str, Burn] = {}
-        self._busy: set[str] = set()
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._waiting: dict[int, _DiscWait] = {}
+        self._active: set[int] = set()  # jobs whose executor runs
+        jobs.register(KIND, self.execute, on_end=self.on_end)
 
     # -- IPC ------------------------------------------------------------------------------------
 
     def start(self, study_uids: list[str], drive: str | None = None, iso: str | None = None,
               profile: str | None = None, wait: bool = False) -> dict[str, Any]:
+        """Queue a burn job; with `wait`, return once it has ended."""
         if not isinstance(study_uids, list) or not study_uids or not all(isinstance(u, str) for u in study_uids):
             raise IpcError(INVALID_PARAMS, "burn: give study_uids, a list of Study Instance UIDs")
         if (drive is None) == (iso is None):
@@ -118,54 +132,65 @@ class Burns:
             options.validate()
         except MediaError as exc:
             raise IpcError(INVALID_PARAMS, f"burn: {exc}") from None
-        files: list[Path] = []
-        for uid in study_uids:
-            found = self._files_of(uid)
-            if not found:
-                raise IpcError(NOT_FOUND, f"no study {uid} in the archive")
-            files.extend(found)
-        iso_out: Path | None = None
-        the_drive: hw.Drive | None = None
+        uids: list[str] = []
+        for study in study_uids:
+            rows = self._db.study_instances(study)
+            if not rows:
+                raise IpcError(NOT_FOUND, f"no study {study} in the archive")
+            uids.extend(r["sop_instance_uid"] for r in rows)
         if iso is not None:
             iso_out = Path(iso)
             if not iso_out.is_absolute() or not iso_out.parent.is_dir():
                 raise IpcError(INVALID_PARAMS, f"burn: {iso} is not an absolute path in an existing folder")
-            target = str(iso_out)
+            target, node = str(iso_out), iso_node(iso_out)
         else:
             assert drive is not None
-            the_drive = open_drive(drive)
-            target = drive
-        with self._lock:
-            if target in self._busy:
-                raise IpcError(CONFLICT, f"{target} is busy with another burn")
-            self._busy.add(target)
-            burn = Burn(f"burn-{next(self._ids)}", list(study_uids), target, options.profile)
-            self._burns[burn.id] = burn
-        LOG.info("%s: %d instance(s) of %d study(ies) to %s (%s)",
-                 burn.id, len(files), len(study_uids), target, options.profile)
-        thread = threading.Thread(
-            target=self._run, args=(burn, files, the_drive, iso_out, options, cfg.disc_timeout_s),
-            name=burn.id, daemon=True)
-        thread.start()
+            open_drive(drive)  # an unknown kind of device is refused now, not when the job runs
+            target, node = drive, drive_node(drive)
+        ahead = self._db.jobs(kind=KIND, states=("queued", "running"), node=node)
+        params = {
+            "study_uids": list(study_uids), "target": target, "drive": drive, "iso": target if iso else None,
+            **dataclasses.asdict(options), "waited": bool(ahead), "discs": [],
+        }
+        job_id = self._jobs.submit(KIND, node, uids, params, max_attempts=1)
+        if ahead:
+            self._db.update_job(job_id, only_if="queued", detail=f"waiting for {target}: another burn uses it")
+        LOG.info("burn job %d: %d instance(s) of %d study(ies) to %s (%s)%s", job_id, len(uids),
+                 len(study_uids), target, options.profile, " queued behind another burn" if ahead else "")
         if wait:
-            burn.done.wait()
-        return burn.to_json()
+            while not self._ended(self._job(job_id)):
+                time.sleep(0.1)
+        return self.status(job_id)
 
-    def status(self, id: str) -> dict[str, Any]:
-        return self._get(id).to_json()
+    def status(self, id: int) -> dict[str, Any]:
+        """The burn `id` (a job id) with its discs."""
+        return self._to_json(self._job(id))
 
     def list(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [b.to_json() for b in self._burns.values()]
+        """The latest burns, oldest first."""
+        return [self._to_json(j) for j in reversed(self._db.jobs(kind=KIND))]
 
-    def disc_inserted(self, id: str) -> dict[str, Any]:
-        burn = self._get(id)
-        if burn.waiting_for_disc is None:
-            raise IpcError(CONFLICT, f"{id} is not waiting for a disc (state {burn.state})")
-        burn.inserted.set()
-        return {"id": id, "disc": burn.waiting_for_disc}
+    def disc_inserted(self, id: int) -> dict[str, Any]:
+        """The technologist put the blank disc asked for by ``burn.insert_disc`` in."""
+        job = self._job(id)
+        with self._lock:
+            wait = self._waiting.get(job["id"])
+        if wait is None:
+            raise IpcError(CONFLICT, f"burn {id} is not waiting for a disc (state {job['state']})")
+        wait.inserted.set()
+        return {"id": job["id"], "disc": wait.disc}
+
+    def cancel(self, id: int) -> dict[str, Any]:
+        """Cancel a queued burn, or stop a running one at its next safe point."""
+        self._job(id)
+        try:
+            self._jobs.cancel(id)
+        except ValueError as exc:
+            raise IpcError(CONFLICT, str(exc)) from None
+        return self.status(id)
 
     def drives(self) -> list[dict[str, Any]]:
+        """Drives found by udev plus the configured ones, with their media and whether a burn uses them."""
         devices: list[hw.Drive] = []
         try:
             devices.extend(hw.discover())
@@ -175,6 +200,7 @@ class Burns:
         for name in self._media().drives:
             if name not in known:
                 devices.append(open_drive(name))
+        busy = {j["params"].get("drive") for j in self._db.jobs(kind=KIND, states=("running",))}
         out = []
         for d in devices:
             entry: dict[str, Any] = {"device": d.identity.device, "description": d.identity.description}
@@ -184,64 +210,170 @@ class Burns:
             except hw.DriveError as exc:
                 entry["media"] = None
                 entry["error"] = str(exc)
-            with self._lock:
-                entry["busy"] = entry["device"] in self._busy
+            entry["busy"] = entry["device"] in busy
             out.append(entry)
         return out
 
-    # -- the burn thread ------------------------------------------------------------------------
+    # -- job rows ---------------------------------------------------------------------------------
 
-    def _get(self, id: str) -> Burn:
-        with self._lock:
-            burn = self._burns.get(id)
-        if burn is None:
+    def _job(self, id: Any) -> dict[str, Any]:
+        if isinstance(id, bool) or not isinstance(id, int):
+            raise IpcError(INVALID_PARAMS, "give the burn id (its job id) as a whole number")
+        job = self._db.job(id)
+        if job is None or job["kind"] != KIND:
             raise IpcError(NOT_FOUND, f"no burn {id}")
-        return burn
+        return job
 
-    def _run(self, burn: Burn, files: list[Path], drive: hw.Drive | None, iso_out: Path | None,
-             options: MediaOptions, disc_timeout: float) -> None:
+    def _stopping(self, job: dict[str, Any]) -> bool:
+        """Cancelled, but its executor is still finishing (e.g. the disc being written)."""
+        with self._lock:
+            return job["state"] in FINAL_STATES and job["id"] in self._active
+
+    def _ended(self, job: dict[str, Any]) -> bool:
+        return job["state"] in FINAL_STATES and not self._stopping(job)
+
+    def _to_json(self, job: dict[str, Any]) -> dict[str, Any]:
+        p = job["params"]
+        with self._lock:
+            wait = self._waiting.get(job["id"])
+        state = job["state"]
+        error = "" if state == "done" else job["last_error"] or (job["detail"] if state == "cancelled" else "")
+        return {
+            "id": job["id"], "job_id": job["id"], "study_uids": p.get("study_uids", []),
+            "target": p.get("target", ""), "profile": p.get("profile", ""), "state": state,
+            "error": error, "detail": job["detail"], "stopping": self._stopping(job),
+            "discs": p.get("discs", []), "waiting_for_disc": wait.disc if wait is not None else None,
+            "queued": job["created_at"], "started": p.get("started_at"),
+            "finished": job["updated_at"] if self._ended(job) else None,
+        }
+
+    # -- the executor -----------------------------------------------------------------------------
+
+    def execute(self, job: dict[str, Any], ctx: JobContext) -> None:
+        """Run (or resume) a burn job; see the module docstring."""
+        job_id = job["id"]
+        with self._lock:
+            self._active.add(job_id)
+        staging = self._staging_dir / str(job_id)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash of an earlier attempt
+        try:
+            self._run(job, ctx, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            with self._lock:
+                self._active.discard(job_id)
+                self._waiting.pop(job_id, None)
+
+    def _run(self, job: dict[str, Any], ctx: JobContext, staging: Path) -> None:
+        job_id = job["id"]
+        params = dict(job["params"])
+        fields = {f.name for f in dataclasses.fields(MediaOptions)}
+        options = MediaOptions(**{k: v for k, v in params.items() if k in fields})
+        disc_fields = {f.name for f in dataclasses.fields(DiscReport)}
+        earlier = {d["index"]: DiscReport(**{k: v for k, v in d.items() if k in disc_fields})
+                   for d in params.get("discs", [])}
+        resumed = bool(earlier)
+        params.setdefault("started_at", time.time())
+        files, uid_of = self._files(job_id)
+        drive = open_drive(params["drive"]) if params.get("drive") else None
+        iso_out = Path(params["iso"]) if params.get("iso") else None
+        target = params["target"]
+        discs: dict[int, dict[str, Any]] = {}
+        self._db.update_job(job_id, params=params,
+                            detail=f"resuming the burn to {target}" if resumed else f"planning the burn to {target}")
+        LOG.info("burn job %d: %s to %s", job_id, "resumed" if resumed else "started", target)
         last: dict[tuple[str, int], float] = {}
 
-        def progress(phase: str, disc: int, discs: int, fraction: float) -> None:
+        def progress(phase: str, disc: int, count: int, fraction: float) -> None:
             now = time.monotonic()
             key = (phase, disc)
             if fraction < 1.0 and key in last and now - last[key] < PROGRESS_INTERVAL:
                 return
             last[key] = now
-            self._publish("burn.progress", id=burn.id, phase=phase, disc=disc, discs=discs,
+            self._publish("burn.progress", id=job_id, phase=phase, disc=disc, discs=count,
                           fraction=round(fraction, 3))
 
-        def next_disc(disc: int, discs: int) -> None:
-            burn.inserted.clear()
-            burn.waiting_for_disc = disc
-            message = f"Insert blank disc {disc} of {discs} into {burn.target}."
-            LOG.info("%s: %s", burn.id, message)
-            self._publish("burn.insert_disc", id=burn.id, disc=disc, discs=discs, message=message)
-            try:
-                if not burn.inserted.wait(disc_timeout):
-                    raise BurnAborted(f"no blank disc {disc} of {discs} was inserted within {disc_timeout:.0f} s")
-            finally:
-                burn.waiting_for_disc = None
+        def on_disc(disc: DiscReport, uids: Sequence[str]) -> None:
+            entry = dataclasses.asdict(disc)
+            discs[disc.index] = entry
+            params["discs"] = [discs[k] for k in sorted(discs)]
+            self._db.update_job(job_id, params=params, detail=f"disc {disc.index} of {disc.count}: {disc.state}")
+            if disc.state in (DISC_DONE, DISC_FAILED):
+                self._db.set_items(job_id, list(uids), disc.state,
+                                   f"disc {disc.index} of {disc.count}" if disc.state == DISC_DONE else disc.message)
+            self._publish("burn.disc", id=job_id, disc=entry)
+            self._jobs.announce(job_id)
+
+        def next_disc(disc: int, count: int) -> None:
+            self._wait_for_disc(job_id, ctx, target, disc, count)
             if isinstance(drive, hw.SimulatedDrive):
                 drive.insert()
 
-        staging = self._staging_dir / burn.id
         try:
-            report = burn_studies(files, drive, iso_out, options, staging, progress, next_disc)
+            report = burn_studies(files, drive, iso_out, options, staging, progress, next_disc,
+                                  earlier=earlier, on_disc=on_disc, should_stop=ctx.should_stop,
+                                  ask_first=resumed or bool(params.get("waited")))
         except Exception as exc:  # a bug: the burn fails, the service keeps running
-            LOG.exception("%s: burn raised", burn.id)
-            report = BurnReport(error=f"internal error: {exc}")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        burn.discs = [dataclasses.asdict(d) for d in report.discs]
-        burn.error = report.error
-        burn.state = STATE_DONE if report.ok else STATE_FAILED
-        burn.finished = time.time()
+            LOG.exception("burn job %d: burn raised", job_id)
+            raise Fail(f"internal error: {exc}", alert=False) from None
+        if report.stopped:
+            if job_id in ctx.cancelled:
+                notes = [d.message for d in report.discs if d.state == DISC_STOPPED]
+                self._db.update_job(job_id, last_error="; ".join(notes) or "cancelled by the operator",
+                                    detail="cancelled by the operator")
+            raise Stopping()
+        if not report.ok:
+            raise Fail(report.error, alert=False)
+        for path in report.skipped:
+            uid = uid_of.get(path)
+            if uid is not None:
+                self._db.set_item(job_id, uid, "warning", None, "left off the medium: not a storable DICOM file")
+        n = len(report.discs)
+        self._db.update_job(job_id, detail=f"{n} disc(s) written and verified to {target}")
+        LOG.info("burn job %d: done, %d disc(s) written and verified to %s", job_id, n, target)
+
+    def _files(self, job_id: int) -> tuple[list[Path], dict[str, str]]:
+        """The archive files of the job's instances, and file -> SOP Instance UID."""
+        files: list[Path] = []
+        uid_of: dict[str, str] = {}
+        missing: list[str] = []
+        for it in self._db.job_items(job_id):
+            row = self._db.instance(it["item"])
+            if row is None:
+                missing.append(it["item"])
+                continue
+            path = self._jobs.archive_root / row["path"]
+            files.append(path)
+            uid_of[str(path)] = it["item"]
+        if missing:
+            raise Fail(f"{len(missing)} instance(s) of this burn are no longer in the archive "
+                       f"(first: {missing[0]}): start a new burn", alert=False)
+        return files, uid_of
+
+    def _wait_for_disc(self, job_id: int, ctx: JobContext, target: str, disc: int, count: int) -> None:
+        """Ask for blank disc `disc` of `count` and wait for ``burn.disc_inserted``."""
+        wait = _DiscWait(disc)
         with self._lock:
-            self._busy.discard(burn.target)
-        if report.ok:
-            LOG.info("%s: done, %d disc(s) written and verified to %s", burn.id, len(report.discs), burn.target)
-        else:
-            self._alert("burn-failed", f"{burn.id} to {burn.target} failed: {report.error}")
-        self._publish("burn.done", id=burn.id, state=burn.state, error=burn.error)
-        burn.done.set()
+            self._waiting[job_id] = wait
+        message = f"Insert blank disc {disc} of {count} into {target}."
+        LOG.info("burn job %d: %s", job_id, message)
+        self._db.update_job(job_id, detail=f"waiting for blank disc {disc} of {count}")
+        self._publish("burn.insert_disc", id=job_id, disc=disc, discs=count, message=message)
+        timeout = self._media().disc_timeout_s
+        deadline = time.monotonic() + timeout
+        try:
+            while not wait.inserted.wait(0.2):
+                if ctx.should_stop():
+                    raise BurnStopped(f"stopped while waiting for disc {disc} of {count}")
+                if time.monotonic() > deadline:
+                    raise BurnAborted(f"no blank disc {disc} of {count} was inserted within {timeout:.0f} s")
+        finally:
+            with self._lock:
+                self._waiting.pop(job_id, None)
+
+    def on_end(self, job: dict[str, Any]) -> None:
+        """The job ended (its row holds the final state): ``burn.done``, and an alert if it failed."""
+        info = self._to_json(job)
+        if job["state"] == "failed":
+            self._alert("burn-failed", f"burn {job['id']} to {info['target']} failed: {info['error']}")
+        self._publish("burn.done", id=job["id"], state=job["state"], error=info["error"])

@@ -261,18 +261,43 @@ def cmd_job(args: argparse.Namespace, home: Home) -> int:
         _out(job)
         return EXIT_OK
     print(_job_line(job))
+    for d in job["params"].get("discs", []) if job["kind"] == "burn" else []:
+        print("  " + _disc_line(d))
     for item in job.get("failed_items", []):
         print(f"  failed  {item['item']}: {item['detail']}")
     for item in job.get("warning_items", []):
         print(f"  warning {item['item']}: {item['detail']}")
+    return EXIT_OK
+
+
+def _disc_line(d: dict[str, Any]) -> str:
+    return f"disc {d['index']} of {d['count']} ({d['target']}): {d['state']} {d['message']}".rstrip()
+
 
 def _progress_line(ev: dict[str, Any]) -> str:
     return f"disc {ev['disc']} of {ev['discs']}: {ev['phase']} {int(ev['fraction'] * 100):3d} %"
 
 
+def _burn_cancel(args: argparse.Namespace, home: Home) -> int:
+    if args.study_uids or args.drive or args.iso:
+        print("modality-link burn: --cancel ID takes no studies, --drive or --iso", file=sys.stderr)
+        return EXIT_USAGE
+    burn = _call(home, "burn.cancel", id=args.cancel)
+    if burn["stopping"]:
+        print(f"burn {burn['id']}: {burn['state']}; it stops once the disc being written is finished")
+    else:
+        print(f"burn {burn['id']}: {burn['state']}")
+    return EXIT_OK
+
+
 def cmd_burn(args: argparse.Namespace, home: Home) -> int:
     import os
 
+    if args.cancel is not None:
+        return _burn_cancel(args, home)
+    if not args.study_uids:
+        print("modality-link burn: give the Study Instance UIDs to burn (or --cancel ID)", file=sys.stderr)
+        return EXIT_USAGE
     if (args.drive is None) == (args.iso is None):
         print("modality-link burn: give either --drive DEV or --iso FILE", file=sys.stderr)
         return EXIT_USAGE
@@ -293,6 +318,8 @@ def cmd_burn(args: argparse.Namespace, home: Home) -> int:
         burn = client.call("burn", **params)
         burn_id = burn["id"]
         print(f"{burn_id}: burning {len(args.study_uids)} study(ies) to {burn['target']}", flush=True)
+        if burn["state"] == "queued" and burn["detail"]:
+            print(f"{burn_id}: queued ({burn['detail']})", flush=True)
         tty = sys.stdout.isatty()
         for ev in stream:
             if ev.get("id") != burn_id:
@@ -319,7 +346,7 @@ def cmd_burn(args: argparse.Namespace, home: Home) -> int:
             print()
         status = client.call("burn.status", id=burn_id)
     for d in status["discs"]:
-        print(f"disc {d['index']} of {d['count']} ({d['target']}): {d['state']} {d['message']}")
+        print(_disc_line(d))
     if status["state"] != "done":
         print(f"modality-link burn: {status['error']}", file=sys.stderr)
         return EXIT_FAILED
@@ -445,12 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     jb.set_defaults(func=cmd_job)
 
     b = sub.add_parser("burn", help="burn studies to a disc (--drive) or an ISO image file (--iso)")
-    b.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
+    b.add_argument("study_uids", nargs="*", metavar="STUDY_UID")
     b.add_argument("--drive", metavar="DEV", help="/dev/srN, stdio:/path or sim:NAME")
     b.add_argument("--iso", metavar="FILE", help="write ISO image file(s): FILE, FILE_2, ...")
     b.add_argument("--profile", help="application profile (default media.profile, STD-GEN-CD)")
     b.add_argument("--wait", action="store_true", help="follow the burn; exit 0 only if it succeeded")
     b.add_argument("--yes", action="store_true", help="with --wait: do not ask before the next disc")
+    b.add_argument("--cancel", type=int, metavar="ID",
+                   help="cancel burn ID (same as 'job cancel ID'); a disc being written is finished first")
     b.set_defaults(func=cmd_burn)
 
     dr = sub.add_parser("drives", help="optical drives and their media")

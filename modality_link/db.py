@@ -2,7 +2,11 @@
 
 Everything the service persists lives in one SQLite file in WAL mode: the archive index at
 patient / study / series / instance level (the keys Query/Retrieve needs, PS3.4 C.6), alerts for
-the operator, and (later) jobs. Other modules call the functions here and never write SQL.
+the operator, and the job queue. Other modules call the functions here and never write SQL.
+
+Job kinds share the version 2 ``jobs``/``job_items`` tables: ``send`` and ``commit`` (node = a
+configured node, items = SOP Instance UIDs) and ``burn`` (node = ``drive:DEV`` or ``iso:PATH``,
+items = the SOP Instance UIDs to write, params = the burn's options and its discs).
 
 Writes are serialised by a lock: SQLite allows one writer at a time and the service has several
 threads (one per association, the IPC server, workers).
@@ -425,8 +429,21 @@ class Database:
         )
         return _job_dict(rows[0]) if rows else None
 
-    def jobs(self, limit: int = 200) -> list[dict[str, Any]]:
-        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j ORDER BY id DESC LIMIT ?", (limit,))
+    def jobs(self, limit: int = 200, kind: str | None = None, states: tuple[str, ...] = (),
+             node: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` jobs, newest first; only of `kind`, in `states`, to `node` if given."""
+        where, args = [], []
+        if kind is not None:
+            where.append("kind=?")
+            args.append(kind)
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        if node is not None:
+            where.append("node=?")
+            args.append(node)
+        cond = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j {cond}ORDER BY id DESC LIMIT ?", (*args, limit))
         return [_job_dict(r) for r in rows]
 
     def child_jobs(self, job_id: int) -> list[int]:
@@ -496,6 +513,24 @@ class Database:
                 "UPDATE job_items SET state=?, status=?, detail=? WHERE job_id=? AND item=?",
                 (state, status, detail, job_id, item),
             )
+
+    def set_items(self, job_id: int, items: list[str], state: str, detail: str = "") -> None:
+        """Set the state of many items of a job in one transaction (a disc of a burn)."""
+        self._execute_many(
+            "UPDATE job_items SET state=?, status=NULL, detail=? WHERE job_id=? AND item=?",
+            [(state, detail, job_id, item) for item in items],
+        )
+
+    def _execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run `sql` for every row in one write transaction (all rows or none)."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(sql, rows)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
 
     def reset_items(self, job_id: int, states: tuple[str, ...] = ("failed",)) -> None:
         marks = ",".join("?" * len(states))

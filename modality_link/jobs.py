@@ -17,7 +17,8 @@ Kinds:
   new one, before or after a restart (E4, E5); no report within ``commit_timeout`` -> the
   N-ACTION is repeated up to ``commit_retries`` times (E7); failed instances are sent again and
   commitment asked once more, then a warning alert is raised (E9).
-Other kinds (mpps, burn) register an executor with :meth:`JobQueue.register`.
+Other kinds register an executor with :meth:`JobQueue.register` (``burn``:
+`modality_link.burns`), optionally with a hook called once the job has ended.
 """
 
 from __future__ import annotations
@@ -80,6 +81,10 @@ class JobContext:
 
 
 Executor = Callable[[dict[str, Any], JobContext], "Wait | None"]
+#: Called with the job row once a job has reached done, failed or cancelled.
+EndHook = Callable[[dict[str, Any]], None]
+
+FINAL_STATES = ("done", "failed", "cancelled")
 
 
 class JobQueue:
@@ -101,6 +106,7 @@ class JobQueue:
         self.alert = alert
         self.workers = workers
         self._executors: dict[str, Executor] = {"send": self._run_send, "commit": self._run_commit}
+        self._on_end: dict[str, EndHook] = {}
         self._cond = threading.Condition()
         self._busy: dict[str, int] = {}
         self._stop = threading.Event()
@@ -109,9 +115,19 @@ class JobQueue:
         self._reports = commitment.ReportWaiter()
         self._associations = storage.AssociationPool()
 
-    def register(self, kind: str, executor: Executor) -> None:
-        """Add a job kind (mpps, burn...): ``executor(job, ctx)`` returns None when done."""
+    def register(self, kind: str, executor: Executor, on_end: EndHook | None = None) -> None:
+        """Add a job kind (mpps, burn...): ``executor(job, ctx)`` returns None when done.
+
+        `on_end(job)` is called once the job's row holds its final state (done, failed or
+        cancelled), after its executor returned; for a job cancelled while queued, at once.
+        """
         self._executors[kind] = executor
+        if on_end is not None:
+            self._on_end[kind] = on_end
+
+    def announce(self, job_id: int) -> None:
+        """Publish a ``job.progress`` event with the job's current row (an executor's progress)."""
+        self._progress(job_id)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -208,14 +224,34 @@ class JobQueue:
         return self.db.jobs()
 
     def cancel(self, job_id: int) -> dict[str, Any]:
-        job = self.show(job_id)
-        if job["state"] not in ("queued", "running"):
-            raise ValueError(f"job {job_id} is {job['state']}; only a queued or running job can be cancelled")
-        self._cancelled.add(job_id)
-        self.db.update_job(job_id, state="cancelled", detail="cancelled by the operator")
-        LOG.info("job %d cancelled", job_id)
+        """Cancel a queued job, or ask a running one to stop at its next safe point.
+
+        The row changes only from the state just read, so a job that ends (or is claimed by a
+        worker) meanwhile is never marked cancelled after being done.
+        """
+        while True:
+            job = self.show(job_id)
+            if job["state"] not in ("queued", "running"):
+                raise ValueError(f"job {job_id} is {job['state']}; only a queued or running job can be cancelled")
+            self._cancelled.add(job_id)
+            if self.db.update_job(job_id, only_if=job["state"], state="cancelled",
+                                  detail="cancelled by the operator"):
+                break
+        LOG.info("job %d cancelled (was %s)", job_id, job["state"])
         self._progress(job_id)
+        if job["state"] == "queued":  # no executor runs: it has ended now
+            self._ended(job_id)
         return self.show(job_id)
+
+    def _ended(self, job_id: int) -> None:
+        job = self.db.job(job_id)
+        hook = self._on_end.get(job["kind"]) if job is not None else None
+        if hook is None or job["state"] not in FINAL_STATES:
+            return
+        try:
+            hook(job)
+        except Exception:  # a bug in a hook must not stop the worker
+            LOG.exception("job %d: end hook raised", job_id)
 
     def retry(self, job_id: int) -> dict[str, Any]:
         job = self.show(job_id)
@@ -298,6 +334,7 @@ class JobQueue:
                 self.db.update_job(job_id, only_if="running", state="done")
                 LOG.info("job %d done", job_id)
         self._progress(job_id)
+        self._ended(job_id)
 
     def _progress(self, job_id: int, **extra: Any) -> None:
         job = self.db.job(job_id)

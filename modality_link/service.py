@@ -92,14 +92,7 @@ class Service:
         self.started_at = 0.0
         self._stop = threading.Event()
         self._lock_file: Any = None
-        self.burns = Burns(
-            lambda: self.config.media,
-            lambda: self.config.station.ae_title,
-            self._study_files,
-            home.tmp_dir / "burn",
-            self.publish,
-            self.alert,
-        )
+        self.burns: Burns | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -115,6 +108,14 @@ class Service:
             LOG.warning("archive: indexed %d file(s) left unindexed by an earlier stop", found)
         self.jobs = JobQueue(
             self.db, self.home.archive_dir, lambda: self.config, self.publish, self.alert
+        )
+        self.burns = Burns(  # registers the "burn" job kind before the workers start
+            self.jobs,
+            lambda: self.config.media,
+            lambda: self.config.station.ae_title,
+            self.home.tmp_dir / "burn",
+            self.publish,
+            self.alert,
         )
         self._start_servers()
         self.exams = ExamManager(
@@ -202,6 +203,8 @@ class Service:
 
     def methods(self) -> dict[str, Callable[..., Any]]:
         """The IPC methods this service answers (documented in docs/ipc.md)."""
+        burns = self.burns
+        assert burns is not None, "methods() is called after start() built the burns"
         return {
             "status": self.status,
             "studies.list": self.studies_list,
@@ -223,11 +226,12 @@ class Service:
             "jobs.show": self.jobs_show,
             "jobs.retry": self.jobs_retry,
             "jobs.cancel": self.jobs_cancel,
-            "burn": self.burns.start,
-            "burn.status": self.burns.status,
-            "burn.list": self.burns.list,
-            "burn.disc_inserted": self.burns.disc_inserted,
-            "drives.list": self.burns.drives,
+            "burn": burns.start,
+            "burn.status": burns.status,
+            "burn.list": burns.list,
+            "burn.disc_inserted": burns.disc_inserted,
+            "burn.cancel": burns.cancel,
+            "drives.list": burns.drives,
         }
 
     _EXAM_ERRORS = {"not_found": NOT_FOUND, "conflict": CONFLICT, "invalid": INVALID_PARAMS, "dicom": DICOM_FAILURE}
@@ -246,10 +250,6 @@ class Service:
                 raise IpcError(self._EXAM_ERRORS[exc.kind], str(exc)) from None
 
         return call
-
-    def _study_files(self, study_uid: str) -> list[Path]:
-        assert self.db is not None and self.archive is not None
-        return [self.archive.root / row["path"] for row in self.db.study_instances(study_uid)]
 
     def status(self) -> dict[str, Any]:
         assert self.db is not None

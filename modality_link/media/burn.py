@@ -15,14 +15,34 @@ see :mod:`~modality_link.media.spanning`) set it
    mastered from the archive (:class:`~modality_link.media.disc.DiscResult`).
    A disc that fails either check is reported as failed, never as good;
 4. ejects the disc and asks for the next blank one (``next_disc``).
+
+An image exported with ``--iso`` is mastered under a temporary name beside
+its target (``.NAME.part``), read back, flushed to disk and only then renamed
+to its target, so a target file is always a complete, verified image.
+
+For a burn that runs as a persistent job (:mod:`modality_link.burns`):
+
+* ``on_disc`` is told every change of a disc's state (planned ``pending``,
+  ``building``, ``writing``, ``verifying``, then ``done``, ``failed`` or
+  ``stopped``), so the discs can be shown and saved while the burn runs;
+* ``earlier`` carries the discs a previous attempt finished: a disc already
+  written and verified is not burned again, provided it holds the same
+  instances (:func:`disc_digest`);
+* ``should_stop`` is polled at the safe points: before a disc, while a disc
+  is mastered, after the write and while it is verified, and by
+  ``next_disc`` while it waits. A write to a disc is never interrupted:
+  killing a CD-R/DVD-R write ruins the disc and may leave the drive needing
+  a reset, so a stop asked during a write takes effect once the write ends;
+  that disc is then ejected unverified and reported ``stopped``, never good.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +52,7 @@ import hw
 from modality_link.media.disc import DiscResult, build_disc
 from modality_link.media.iso import iso_path as iso9660_path
 from modality_link.media.options import MediaError, MediaOptions
-from modality_link.media.spanning import plan_discs
+from modality_link.media.spanning import DiscPlan, plan_discs
 
 LOGGER = logging.getLogger(__name__)
 
@@ -47,12 +67,21 @@ BurnProgress = Callable[[str, int, int, float], None]
 NextDisc = Callable[[int, int], None]
 
 DISC_PENDING = "pending"
+DISC_BUILDING = "building"
+DISC_WRITING = "writing"
+DISC_VERIFYING = "verifying"
 DISC_DONE = "done"
 DISC_FAILED = "failed"
+#: The burn stopped (cancelled, or the service stopped) before this disc was finished.
+DISC_STOPPED = "stopped"
 
 
 class BurnAborted(MediaError):
     """The burn stopped before its end (e.g. no next disc was inserted)."""
+
+
+class BurnStopped(Exception):
+    """Raised at a safe point when the burn was asked to stop; not a failure of the burn."""
 
 
 @dataclass
@@ -72,6 +101,8 @@ class DiscReport:
     #: Files of the file-set read back and found equal to what was mastered.
     files_checked: int = 0
     message: str = ""
+    #: :func:`disc_digest` of the disc's instances: which instances this disc holds.
+    digest: str = ""
 
 
 @dataclass
@@ -81,10 +112,23 @@ class BurnReport:
     discs: list[DiscReport] = field(default_factory=list)
     error: str = ""
     skipped: list[str] = field(default_factory=list)
+    #: The burn stopped at a safe point because ``should_stop`` said so.
+    stopped: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.error and bool(self.discs) and all(d.state == DISC_DONE for d in self.discs)
+        return (not self.error and not self.stopped and bool(self.discs)
+                and all(d.state == DISC_DONE for d in self.discs))
+
+
+#: on_disc(disc, sop_instance_uids): `disc` changed state; the UIDs are the instances on it.
+DiscUpdate = Callable[[DiscReport, Sequence[str]], None]
+
+
+def disc_digest(plan: DiscPlan) -> str:
+    """SHA-256 of the sorted SOP Instance UIDs of a planned disc (and its place in the set)."""
+    text = f"{plan.index}/{plan.count}\n" + "\n".join(sorted(i.sop_instance_uid for i in plan.instances))
+    return hashlib.sha256(text.encode("ascii", "replace")).hexdigest()
 
 
 class _HashWriter:
@@ -149,6 +193,23 @@ def iso_target(iso_out: Path, index: int, count: int) -> Path:
     return iso_out.with_name(f"{iso_out.stem}_{index}{iso_out.suffix}")
 
 
+def iso_part(target: Path) -> Path:
+    """The temporary name an exported image is mastered under before it becomes `target`."""
+    return target.with_name(f".{target.name}.part")
+
+
+def _publish_file(part: Path, target: Path) -> None:
+    """Flush `part` to disk and rename it to `target` (atomic within a file system)."""
+    with open(part, "rb") as fp:
+        os.fsync(fp.fileno())
+    os.replace(part, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _check_medium(drive: hw.Drive, needed: int | None) -> None:
     """Raise a :class:`hw.DriveError` unless a blank medium with room for `needed` bytes is loaded."""
     device = drive.identity.device
@@ -174,6 +235,11 @@ def burn_studies(
     staging_root: Path,
     progress: BurnProgress | None = None,
     next_disc: NextDisc | None = None,
+    *,
+    earlier: Mapping[int, DiscReport] | None = None,
+    on_disc: DiscUpdate | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    ask_first: bool = False,
 ) -> BurnReport:
     """Burn the instance files `files` to `drive`, or export them as `iso_out`.
 
@@ -182,92 +248,171 @@ def burn_studies(
     own DICOMDIR, PS3.10 §8); with `iso_out` disc *k* > 1 goes to
     ``<stem>_<k><suffix>``. `staging_root` receives the temporary staging
     folders and images (removed disc by disc). `next_disc(k, n)` is called
-    before every disc after the first, once the previous one is ejected;
-    it may raise to abort the burn.
+    before every disc written after the first, once the previous one is
+    ejected; it may raise :class:`BurnAborted` (the burn fails) or
+    :class:`BurnStopped` (the burn stops).
+
+    `earlier` maps disc numbers to the reports of an earlier attempt: a disc
+    reported done there, with the same :func:`disc_digest`, is kept and not
+    written again (an exported image only while its file still exists).
+    With `ask_first`, a drive that holds no blank disc for the first disc
+    still to write is answered by `next_disc` instead of a failure (a burn
+    that waited for the drive or resumes after a restart). `on_disc` and
+    `should_stop` are described in the module docstring.
 
     Never raises for a failure of the medium, the drive or the data: the
     returned :class:`BurnReport` names the failed disc and carries a sentence
-    for the technologist in ``error``.
+    for the technologist in ``error``; a stop sets ``stopped``.
     """
     if (drive is None) == (iso_out is None):
         raise ValueError("burn_studies: give either a drive or an image file, not both or neither")
     staging_root = Path(staging_root)
     report = BurnReport()
+    plans: list[DiscPlan] = []
 
     def tell(phase: str, k: int, n: int, fraction: float) -> None:
         if progress is not None:
             progress(phase, k, n, max(0.0, min(1.0, fraction)))
 
+    def changed(disc: DiscReport, plan: DiscPlan) -> None:
+        if on_disc is not None:
+            on_disc(disc, [i.sop_instance_uid for i in plan.instances])
+
+    def stop_point() -> None:
+        if should_stop is not None and should_stop():
+            raise BurnStopped("the burn was asked to stop")
+
+    ask = False
     try:
         options.validate()
         plans = plan_discs([Path(f) for f in files], options)
         if not plans:
             raise MediaError("nothing to burn: none of the instances can be written to a DICOM file-set")
         report.skipped = [str(p) for p in plans[0].skipped]
-        device = drive.identity.device if drive is not None else ""
-        for plan in plans:
-            target = str(iso_target(Path(iso_out), plan.index, plan.count)) if iso_out is not None else device
-            report.discs.append(DiscReport(plan.index, plan.count, plan.fileset_id, target,
-                                           instances=len(plan.instances)))
-        if drive is not None:
-            _check_medium(drive, None)  # fail before mastering when no blank disc is in
+        report.discs = _plan_reports(plans, drive, iso_out, earlier or {})
+        for plan, disc in zip(plans, report.discs):
+            changed(disc, plan)
+        if drive is not None and any(d.state != DISC_DONE for d in report.discs):
+            try:
+                _check_medium(drive, None)  # fail before mastering when no blank disc is in
+            except hw.DriveError:
+                if not (ask_first and next_disc is not None):
+                    raise
+                ask = True
     except (MediaError, hw.DriveError) as exc:
         report.error = str(exc)
         LOGGER.error("burn: %s", exc)
         return report
 
     for plan, disc in zip(plans, report.discs):
+        if disc.state == DISC_DONE:
+            continue
         k, n = plan.index, plan.count
         staging = staging_root / f"disc{k}"
-        image = Path(disc.target) if iso_out is not None else staging_root / f"disc{k}.iso"
+        image = iso_part(Path(disc.target)) if iso_out is not None else staging_root / f"disc{k}.iso"
         try:
-            if drive is not None and k > 1:
-                if next_disc is not None:
-                    next_disc(k, n)
+            if drive is not None and next_disc is not None and ask:
+                next_disc(k, n)
+            ask = True  # every later disc of this call follows an ejected one
+            stop_point()
 
             def build_progress(stage: str, done: int, total: int) -> None:
+                stop_point()
                 base = 0.0 if stage == "stage" else 0.5
                 tell(PHASE_BUILD, k, n, base + 0.5 * (done / total if total else 1.0))
 
+            disc.state = DISC_BUILDING
+            changed(disc, plan)
             tell(PHASE_BUILD, k, n, 0.0)
             result = build_disc(plan, staging, image, options, build_progress)
             disc.image_bytes = result.iso_bytes
+            stop_point()
             if drive is None:
+                disc.state = DISC_VERIFYING
+                changed(disc, plan)
                 tell(PHASE_VERIFY, k, n, 0.0)
                 problems = check_files(image, result)
                 if problems:
-                    raise MediaError(f"disc {k} of {n} ({image}): read back, " + "; ".join(problems[:5]))
+                    raise MediaError(f"disc {k} of {n} ({disc.target}): read back, " + "; ".join(problems[:5]))
+                _publish_file(image, Path(disc.target))
                 disc.files_checked = len(result.files)
                 tell(PHASE_VERIFY, k, n, 1.0)
             else:
-                _burn_one(drive, image, result, disc, tell)
+                _burn_one(drive, image, result, disc, tell, lambda d: changed(d, plan), stop_point)
             disc.state = DISC_DONE
             disc.message = (f"disc {k} of {n}: {disc.instances} instance(s), "
                             f"{disc.files_checked} file(s) verified")
             LOGGER.info("burn: %s on %s", disc.message, disc.target)
+            changed(disc, plan)
+        except BurnStopped:
+            report.stopped = True
+            if disc.state != DISC_PENDING:
+                disc.state = DISC_STOPPED
+                disc.message = disc.message or f"disc {k} of {n}: stopped before anything was written"
+            LOGGER.warning("burn: stopped at disc %d of %d", k, n)
+            changed(disc, plan)
+            return report
         except (MediaError, hw.DriveError, OSError) as exc:
             disc.state = DISC_FAILED
             disc.message = str(exc)
             report.error = f"disc {k} of {n} failed: {exc}" if n > 1 else str(exc)
             LOGGER.error("burn: %s", report.error)
+            changed(disc, plan)
             return report
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            if drive is not None:
-                image.unlink(missing_ok=True)
+            image.unlink(missing_ok=True)  # a staged image, or an export that did not become its target
     return report
 
 
+def _plan_reports(plans: Sequence[DiscPlan], drive: hw.Drive | None, iso_out: Path | None,
+                  earlier: Mapping[int, DiscReport]) -> list[DiscReport]:
+    """One report per planned disc; discs finished by an earlier attempt are carried over."""
+    device = drive.identity.device if drive is not None else ""
+    out = []
+    for plan in plans:
+        k, n = plan.index, plan.count
+        target = str(iso_target(Path(iso_out), k, n)) if iso_out is not None else device
+        disc = DiscReport(k, n, plan.fileset_id, target, instances=len(plan.instances), digest=disc_digest(plan))
+        before = earlier.get(k)
+        if before is not None and before.state == DISC_DONE:
+            if before.digest != disc.digest:
+                raise MediaError(
+                    f"disc {k} of {n} was burned earlier with other instances than this burn holds now "
+                    f"(the studies or media settings changed since): start a new burn")
+            if iso_out is None or Path(target).is_file():
+                disc = before
+        out.append(disc)
+    return out
+
+
 def _burn_one(drive: hw.Drive, image: Path, result: DiscResult, disc: DiscReport,
-              tell: Callable[[str, int, int, float], None]) -> None:
-    """Write, verify and eject one disc; raise on any failure."""
+              tell: Callable[[str, int, int, float], None],
+              changed: Callable[[DiscReport], None] = lambda d: None,
+              stop_point: Callable[[], None] = lambda: None) -> None:
+    """Write, verify and eject one disc; raise on any failure, :class:`BurnStopped` on a stop."""
     k, n = disc.index, disc.count
     device = drive.identity.device
     _check_medium(drive, image.stat().st_size)
+    disc.state = DISC_WRITING
+    changed(disc)
     tell(PHASE_WRITE, k, n, 0.0)
-    drive.write(image, progress=lambda p: tell(PHASE_WRITE, k, n, p.fraction))
-    tell(PHASE_VERIFY, k, n, 0.0)
-    verdict = drive.verify(image, progress=lambda p: tell(PHASE_VERIFY, k, n, 0.5 * p.fraction))
+    drive.write(image, progress=lambda p: tell(PHASE_WRITE, k, n, p.fraction))  # never interrupted
+    disc.state = DISC_VERIFYING
+    changed(disc)
+    try:
+        stop_point()
+        tell(PHASE_VERIFY, k, n, 0.0)
+
+        def verify_progress(p: hw.BurnProgress) -> None:
+            stop_point()
+            tell(PHASE_VERIFY, k, n, 0.5 * p.fraction)
+
+        verdict = drive.verify(image, progress=verify_progress)
+    except BurnStopped:
+        disc.message = f"disc {k} of {n} was written but not verified: do not use it"
+        _eject(drive)
+        raise
     if not verdict.ok:
         _eject(drive)
         raise hw.VerifyError(verdict.message, device=device, result=verdict)
