@@ -175,21 +175,29 @@ class JobQueue:
             uids += [r["sop_instance_uid"] for r in rows]
         return self.submit("send", node, uids, {"commit": commit, "studies": study_uids})
 
-    def on_exam_complete(self, study_uid: str) -> list[int]:
-        """Auto-send rule "exam" (D2): queue the study to every node whose rule is "exam"."""
-        return self._auto("exam", [r["sop_instance_uid"] for r in self.db.study_instances(study_uid)])
+    def on_exam_complete(self, study_uid: str, sop_instance_uids: list[str] | None = None) -> list[int]:
+        """Auto-send rule "exam" (D2): queue the study to every node whose rule is "exam".
+
+        From an exam end, `sop_instance_uids` are the exam's instances of the study (a second
+        exam on the same study sends only its own); from an import, the whole study."""
+        if sop_instance_uids is None:
+            sop_instance_uids = [r["sop_instance_uid"] for r in self.db.study_instances(study_uid)]
+        return self._auto("exam", sop_instance_uids, {"studies": [study_uid]})
 
     def on_series_complete(self, series_uid: str) -> list[int]:
         """Auto-send rule "series" (D2): queue the series to every node whose rule is "series"."""
-        return self._auto("series", self.db.series_instance_uids(series_uid))
+        return self._auto("series", self.db.series_instance_uids(series_uid), {"series": series_uid})
 
-    def _auto(self, rule: str, uids: list[str]) -> list[int]:
+    def _auto(self, rule: str, uids: list[str], extra: dict[str, Any] | None = None) -> list[int]:
+        """Queue `uids` to each node with the `rule` and the store role, with Storage
+        Commitment where the node has the commit role (E3)."""
         if not uids:
             return []
         jobs = []
         for name, node in self.get_config().nodes.items():
             if node.auto_send == rule and "store" in node.roles:
-                jobs.append(self.submit("send", name, uids, {"commit": "commit" in node.roles, "auto": rule}))
+                params = {"commit": "commit" in node.roles, "auto": rule, **(extra or {})}
+                jobs.append(self.submit("send", name, uids, params))
         return jobs
 
     def show(self, job_id: int) -> dict[str, Any]:

@@ -13,10 +13,9 @@ from pynetdicom.sop_class import Verification
 
 from modality_link import config
 from modality_link.config import Node
-from modality_link.home import Home
+from modality_link.home import Home, temporary_home
 from modality_link.net.association import associate, make_ae
 from modality_link.service import Service, setup_logging
-from tests.conftest import free_port
 
 
 def test_demo_runs_end_to_end() -> None:
@@ -34,12 +33,8 @@ def _nodelay(sock: socket.socket) -> int:
 
 
 def test_tcp_nodelay_on_acceptor_and_requestor_sockets(short_tmp: Path) -> None:
-    home = Home(short_tmp)
-    home.ensure()
+    home = temporary_home(short_tmp)
     cfg = config.load(home.config_path)
-    cfg.disk_server.port = free_port()
-    cfg.disk_server.bind_address = "127.0.0.1"
-    config.save(cfg, home.config_path)
     service = Service(home)
     service.start(log_to_stderr=False)
     try:
