@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,11 @@ def test_demo_runs_end_to_end() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "stored 5/5 CT images by C-STORE" in proc.stdout
     assert "5 instances" in proc.stdout
+    # the exam end auto-sends to the simulated PACS (no explicit send) and commitment follows
+    assert "COMPLETED with 5 images; auto-send to PACS queued as job(s) [1]" in proc.stdout
+    assert re.search(r"PACS received study [0-9.]+: 5/5 instances, committed 5/5", proc.stdout), proc.stdout
+    assert "commit job 2 to PACS done" in proc.stdout
+    assert "RIS received MPPS [('create', 0), ('set', 0)]" in proc.stdout
 
 
 def _nodelay(sock: socket.socket) -> int:
