@@ -35,7 +35,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from modality_link.config import Config, ConfigError
 from modality_link.db import Database
 from modality_link.net import commitment, storage
-from modality_link.net.association import AssociationFailed, associate, make_ae
+from modality_link.net.association import AssociationFailed, NoContextAccepted, associate, make_ae
 
 LOG = logging.getLogger("modality_link.jobs")
 
@@ -491,8 +491,6 @@ class JobQueue:
         handlers = [(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)]
         try:
             with associate(ae, node, evt_handlers=handlers) as assoc:
-                if not assoc.accepted_contexts:
-                    raise Fail(f"{node.ae_title} does not accept the Storage Commitment Push Model")
                 try:
                     status = commitment.request(assoc, tx, refs)
                 except ConnectionError as exc:
@@ -510,6 +508,8 @@ class JobQueue:
                         if got_here.is_set():
                             answered.wait(5.0)
                         break
+        except NoContextAccepted as exc:  # the node does not offer commitment: asking again won't help
+            raise Fail(str(exc)) from None
         except AssociationFailed as exc:
             raise Retry(str(exc)) from None
         row = self.db.transaction(tx)

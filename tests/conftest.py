@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from modality_link import config
-from modality_link.home import Home, free_port, temporary_home
+from modality_link.home import Home, temporary_home
 from modality_link.ipc import IpcClient, NotRunning
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")

@@ -16,7 +16,7 @@ from sim.pacs import Pacs
 from tests.conftest import RunningService, start_service, stop_service
 from tests.exam_support import RunningService as InProcessService
 from tests.exam_support import wait_until
-from tests.store_support import call, cleanup, make_home, wait_chain
+from tests.store_support import cleanup, make_home, wait_chain
 
 
 def spool_series(folder: Path, series: int, per_series: int, seed: int = 7) -> dict[str, list[str]]:

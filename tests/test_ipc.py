@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modality_link.home import Home, temporary_home
+from modality_link.home import temporary_home
 from modality_link.ipc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
