@@ -14,9 +14,11 @@
 
 Auto-send on DISCONTINUED: the images acquired before the discontinuation are sent like those of
 a completed exam. REQUIREMENTS §11.7 orders the flow "end or discontinue (N-SET) → auto-send →
-commit → burn", and in IHE Scheduled Workflow a discontinued procedure step still references the
-instances it produced, which the Image Manager is expected to hold. An exam discontinued before
-any image was added sends nothing.
+commit → burn", and the N-SET DISCONTINUED lists those instances in its Performed Series Sequence
+(PS3.4 F.7.2, REQUIREMENTS C3), so the RIS and the PACS expect them. An exam discontinued before
+any image was added sends nothing. No reason code is treated specially, 110514 "Incorrect
+worklist entry selected" included: whether such images should be held back for correction is a
+product question that REQUIREMENTS leaves open.
 
 The rules are applied through two callbacks (`on_series_complete`, `on_exam_complete`) that the
 service wires to the job queue. Each application is recorded in the database (``exam_series
