@@ -18,14 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from modality_link.home import free_port  # noqa: E402
+
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int) -> None:

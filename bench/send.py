@@ -20,10 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from modality_link import config  # noqa: E402
-from modality_link.home import Home  # noqa: E402
+from modality_link.home import free_port, temporary_home  # noqa: E402
 from modality_link.ipc import IpcClient  # noqa: E402
 from sim import images  # noqa: E402
-from tests.store_support import free_port  # noqa: E402
 
 ENV = dict(os.environ, TCP_NODELAY="1", PYTHONPATH=str(ROOT))
 
@@ -41,16 +40,10 @@ def main() -> int:
     port = free_port()
     scp = subprocess.Popen(["/usr/bin/storescp", "-od", str(out), "-aet", "STORESCP", str(port)],
                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    home = Home(Path(tempfile.mkdtemp(prefix="ml")))
-    home.ensure()
-    cfg = config.load(home.config_path)
-    cfg.disk_server.port = free_port()
-    cfg.disk_server.bind_address = "127.0.0.1"
     # storescp serves one association at a time: release ours at the end of the job so that
     # DCMTK's storescu, next in the same run, is not kept waiting behind it.
-    cfg.nodes["SCP"] = config.Node(ae_title="STORESCP", host="127.0.0.1", port=port, roles=["store"],
-                                   idle_release=0)
-    config.save(cfg, home.config_path)
+    home = temporary_home(nodes={"SCP": config.Node(ae_title="STORESCP", host="127.0.0.1", port=port,
+                                                    roles=["store"], idle_release=0)})
     ml = [sys.executable, "-m", "modality_link", "--home", str(home.root)]
     service = subprocess.Popen([*ml, "serve"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

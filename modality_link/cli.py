@@ -192,9 +192,25 @@ def cmd_exam(args: argparse.Namespace, home: Home) -> int:
     elif args.action == "add":
         res = _call(home, "exam.add_image", exam_id=args.exam_id, paths=[os.path.abspath(p) for p in args.paths])
         print(f"exam {res['exam_id']}: {len(res['added'])} object(s) archived")
+    elif args.action == "series-complete":
+        res = _call(home, "exam.series_complete", exam_id=args.exam_id, series_uid=args.series_uid)
+        if res["already_complete"]:
+            print(f"exam {res['exam_id']}: series {res['series_uid']} was already complete")
+        else:
+            print(f"exam {res['exam_id']}: series {res['series_uid']} complete, {res['instances']} object(s)"
+                  + _jobs_note(res["jobs"]))
     elif args.action == "end":
         res = _call(home, "exam.end", exam_id=args.exam_id, discontinue=args.discontinue)
-        print(f"exam {res['exam_id']}: {res['state']}")
+        print(f"exam {res['exam_id']}: {res['state']}" + _jobs_note(res["jobs"]))
+    return EXIT_OK
+
+
+def _jobs_note(jobs: list[int]) -> str:
+    """", auto-send jobs 4, 5 queued" (or nothing when no node has a matching auto_send rule)."""
+    if not jobs:
+        return ""
+    return f", auto-send job{'s' if len(jobs) > 1 else ''} {', '.join(map(str, jobs))} queued"
+
 
 def _wait_job(home: Home, job_id: int) -> dict[str, Any]:
     """Follow a job and the jobs it queues (commit, resend) until the last one ends: the
@@ -451,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     xa = xsub.add_parser("add")
     xa.add_argument("exam_id", type=int)
     xa.add_argument("paths", nargs="+")
+    xc = xsub.add_parser("series-complete", help="a series has all its images: apply the auto-send rule 'series'")
+    xc.add_argument("exam_id", type=int)
+    xc.add_argument("series_uid")
     xe = xsub.add_parser("end")
     xe.add_argument("exam_id", type=int)
     xe.add_argument("--discontinue", metavar="CODE", help="CID 9300 reason code, e.g. 110513")

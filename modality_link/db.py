@@ -173,6 +173,18 @@ _SCHEMA = [
     );
     CREATE INDEX mpps_outbox_state ON mpps_outbox(state, id);
     """,
+    # version 4: auto-send rules "series" and "exam" (REQUIREMENTS D2, issue 5)
+    """
+    CREATE TABLE exam_series (
+        exam_id INTEGER NOT NULL REFERENCES exams(id),
+        series_uid TEXT NOT NULL,
+        completed_at REAL NOT NULL,             -- declared complete, or completed by the exam end
+        queued_at REAL,                         -- rule "series" applied (NULL: still to do)
+        PRIMARY KEY (exam_id, series_uid)
+    );
+    ALTER TABLE exams ADD COLUMN auto_queued_at REAL;  -- rule "exam" applied (NULL: still to do)
+    UPDATE exams SET auto_queued_at = ended_at WHERE ended_at IS NOT NULL;
+    """,
 ]
 
 
@@ -648,7 +660,7 @@ class Database:
             cur = self._conn.execute(f"INSERT INTO exams({cols}) VALUES ({marks})", tuple(fields.values()))
             return int(cur.lastrowid)
 
-    _EXAM_FIELDS = {"state", "mpps_uid", "ended_at", "reason"}
+    _EXAM_FIELDS = {"state", "mpps_uid", "ended_at", "reason", "auto_queued_at"}
 
     def update_exam(self, exam_id: int, **fields: Any) -> None:
         assert set(fields) <= self._EXAM_FIELDS, fields
@@ -675,6 +687,49 @@ class Database:
     def exam_objects(self, exam_id: int) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM exam_objects WHERE exam_id=? ORDER BY added_at, rowid", (exam_id,))
         return [dict(r) for r in rows]
+
+    def exam_series(self, exam_id: int) -> list[dict[str, Any]]:
+        """The series of an exam in acquisition order: series_uid, instances, completed_at, queued_at."""
+        rows = self._query(
+            """SELECT o.series_uid, COUNT(*) AS instances, MIN(o.added_at) AS first_added,
+                      s.completed_at, s.queued_at
+               FROM exam_objects o LEFT JOIN exam_series s
+                    ON s.exam_id = o.exam_id AND s.series_uid = o.series_uid
+               WHERE o.exam_id=? GROUP BY o.series_uid ORDER BY first_added, o.series_uid""",
+            (exam_id,),
+        )
+        return [{k: r[k] for k in ("series_uid", "instances", "completed_at", "queued_at")} for r in rows]
+
+    def complete_series(self, exam_id: int, series_uid: str) -> bool:
+        """Mark a series of an exam complete; False when it already was."""
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT OR IGNORE INTO exam_series(exam_id, series_uid, completed_at) VALUES (?,?,?)",
+                (exam_id, series_uid, time.time()),
+            )
+            return cur.rowcount == 1
+
+    def series_queued(self, exam_id: int, series_uid: str) -> None:
+        with self._lock:
+            self._conn.execute(
+                "UPDATE exam_series SET queued_at=? WHERE exam_id=? AND series_uid=?",
+                (time.time(), exam_id, series_uid),
+            )
+
+    def auto_send_due(self) -> tuple[list[tuple[int, str]], list[int]]:
+        """What an earlier run left undone: completed series not yet queued by the rule
+        "series" as (exam_id, series_uid), and ended exams not yet queued by the rule "exam"."""
+        series = [
+            (r["exam_id"], r["series_uid"])
+            for r in self._query(
+                "SELECT exam_id, series_uid FROM exam_series WHERE queued_at IS NULL ORDER BY completed_at"
+            )
+        ]
+        exams = [
+            r["id"]
+            for r in self._query("SELECT id FROM exams WHERE ended_at IS NOT NULL AND auto_queued_at IS NULL ORDER BY id")
+        ]
+        return series, exams
 
     def outbox_add(self, exam_id: int, kind: str, node: str, dataset_json: str) -> int:
         now = time.time()

@@ -1,101 +1,101 @@
 """`modality-link demo`: the service and a simulated hospital in a temporary home, end to end.
 
-For now: start the service, generate a CT study with the scanner simulator, store it with a real
-C-STORE into the disk server, and list it over IPC.
+1. The service starts in a temporary home (`modality_link.home.temporary_home`, free loopback
+   ports); the scanner simulator stores a CT series into its disk server by C-STORE.
+2. A simulated RIS (worklist + MPPS SCP) and a simulated PACS (Storage + Storage Commitment SCP,
+   reporting on a new association with role selection) are configured as nodes; the PACS node
+   has ``auto_send = "exam"``.
+3. One exam: worklist query → exam start (MPPS N-CREATE) → images → exam end (N-SET). No `send`
+   is asked for: the exam end queues the auto-send to the PACS (REQUIREMENTS D2), and Storage
+   Commitment follows once every instance is stored (E2). The demo prints what the RIS and the
+   PACS received and what the PACS committed.
 """
 
 from __future__ import annotations
 
 import shutil
-import socket
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from modality_link import config
-from modality_link.home import Home
+from modality_link.home import Home, temporary_home
 from modality_link.ipc import IpcClient
 from modality_link.service import Service
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _follow(client: IpcClient, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
+    """Follow a job and the jobs it queues (the commit job) until the last one ends."""
+    deadline = time.monotonic() + timeout
+    job = client.call("jobs.show", id=job_id)
+    while time.monotonic() < deadline:
+        job = client.call("jobs.show", id=job_id)
+        if job["state"] in ("done", "failed", "cancelled"):
+            print(f"demo: {job['kind']} job {job_id} to {job['node']} {job['state']}: "
+                  f"{job['last_error'] or job['detail']}")
+            if not job["children"]:
+                return job
+            job_id = job["children"][-1]
+            continue
+        time.sleep(0.1)
+    return job
 
 
-def _demo_exam(service: Service, home: Home, root: Path) -> bool:
-    """Worklist query → exam start → images → exam end against the simulated RIS."""
+def _demo_exam(home: Home, root: Path, images: int) -> bool:
+    """Worklist → exam start → images → exam end; auto-send and commitment to the PACS."""
     from sim import images as sim_images
+    from sim.pacs import Pacs
     from sim.ris import RIS
 
-    with RIS() as ris:
-        service.config.nodes["ris"] = config.Node(
-            ae_title="RIS", host="127.0.0.1", port=ris.port, roles=["worklist", "mpps"], retry_interval=1.0
-        )
+    cfg = config.load(home.config_path)
+    pacs = Pacs(ae_title="SIMPACS", commit_mode="new-role",
+                report_to=(cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port))
+    with RIS() as ris, pacs:
+        cfg.nodes["ris"] = config.Node(ae_title="RIS", host="127.0.0.1", port=ris.port,
+                                       roles=["worklist", "mpps"], retry_interval=1.0)
+        cfg.nodes["PACS"] = config.Node(ae_title="SIMPACS", host="127.0.0.1", port=pacs.port,
+                                        roles=["store", "commit"], auto_send="exam", commit_wait=1.0)
+        config.save(cfg, home.config_path)
         with IpcClient(home.socket_path) as client:
+            client.call("config.reload")
             items = client.call("worklist.query")["items"]
-            print(f"demo: worklist has {len(items)} item(s): " + ", ".join(f"{i['sps_id']} {i['patient_name']}" for i in items))
+            print(f"demo: worklist has {len(items)} item(s): "
+                  + ", ".join(f"{i['sps_id']} {i['patient_name']}" for i in items))
             exam = client.call("exam.start", item=items[0]["sps_id"])
             spool = root / "spool"
             spool.mkdir()
             paths = []
-            for n, ds in enumerate(sim_images.make_study("CT", images=5, seed=2)):
+            for n, ds in enumerate(sim_images.make_study("CT", images=images, seed=2)):
                 p = spool / f"{n}.dcm"
                 ds.save_as(p, enforce_file_format=True)
                 paths.append(str(p))
-            client.call("exam.add_image", exam_id=exam["exam_id"], paths=paths)
-            client.call("exam.end", exam_id=exam["exam_id"])
+            added = client.call("exam.add_image", exam_id=exam["exam_id"], paths=paths)["added"]
+            ended = client.call("exam.end", exam_id=exam["exam_id"])
+            print(f"demo: exam {exam['exam_id']} {ended['state']} with {len(added)} images; "
+                  f"auto-send to PACS queued as job(s) {ended['jobs']}")
+            last = _follow(client, ended["jobs"][0]) if ended["jobs"] else {}
+            study = next(s for s in client.call("studies.list") if s["study_uid"] == exam["study_uid"])
+            counts = study["nodes"].get("PACS", {"sent": 0, "committed": 0})
             deadline = time.time() + 15
             while time.time() < deadline and len(ris.mpps_messages) < 2:
                 time.sleep(0.1)
+        received = sum(1 for uid in added if uid in pacs.received)
+        print(f"demo: PACS received study {exam['study_uid']}: {received}/{len(added)} instances, "
+              f"committed {counts['committed']}/{len(added)}")
         states = [(m["kind"], m["status"]) for m in ris.mpps_messages]
         print(f"demo: exam {exam['exam_id']} of {items[0]['patient_name']}: RIS received MPPS {states}")
-        return states == [("create", 0), ("set", 0)]
-
-
-def _demo_send_and_commit(home: Home, cfg: config.Config) -> bool:
-    """Send the archived study to a simulated PACS and get Storage Commitment."""
-    from sim.pacs import Pacs
-
-    pacs = Pacs(ae_title="SIMPACS", commit_mode="new-role",
-                report_to=(cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port)).start()
-    try:
-        with IpcClient(home.socket_path) as client:
-            cfg2 = config.load(home.config_path)
-            cfg2.nodes["PACS"] = config.Node(ae_title="SIMPACS", host="127.0.0.1", port=pacs.port,
-                                             roles=["store", "commit"], commit_wait=1.0)
-            config.save(cfg2, home.config_path)
-            client.call("config.reload")
-            study = client.call("studies.list")[0]["study_uid"]
-            job_id = client.call("send", study_uids=[study], node="PACS", commit=True)["job_id"]
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                job = client.call("jobs.show", id=job_id)
-                if job["state"] in ("done", "failed", "cancelled"):
-                    print(f"demo: {job['kind']} job {job_id} {job['state']}: {job['last_error'] or job['detail']}")
-                    if not job["children"]:
-                        break
-                    job_id = job["children"][-1]
-                time.sleep(0.1)
-            nodes = client.call("studies.list")[0]["nodes"]
-            print(f"demo: PACS holds {len(pacs.received)} instances; per node: {nodes}")
-            return job["state"] == "done" and job["kind"] == "commit"
-    finally:
-        pacs.stop()
+    committed = last.get("kind") == "commit" and last.get("state") == "done"
+    return (states == [("create", 0), ("set", 0)] and committed
+            and received == counts["committed"] == len(added) == images)
 
 
 def run_demo(images: int = 20, keep: bool = False) -> int:
     from sim import images as sim_images
     from sim.sender import send
 
-    root = Path(tempfile.mkdtemp(prefix="ml-demo-"))
-    home = Home(root)
-    home.ensure()
+    home = temporary_home(prefix="ml-demo-")
+    root = home.root
     cfg = config.load(home.config_path)
-    cfg.disk_server.port = free_port()
-    cfg.disk_server.bind_address = "127.0.0.1"
-    config.save(cfg, home.config_path)
     service = Service(home)
     service.start(log_to_stderr=False)
     try:
@@ -112,9 +112,8 @@ def run_demo(images: int = 20, keep: bool = False) -> int:
                     f"demo: archive holds study {s['study_uid']} of {s['patient_name']} "
                     f"({s['patient_id']}), {s['instances']} instances"
                 )
-        sent_ok = _demo_send_and_commit(home, cfg)
-        exam_ok = _demo_exam(service, home, root)
-        return 0 if ok == len(statuses) == images and sent_ok and exam_ok else 1
+        exam_ok = _demo_exam(home, root, images)
+        return 0 if ok == len(statuses) == images and exam_ok else 1
     finally:
         service.stop()
         if keep:

@@ -6,7 +6,26 @@
   data (IHE SWF "unscheduled case": a new Study Instance UID, no accession, REQUIREMENTS B15).
 - :meth:`ExamManager.add_image` completes each handed-over PS3.10 file with the worklist
   mapping of REQUIREMENTS B14 (PS3.17 / IHE SWF mapping table) and writes it into the archive.
-- :meth:`ExamManager.end` closes the exam COMPLETED or DISCONTINUED (CID 9300 reason).
+- :meth:`ExamManager.series_complete` is the acquisition software's word that a series has all
+  its images: the auto-send rule "series" queues it at once (REQUIREMENTS D2, M1 "series ready").
+- :meth:`ExamManager.end` closes the exam COMPLETED or DISCONTINUED (CID 9300 reason). Series not
+  yet declared complete are completed then, and the auto-send rules apply: "series" to each of
+  those series, "exam" to the exam's instances.
+
+Auto-send on DISCONTINUED: the images acquired before the discontinuation are sent like those of
+a completed exam. REQUIREMENTS §11.7 orders the flow "end or discontinue (N-SET) → auto-send →
+commit → burn", and the N-SET DISCONTINUED lists those instances in its Performed Series Sequence
+(PS3.4 F.7.2, REQUIREMENTS C3), so the RIS and the PACS expect them. An exam discontinued before
+any image was added sends nothing. No reason code is treated specially, 110514 "Incorrect
+worklist entry selected" included: whether such images should be held back for correction is a
+product question that REQUIREMENTS leaves open.
+
+The rules are applied through two callbacks (`on_series_complete`, `on_exam_complete`) that the
+service wires to the job queue. Each application is recorded in the database (``exam_series
+.queued_at``, ``exams.auto_queued_at``) after its jobs are queued; :meth:`ExamManager
+.resume_auto_send` applies, at start-up, what a stop or a failed callback left undone. A stop
+between queueing and recording queues the same instances once more at the next start (C-STORE
+is idempotent by SOP Instance UID); every other path queues each series or exam once.
 
 MPPS messages are never sent from the caller's thread: they are rows of an ordered outbox
 (``mpps_outbox``) that a worker thread sends oldest first, retrying with a doubling backoff when
@@ -58,6 +77,12 @@ NON_IMAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
     "1.2.840.10008.5.1.4.1.1.66",     # Raw Data
 }
+
+
+#: ``on_series_complete(series_uid)``: apply the auto-send rule "series"; the queued job ids.
+SeriesHook = Callable[[str], list[int]]
+#: ``on_exam_complete(study_uid, sop_instance_uids)``: apply the rule "exam"; the queued job ids.
+ExamHook = Callable[[str, list[str]], list[int]]
 
 
 class ExamError(Exception):
@@ -152,6 +177,8 @@ class ExamManager:
         tmp_dir: Path,
         alert: Callable[[str, str], None],
         publish: Callable[..., None],
+        on_series_complete: SeriesHook | None = None,
+        on_exam_complete: ExamHook | None = None,
     ) -> None:
         self.db = db
         self.archive = archive
@@ -159,6 +186,10 @@ class ExamManager:
         self.tmp_dir = tmp_dir
         self.alert = alert
         self.publish = publish
+        self.on_series_complete = on_series_complete
+        self.on_exam_complete = on_exam_complete
+        #: Serialises state changes of exams and series (add_image, series_complete, end).
+        self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -304,6 +335,11 @@ class ExamManager:
             "exam_id": exam["id"], "state": exam["state"], "sps_id": exam["sps_id"],
             "study_uid": exam["study_uid"], "pps_id": exam["pps_id"], "mpps_uid": exam["mpps_uid"],
             "mpps_node": exam["mpps_node"], "objects": len(self.db.exam_objects(exam["id"])),
+            "series": [
+                {"series_uid": se["series_uid"], "instances": se["instances"],
+                 "complete": se["completed_at"] is not None}
+                for se in self.db.exam_series(exam["id"])
+            ],
             "mpps": self.db.outbox(exam["id"]),
         }
 
@@ -324,25 +360,115 @@ class ExamManager:
                 ds = dcmread(path)
             except Exception as exc:
                 raise ExamError("invalid", f"{p}: not a DICOM file ({exc})") from None
-            apply_worklist(ds, exam, item, scheduled=bool(exam["sps_id"]))
-            tmp = self.tmp_dir / f"exam-{uuid.uuid4().hex}.dcm"
-            try:
-                ds.save_as(tmp, enforce_file_format=True)
-                rec = self.archive.store_part10(tmp, station)
-            finally:
-                tmp.unlink(missing_ok=True)
-            self.db.add_exam_object(
-                exam["id"], sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
-                series_uid=rec.series_uid, series_description=str(ds.get("SeriesDescription", "") or ""),
-                protocol_name=str(ds.get("ProtocolName", "") or ""),
-                operator=str(ds.get("OperatorsName", "") or ""),
-                performing_physician=str(ds.get("PerformingPhysicianName", "") or ""),
-                is_image=int("PixelData" in ds and rec.sop_class_uid not in NON_IMAGE_CLASSES),
-            )
-            added.append(rec.sop_instance_uid)
+            with self._lock:  # not between the checks of series_complete or end and their effect
+                self._check_open(exam["id"], str(ds.get("SeriesInstanceUID", "") or ""), p)
+                added.append(self._archive(exam, item, ds, station))
         return {"exam_id": exam["id"], "added": added}
 
+    def _check_open(self, exam_id: int, series_uid: str, path: str) -> None:
+        """Images may be added while the exam is in progress and their series not complete."""
+        state = self.db.exam(exam_id)["state"]  # type: ignore[index]
+        if state != mpps.IN_PROGRESS:
+            raise ExamError("conflict", f"exam {exam_id} is {state}: no more images may be added")
+        done = {se["series_uid"] for se in self.db.exam_series(exam_id) if se["completed_at"] is not None}
+        if series_uid in done:
+            raise ExamError(
+                "conflict",
+                f"{path}: series {series_uid} of exam {exam_id} was declared complete; "
+                "no more images may be added to it (use a new series)",
+            )
+
+    def _archive(self, exam: dict[str, Any], item: Dataset, ds: Dataset, station: str) -> str:
+        """Complete `ds` with the worklist data, archive and index it; its SOP Instance UID."""
+        apply_worklist(ds, exam, item, scheduled=bool(exam["sps_id"]))
+        tmp = self.tmp_dir / f"exam-{uuid.uuid4().hex}.dcm"
+        try:
+            ds.save_as(tmp, enforce_file_format=True)
+            rec = self.archive.store_part10(tmp, station)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.db.add_exam_object(
+            exam["id"], sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+            series_uid=rec.series_uid, series_description=str(ds.get("SeriesDescription", "") or ""),
+            protocol_name=str(ds.get("ProtocolName", "") or ""),
+            operator=str(ds.get("OperatorsName", "") or ""),
+            performing_physician=str(ds.get("PerformingPhysicianName", "") or ""),
+            is_image=int("PixelData" in ds and rec.sop_class_uid not in NON_IMAGE_CLASSES),
+        )
+        return rec.sop_instance_uid
+
+    def series_complete(self, exam_id: Any, series_uid: str) -> dict[str, Any]:
+        """The acquisition software says series `series_uid` of the exam has all its images.
+
+        The auto-send rule "series" queues the series to every node whose ``auto_send`` is
+        "series" (REQUIREMENTS D2). Declaring a series complete again changes nothing (the
+        result says ``already_complete``); later images of that series are refused.
+        """
+        if not isinstance(series_uid, str) or not series_uid:
+            raise ExamError("invalid", "exam.series_complete: give series_uid (a Series Instance UID)")
+        with self._lock:
+            exam = self._exam(exam_id)
+            if exam["state"] != mpps.IN_PROGRESS:
+                raise ExamError(
+                    "conflict", f"exam {exam['id']} is {exam['state']}: its series were completed at its end"
+                )
+            series = {se["series_uid"]: se for se in self.db.exam_series(exam["id"])}
+            if series_uid not in series:
+                raise ExamError("not_found", f"exam {exam['id']} has no image of series {series_uid}")
+            newly = self.db.complete_series(exam["id"], series_uid)
+            jobs = self._apply_rules(exam["id"])
+        LOG.info("exam %d: series %s complete%s", exam["id"], series_uid, "" if newly else " (again)")
+        return {"exam_id": exam["id"], "series_uid": series_uid, "instances": series[series_uid]["instances"],
+                "already_complete": not newly, "jobs": jobs}
+
+    def _apply_rules(self, exam_id: int) -> list[int]:
+        """Apply the auto-send rules still due for this exam: "series" to its completed series
+        not yet queued, "exam" once it has ended. A failing callback is logged and alerted, and
+        what it should have done stays due for :meth:`resume_auto_send`."""
+        jobs: list[int] = []
+        exam = self.db.exam(exam_id)
+        assert exam is not None
+        for se in self.db.exam_series(exam_id):
+            if se["completed_at"] is None or se["queued_at"] is not None:
+                continue
+            try:
+                jobs += self.on_series_complete(se["series_uid"]) if self.on_series_complete else []
+            except Exception as exc:
+                LOG.exception("exam %d: auto-send of series %s", exam_id, se["series_uid"])
+                self.alert("auto-send-failed", f"exam {exam_id}: series {se['series_uid']} not queued: {exc}")
+                continue
+            self.db.series_queued(exam_id, se["series_uid"])
+        if exam["ended_at"] is not None and exam["auto_queued_at"] is None:
+            uids = [o["sop_instance_uid"] for o in self.db.exam_objects(exam_id)]
+            try:
+                jobs += self.on_exam_complete(exam["study_uid"], uids) if self.on_exam_complete and uids else []
+            except Exception as exc:
+                LOG.exception("exam %d: auto-send of the exam", exam_id)
+                self.alert("auto-send-failed", f"exam {exam_id}: study {exam['study_uid']} not queued: {exc}")
+            else:
+                self.db.update_exam(exam_id, auto_queued_at=time.time())
+        return jobs
+
+    def resume_auto_send(self) -> list[int]:
+        """At start-up: apply the auto-send rules that an earlier run left due (see the module
+        docstring); the queued job ids."""
+        series, exams = self.db.auto_send_due()
+        jobs: list[int] = []
+        with self._lock:
+            for exam_id in dict.fromkeys([e for e, _ in series] + exams):
+                jobs += self._apply_rules(exam_id)
+        if jobs:
+            LOG.warning("auto-send: %d job(s) queued that an earlier run left due", len(jobs))
+        return jobs
+
     def end(self, exam_id: Any, discontinue: str | None = None) -> dict[str, Any]:
+        """Close the exam: queue the final MPPS N-SET, complete its open series and apply the
+        auto-send rules, for COMPLETED and DISCONTINUED alike (see the module docstring).
+        The result is the exam with ``jobs``, the ids of the send jobs queued."""
+        with self._lock:
+            return self._end(exam_id, discontinue)
+
+    def _end(self, exam_id: Any, discontinue: str | None) -> dict[str, Any]:
         exam = self._exam(exam_id)
         if exam["state"] != mpps.IN_PROGRESS:
             raise ExamError("conflict", f"exam {exam['id']} is already {exam['state']}; a final state is sent once")
@@ -371,9 +497,12 @@ class ExamManager:
             self.db.outbox_add(exam["id"], "set", exam["mpps_node"], _json(ds))
             self._wake.set()
         self.db.update_exam(exam["id"], state=final, ended_at=now, reason=discontinue or "")
+        for se in self.db.exam_series(exam["id"]):
+            self.db.complete_series(exam["id"], se["series_uid"])
         self.publish("exam.state", exam_id=exam["id"], state=final)
         LOG.info("exam %d ended %s", exam["id"], final)
-        return self.exam_info(exam["id"])
+        jobs = self._apply_rules(exam["id"])
+        return {**self.exam_info(exam["id"]), "jobs": jobs}
 
     # -- the MPPS outbox ------------------------------------------------------------------------
 

@@ -1,10 +1,18 @@
-"""The home folder: config, database, archive, IPC socket and logs of one service."""
+"""The home folder: config, database, archive, IPC socket and logs of one service.
+
+:func:`temporary_home` builds a throw-away home with its listeners on free loopback ports, for
+the demo, the tests and the benchmarks (one helper, so that they all get short socket paths and
+the same defaults).
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from modality_link import config
 
@@ -55,3 +63,43 @@ class Home:
     def load_config(self) -> config.Config:
         self.ensure()
         return config.load(self.config_path)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on at the moment (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def temporary_home(
+    root: str | os.PathLike | None = None,
+    *,
+    nodes: Mapping[str, config.Node] | None = None,
+    disk_server: bool = True,
+    prefix: str = "ml",
+    **settings: Any,
+) -> Home:
+    """A home for a demo or a test: listeners on free loopback ports, the given nodes.
+
+    `root` defaults to a new folder from ``tempfile.mkdtemp(prefix=prefix)``: keep `prefix`
+    short, the IPC socket path must stay under the 108 bytes of ``sun_path`` (unix(7)).
+    `disk_server` False disables the disk server. `settings` are further config values named
+    ``section__key`` (``timeouts__connect=1.0``). The caller removes the folder.
+    """
+    home = Home(Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=prefix)))
+    home.ensure()
+    if len(bytes(home.socket_path)) >= 108:
+        raise ValueError(f"{home.socket_path}: a Unix socket path must be shorter than 108 bytes")
+    cfg = config.load(home.config_path)
+    cfg.disk_server.enabled = disk_server
+    cfg.disk_server.port = free_port()
+    cfg.disk_server.bind_address = "127.0.0.1"
+    cfg.memory_server.port = free_port()
+    cfg.memory_server.bind_address = "127.0.0.1"
+    cfg.nodes.update(nodes or {})
+    for key, value in settings.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    config.save(cfg, home.config_path)
+    return home

@@ -36,7 +36,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from modality_link.config import Config, ConfigError
 from modality_link.db import Database
 from modality_link.net import commitment, storage
-from modality_link.net.association import AssociationFailed, associate, make_ae
+from modality_link.net.association import AssociationFailed, NoContextAccepted, associate, make_ae
 
 LOG = logging.getLogger("modality_link.jobs")
 
@@ -194,21 +194,29 @@ class JobQueue:
             uids += [r["sop_instance_uid"] for r in rows]
         return self.submit("send", node, uids, {"commit": commit, "studies": study_uids})
 
-    def on_exam_complete(self, study_uid: str) -> list[int]:
-        """Auto-send rule "exam" (D2): queue the study to every node whose rule is "exam"."""
-        return self._auto("exam", [r["sop_instance_uid"] for r in self.db.study_instances(study_uid)])
+    def on_exam_complete(self, study_uid: str, sop_instance_uids: list[str] | None = None) -> list[int]:
+        """Auto-send rule "exam" (D2): queue the study to every node whose rule is "exam".
+
+        From an exam end, `sop_instance_uids` are the exam's instances of the study (a second
+        exam on the same study sends only its own); from an import, the whole study."""
+        if sop_instance_uids is None:
+            sop_instance_uids = [r["sop_instance_uid"] for r in self.db.study_instances(study_uid)]
+        return self._auto("exam", sop_instance_uids, {"studies": [study_uid]})
 
     def on_series_complete(self, series_uid: str) -> list[int]:
         """Auto-send rule "series" (D2): queue the series to every node whose rule is "series"."""
-        return self._auto("series", self.db.series_instance_uids(series_uid))
+        return self._auto("series", self.db.series_instance_uids(series_uid), {"series": series_uid})
 
-    def _auto(self, rule: str, uids: list[str]) -> list[int]:
+    def _auto(self, rule: str, uids: list[str], extra: dict[str, Any] | None = None) -> list[int]:
+        """Queue `uids` to each node with the `rule` and the store role, with Storage
+        Commitment where the node has the commit role (E3)."""
         if not uids:
             return []
         jobs = []
         for name, node in self.get_config().nodes.items():
             if node.auto_send == rule and "store" in node.roles:
-                jobs.append(self.submit("send", name, uids, {"commit": "commit" in node.roles, "auto": rule}))
+                params = {"commit": "commit" in node.roles, "auto": rule, **(extra or {})}
+                jobs.append(self.submit("send", name, uids, params))
         return jobs
 
     def show(self, job_id: int) -> dict[str, Any]:
@@ -529,8 +537,6 @@ class JobQueue:
         handlers = [(evt.EVT_N_EVENT_REPORT, on_report), (evt.EVT_DIMSE_SENT, on_sent)]
         try:
             with associate(ae, node, evt_handlers=handlers) as assoc:
-                if not assoc.accepted_contexts:
-                    raise Fail(f"{node.ae_title} does not accept the Storage Commitment Push Model")
                 try:
                     status = commitment.request(assoc, tx, refs)
                 except ConnectionError as exc:
@@ -548,6 +554,8 @@ class JobQueue:
                         if got_here.is_set():
                             answered.wait(5.0)
                         break
+        except NoContextAccepted as exc:  # the node does not offer commitment: asking again won't help
+            raise Fail(str(exc)) from None
         except AssociationFailed as exc:
             raise Retry(str(exc)) from None
         row = self.db.transaction(tx)

@@ -119,8 +119,10 @@ class Service:
         )
         self._start_servers()
         self.exams = ExamManager(
-            self.db, self.archive, lambda: self.config, self.home.tmp_dir, self.alert, self.publish
+            self.db, self.archive, lambda: self.config, self.home.tmp_dir, self.alert, self.publish,
+            on_series_complete=self.jobs.on_series_complete, on_exam_complete=self.jobs.on_exam_complete,
         )
+        self.exams.resume_auto_send()
         self.exams.start_worker()
         self.ipc = IpcServer(self.home.socket_path, self.methods())
         self.ipc.start()
@@ -219,6 +221,7 @@ class Service:
             "worklist.query": self._exam_call("query_worklist"),
             "exam.start": self._exam_call("start"),
             "exam.add_image": self._exam_call("add_image"),
+            "exam.series_complete": self._exam_call("series_complete"),
             "exam.end": self._exam_call("end"),
             "exam.show": self._exam_call("exam_info"),
             "send": self.send,

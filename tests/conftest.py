@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 
 from modality_link import config
-from modality_link.home import Home
+from modality_link.home import Home, temporary_home
 from modality_link.ipc import IpcClient, NotRunning
 
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
@@ -39,12 +39,6 @@ def require_tool(name: str) -> str:
 def dcmtk_env() -> dict[str, str]:
     """DCMTK tools stall ~40 ms per C-STORE without TCP_NODELAY=1."""
     return dict(os.environ, TCP_NODELAY="1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
@@ -95,19 +89,10 @@ class RunningService:
         return self.proc.poll() is None
 
 
-def start_service(root: Path, **settings: Any) -> RunningService:
+def start_service(root: Path, nodes: dict[str, config.Node] | None = None, **settings: Any) -> RunningService:
     """Start `serve` on `root`; `settings` are dotted config keys (disk_server__port=...)."""
-    home = Home(root)
-    home.ensure()
-    cfg = config.load(home.config_path)
-    port = free_port()
-    cfg.disk_server.port = port
-    cfg.disk_server.bind_address = "127.0.0.1"
-    cfg.memory_server.port = free_port()
-    for key, value in settings.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    config.save(cfg, home.config_path)
+    home = temporary_home(root, nodes=nodes, **settings)
+    port = config.load(home.config_path).disk_server.port
     proc = subprocess.Popen(
         [sys.executable, "-m", "modality_link", "--home", str(root), "serve"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -13,15 +12,9 @@ from typing import Any, Callable
 import pytest
 
 from modality_link import config
-from modality_link.home import Home
+from modality_link.home import Home, free_port, temporary_home  # noqa: F401 (free_port: tests)
 from modality_link.ipc import IpcClient
 from modality_link.service import Service
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def require_tool(path: str) -> str:
@@ -55,15 +48,8 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 
 def make_home(nodes: dict[str, config.Node], **timeouts: float) -> Home:
-    home = Home(Path(tempfile.mkdtemp(prefix="ml")))
-    home.ensure()
-    cfg = config.load(home.config_path)
-    cfg.disk_server.enabled = False
-    cfg.nodes = nodes
-    for k, v in timeouts.items():
-        setattr(cfg.timeouts, k, v)
-    config.save(cfg, home.config_path)
-    return home
+    """A home without a disk server, with these nodes and timeouts (connect=1.0 ...)."""
+    return temporary_home(nodes=nodes, disk_server=False, **{f"timeouts__{k}": v for k, v in timeouts.items()})
 
 
 class RunningService:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -13,7 +11,7 @@ from typing import Any
 import pytest
 
 from modality_link import config
-from modality_link.home import Home
+from modality_link.home import Home, free_port, temporary_home  # noqa: F401 (free_port: bench/send.py)
 from modality_link.ipc import IpcClient
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -27,26 +25,14 @@ def need_tool(path: str) -> None:
         pytest.skip(f"{path} not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def make_home(**node_kw: Any) -> Home:
     """A home with a disk server on a free loopback port and, if given, node PACS."""
-    root = Path(tempfile.mkdtemp(prefix="ml"))
-    home = Home(root)
-    home.ensure()
-    cfg = config.load(home.config_path)
-    cfg.disk_server.port = free_port()
-    cfg.disk_server.bind_address = "127.0.0.1"
+    nodes = {}
     if node_kw:
         defaults = dict(host="127.0.0.1", roles=["store", "commit"], retry_interval=0.2,
                         commit_wait=5.0, commit_timeout=10.0)
-        cfg.nodes["PACS"] = config.Node(**(defaults | node_kw))
-    config.save(cfg, home.config_path)
-    return home
+        nodes["PACS"] = config.Node(**(defaults | node_kw))
+    return temporary_home(nodes=nodes)
 
 
 def cleanup(home: Home) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modality_link.home import Home
+from modality_link.home import temporary_home
 from modality_link.ipc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -136,14 +136,7 @@ def test_import_files_and_folders(service: RunningService, tmp_path: Path) -> No
 def test_every_ipc_method_is_documented(short_tmp: Path) -> None:
     doc = (REPO / "docs" / "ipc.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^### `([a-z_.]+)`", doc, flags=re.M))
-    from modality_link import config
-    from tests.conftest import free_port
-
-    home = Home(short_tmp)
-    home.ensure()
-    cfg = config.load(home.config_path)
-    cfg.disk_server.port = free_port()
-    config.save(cfg, home.config_path)
+    home = temporary_home(short_tmp)
     service = Service(home)
     service.start(log_to_stderr=False)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -13,10 +14,9 @@ from pynetdicom.sop_class import Verification
 
 from modality_link import config
 from modality_link.config import Node
-from modality_link.home import Home
+from modality_link.home import Home, temporary_home
 from modality_link.net.association import associate, make_ae
 from modality_link.service import Service, setup_logging
-from tests.conftest import free_port
 
 
 def test_demo_runs_end_to_end() -> None:
@@ -27,6 +27,11 @@ def test_demo_runs_end_to_end() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "stored 5/5 CT images by C-STORE" in proc.stdout
     assert "5 instances" in proc.stdout
+    # the exam end auto-sends to the simulated PACS (no explicit send) and commitment follows
+    assert "COMPLETED with 5 images; auto-send to PACS queued as job(s) [1]" in proc.stdout
+    assert re.search(r"PACS received study [0-9.]+: 5/5 instances, committed 5/5", proc.stdout), proc.stdout
+    assert "commit job 2 to PACS done" in proc.stdout
+    assert "RIS received MPPS [('create', 0), ('set', 0)]" in proc.stdout
 
 
 def _nodelay(sock: socket.socket) -> int:
@@ -34,12 +39,8 @@ def _nodelay(sock: socket.socket) -> int:
 
 
 def test_tcp_nodelay_on_acceptor_and_requestor_sockets(short_tmp: Path) -> None:
-    home = Home(short_tmp)
-    home.ensure()
+    home = temporary_home(short_tmp)
     cfg = config.load(home.config_path)
-    cfg.disk_server.port = free_port()
-    cfg.disk_server.bind_address = "127.0.0.1"
-    config.save(cfg, home.config_path)
     service = Service(home)
     service.start(log_to_stderr=False)
     try:

@@ -3,17 +3,30 @@
 - every AE carries our Implementation Class UID and Version Name (PS3.7 D.3.3.2);
 - every DICOM socket, requestor or acceptor, gets TCP_NODELAY when it opens;
 - the timeouts of the config map onto pynetdicom's (REQUIREMENTS §12);
-- a rejection or abort becomes one sentence that names the peer and the reason (PS3.8 §9.3.4
-  Table 9-21 for A-ASSOCIATE-RJ, §9.3.8 Table 9-26 for A-ABORT).
+- a failed set-up becomes one sentence that names the peer and the reason:
+  - no TCP connection: "connection refused", "timed out", "host unreachable" (the errno);
+  - connected, but no A-ASSOCIATE-AC/RJ within the ACSE timeout (PS3.8 §9.1.5, ARTIM);
+  - A-ASSOCIATE-RJ: result, source and reason (PS3.8 §9.3.4, Table 9-21);
+  - A-ABORT during set-up (PS3.8 §9.3.8, Table 9-26);
+  - an A-ASSOCIATE-AC that accepts none of the proposed presentation contexts: pynetdicom
+    aborts such an association itself (a DICOM association needs at least one accepted context);
+    the sentence lists each rejected abstract syntax by name with its result/reason from PS3.8
+    Table 9-18 (:class:`NoContextAccepted`).
+
+pynetdicom does not hand the TCP connect error to the caller (it only logs it), so when no
+connection opened, :func:`associate` tells a timeout by the time spent, and otherwise connects
+once more itself to learn the error (refused, unreachable, unknown host).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+from pydicom.uid import UID
 from pynetdicom import AE, Association, evt
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
@@ -46,8 +59,39 @@ ABORT_REASONS = {
 }
 
 
+#: PS3.8 Table 9-18: Result/Reason of a presentation context in the A-ASSOCIATE-AC.
+CONTEXT_RESULTS = {
+    1: "user rejection",
+    2: "no reason (provider rejection)",
+    3: "abstract syntax not supported (provider rejection)",
+    4: "transfer syntaxes not supported (provider rejection)",
+}
+
+
 class AssociationFailed(Exception):
-    """The association could not be established or was lost; the message says why."""
+    """The association could not be established or was lost; the message says why.
+
+    `reason` is a word for programs: ``refused``, ``timeout``, ``unreachable`` (no TCP
+    connection), ``no-answer`` (no A-ASSOCIATE response), ``rejected``, ``aborted``,
+    ``no-context`` (see :class:`NoContextAccepted`), or ``failed``.
+    """
+
+    def __init__(self, message: str, reason: str = "failed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NoContextAccepted(AssociationFailed):
+    """The peer sent an A-ASSOCIATE-AC that accepts none of the proposed presentation contexts.
+
+    A configuration matter on one side or the other (the peer does not offer this service, or
+    not in these transfer syntaxes): trying again unchanged will fail the same way.
+    `rejected` holds ``(abstract syntax UID, its name, PS3.8 Table 9-18 result)`` per context.
+    """
+
+    def __init__(self, message: str, rejected: list[tuple[str, str, int]]) -> None:
+        super().__init__(message, "no-context")
+        self.rejected = rejected
 
 
 def set_tcp_nodelay(event: evt.Event) -> None:
@@ -99,6 +143,43 @@ def peer_of(assoc: Association) -> str:
     return f"{remote.ae_title.strip()}@{remote.address}:{remote.port}"
 
 
+def describe_rejected_contexts(contexts: Sequence[Any]) -> tuple[str, list[tuple[str, str, int]]]:
+    """Name each rejected abstract syntax with its PS3.8 Table 9-18 result (contexts proposing
+    the same abstract syntax with other transfer syntaxes are told once)."""
+    results: dict[str, list[int]] = {}
+    for cx in contexts:
+        got = results.setdefault(str(cx.abstract_syntax), [])
+        if cx.result not in got:
+            got.append(cx.result)
+    rejected, parts = [], []
+    for uid, codes in results.items():
+        name = UID(uid).name if UID(uid).is_valid else uid
+        name = name.removesuffix(" SOP Class")
+        rejected += [(uid, name, code) for code in codes]
+        why = ", ".join(CONTEXT_RESULTS.get(code, f"result {code}") for code in codes)
+        parts.append(f"{name} ({uid}): {why}")
+    return "; ".join(parts), rejected
+
+
+def describe_connect_failure(host: str, port: int, elapsed: float, connect_timeout: float | None) -> tuple[str, str]:
+    """Why no TCP connection opened: (reason word, sentence). A connect that lasted the whole
+    connect timeout timed out; otherwise one more connect attempt tells the error."""
+    if connect_timeout is not None and elapsed >= connect_timeout * 0.95:
+        return "timeout", f"timed out: no TCP connection within {connect_timeout:g} s"
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            pass
+    except ConnectionRefusedError:
+        return "refused", f"connection refused (nothing listens on {host}:{port})"
+    except socket.gaierror as exc:
+        return "unreachable", f"unknown host {host!r} ({exc.strerror or exc})"
+    except TimeoutError:
+        return "timeout", "timed out: no TCP connection"
+    except OSError as exc:
+        return "unreachable", f"no TCP connection ({exc.strerror or exc})"
+    return "failed", "the TCP connection failed, but the port answers now (the peer may have just started)"
+
+
 @contextmanager
 def associate(
     ae: AE,
@@ -110,19 +191,24 @@ def associate(
     """Open an association to `node`, yield it, and release it afterwards.
 
     Raises :class:`AssociationFailed` with a sentence naming the peer and the reason when the
-    peer cannot be reached, rejects, or aborts during set-up.
+    peer cannot be reached, does not answer, rejects, aborts during set-up, or accepts none of
+    the presentation contexts (:class:`NoContextAccepted`).
     """
     seen: dict[str, Any] = {}
 
     def on_acse(event: evt.Event) -> None:
         prim = event.primitive
-        if isinstance(prim, A_ASSOCIATE) and prim.result not in (None, 0):
-            seen["reject"] = prim
+        if isinstance(prim, A_ASSOCIATE) and prim.result is not None:
+            seen["accept" if prim.result == 0 else "reject"] = prim
         elif isinstance(prim, (A_ABORT, A_P_ABORT)):
             seen["abort"] = prim
 
-    handlers = [*COMMON_HANDLERS, (evt.EVT_ACSE_RECV, on_acse), *evt_handlers]
+    def on_open(event: evt.Event) -> None:
+        seen["connected"] = True
+
+    handlers = [*COMMON_HANDLERS, (evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), *evt_handlers]
     target = f"{node.ae_title}@{node.host}:{node.port}"
+    started = time.monotonic()
     assoc = ae.associate(
         node.host,
         node.port,
@@ -132,16 +218,28 @@ def associate(
         max_pdu=node.max_pdu,
     )
     if not assoc.is_established:
+        reason = "failed"
+        if "accept" in seen:
+            what, rejected = describe_rejected_contexts(assoc.rejected_contexts)
+            why = f"the peer accepted the association but none of the proposed presentation contexts: {what}"
+            LOG.error("association to %s failed: %s", target, why)
+            raise NoContextAccepted(f"association to {target} failed: {why}", rejected)
         if "reject" in seen:
-            why = describe_reject(seen["reject"])
+            reason, why = "rejected", describe_reject(seen["reject"])
         elif "abort" in seen:
-            why = describe_abort(seen["abort"])
+            reason, why = "aborted", describe_abort(seen["abort"])
         elif assoc.is_rejected:
-            why = "rejected"
+            reason, why = "rejected", "rejected"
+        elif not seen.get("connected"):
+            reason, why = describe_connect_failure(
+                node.host, node.port, time.monotonic() - started, ae.connection_timeout
+            )
         else:
-            why = "no answer (connection refused or timed out)"
+            reason = "no-answer"
+            limit = f" within {ae.acse_timeout:g} s (ACSE timeout)" if ae.acse_timeout else ""
+            why = f"connected, but no answer to the association request{limit}"
         LOG.error("association to %s failed: %s", target, why)
-        raise AssociationFailed(f"association to {target} failed: {why}")
+        raise AssociationFailed(f"association to {target} failed: {why}", reason)
     try:
         yield assoc
     finally:
