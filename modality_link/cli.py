@@ -15,8 +15,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from modality_link import __version__, config
-from modality_link.config import ConfigError, Node
+from modality_link import __version__
 from modality_link.home import Home
 from modality_link.ipc import IpcClient, IpcError, NotRunning
 
@@ -79,6 +78,8 @@ def cmd_status(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_config(args: argparse.Namespace, home: Home) -> int:
+    from modality_link import config
+
     home.ensure()
     if args.action == "show":
         print(home.config_path.read_text(encoding="utf-8"), end="")
@@ -96,6 +97,8 @@ def cmd_config(args: argparse.Namespace, home: Home) -> int:
 
 
 def cmd_node(args: argparse.Namespace, home: Home) -> int:
+    from modality_link import config
+
     home.ensure()
     cfg = config.load(home.config_path)
     if args.action == "list":
@@ -108,9 +111,9 @@ def cmd_node(args: argparse.Namespace, home: Home) -> int:
         return EXIT_OK
     if args.action == "add":
         if any(n.lower() == args.name.lower() for n in cfg.nodes):
-            raise ConfigError(f"nodes.{args.name}: duplicate node name (remove it first)")
+            raise config.ConfigError(f"nodes.{args.name}: duplicate node name (remove it first)")
         roles = [r.strip() for r in args.roles.split(",") if r.strip()]
-        cfg.nodes[args.name] = Node(ae_title=args.ae, host=args.host, port=args.port, roles=roles)
+        cfg.nodes[args.name] = config.Node(ae_title=args.ae, host=args.host, port=args.port, roles=roles)
         config.save(cfg, home.config_path)
         print(f"node {args.name} added")
     elif args.action == "remove":
@@ -512,7 +515,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     home = Home.resolve(args.home)
     try:
         return int(args.func(args, home))
-    except ConfigError as exc:
+    except ValueError as exc:
+        # modality_link.config (TOML, dataclasses) is loaded only by the commands that use it,
+        # so that the thin IPC clients start fast.
+        from modality_link.config import ConfigError
+
+        if not isinstance(exc, ConfigError):
+            raise
         print(f"modality-link: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except NotRunning as exc:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_FILE = "config.toml"
+from modality_link.home import CONFIG_FILE  # noqa: F401 (the home folder layout owns the name)
 ROLES = ("worklist", "mpps", "store", "commit", "qr")
 #: Transfer syntaxes a node may be configured to receive (PS3.5 §10, REQUIREMENTS §8).
 KNOWN_TRANSFER_SYNTAXES = (

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
-from modality_link import config
+if TYPE_CHECKING:
+    from modality_link import config
+
+#: The config file's name in a home (``modality_link.config`` reads and writes it). The config
+#: module is imported where it is used, not here: every CLI command starts with a Home, and the
+#: thin IPC clients should not pay for loading the TOML and dataclass machinery they never use.
+CONFIG_FILE = "config.toml"
 
 
-@dataclass(frozen=True)
-class Home:
+class Home(NamedTuple):
+    """The folder of one service (``--home``)."""
+
     root: Path
 
     @classmethod
@@ -30,7 +35,7 @@ class Home:
 
     @property
     def config_path(self) -> Path:
-        return self.root / config.CONFIG_FILE
+        return self.root / CONFIG_FILE
 
     @property
     def db_path(self) -> Path:
@@ -58,9 +63,13 @@ class Home:
         for d in (self.root, self.archive_dir, self.tmp_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
         if not self.config_path.exists():
+            from modality_link import config
+
             config.save(config.Config(), self.config_path)
 
-    def load_config(self) -> config.Config:
+    def load_config(self) -> "config.Config":
+        from modality_link import config
+
         self.ensure()
         return config.load(self.config_path)
 
@@ -87,6 +96,10 @@ def temporary_home(
     `disk_server` False disables the disk server. `settings` are further config values named
     ``section__key`` (``timeouts__connect=1.0``). The caller removes the folder.
     """
+    import tempfile
+
+    from modality_link import config
+
     home = Home(Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=prefix)))
     home.ensure()
     if len(bytes(home.socket_path)) >= 108:

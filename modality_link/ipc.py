@@ -13,7 +13,6 @@ the acquisition software's authors; a test keeps the two in step.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -212,6 +211,8 @@ class IpcServer:
         return None if is_notification else {"jsonrpc": "2.0", "id": req_id, "result": result}
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        import inspect  # the server only (clients start without it); loaded there already
+
         func = self.methods[method]
         try:
             inspect.signature(func).bind(*args, **kwargs)

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Hashable, Sequence
+from typing import BinaryIO, Callable, Hashable, Sequence
 
 from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -268,6 +268,59 @@ class AssociationPool:
             assoc.release()
 
 
+@dataclass
+class _Ready:
+    """An instance ready to go: its presentation context and its data set, in memory or as an
+    open file positioned at the data set with `size` bytes to send."""
+
+    context_id: int
+    data: memoryview | BinaryIO
+    size: int = 0
+
+    def close(self) -> None:
+        if not isinstance(self.data, memoryview):
+            self.data.close()
+
+
+def _prepare(inst: Instance, assoc: Requestor, syntaxes: dict[str, list[str]], tmp_dir: Path) -> _Ready | Outcome:
+    """Choose the context, convert when needed and read the file; an Outcome when it cannot be sent."""
+    ts = choose_syntax(inst, syntaxes)
+    if ts is None:
+        if inst.sop_class_uid not in syntaxes:
+            reason = assoc.rejected().get(inst.sop_class_uid, "not proposed")
+            why = f"the peer rejected its SOP class (presentation context: {reason})"
+        else:
+            why = (f"the peer accepts none of the transfer syntaxes it can be sent in "
+                   f"(stored as {inst.transfer_syntax})")
+        return Outcome("failed", None, f"not sent: {why}")
+    context_id = next(cid for cid, t in assoc.accepted()[inst.sop_class_uid] if t == ts)
+    path, temporary = inst.path, False
+    if ts != inst.transfer_syntax:
+        try:
+            path, temporary = _convert(inst, ts, tmp_dir), True
+        except Exception as exc:  # an undecodable compressed file
+            return Outcome("failed", None, f"not sent: cannot convert to {UID(ts).name}: {exc}")
+    try:
+        fp = open(path, "rb")
+    except OSError as exc:
+        return Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")
+    finally:
+        if temporary:
+            os.unlink(path)  # the open file stays readable
+    try:
+        size = os.fstat(fp.fileno()).st_size
+        data = fp.read() if size <= IN_MEMORY else fp.read(65536)
+        start = dataset_start(data)
+        if size <= IN_MEMORY:
+            fp.close()
+            return _Ready(context_id, memoryview(data)[start:])
+        fp.seek(start)
+        return _Ready(context_id, fp, size - start)
+    except (OSError, ValueError) as exc:
+        fp.close()
+        return Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")
+
+
 def store_instances(
     assoc: Requestor,
     instances: Sequence[Instance],
@@ -275,72 +328,48 @@ def store_instances(
     tmp_dir: Path,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """C-STORE each instance on `assoc`; call ``on_result(instance, outcome)`` after each.
+    """C-STORE each instance on `assoc`; call ``on_result(instance, outcome)`` after each, in order.
 
     A file whose transfer syntax was accepted goes out as its bytes on disk after the File
-    Meta Information, never decoded. `on_result` returns False to stop the batch (failure
-    policy "stop", D6). Raises :class:`AssociationLost` when the association is aborted or
-    the connection lost (D7).
+    Meta Information, never decoded; the next file is read while the peer stores the current
+    one. `on_result` returns False to stop the batch (failure policy "stop", D6). Raises
+    :class:`AssociationLost` when the association is aborted or the connection lost (D7).
     """
-    accepted = assoc.accepted()
-    syntaxes = {sop: [ts for _, ts in cxs] for sop, cxs in accepted.items()}
-    rejected = assoc.rejected()
-    for inst in instances:
-        if should_stop():
-            return
-        ts = choose_syntax(inst, syntaxes)
-        if ts is None:
-            if inst.sop_class_uid not in accepted:
-                reason = rejected.get(inst.sop_class_uid, "not proposed")
-                why = f"the peer rejected its SOP class (presentation context: {reason})"
-            else:
-                why = (f"the peer accepts none of the transfer syntaxes it can be sent in "
-                       f"(stored as {inst.transfer_syntax})")
-            if not on_result(inst, Outcome("failed", None, f"not sent: {why}")):
+    syntaxes = {sop: [ts for _, ts in cxs] for sop, cxs in assoc.accepted().items()}
+    queue = ((inst, _prepare(inst, assoc, syntaxes, tmp_dir)) for inst in instances)
+    ahead = next(queue, None)
+    try:
+        while ahead is not None:
+            if should_stop():
                 return
-            continue
-        context_id = next(cid for cid, t in accepted[inst.sop_class_uid] if t == ts)
-        path, temporary = inst.path, False
-        if ts != inst.transfer_syntax:
-            try:
-                path, temporary = _convert(inst, ts, tmp_dir), True
-            except Exception as exc:  # an undecodable compressed file
-                outcome = Outcome("failed", None, f"not sent: cannot convert to {UID(ts).name}: {exc}")
-                if not on_result(inst, outcome):
-                    return
-                continue
-        try:
-            fp = open(path, "rb")
-        except OSError as exc:
-            if not on_result(inst, Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")):
-                return
-            continue
-        finally:
-            if temporary:
-                os.unlink(path)  # the open file stays readable
-        with fp:
-            try:
-                size = os.fstat(fp.fileno()).st_size
-                data = fp.read() if size <= IN_MEMORY else fp.read(65536)
-                start = dataset_start(data)
-            except (OSError, ValueError) as exc:
-                if not on_result(inst, Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")):
-                    return
-                continue
-            command = c_store_rq(assoc.next_message_id(), inst.sop_class_uid, inst.sop_instance_uid)
-            if size <= IN_MEMORY:
-                assoc.send_message(context_id, command, memoryview(data)[start:])
+            (inst, ready), ahead = ahead, None
+            if isinstance(ready, _Ready):
+                try:
+                    command = c_store_rq(assoc.next_message_id(), inst.sop_class_uid, inst.sop_instance_uid)
+                    assoc.send_message(ready.context_id, command, ready.data, ready.size)
+                finally:
+                    ready.close()
+                ahead = next(queue, None)  # read the next file while the peer stores this one
+                outcome = _response(assoc)
             else:
-                fp.seek(start)
-                assoc.send_message(context_id, command, fp, size - start)
-        rsp = parse_command(assoc.receive_command(assoc.timeouts.dimse))
-        if rsp.get(0x0100) != b"\x01\x80" or 0x0900 not in rsp:  # C-STORE-RSP with a Status
-            assoc.abort()
-            raise AssociationLost(f"{assoc.peer} answered a C-STORE-RQ with something else than a C-STORE-RSP")
-        (status,) = struct.unpack("<H", rsp[0x0900])
-        outcome = classify(status)
-        comment = rsp.get(0x0902, b"").rstrip(b"\x00 ").decode("latin-1")
-        if comment and outcome.state != "done":
-            outcome.detail += f" ({comment})"
-        if not on_result(inst, outcome):
-            return
+                outcome = ready
+                ahead = next(queue, None)
+            if not on_result(inst, outcome):
+                return
+    finally:
+        if ahead is not None and isinstance(ahead[1], _Ready):
+            ahead[1].close()
+
+
+def _response(assoc: Requestor) -> Outcome:
+    """Wait for the C-STORE-RSP (PS3.7 §9.3.1.2) and classify its status."""
+    rsp = parse_command(assoc.receive_command(assoc.timeouts.dimse))
+    if rsp.get(0x0100) != b"\x01\x80" or 0x0900 not in rsp:  # C-STORE-RSP with a Status
+        assoc.abort()
+        raise AssociationLost(f"{assoc.peer} answered a C-STORE-RQ with something else than a C-STORE-RSP")
+    (status,) = struct.unpack("<H", rsp[0x0900])
+    outcome = classify(status)
+    comment = rsp.get(0x0902, b"").rstrip(b"\x00 ").decode("latin-1")
+    if comment and outcome.state != "done":
+        outcome.detail += f" ({comment})"
+    return outcome
