@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -15,6 +17,19 @@ from modality_link.home import Home, free_port, temporary_home  # noqa: F401 (fr
 from modality_link.ipc import IpcClient
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@contextmanager
+def generated_study(**kw: Any) -> Iterator[Path]:
+    """A temporary folder holding a study from :func:`sim.images.write_study` (its keywords)."""
+    from sim import images
+
+    d = Path(tempfile.mkdtemp(prefix="mlimg"))
+    try:
+        images.write_study(d, **kw)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def need_tool(path: str) -> None:

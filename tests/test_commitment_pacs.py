@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,14 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from modality_link import config
 from modality_link.service import Service
-from sim import images
 from sim.pacs import Pacs
-from tests.store_support import call, cleanup, make_home, wait_chain
+from tests.store_support import call, cleanup, generated_study, make_home, wait_chain
 
 
 @pytest.fixture(scope="module")
 def study_dir():
-    d = Path(tempfile.mkdtemp(prefix="mlimg"))
-    images.write_study(d, modality="CT", images=10, rows=64, columns=64, seed=3)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with generated_study(modality="CT", images=10, rows=64, columns=64, seed=3) as d:
+        yield d
 
 
 class Rig:

@@ -21,10 +21,9 @@ from modality_link.config import Timeouts
 from modality_link.net import storage, upper_layer
 from modality_link.net.association import AssociationFailed
 from modality_link.service import Service
-from sim import images
 from sim.pacs import Pacs
 from tests.conftest import require_tool
-from tests.store_support import call, cleanup, free_port, make_home, wait_chain
+from tests.store_support import call, cleanup, free_port, generated_study, make_home, wait_chain
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
@@ -32,10 +31,8 @@ SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
 @pytest.fixture(scope="module")
 def study_dir():
-    d = Path(tempfile.mkdtemp(prefix="mlimg"))
-    images.write_study(d, modality="CT", images=6, rows=64, columns=64, seed=11)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with generated_study(modality="CT", images=6, rows=64, columns=64, seed=11) as d:
+        yield d
 
 
 def instances(d: Path) -> list[storage.Instance]:

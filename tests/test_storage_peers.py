@@ -21,7 +21,7 @@ from pydicom import dcmread
 from modality_link import config
 from modality_link.service import Service
 from sim import images
-from tests.store_support import call, cleanup, free_port, make_home, need_tool, wait_chain
+from tests.store_support import call, cleanup, free_port, generated_study, make_home, need_tool, wait_chain
 
 STORESCP = "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
@@ -30,10 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def ct300():
-    d = Path(tempfile.mkdtemp(prefix="mlct"))
-    images.write_study(d, modality="CT", images=300, rows=512, columns=512, seed=7)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with generated_study(modality="CT", images=300, rows=512, columns=512, seed=7) as d:
+        yield d
 
 
 def start_storescp(out: Path, port: int) -> subprocess.Popen:

@@ -29,7 +29,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import _config, evt
+from pynetdicom import evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -40,9 +40,6 @@ from modality_link.db import InstanceRecord
 from modality_link.net.association import COMMON_HANDLERS, describe_reject, make_ae, peer_of
 
 LOG = logging.getLogger("modality_link.net.servers")
-
-# Receive C-STORE datasets to a temporary file, never decoded in memory (pynetdicom >= 2.0).
-_config.STORE_RECV_CHUNKED_DATASET = True
 
 #: Transfer syntaxes the archive accepts, in our order of preference (REQUIREMENTS A11).
 ARCHIVE_TRANSFER_SYNTAXES = [

@@ -21,7 +21,6 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from modality_link.config import Node, Timeouts
@@ -29,10 +28,6 @@ from modality_link.net.association import AssociationFailed, associate, make_ae
 from modality_link.net.charset import repair_charset
 
 LOG = logging.getLogger("modality_link.net.worklist")
-
-# pynetdicom pretty-prints every response identifier by default, which converts its raw elements
-# with the default character set before we could repair (0008,0005): turn that off.
-pynetdicom_config.LOG_RESPONSE_IDENTIFIERS = False
 
 #: PS3.4 K.4.1.1.4 C-FIND statuses for MWL.
 STATUS_TEXT = {
