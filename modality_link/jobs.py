@@ -407,22 +407,30 @@ class JobQueue:
 
             key = (job["node"], node.host, node.port, node.ae_title, cfg.station.ae_title,
                    tuple(node.transfer_syntaxes), node.max_pdu)
-            try:
-                assoc = self._associations.acquire(
-                    key, node.host, node.port, cfg.station.ae_title, node.ae_title,
-                    [i.sop_class_uid for i in instances], node.transfer_syntaxes, cfg.timeouts,
-                    node.max_pdu)
-            except AssociationFailed as exc:
-                raise Retry(str(exc)) from None
-            try:
-                storage.store_instances(assoc, instances, on_result, self.archive_root / ".tmp",
-                                        ctx.should_stop)
-            except storage.AssociationLost as exc:
-                assoc.abort()
-                raise Retry(f"{node.ae_title}@{node.host}:{node.port}: {exc}") from None
-            except BaseException:
-                assoc.abort()
-                raise
+            while True:
+                try:
+                    assoc = self._associations.acquire(
+                        key, node.host, node.port, cfg.station.ae_title, node.ae_title,
+                        [i.sop_class_uid for i in instances], node.transfer_syntaxes, cfg.timeouts,
+                        node.max_pdu)
+                except AssociationFailed as exc:
+                    raise Retry(str(exc)) from None
+                answered = counts["done"] + counts["failed"]
+                try:
+                    storage.store_instances(assoc, instances, on_result, self.archive_root / ".tmp",
+                                            ctx.should_stop)
+                except storage.AssociationLost as exc:
+                    assoc.abort()
+                    if assoc.reused and counts["done"] + counts["failed"] == answered:
+                        # a kept association the peer dropped just as we used it (D3): not a failure
+                        LOG.info("job %d: the kept association to %s was gone (%s); opening a new one",
+                                 job_id, assoc.peer, exc)
+                        continue
+                    raise Retry(f"{node.ae_title}@{node.host}:{node.port}: {exc}") from None
+                except BaseException:
+                    assoc.abort()
+                    raise
+                break
             if ctx.should_stop():
                 assoc.abort()
                 raise Stopping()

@@ -127,6 +127,16 @@ def test_peer_closing_a_kept_association_costs_no_attempt(station):
     assert s.pacs.associations == 2 and len(s.pacs.received) == 6
 
 
+def test_kept_association_dropped_at_first_use_is_replaced_without_an_attempt(station):
+    """The peer aborts a kept association on the first C-STORE of the next job (its idle
+    timeout raced our reuse): the job goes on at once on a new association."""
+    s = station({"idle_release": 30, "retries": 0}, Pacs(abort_after=7))
+    assert s.send()["state"] == "done"
+    job = s.send()
+    assert job["state"] == "done" and job["attempts"] == 0, job
+    assert s.pacs.associations == 2 and len(s.pacs.received) == 6
+
+
 def test_rejected_sop_class_names_the_negotiation_reason(station):
     """D4, PS3.8 Table 9-18: the instances fail with the reason the peer gave."""
     s = station({"retries": 0}, Pacs(reject_sop_classes=(CT,)))

@@ -213,6 +213,7 @@ class AssociationPool:
                 assoc.close()
         if found is not None:
             LOG.debug("reusing the open association to %s", found.peer)
+            found.reused = True
             return found
         proposed = build_contexts(sop_classes, transfer_syntaxes)
         return Requestor(host, port, calling_ae, called_ae, proposed, timeouts, max_pdu).open()

@@ -87,6 +87,8 @@ class Requestor:
     contexts: list[Context] = field(default_factory=list)
     peer_max_pdu: int = 0
     sock: socket.socket | None = field(default=None, repr=False)
+    #: True once it was kept open after a job and handed to another (REQUIREMENTS D3).
+    reused: bool = False
     _message_id: int = 0
 
     @property
