@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import shutil
+import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
 
 from modality_link import config
 from modality_link.home import Home, free_port, temporary_home  # noqa: F401 (free_port: bench/send.py)
 from modality_link.ipc import IpcClient
+from tests.conftest import dcmtk_env, require_tool, wait_port
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 @contextmanager
@@ -32,12 +31,13 @@ def generated_study(**kw: Any) -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def need_tool(path: str) -> None:
-    """Skip (outside CI) or fail (in CI) when a peer tool is missing."""
-    if not Path(path).exists():
-        if IN_CI:
-            pytest.fail(f"{path} is required in CI")
-        pytest.skip(f"{path} not installed")
+def start_storescp(out: Path, port: int, *options: str) -> subprocess.Popen:
+    """DCMTK storescp (AE STORESCP, more `options` if given) writing into `out`; it listens on
+    `port` when this returns. The caller terminates it."""
+    proc = subprocess.Popen([require_tool("storescp"), "-od", str(out), "-aet", "STORESCP", *options, str(port)],
+                            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port)
+    return proc
 
 
 def make_home(**node_kw: Any) -> Home:

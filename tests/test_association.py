@@ -4,7 +4,6 @@ pynetdicom acceptors, DCMTK storescp, a silent socket, a full listen backlog, a 
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,10 +22,9 @@ from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, NoContextAccepted, associate, make_ae
 from modality_link.service import Service
 from sim import images
-from tests.conftest import dcmtk_env, require_tool, wait_port
 from tests.exam_support import RunningService, wait_until
 from tests.exam_support import make_home as exam_home
-from tests.store_support import call, cleanup, free_port, make_home, wait_chain
+from tests.store_support import call, cleanup, free_port, make_home, start_storescp, wait_chain
 
 
 def _associate(port: int, contexts: list[Any], ext_neg: list[Any] | None = None,
@@ -122,14 +120,11 @@ def test_silent_peer_acse_timeout() -> None:
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[int]:
     """DCMTK storescp: Storage SOP classes and Verification only (no MPPS, no commitment)."""
-    tool = require_tool("storescp")
     port = free_port()
     out = tmp_path / "out"
     out.mkdir()
-    proc = subprocess.Popen([tool, "-od", str(out), "-aet", "STORESCP", str(port)], env=dcmtk_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_storescp(out, port)
     try:
-        wait_port(port)
         yield port
     finally:
         proc.terminate()

@@ -6,9 +6,7 @@ association, the peer's maximum PDU length (PS3.8 §9.3.5), rejection and negoti
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +20,8 @@ from modality_link.net import storage, upper_layer
 from modality_link.net.association import AssociationFailed
 from modality_link.service import Service
 from sim.pacs import Pacs
-from tests.conftest import require_tool
-from tests.store_support import call, cleanup, free_port, generated_study, make_home, wait_chain
+from tests.store_support import (call, cleanup, free_port, generated_study, make_home, start_storescp,
+                                 wait_chain)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
@@ -182,23 +180,13 @@ def test_peer_max_pdu_fragmentation_to_storescp(study_dir, max_pdu, streamed, mo
     if streamed:
         monkeypatch.setattr(storage, "IN_MEMORY", 1000)
         monkeypatch.setattr(upper_layer, "STREAM_BLOCK", 3000)
-    require_tool("/usr/bin/storescp")
     out = Path(tempfile.mkdtemp(prefix="mlscp"))
     port = free_port()
-    scp = subprocess.Popen(["/usr/bin/storescp", "-od", str(out), "-aet", "STORESCP", "--max-pdu", max_pdu,
-                            str(port)], env=dict(os.environ, TCP_NODELAY="1"),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scp = start_storescp(out, port, "--max-pdu", max_pdu)
     try:
         insts = instances(study_dir)
-        assoc = None
-        for _ in range(50):
-            try:
-                assoc = storage.AssociationPool().acquire(
-                    "k", "127.0.0.1", port, "MODLINK", "STORESCP", [CT], SYNTAXES, Timeouts(), 16384)
-                break
-            except AssociationFailed:
-                time.sleep(0.1)
-        assert assoc is not None
+        assoc = storage.AssociationPool().acquire(
+            "k", "127.0.0.1", port, "MODLINK", "STORESCP", [CT], SYNTAXES, Timeouts(), 16384)
         assert assoc.peer_max_pdu == int(max_pdu)
         results = []
         storage.store_instances(assoc, insts, lambda i, o: results.append(o.state) or True, out)

@@ -21,9 +21,9 @@ from pydicom import dcmread
 from modality_link import config
 from modality_link.service import Service
 from sim import images
-from tests.store_support import call, cleanup, free_port, generated_study, make_home, need_tool, wait_chain
+from tests.conftest import require_tool
+from tests.store_support import call, cleanup, free_port, generated_study, make_home, start_storescp, wait_chain
 
-STORESCP = "/usr/bin/storescp"
 ORTHANC = "/usr/sbin/Orthanc"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,14 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def ct300():
     with generated_study(modality="CT", images=300, rows=512, columns=512, seed=7) as d:
         yield d
-
-
-def start_storescp(out: Path, port: int) -> subprocess.Popen:
-    env = dict(os.environ, TCP_NODELAY="1")
-    proc = subprocess.Popen([STORESCP, "-od", str(out), "-aet", "STORESCP", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    return proc
 
 
 def pixel_hashes(folder: Path) -> dict[str, str]:
@@ -52,7 +44,6 @@ def pixel_hashes(folder: Path) -> dict[str, str]:
 
 
 def test_300_ct_images_to_dcmtk_storescp(ct300):
-    need_tool(STORESCP)
     out = Path(tempfile.mkdtemp(prefix="mlout"))
     port = free_port()
     scp = start_storescp(out, port)
@@ -75,7 +66,7 @@ def test_300_ct_images_to_dcmtk_storescp(ct300):
 
 
 def test_commitment_against_orthanc():
-    need_tool(ORTHANC)
+    require_tool(ORTHANC)
     work = Path(tempfile.mkdtemp(prefix="mlorth"))
     study_dir = work / "study"
     images.write_study(study_dir, modality="CT", images=5, rows=64, columns=64, seed=11)
@@ -117,7 +108,6 @@ def test_commitment_against_orthanc():
 
 
 def test_sigkill_mid_send_resumes(ct300):
-    need_tool(STORESCP)
     out = Path(tempfile.mkdtemp(prefix="mlout"))
     port = free_port()
     scp = start_storescp(out, port)
