@@ -30,6 +30,8 @@ from pydicom import dcmread
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from modality_link.config import Timeouts
+from modality_link.media.fileset import dataset_offset
+from modality_link.media.options import MediaError
 from modality_link.net.upper_layer import AssociationLost, Requestor
 
 LOG = logging.getLogger("modality_link.net.storage")
@@ -38,11 +40,9 @@ LOG = logging.getLogger("modality_link.net.storage")
 WARNING_STATUSES = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
                     0xB007: "data set does not match SOP class"}
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
-MAX_CONTEXTS = 128
+MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 #: Files up to this size are read whole and sent from memory; larger ones are streamed.
 IN_MEMORY = 32 << 20
-#: Explicit VR with a 4-byte length (PS3.5 §7.1.2).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 
 
 @dataclass
@@ -156,21 +156,6 @@ def parse_command(data: bytes) -> dict[int, bytes]:
         out[element] = data[pos + 8:pos + 8 + length]
         pos += 8 + length
     return out
-
-
-def dataset_start(buf: bytes | memoryview) -> int:
-    """Offset of the data set in a PS3.10 file: after the preamble, 'DICM' and group 0002."""
-    if bytes(buf[128:132]) != b"DICM":
-        raise ValueError("not a DICOM Part-10 file (no 'DICM' prefix)")
-    pos = 132
-    while pos + 8 <= len(buf) and bytes(buf[pos:pos + 2]) == b"\x02\x00":
-        if bytes(buf[pos + 4:pos + 6]) in _LONG_VRS:
-            (length,) = struct.unpack_from("<L", buf, pos + 8)
-            pos += 12 + length
-        else:
-            (length,) = struct.unpack_from("<H", buf, pos + 6)
-            pos += 8 + length
-    return pos
 
 
 class AssociationPool:
@@ -310,14 +295,14 @@ def _prepare(inst: Instance, assoc: Requestor, syntaxes: dict[str, list[str]], t
             os.unlink(path)  # the open file stays readable
     try:
         size = os.fstat(fp.fileno()).st_size
-        data = fp.read() if size <= IN_MEMORY else fp.read(65536)
-        start = dataset_start(data)
-        if size <= IN_MEMORY:
-            fp.close()
-            return _Ready(context_id, memoryview(data)[start:])
+        start = dataset_offset(fp)
         fp.seek(start)
+        if size <= IN_MEMORY:
+            data = fp.read()
+            fp.close()
+            return _Ready(context_id, memoryview(data))
         return _Ready(context_id, fp, size - start)
-    except (OSError, ValueError) as exc:
+    except (OSError, MediaError, struct.error) as exc:
         fp.close()
         return Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")
 
