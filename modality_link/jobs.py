@@ -405,12 +405,10 @@ class JobQueue:
                                  last_error="", parent_id=job["parent_id"])
                 return out.state != "failed" or node.failure_policy == "continue"
 
-            key = (job["node"], node.host, node.port, node.ae_title, cfg.station.ae_title,
-                   tuple(node.transfer_syntaxes), node.max_pdu)
             while True:
                 try:
                     assoc = self._associations.acquire(
-                        key, node.host, node.port, cfg.station.ae_title, node.ae_title,
+                        job["node"], node.host, node.port, cfg.station.ae_title, node.ae_title,
                         [i.sop_class_uid for i in instances], node.transfer_syntaxes, cfg.timeouts,
                         node.max_pdu)
                 except AssociationFailed as exc:
@@ -434,7 +432,7 @@ class JobQueue:
             if ctx.should_stop():
                 assoc.abort()
                 raise Stopping()
-            self._associations.give_back(key, assoc, node.idle_release)
+            self._associations.give_back(job["node"], assoc, node.idle_release)
         failed = self.db.job_items(job_id, "failed")
         if failed:
             first = failed[0]["detail"]

@@ -161,55 +161,56 @@ def parse_command(data: bytes) -> dict[int, bytes]:
 class AssociationPool:
     """Send associations kept open between jobs to the same destination (REQUIREMENTS D3).
 
-    :meth:`acquire` hands out an idle association whose proposal covers the SOP classes of the
-    job, if the peer has not closed or aborted it meanwhile; otherwise it opens a new one.
-    :meth:`give_back` keeps it for `idle` seconds, after which a reaper thread releases it
-    (A-RELEASE, PS3.8 §7.2). :meth:`close` releases them all (the service stops).
+    :meth:`acquire` hands out an idle association of the node that was opened with the same
+    settings and proposed every (SOP class, transfer syntax) the job needs, if the peer has not
+    closed or aborted it meanwhile; otherwise it opens a new one. :meth:`give_back` keeps it for
+    `idle` seconds, after which a reaper thread releases it (A-RELEASE, PS3.8 §7.2).
+    :meth:`release_idle` and :meth:`close` release those of one node, or all.
     """
 
     def __init__(self) -> None:
-        self._idle: dict[Hashable, list[tuple[Requestor, float]]] = {}
+        self._idle: dict[str, list[tuple[Requestor, float]]] = {}
         self._cond = threading.Condition()
         self._reaper: threading.Thread | None = None
         self._closed = False
 
     def acquire(
-        self, key: Hashable, host: str, port: int, calling_ae: str, called_ae: str,
+        self, node: str, host: str, port: int, calling_ae: str, called_ae: str,
         sop_classes: Sequence[str], transfer_syntaxes: Sequence[str], timeouts: Timeouts,
         max_pdu: int,
     ) -> Requestor:
-        """An open association to (host, port) proposing every SOP class in `sop_classes`."""
-        wanted = set(sop_classes)
-        stale: list[Requestor] = []
+        """An open association to `node` at (host, port) proposing these SOP classes."""
+        new = Requestor(host, port, calling_ae, called_ae, build_contexts(sop_classes, transfer_syntaxes),
+                        timeouts, max_pdu)
+        needed = {(a, ts) for a, syntaxes in new.proposed for ts in syntaxes}
         found = None
         with self._cond:
-            kept = self._idle.get(key, [])
+            kept = self._idle.pop(node, [])
             for i, (assoc, _) in enumerate(kept):
-                if wanted <= {a for a, _ in assoc.proposed} and assoc.is_open:
+                settings = (assoc.host, assoc.port, assoc.calling_ae, assoc.called_ae, assoc.timeouts, assoc.max_pdu)
+                offered = {(a, ts) for a, syntaxes in assoc.proposed for ts in syntaxes}
+                if settings == (host, port, calling_ae, called_ae, timeouts, max_pdu) and needed <= offered \
+                        and assoc.is_open:
                     found = kept.pop(i)[0]
                     break
-            else:  # none fits: release them, so that no more than the node's limit are open
-                stale = [a for a, _ in kept]
-                kept.clear()
-        for assoc in stale:
-            if assoc.is_open:
-                assoc.release()
-            else:
-                assoc.close()
+            if found is not None and kept:
+                self._idle[node] = kept  # the others stay for the node's next jobs
+                kept = []
+        # none fits: release them, so that no more than the node's limit are open
+        self._release([a for a, _ in kept])
         if found is not None:
             LOG.debug("reusing the open association to %s", found.peer)
             found.reused = True
             return found
-        proposed = build_contexts(sop_classes, transfer_syntaxes)
-        return Requestor(host, port, calling_ae, called_ae, proposed, timeouts, max_pdu).open()
+        return new.open()
 
-    def give_back(self, key: Hashable, assoc: Requestor, idle: float) -> None:
-        """Keep `assoc` open for `idle` seconds for the next job to the same node (0: release)."""
+    def give_back(self, node: str, assoc: Requestor, idle: float) -> None:
+        """Keep `assoc` open for `idle` seconds for the next job to `node` (0: release)."""
         if idle <= 0 or self._closed or not assoc.is_open:
             assoc.release()
             return
         with self._cond:
-            self._idle.setdefault(key, []).append((assoc, time.monotonic() + idle))
+            self._idle.setdefault(node, []).append((assoc, time.monotonic() + idle))
             if self._reaper is None:
                 self._reaper = threading.Thread(target=self._reap, name="send-idle-release", daemon=True)
                 self._reaper.start()
@@ -228,20 +229,15 @@ class AssociationPool:
                 if not expired:
                     self._cond.wait(min(deadlines) - now if deadlines else None)
                     continue
-            for assoc in expired:
-                LOG.info("association to %s released: no more work for it", assoc.peer)
-                assoc.release()
+            LOG.info("releasing %d idle send association(s): no more work for them", len(expired))
+            self._release(expired)
 
     def release_idle(self, node: str) -> None:
-        """Release the kept associations of `node` (the first member of their keys): another
-        kind of job is about to open one, and the node's association limit holds for all."""
+        """Release the kept associations of `node`: another kind of job is about to open one,
+        and the node's association limit holds for all."""
         with self._cond:
-            kept = [a for key, lst in self._idle.items() if isinstance(key, tuple) and key[0] == node
-                    for a, _ in lst]
-            for key in [k for k in self._idle if isinstance(k, tuple) and k[0] == node]:
-                del self._idle[key]
-        for assoc in kept:
-            assoc.release()
+            kept = self._idle.pop(node, [])
+        self._release([a for a, _ in kept])
 
     def close(self) -> None:
         """Release every kept association."""
@@ -250,8 +246,16 @@ class AssociationPool:
             kept = [a for lst in self._idle.values() for a, _ in lst]
             self._idle.clear()
             self._cond.notify_all()
-        for assoc in kept:
-            assoc.release()
+        self._release(kept)
+
+    @staticmethod
+    def _release(assocs: list[Requestor]) -> None:
+        """A-RELEASE those still open; close the sockets of those the peer already dropped."""
+        for assoc in assocs:
+            if assoc.is_open:
+                assoc.release()
+            else:
+                assoc.close()
 
 
 @dataclass
