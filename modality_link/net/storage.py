@@ -113,11 +113,11 @@ def _convert(inst: Instance, target: str, tmp_dir: Path) -> Path:
     return Path(name)
 
 
-def choose_syntax(inst: Instance, accepted: dict[str, list[str]]) -> str | None:
-    """The syntax to send `inst` in: as stored if accepted, else an accepted uncompressed one."""
-    syntaxes = accepted.get(inst.sop_class_uid, [])
-    if inst.transfer_syntax in syntaxes:
-        return inst.transfer_syntax
+def choose_syntax(stored: str, syntaxes: Sequence[str]) -> str | None:
+    """The syntax to send an instance stored in `stored` in, given the syntaxes accepted for its
+    SOP class: as stored if accepted, else an accepted uncompressed one."""
+    if stored in syntaxes:
+        return stored
     for ts in syntaxes:
         if ts in UNCOMPRESSED:
             return ts
@@ -272,18 +272,21 @@ class _Ready:
             self.data.close()
 
 
-def _prepare(inst: Instance, assoc: Requestor, syntaxes: dict[str, list[str]], tmp_dir: Path) -> _Ready | Outcome:
-    """Choose the context, convert when needed and read the file; an Outcome when it cannot be sent."""
-    ts = choose_syntax(inst, syntaxes)
+def _prepare(inst: Instance, assoc: Requestor, accepted: dict[str, list[tuple[int, str]]],
+             tmp_dir: Path) -> _Ready | Outcome:
+    """Choose the context among `accepted` (:meth:`Requestor.accepted`), convert when needed
+    and read the file; an Outcome when it cannot be sent."""
+    contexts = accepted.get(inst.sop_class_uid, [])
+    ts = choose_syntax(inst.transfer_syntax, [t for _, t in contexts])
     if ts is None:
-        if inst.sop_class_uid not in syntaxes:
+        if not contexts:
             reason = assoc.rejected().get(inst.sop_class_uid, "not proposed")
             why = f"the peer rejected its SOP class (presentation context: {reason})"
         else:
             why = (f"the peer accepts none of the transfer syntaxes it can be sent in "
                    f"(stored as {inst.transfer_syntax})")
         return Outcome("failed", None, f"not sent: {why}")
-    context_id = next(cid for cid, t in assoc.accepted()[inst.sop_class_uid] if t == ts)
+    context_id = next(cid for cid, t in contexts if t == ts)
     path, temporary = inst.path, False
     if ts != inst.transfer_syntax:
         try:
@@ -325,8 +328,8 @@ def store_instances(
     one. `on_result` returns False to stop the batch (failure policy "stop", D6). Raises
     :class:`AssociationLost` when the association is aborted or the connection lost (D7).
     """
-    syntaxes = {sop: [ts for _, ts in cxs] for sop, cxs in assoc.accepted().items()}
-    queue = ((inst, _prepare(inst, assoc, syntaxes, tmp_dir)) for inst in instances)
+    accepted = assoc.accepted()
+    queue = ((inst, _prepare(inst, assoc, accepted, tmp_dir)) for inst in instances)
     ahead = next(queue, None)
     try:
         while ahead is not None:

@@ -30,7 +30,7 @@ from pynetdicom.presentation import PresentationContext
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.config import Timeouts
-from modality_link.net.association import AssociationFailed, describe_abort, describe_reject
+from modality_link.net.association import CONTEXT_RESULTS, AssociationFailed, describe_abort, describe_reject
 
 LOG = logging.getLogger("modality_link.net")
 
@@ -38,13 +38,6 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 Annex A.2.1
 #: PDU types, PS3.8 Table 9-1 (and §9.3.1).
 A_ASSOCIATE_RQ_TYPE, A_ASSOCIATE_AC_TYPE, A_ASSOCIATE_RJ_TYPE = 0x01, 0x02, 0x03
 P_DATA_TF_TYPE, A_RELEASE_RQ_TYPE, A_RELEASE_RP_TYPE, A_ABORT_TYPE = 0x04, 0x05, 0x06, 0x07
-#: Presentation context results, PS3.8 Table 9-18.
-CONTEXT_RESULTS = {
-    1: "user rejection",
-    2: "no reason (provider rejection)",
-    3: "abstract syntax not supported",
-    4: "transfer syntaxes not supported",
-}
 #: The largest P-DATA-TF we send when the peer sets no limit (maximum length 0, PS3.8 D.1).
 UNLIMITED_PDU = 1 << 20
 #: Bytes read from a file at a time when a data set is streamed rather than read whole.
