@@ -216,34 +216,25 @@ def _jobs_note(jobs: list[int]) -> str:
 
 
 def _wait_job(home: Home, job_id: int) -> dict[str, Any]:
-    """Follow a job and the jobs it queues (commit, resend) until the last one ends: the
-    service's ``job.progress`` events wake us, ``jobs.show`` gives the state."""
+    """Follow a job and the jobs it queues (commit, resend) with a progress bar on a terminal."""
     tty = sys.stderr.isatty()
+
+    def show(job: dict[str, Any]) -> None:
+        final = job["state"] in ("done", "failed", "cancelled")
+        if tty:
+            width = 30
+            filled = int(width * (job["done"] + job["failed"]) / max(job["total"], 1))
+            sys.stderr.write(
+                f"\r{job['kind']:<6} job {job['id']} [{'#' * filled}{'.' * (width - filled)}] "
+                f"{job['done']}/{job['total']} {job['state']:<9}" + ("\n" if final else "")
+            )
+            sys.stderr.flush()
+        if final:
+            msg = job["last_error"] or job["detail"]
+            print(f"job {job['id']} ({job['kind']} to {job['node']}): {job['state']}: {msg}")
+
     with IpcClient(home.socket_path) as client:
-        client.call("events.subscribe")
-        while True:
-            job = client.call("jobs.show", id=job_id)
-            total = max(job["total"], 1)
-            if tty:
-                width = 30
-                filled = int(width * (job["done"] + job["failed"]) / total)
-                sys.stderr.write(
-                    f"\r{job['kind']:<6} job {job_id} [{'#' * filled}{'.' * (width - filled)}] "
-                    f"{job['done']}/{job['total']} {job['state']:<9}"
-                )
-                sys.stderr.flush()
-            if job["state"] in ("done", "failed", "cancelled"):
-                if tty:
-                    sys.stderr.write("\n")
-                msg = job["last_error"] or job["detail"]
-                print(f"job {job_id} ({job['kind']} to {job['node']}): {job['state']}: {msg}")
-                if job["children"]:
-                    job_id = job["children"][-1]
-                    continue
-                return job
-            while (event := client.next_event(1.0)) is not None:
-                if event.get("type") == "job.progress" and event.get("job_id") == job_id:
-                    break
+        return client.follow_job(job_id, show)
 
 
 def cmd_send(args: argparse.Namespace, home: Home) -> int:

@@ -24,21 +24,10 @@ from modality_link.ipc import IpcClient
 from modality_link.service import Service
 
 
-def _follow(client: IpcClient, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
-    """Follow a job and the jobs it queues (the commit job) until the last one ends."""
-    deadline = time.monotonic() + timeout
-    job = client.call("jobs.show", id=job_id)
-    while time.monotonic() < deadline:
-        job = client.call("jobs.show", id=job_id)
-        if job["state"] in ("done", "failed", "cancelled"):
-            print(f"demo: {job['kind']} job {job_id} to {job['node']} {job['state']}: "
-                  f"{job['last_error'] or job['detail']}")
-            if not job["children"]:
-                return job
-            job_id = job["children"][-1]
-            continue
-        time.sleep(0.1)
-    return job
+def _print_end(job: dict[str, Any]) -> None:
+    if job["state"] in ("done", "failed", "cancelled"):
+        print(f"demo: {job['kind']} job {job['id']} to {job['node']} {job['state']}: "
+              f"{job['last_error'] or job['detail']}")
 
 
 def _demo_exam(home: Home, root: Path, images: int) -> bool:
@@ -73,7 +62,11 @@ def _demo_exam(home: Home, root: Path, images: int) -> bool:
             ended = client.call("exam.end", exam_id=exam["exam_id"])
             print(f"demo: exam {exam['exam_id']} {ended['state']} with {len(added)} images; "
                   f"auto-send to PACS queued as job(s) {ended['jobs']}")
-            last = _follow(client, ended["jobs"][0]) if ended["jobs"] else {}
+            try:
+                last = client.follow_job(ended["jobs"][0], _print_end, timeout=60) if ended["jobs"] else {}
+            except TimeoutError as exc:
+                print(f"demo: {exc}")
+                last = {}
             study = next(s for s in client.call("studies.list") if s["study_uid"] == exam["study_uid"])
             counts = study["nodes"].get("PACS", {"sent": 0, "committed": 0})
             deadline = time.time() + 15

@@ -286,6 +286,32 @@ class IpcClient:
             if msg.get("method") == "event":
                 return msg.get("params", {})
 
+    def follow_job(
+        self, job_id: int, on_update: Callable[[dict[str, Any]], None] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Follow a job and the jobs it queues (commit, resend) until the last one ends; return
+        that one. ``job.progress`` events wake us and ``jobs.show`` gives the state, which
+        `on_update` sees each time it is read. Raises TimeoutError after `timeout` seconds."""
+        self.call("events.subscribe")
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.call("jobs.show", id=job_id)
+            if on_update is not None:
+                on_update(job)
+            if job["state"] in ("done", "failed", "cancelled"):
+                if not job["children"]:
+                    return job
+                job_id = job["children"][-1]
+                continue
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"job {job_id} not finished within {timeout:g} s: {job}")
+            wake = time.monotonic() + (1.0 if end is None else min(1.0, end - time.monotonic()))
+            while time.monotonic() < wake:
+                event = self.next_event(wake - time.monotonic())
+                if event is None or (event.get("type") == "job.progress" and event.get("job_id") == job_id):
+                    break
+
     def events(self) -> Iterator[dict[str, Any]]:
         """Subscribe and yield each event's params (``type`` and its fields)."""
         self.call("events.subscribe")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -61,13 +60,9 @@ def call(home: Home, method: str, **params: Any) -> Any:
 
 def wait_chain(home: Home, job_id: int, timeout: float = 60.0) -> dict[str, Any]:
     """Wait until the job and the jobs it queued (commit, resend) are all finished; return the last."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        job = call(home, "jobs.show", id=job_id)
-        if job["state"] in ("done", "failed", "cancelled"):
-            if not job["children"]:
-                return job
-            job_id = job["children"][-1]
-            continue
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} not finished in {timeout} s: {job}")
+    with IpcClient(home.socket_path) as client:
+        try:
+            return client.follow_job(job_id, timeout=timeout)
+        except TimeoutError as exc:
+            raise AssertionError(str(exc)) from None
+
