@@ -25,7 +25,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
 import modality_link
-from modality_link.media.header import Header, encode_element, read_header, tag_of, vr_of
+from modality_link.media.header import LONG_VRS, Header, encode_element, read_header, tag_of, vr_of
 from modality_link.media.options import MediaError
 from modality_link.media.profiles import COPY, Profile, action_for, output_transfer_syntax
 
@@ -106,7 +106,7 @@ _HEADER_KEYWORDS: list[str] = sorted(
     | {k for keys in INSTANCE_KEYS.values() for k, _ in keys}
 )
 _HEADER_TAGS: frozenset[int] = frozenset(tag_of(k) for k in _HEADER_KEYWORDS)
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_LONG_VRS = frozenset(v.encode() for v in LONG_VRS)  # explicit VRs with a 4-byte length
 
 
 @lru_cache(maxsize=256)
