@@ -121,6 +121,27 @@ def read_header(path: Path) -> Dataset:
     return ds
 
 
+def check_file_meta(ds: Dataset) -> None:
+    """Refuse a file whose File Meta Information does not describe its data set (PS3.10 §7.1):
+    no Transfer Syntax UID, or another SOP Class or SOP Instance than the data set's. Such a
+    file cannot be told apart from a damaged one, so it is refused rather than guessed at. (A data
+    set without the UID itself is refused by :func:`record_from_dataset`.)"""
+    meta = getattr(ds, "file_meta", None) or Dataset()
+    if not meta.get("TransferSyntaxUID"):
+        raise CannotUnderstand("the File Meta Information has no Transfer Syntax UID (0002,0010), PS3.10 7.1")
+    for what, keyword, meta_what, meta_keyword in (
+        ("SOP Class UID (0008,0016)", "SOPClassUID", "Media Storage SOP Class UID (0002,0002)",
+         "MediaStorageSOPClassUID"),
+        ("SOP Instance UID (0008,0018)", "SOPInstanceUID", "Media Storage SOP Instance UID (0002,0003)",
+         "MediaStorageSOPInstanceUID"),
+    ):
+        if keyword in ds and str(meta.get(meta_keyword, "")) != str(ds.get(keyword, "")):
+            raise DatasetMismatch(
+                f"{what} of the data set ({ds.get(keyword)}) differs from the File Meta's {meta_what} "
+                f"({meta.get(meta_keyword)}), PS3.10 7.1"
+            )
+
+
 def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:
     """The index row for `ds` (the dataset's own UIDs, each checked)."""
     charset = _text(ds, "SpecificCharacterSet")
@@ -227,12 +248,18 @@ class Archive:
         """
         self.check_space()
         ds = read_header(src)
+        if expected_uid is None:  # a file to import: its own File Meta must describe it
+            check_file_meta(ds)
         rec = record_from_dataset(ds, "", 0, source_ae)
-        if expected_uid is not None and rec.sop_instance_uid != expected_uid:
-            raise DatasetMismatch(
-                f"SOP Instance UID in the dataset ({rec.sop_instance_uid}) differs from the "
-                f"C-STORE's Affected SOP Instance UID ({expected_uid})"
-            )
+        if expected_uid is not None:  # received: the C-STORE-RQ names what it carries
+            for what, mine, theirs in (
+                ("SOP Instance UID", rec.sop_instance_uid, expected_uid),
+                ("SOP Class UID", rec.sop_class_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", rec.sop_class_uid))),
+            ):
+                if mine != theirs:
+                    raise DatasetMismatch(
+                        f"{what} in the dataset ({mine}) differs from the C-STORE's Affected {what} ({theirs})"
+                    )
         rec.path = self.path_for(rec)
         meta = encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax, source_ae)
         final = self.root / rec.path

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import subprocess
+import urllib.request
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from modality_link import config
 from modality_link.home import Home, free_port, temporary_home  # noqa: F401 (free_port: bench/send.py)
@@ -66,3 +72,52 @@ def wait_chain(home: Home, job_id: int, timeout: float = 60.0) -> dict[str, Any]
         except TimeoutError as exc:
             raise AssertionError(str(exc)) from None
 
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+class Orthanc:
+    """Orthanc (AE ORTHANC) on free loopback ports in `work`: a Storage and Storage Commitment
+    SCP that sends its reports on a separate association (PS3.4 J.3.3). Started by
+    :func:`start_orthanc`; :meth:`allow` adds the AE its reports go to, through its REST API."""
+
+    def __init__(self, work: Path, overwrite: bool = False) -> None:
+        self.work = work
+        self.dicom_port, self.http_port = free_port(), free_port()
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "orthanc.json").write_text(json.dumps({
+            "Name": "mltest", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+            "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "DicomServerEnabled": True, "HttpServerEnabled": True, "Plugins": [],
+            "OverwriteInstances": overwrite, "DicomModalities": {},
+        }))
+        self.proc = subprocess.Popen([require_tool(ORTHANC), str(work / "orthanc.json")], cwd=work,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.dicom_port, 30)
+        wait_port(self.http_port, 30)
+
+    def _rest(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method)
+        with urllib.request.urlopen(req, timeout=30) as rsp:
+            return rsp.read()
+
+    def allow(self, ae_title: str, port: int, name: str = "modlink") -> None:
+        """Let Orthanc send Storage Commitment reports to `ae_title` on loopback `port`."""
+        self._rest("PUT", f"/modalities/{name}",
+                   json.dumps({"AET": ae_title, "Host": "127.0.0.1", "Port": port}).encode())
+
+    def instance(self, sop_instance_uid: str) -> Dataset:
+        """The stored instance with that SOP Instance UID, read with pydicom."""
+        found = json.loads(self._rest("POST", "/tools/lookup", sop_instance_uid.encode()))
+        (oid,) = [f["ID"] for f in found if f["Type"] == "Instance"]
+        return dcmread(io.BytesIO(self._rest("GET", f"/instances/{oid}/file")))
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def start_orthanc(work: Path, overwrite: bool = False) -> Orthanc:
+    return Orthanc(work, overwrite)

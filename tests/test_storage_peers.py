@@ -5,7 +5,6 @@ service mid-send (the job resumes and completes after a restart)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -21,10 +20,9 @@ from pydicom import dcmread
 from modality_link import config
 from modality_link.service import Service
 from sim import images
-from tests.conftest import require_tool
-from tests.store_support import call, cleanup, free_port, generated_study, make_home, start_storescp, wait_chain
+from tests.store_support import (call, cleanup, free_port, generated_study, make_home, start_orthanc, start_storescp,
+                                 wait_chain)
 
-ORTHANC = "/usr/sbin/Orthanc"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,34 +64,16 @@ def test_300_ct_images_to_dcmtk_storescp(ct300):
 
 
 def test_commitment_against_orthanc():
-    require_tool(ORTHANC)
     work = Path(tempfile.mkdtemp(prefix="mlorth"))
     study_dir = work / "study"
     images.write_study(study_dir, modality="CT", images=5, rows=64, columns=64, seed=11)
-    dicom_port, http_port = free_port(), free_port()
-    home = make_home(ae_title="ORTHANC", port=dicom_port, commit_wait=0.5, commit_timeout=30.0)
+    orthanc = start_orthanc(work / "orthanc")
+    home = make_home(ae_title="ORTHANC", port=orthanc.dicom_port, commit_wait=0.5, commit_timeout=30.0)
     cfg = config.load(home.config_path)
-    (work / "orthanc.json").write_text(json.dumps({
-        "Name": "mltest", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
-        "DicomAet": "ORTHANC", "DicomPort": dicom_port, "HttpPort": http_port,
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-        "DicomModalities": {"modlink": [cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port]},
-        "DicomServerEnabled": True, "HttpServerEnabled": True, "Plugins": [],
-    }))
-    orthanc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], cwd=work,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    orthanc.allow(cfg.disk_server.ae_title, cfg.disk_server.port)
     service = Service(home)
     service.start(log_to_stderr=False)
     try:
-        from pynetdicom import AE
-        for _ in range(100):  # wait for Orthanc's DICOM port
-            ae = AE("PROBE")
-            ae.add_requested_context("1.2.840.10008.1.1")
-            a = ae.associate("127.0.0.1", dicom_port, ae_title="ORTHANC")
-            if a.is_established:
-                a.release()
-                break
-            time.sleep(0.1)
         call(home, "archive.import", paths=[str(study_dir)])
         study = call(home, "studies.list")[0]["study_uid"]
         job = wait_chain(home, call(home, "send", study_uids=[study], node="PACS", commit=True)["job_id"], 60)
@@ -101,8 +81,7 @@ def test_commitment_against_orthanc():
         assert call(home, "studies.list")[0]["nodes"]["PACS"] == {"sent": 5, "committed": 5}
     finally:
         service.stop()
-        orthanc.terminate()
-        orthanc.wait()
+        orthanc.stop()
         cleanup(home)
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,0 +1,220 @@
+"""The real-world corpus: every file of pydicom's test corpus, and variants made with DCMTK.
+
+pydicom installs its test files with the package (``pydicom/data/test_files`` and
+``pydicom/data/charset_files``): files written by pydicom's, GDCM's and DCMTK's authors, in every
+transfer syntax, with no, single-byte, ISO 2022 and UTF-8 character sets, RT, SR and waveform
+objects, and deliberately broken files. :data:`CASES` says, one line a file, what each path of
+the service must do with it; :func:`made_cases` adds files converted by DCMTK tools
+(``dcmconv``, ``dcmcjpeg``, ``dcmcjpls``, ``dcmcrle``, ``dcmodify``) at test time.
+
+A new file is one line in :data:`CASES`. Its ``kind``:
+
+* ``image`` / ``object``: valid; every path keeps its SOP Instance UID and attributes, pixel
+  data equal after any lossless conversion;
+* ``lossy``: valid, lossy compressed (PS3.5 §8.2.1): never silently decompressed;
+* ``broken``: import must refuse it with a message containing ``refuse``; the network receive
+  must answer ``status`` with a message containing ``refuse`` (None: the data set is valid on
+  the network, where there is no File Meta, and must be stored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+DATA = Path(pydicom.__file__).parent / "data"
+TEST_FILES = DATA / "test_files"
+CHARSET_FILES = DATA / "charset_files"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    path: Path
+    kind: str  # image, object, lossy or broken
+    #: broken: the words the import's refusal must contain
+    refuse: str = ""
+    #: broken: the C-STORE status of the raw data set over the network (None: stored)
+    status: int | None = None
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+    @property
+    def valid(self) -> bool:
+        return self.kind != "broken"
+
+
+def _t(name: str, kind: str = "image", refuse: str = "", status: int | None = None) -> Case:
+    return Case(name, TEST_FILES / name, kind, refuse, status)
+
+
+def _c(name: str, kind: str = "image", refuse: str = "", status: int | None = None) -> Case:
+    return Case(name, CHARSET_FILES / name, kind, refuse, status)
+
+
+_MISMATCH = "SOP Instance UID"
+_NO_META = "File Meta"
+_NO_UID = "SOP Instance UID"
+
+CASES: list[Case] = [
+    # -- uncompressed, every byte order and VR encoding ------------------------------------------
+    _t("CT_small.dcm"),
+    _t("MR_small.dcm"),
+    _t("MR_small_implicit.dcm"),
+    _t("MR_small_bigendian.dcm"),
+    _t("MR_small_expb.dcm"),
+    _t("MR_small_padded.dcm"),
+    _t("ExplVR_BigEnd.dcm"),
+    _t("SC_rgb_small_odd.dcm"),
+    _t("SC_rgb_small_odd_big_endian.dcm"),
+    _t("SC_ybr_full_422_uncompressed.dcm"),
+    _t("SC_rgb_jpeg_dcmd.dcm"),
+    _t("examples_overlay.dcm"),
+    _t("examples_palette.dcm"),
+    _t("examples_rgb_color.dcm"),
+    _t("liver_1frame.dcm"),
+    _t("liver_expb_1frame.dcm"),
+    _t("image_dfl.dcm"),  # Deflated Explicit VR Little Endian (PS3.5 A.5)
+    # -- lossless compression ---------------------------------------------------------------------
+    _t("MR_small_RLE.dcm"),
+    _t("SC_rgb_rle.dcm"),
+    _t("SC_rgb_rle_16bit.dcm"),
+    _t("SC_rgb_rle_16bit_2frame.dcm"),
+    _t("SC_rgb_rle_2frame.dcm"),
+    _t("SC_rgb_rle_32bit.dcm"),
+    _t("SC_rgb_rle_32bit_2frame.dcm"),
+    _t("MR_small_jp2klossless.dcm"),
+    _t("MR_small_jpeg_ls_lossless.dcm"),
+    _t("SC_rgb_jpeg_gdcm.dcm"),  # JPEG Lossless SV1
+    _t("rtdose_rle.dcm", "object"),
+    _t("rtdose_rle_1frame.dcm", "object"),
+    # -- lossy compression: JPEG baseline/extended, JPEG-LS near-lossless, JPEG 2000 ----------------
+    _t("JPEG-lossy.dcm", "lossy"),
+    _t("JPGExtended.dcm", "lossy"),
+    _t("SC_jpeg_no_color_transform.dcm", "lossy"),
+    _t("SC_jpeg_no_color_transform_2.dcm", "lossy"),
+    _t("SC_rgb_dcmtk_+eb+cr.dcm", "lossy"),
+    _t("SC_rgb_dcmtk_+eb+cy+n1.dcm", "lossy"),
+    _t("SC_rgb_dcmtk_+eb+cy+n2.dcm", "lossy"),
+    _t("SC_rgb_dcmtk_+eb+cy+np.dcm", "lossy"),
+    _t("SC_rgb_dcmtk_+eb+cy+s2.dcm", "lossy"),
+    _t("SC_rgb_dcmtk_+eb+cy+s4.dcm", "lossy"),
+    _t("SC_rgb_jpeg.dcm", "lossy"),
+    _t("SC_rgb_jpeg_app14_dcmd.dcm", "lossy"),
+    _t("SC_rgb_jpeg_dcmtk.dcm", "lossy"),
+    _t("SC_rgb_jpeg_lossy_gdcm.dcm", "lossy"),
+    _t("SC_rgb_small_odd_jpeg.dcm", "lossy"),
+    _t("examples_ybr_color.dcm", "lossy"),
+    _t("693_J2KI.dcm", "lossy"),
+    _t("GDCMJ2K_TextGBR.dcm", "lossy"),
+    _t("J2K_pixelrep_mismatch.dcm", "lossy"),
+    _t("JPEG2000.dcm", "lossy"),
+    _t("JPEG2000-embedded-sequence-delimiter.dcm", "lossy"),
+    _t("SC_rgb_gdcm_KY.dcm", "lossy"),
+    _t("examples_jpeg2k.dcm", "lossy"),
+    # -- non-image objects --------------------------------------------------------------------------
+    _t("reportsi.dcm", "object"),
+    _t("reportsi_with_empty_number_tags.dcm", "object"),
+    _t("test-SR.dcm", "object"),
+    _t("waveform_ecg.dcm", "object"),
+    # -- character sets (PS3.5 §6.1): single-byte, ISO 2022 code extensions, UTF-8, GB18030 --------
+    *(_c(n) for n in (
+        "chrArab.dcm", "chrFren.dcm", "chrFrenMulti.dcm", "chrGerm.dcm", "chrGreek.dcm", "chrH31.dcm",
+        "chrH32.dcm", "chrHbrw.dcm", "chrI2.dcm", "chrKoreanMulti.dcm", "chrRuss.dcm", "chrX1.dcm",
+        "chrX2.dcm",
+    )),
+    # -- broken: the File Meta names another SOP Instance than the data set (PS3.10 §7.1) -----------
+    _t("rtdose.dcm", "broken", _MISMATCH),
+    _t("rtdose_1frame.dcm", "broken", _MISMATCH),
+    _t("rtdose_expb.dcm", "broken", _MISMATCH),
+    _t("rtdose_expb_1frame.dcm", "broken", _MISMATCH),
+    _t("rtplan.dcm", "broken", _MISMATCH),
+    _c("chrJapMulti.dcm", "broken", _MISMATCH),
+    _c("chrJapMultiExplicitIR6.dcm", "broken", _MISMATCH),
+    # a bad VR, and the File Meta's UID differs too
+    _t("badVR.dcm", "broken", _MISMATCH),
+    # -- broken: truncated ------------------------------------------------------------------------
+    _t("MR_truncated.dcm", "broken", "truncated", 0xC000),
+    _t("rtplan_truncated.dcm", "broken", "truncated", 0xC000),
+    # -- broken: no File Meta (PS3.10 §7.1); on the network the data set alone is valid ------------
+    _t("rtstruct.dcm", "broken", _NO_META),
+    _t("no_meta.dcm", "broken", _NO_META, 0xC000),
+    _t("ExplVR_BigEndNoMeta.dcm", "broken", _NO_META),
+    _t("ExplVR_LitEndNoMeta.dcm", "broken", _NO_META),
+    # -- broken: no SOP Class / SOP Instance UID in the data set ------------------------------------
+    _t("UN_sequence.dcm", "broken", _NO_UID, 0xA900),
+    _t("empty_charset_LEI.dcm", "broken", _NO_UID, 0xA900),
+    _t("meta_missing_tsyntax.dcm", "broken", "Transfer Syntax", 0xA900),
+    _t("nested_priv_SQ.dcm", "broken", _NO_UID, 0xA900),
+    _t("no_meta_group_length.dcm", "broken", _NO_UID, 0xA900),
+    _t("priv_SQ.dcm", "broken", _NO_UID, 0xA900),
+    _c("chrSQEncoding.dcm", "broken", _NO_UID, 0xA900),
+    # -- broken: no Study / Series Instance UID (Type 1, PS3.3 C.7.2.1, C.7.3.1) --------------------
+    *(_t(n, "broken", "Series Instance UID", 0xA900) for n in (
+        "JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm", "SC_rgb_jls_lossy_line.dcm",
+        "SC_rgb_jls_lossy_sample.dcm",
+    )),
+    _c("chrSQEncoding1.dcm", "broken", _NO_UID, 0xA900),
+]
+
+
+def corpus_files() -> set[str]:
+    """Every .dcm file of pydicom's corpus, to check that :data:`CASES` covers them all."""
+    return {p.name for d in (TEST_FILES, CHARSET_FILES) for p in d.glob("*.dcm")}
+
+
+#: DCMTK conversions of CT_small.dcm / MR_small.dcm: (name, source, tool, options, kind).
+#: Each gets its own SOP Instance UID first so that all can live in one archive.
+MADE = [
+    ("ct_ile.dcm", "CT_small.dcm", "dcmconv", ["+ti"], "image"),
+    ("ct_ebe.dcm", "CT_small.dcm", "dcmconv", ["+tb"], "image"),
+    ("ct_deflated.dcm", "CT_small.dcm", "dcmconv", ["+td"], "image"),
+    ("ct_jpeg_sv1.dcm", "CT_small.dcm", "dcmcjpeg", ["+e1", "+un"], "image"),
+    ("ct_jpeg_lossless14.dcm", "CT_small.dcm", "dcmcjpeg", ["+el", "+un"], "image"),
+    ("ct_jpeg_extended.dcm", "CT_small.dcm", "dcmcjpeg", ["+ee", "+un"], "lossy"),
+    ("ct_jpegls_lossless.dcm", "CT_small.dcm", "dcmcjpls", ["+el", "+un"], "image"),
+    ("ct_jpegls_near.dcm", "CT_small.dcm", "dcmcjpls", ["+en", "+un"], "lossy"),
+    ("ct_rle.dcm", "CT_small.dcm", "dcmcrle", ["+un"], "image"),
+    ("mr_rle.dcm", "MR_small.dcm", "dcmcrle", ["+un"], "image"),
+    ("mr_jpeg_sv1.dcm", "MR_small.dcm", "dcmcjpeg", ["+e1", "+un"], "image"),
+    ("mr_deflated.dcm", "MR_small.dcm", "dcmconv", ["+td"], "image"),
+    # no Patient ID, Study Date/Time, Study ID: Type 1 keys of a DICOMDIR must be invented
+    ("ct_no_ids.dcm", "CT_small.dcm", "dcmodify",
+     ["-ea", "(0010,0020)", "-ea", "(0008,0020)", "-ea", "(0008,0030)", "-ea", "(0020,0010)"], "image"),
+    # no Specific Character Set at all (the most common case)
+    ("mr_no_charset.dcm", "CT_small.dcm", "dcmodify", ["-ea", "(0008,0005)"], "image"),
+]
+
+
+def made_cases(out: Path) -> list[Case]:
+    """Write the :data:`MADE` variants into `out` with DCMTK; return them as cases."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TCP_NODELAY="1")
+    cases = []
+    for name, source, tool, options, kind in MADE:
+        base = out / f"src_{name}"
+        ds = dcmread(TEST_FILES / source)
+        uid = generate_uid()
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.save_as(base, enforce_file_format=True)
+        dest = out / name
+        if tool == "dcmodify":
+            shutil.copy(base, dest)
+            args = [f"/usr/bin/{tool}", "-nb", *options, str(dest)]
+        else:
+            args = [f"/usr/bin/{tool}", *options, str(base), str(dest)]
+        proc = subprocess.run(args, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
+        base.unlink()
+        cases.append(Case(name, dest, kind))
+    return cases

@@ -1,0 +1,339 @@
+"""pydicom's test corpus and DCMTK conversions through every path of the service.
+
+Each file of :mod:`tests.corpus` goes through the C-STORE receive of the disk server (its raw
+data set bytes, so broken files reach the service), ``archive.import``, a send to DCMTK
+``storescp`` (which accepts uncompressed transfer syntaxes only, so compressed sources are
+converted), a send with Storage Commitment to Orthanc, and a burn to an ISO 9660 image checked
+with ``dciodvfy`` and ``dcdirdmp`` and read back. A valid file keeps its SOP Instance UID and
+attributes everywhere (pixel data equal after a lossless conversion); a broken file is refused
+with a precise status and message and leaves nothing behind.
+
+Several corpus files share a SOP Instance UID (MR_small.dcm in eight transfer syntaxes), so the
+send and burn paths run on *partitions*: groups of files with distinct UIDs, each in its own
+archive, lossless and lossy files apart.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pycdlib  # noqa: F401 (the ISO is read back by xorriso and pydicom below)
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.fileset import FileSet
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from modality_link.config import Timeouts
+from modality_link.net.storage import c_store_rq, parse_command
+from modality_link.net.upper_layer import Requestor
+from modality_link.service import Service
+from tests.conftest import dataset_bytes, require_tool
+from tests.corpus import CASES, Case, corpus_files, made_cases
+from tests.store_support import call, cleanup, free_port, make_home, start_orthanc, start_storescp, wait_chain
+
+pytestmark = pytest.mark.interop
+
+#: Attributes that a decompression rightly changes (PS3.5 §8.2; PS3.3 C.7.6.3.1.2, C.7.6.1.1.5).
+CHANGED_BY_DECODING = {0x00280004, 0x00280006, 0x00282110, 0x00282112, 0x00282114, 0x7FE00010}
+_SWAP = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+# -- comparing what came out with what went in ---------------------------------------------------------
+
+
+def _value(elem: Any, big_endian: bool) -> Any:
+    width = _SWAP.get(elem.VR)
+    if width and isinstance(elem.value, (bytes, bytearray)) and len(elem.value) % width == 0:
+        return np.frombuffer(elem.value, f"{'>' if big_endian else '<'}u{width}").tolist()
+    return elem.value
+
+
+def assert_same_dataset(src: Dataset, out: Dataset, what: str, decoded: bool = False) -> None:
+    """Every attribute of `src` is in `out` with the same value (text compared decoded, binary
+    values compared as numbers whatever the byte order); with `decoded` (the pixel data was
+    decompressed on the way) the attributes that decompression changes are left out and the
+    pixel data are compared as arrays."""
+    assert out.SOPInstanceUID == src.SOPInstanceUID, f"{what}: SOP Instance UID changed"
+    assert out.SOPClassUID == src.SOPClassUID, f"{what}: SOP Class UID changed"
+    src_be = not src.original_encoding[1] if src.original_encoding else False
+    out_be = not out.original_encoding[1] if out.original_encoding else False
+    for elem in src:
+        if elem.tag.group == 0x0002 or elem.tag in CHANGED_BY_DECODING:
+            continue
+        assert elem.tag in out, f"{what}: {elem.tag} {elem.keyword} missing"
+        mine = out[elem.tag]
+        if elem.VR == "SQ":
+            assert len(mine.value) == len(elem.value), f"{what}: {elem.keyword} items"
+            for a, b in zip(elem.value, mine.value):
+                assert_same_dataset_items(a, b, f"{what} > {elem.keyword}", src_be, out_be)
+            continue
+        assert _value(mine, out_be) == _value(elem, src_be), f"{what}: {elem.tag} {elem.keyword} differs"
+    if "PixelData" in src:
+        if decoded or src.file_meta.TransferSyntaxUID != out.file_meta.TransferSyntaxUID:
+            assert np.array_equal(src.pixel_array, out.pixel_array), f"{what}: pixel data differ"
+        else:
+            assert out.PixelData == src.PixelData, f"{what}: pixel data differ"
+
+
+def assert_same_dataset_items(src: Dataset, out: Dataset, what: str, src_be: bool, out_be: bool) -> None:
+    for elem in src:
+        assert elem.tag in out, f"{what}: {elem.tag} {elem.keyword} missing"
+        mine = out[elem.tag]
+        if elem.VR == "SQ":
+            for a, b in zip(elem.value, mine.value):
+                assert_same_dataset_items(a, b, f"{what} > {elem.keyword}", src_be, out_be)
+            continue
+        assert _value(mine, out_be) == _value(elem, src_be), f"{what}: {elem.tag} {elem.keyword} differs"
+
+
+def read(path: Path) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dcmread(path, force=True)
+
+
+# -- fixtures ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def work() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="mlcorpus"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def all_cases(work: Path) -> list[Case]:
+    for tool in ("dcmconv", "dcmcjpeg", "dcmcjpls", "dcmcrle", "dcmodify"):
+        require_tool(tool)
+    return CASES + made_cases(work / "made")
+
+
+def partitions(cases: list[Case]) -> list[list[Case]]:
+    """Valid cases in groups whose SOP Instance UIDs are distinct, lossy files apart."""
+    groups: list[tuple[bool, set[str], list[Case]]] = []
+    for case in cases:
+        if not case.valid:
+            continue
+        uid = read(case.path).SOPInstanceUID
+        lossy = case.kind == "lossy"
+        for is_lossy, uids, members in groups:
+            if is_lossy == lossy and uid not in uids:
+                uids.add(uid)
+                members.append(case)
+                break
+        else:
+            groups.append((lossy, {uid}, [case]))
+    return [members for _, _, members in groups]
+
+
+def test_every_corpus_file_has_a_line():
+    listed = {c.name for c in CASES}
+    assert corpus_files() - listed == set(), "add a line to tests/corpus.py CASES"
+
+
+# -- receive: raw data sets over a real association into the disk server ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def receiver(work: Path) -> Iterator[tuple[Service, Any]]:
+    home = make_home()
+    service = Service(home)
+    service.start(log_to_stderr=False)
+    yield service, home
+    service.stop()
+    cleanup(home)
+
+
+def raw_dataset(case: Case) -> tuple[str, str, str, bytes]:
+    """(SOP Class, SOP Instance, transfer syntax, data set bytes) as a sender would put them on
+    the wire: the UIDs of the data set (else of the File Meta), the bytes after the File Meta."""
+    ds = read(case.path)
+    data = case.path.read_bytes()
+    if data[128:132] == b"DICM":
+        offset = 132
+        while offset + 8 <= len(data) and data[offset:offset + 2] == b"\x02\x00":
+            vr = data[offset + 4:offset + 6]
+            if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+                offset += 12 + struct.unpack_from("<L", data, offset + 8)[0]
+            else:
+                offset += 8 + struct.unpack_from("<H", data, offset + 6)[0]
+        body = data[offset:]
+    else:
+        body = data
+    meta = getattr(ds, "file_meta", Dataset())
+    ts = meta.get("TransferSyntaxUID")
+    if not ts:
+        implicit, little = ds.original_encoding if ds.original_encoding[0] is not None else (True, True)
+        ts = ImplicitVRLittleEndian if implicit else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    sop_class = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID") or "1.2.840.10008.5.1.4.1.1.7"
+    sop_instance = ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID") or "1.2.3.4.5.6.7.8.9"
+    return str(sop_class), str(sop_instance), str(ts), body
+
+
+def c_store_raw(port: int, case: Case) -> tuple[int, str]:
+    """C-STORE the raw data set of `case` to the disk server; (status, error comment)."""
+    sop_class, sop_instance, ts, body = raw_dataset(case)
+    assoc = Requestor("127.0.0.1", port, "CORPUS", "MODLINK", [(sop_class, [ts])], Timeouts()).open()
+    try:
+        ((cid, _),) = assoc.accepted()[sop_class]
+        assoc.send_message(cid, c_store_rq(assoc.next_message_id(), sop_class, sop_instance), body)
+        rsp = parse_command(assoc.receive_command(30))
+        status = struct.unpack("<H", rsp[0x0900])[0]
+        return status, rsp.get(0x0902, b"").decode("ascii", "replace").strip(" \x00")
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_receive(case: Case, receiver):
+    service, home = receiver
+    status, comment = c_store_raw(service.disk_server.port, case)
+    tmp_left = [p for p in home.archive_dir.joinpath(".tmp").glob("*") if p.is_file()]
+    assert tmp_left == [], "a refused or stored data set left a temporary file"
+    if case.valid or case.status is None:
+        assert status == 0x0000, f"{case.name}: status 0x{status:04X} {comment}"
+        sop = raw_dataset(case)[1]
+        stored = list(home.archive_dir.rglob(f"{sop}.dcm"))
+        assert len(stored) == 1
+        assert dataset_bytes(stored[0]) == raw_dataset(case)[3]
+        assert_same_dataset(read(case.path), read(stored[0]), case.name)
+    else:
+        assert status == case.status, f"{case.name}: status 0x{status:04X} {comment}"
+        assert comment, "a refusal says why in its Error Comment (0000,0902)"
+
+
+# -- import --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_import(case: Case, receiver):
+    service, home = receiver
+    result = call(home, "archive.import", paths=[str(case.path)])
+    if case.valid:
+        assert result["imported"] == 1, result
+        ds = read(case.path)
+        stored = list(home.archive_dir.rglob(f"{ds.SOPInstanceUID}.dcm"))
+        assert dataset_bytes(stored[0]) == case.path.read_bytes()[-len(dataset_bytes(stored[0])):]
+        assert_same_dataset(ds, read(stored[0]), case.name)
+    else:
+        assert result["imported"] == 0
+        (failure,) = result["failed"]
+        assert case.refuse in failure["error"], failure
+    assert [p for p in home.archive_dir.joinpath(".tmp").glob("*") if p.is_file()] == []
+
+
+# -- send, commit and burn, one partition of distinct UIDs at a time ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def peers(work: Path) -> Iterator[dict[str, Any]]:
+    scp_port = free_port()
+    scp_out = work / "storescp"
+    scp_out.mkdir()
+    scp = start_storescp(scp_out, scp_port)
+    orthanc = start_orthanc(work / "orthanc", overwrite=True)
+    yield {"storescp": (scp_port, scp_out), "orthanc": orthanc}
+    scp.terminate()
+    scp.wait()
+    orthanc.stop()
+
+
+#: Partitions of the corpus, computed when the tests are collected; "made" and "made-lossy" are the
+#: DCMTK conversions, which are made when the tests run.
+PARTITIONS = partitions(CASES)
+PARTITION_IDS = [f"p{i}" for i in range(len(PARTITIONS))] + ["made", "made-lossy"]
+
+
+@pytest.mark.parametrize("part", PARTITION_IDS)
+def test_send_commit_burn(part: str, peers, work: Path, all_cases):
+    if part.startswith("made"):
+        made = [c for c in all_cases if c not in CASES and (c.kind == "lossy") == part.endswith("lossy")]
+        cases = partitions(made)[0]
+    else:
+        cases = PARTITIONS[int(part[1:])]
+    index = part
+    lossy = cases[0].kind == "lossy"
+    scp_port, scp_out = peers["storescp"]
+    orthanc = peers["orthanc"]
+    for f in scp_out.iterdir():
+        f.unlink()
+    home = make_home(ae_title="STORESCP", port=scp_port, roles=["store"])
+    from modality_link import config
+
+    cfg = config.load(home.config_path)
+    cfg.nodes["ORTHANC"] = config.Node(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port,
+                                       roles=["store", "commit"], retry_interval=0.2,
+                                       commit_wait=0.5, commit_timeout=30.0)
+    config.save(home.config_path, cfg)
+    orthanc.allow(cfg.disk_server.ae_title, cfg.disk_server.port)
+    service = Service(home)
+    service.start(log_to_stderr=False)
+    try:
+        result = call(home, "archive.import", paths=[str(c.path) for c in cases])
+        assert result["imported"] == len(cases), result
+        studies = sorted({s["study_uid"] for s in call(home, "studies.list")})
+        sources = {read(c.path).SOPInstanceUID: c for c in cases}
+
+        # DCMTK storescp: uncompressed only, so every compressed source is converted
+        job = wait_chain(home, call(home, "send", study_uids=studies, node="PACS")["job_id"], 120)
+        received = {read(f).SOPInstanceUID: f for f in scp_out.iterdir()}
+        if lossy:
+            assert job["state"] == "failed" and "lossy" in job["error"].lower(), job
+        else:
+            assert job["state"] == "done", job
+            assert set(received) == set(sources)
+            for uid, case in sources.items():
+                assert_same_dataset(read(case.path), read(received[uid]), f"storescp {case.name}")
+
+        # Orthanc, with Storage Commitment reported on a separate association
+        job = wait_chain(home, call(home, "send", study_uids=studies, node="ORTHANC", commit=True)["job_id"], 120)
+        assert job["state"] == "done", job
+        counts = {s["study_uid"]: s["nodes"]["ORTHANC"] for s in call(home, "studies.list")}
+        assert sum(c["committed"] for c in counts.values()) == len(sources), counts
+        for uid, case in sources.items():
+            assert_same_dataset(read(case.path), orthanc.instance(uid), f"orthanc {case.name}")
+
+        # burn to an ISO image on STD-GEN-CD (Explicit VR Little Endian only)
+        iso = work / f"part{index}.iso"
+        res = call(home, "burn", study_uids=studies, iso=str(iso), wait=True)
+        if lossy:
+            assert res["state"] == "failed" and "lossy" in res["error"].lower(), res
+            assert not iso.exists()
+            return
+        assert res["state"] == "done", res
+        found = check_iso(iso, work / f"part{index}")
+        assert set(found) == set(sources)
+        for uid, case in sources.items():
+            out = read(found[uid])
+            assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert_same_dataset(read(case.path), out, f"disc {case.name}")
+    finally:
+        service.stop()
+        cleanup(home)
+
+
+def check_iso(image: Path, out: Path) -> dict[str, Path]:
+    """Extract the ISO with xorriso, validate its DICOMDIR with dciodvfy and dcdirdmp, and return
+    SOP Instance UID -> file as the DICOMDIR references them."""
+    proc = subprocess.run([require_tool("xorriso"), "-osirrox", "on", "-indev", str(image), "-extract", "/", str(out)],
+                          capture_output=True, text=True, encoding="latin-1")
+    assert proc.returncode == 0, proc.stderr
+    dicomdir = out / "DICOMDIR"
+    proc = subprocess.run([require_tool("dciodvfy"), str(dicomdir)], capture_output=True, text=True, encoding="latin-1")
+    text = proc.stdout + proc.stderr
+    assert not [line for line in text.splitlines() if line.startswith("Error")], text
+    proc = subprocess.run([require_tool("dcdirdmp"), str(dicomdir)], capture_output=True, text=True, encoding="latin-1")
+    assert proc.returncode == 0, proc.stderr
+    found = {}
+    for inst in FileSet(dicomdir):
+        found[inst.SOPInstanceUID] = Path(inst.path)
+    return found
