@@ -182,7 +182,7 @@ MADE = [
     ("ct_jpeg_lossless14.dcm", "CT_small.dcm", "dcmcjpeg", ["+el", "+un"], "image"),
     ("ct_jpeg_extended.dcm", "CT_small.dcm", "dcmcjpeg", ["+ee", "+un"], "lossy"),
     ("ct_jpegls_lossless.dcm", "CT_small.dcm", "dcmcjpls", ["+el", "+un"], "image"),
-    ("ct_jpegls_near.dcm", "CT_small.dcm", "dcmcjpls", ["+en", "+un"], "lossy"),
+    ("rgb_jpegls_near.dcm", "SC_rgb_small_odd.dcm", "dcmcjpls", ["+en", "+un"], "lossy"),
     ("ct_rle.dcm", "CT_small.dcm", "dcmcrle", ["+un"], "image"),
     ("mr_rle.dcm", "MR_small.dcm", "dcmcrle", ["+un"], "image"),
     ("mr_jpeg_sv1.dcm", "MR_small.dcm", "dcmcjpeg", ["+e1", "+un"], "image"),
@@ -191,7 +191,7 @@ MADE = [
     ("ct_no_ids.dcm", "CT_small.dcm", "dcmodify",
      ["-ea", "(0010,0020)", "-ea", "(0008,0020)", "-ea", "(0008,0030)", "-ea", "(0020,0010)"], "image"),
     # no Specific Character Set at all (the most common case)
-    ("mr_no_charset.dcm", "CT_small.dcm", "dcmodify", ["-ea", "(0008,0005)"], "image"),
+    ("ct_no_charset.dcm", "CT_small.dcm", "dcmodify", ["-ea", "(0008,0005)"], "image"),
 ]
 
 

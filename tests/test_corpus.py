@@ -31,7 +31,9 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from modality_link import config
 from modality_link.config import Timeouts
+from modality_link.home import temporary_home
 from modality_link.net.storage import c_store_rq, parse_command
 from modality_link.net.upper_layer import Requestor
 from modality_link.service import Service
@@ -266,14 +268,12 @@ def test_send_commit_burn(part: str, peers, work: Path, all_cases):
     orthanc = peers["orthanc"]
     for f in scp_out.iterdir():
         f.unlink()
-    home = make_home(ae_title="STORESCP", port=scp_port, roles=["store"])
-    from modality_link import config
-
+    node = dict(host="127.0.0.1", retry_interval=0.2, commit_wait=0.5, commit_timeout=30.0)
+    home = temporary_home(nodes={
+        "PACS": config.Node(ae_title="STORESCP", port=scp_port, roles=["store"], **node),
+        "ORTHANC": config.Node(ae_title="ORTHANC", port=orthanc.dicom_port, roles=["store", "commit"], **node),
+    })
     cfg = config.load(home.config_path)
-    cfg.nodes["ORTHANC"] = config.Node(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port,
-                                       roles=["store", "commit"], retry_interval=0.2,
-                                       commit_wait=0.5, commit_timeout=30.0)
-    config.save(home.config_path, cfg)
     orthanc.allow(cfg.disk_server.ae_title, cfg.disk_server.port)
     service = Service(home)
     service.start(log_to_stderr=False)
