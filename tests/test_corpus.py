@@ -287,7 +287,7 @@ def test_send_commit_burn(part: str, peers, work: Path, all_cases):
         job = wait_chain(home, call(home, "send", study_uids=studies, node="PACS")["job_id"], 120)
         received = {read(f).SOPInstanceUID: f for f in scp_out.iterdir()}
         if lossy:
-            assert job["state"] == "failed" and "lossy" in job["error"].lower(), job
+            assert job["state"] == "failed" and "lossy" in job["last_error"].lower(), job
         else:
             assert job["state"] == "done", job
             assert set(received) == set(sources)
