@@ -52,7 +52,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from modality_link import config
-from modality_link.archive import Archive
+from modality_link.archive import Archive, ArchiveError, check_file_meta, read_header
 from modality_link.db import Database
 from modality_link.net import mpps
 from modality_link.net.charset import charset_for
@@ -356,8 +356,11 @@ class ExamManager:
             path = Path(p)
             if not path.is_file():
                 raise ExamError("not_found", f"no such file: {p}")
-            try:
+            try:  # complete, and described by its own File Meta (PS3.10 7.1), before it is decoded
+                check_file_meta(read_header(path))
                 ds = dcmread(path)
+            except ArchiveError as exc:
+                raise ExamError("invalid", f"{p} refused: {exc}") from None
             except Exception as exc:
                 raise ExamError("invalid", f"{p}: not a DICOM file ({exc})") from None
             with self._lock:  # not between the checks of series_complete or end and their effect
