@@ -155,6 +155,11 @@ def receiver(work: Path) -> Iterator[tuple[Service, Any]]:
     cleanup(home)
 
 
+def archive_files(home: Any) -> dict[str, int]:
+    """{path: modification time} of every file under the archive folder, temporaries included."""
+    return {str(p): p.stat().st_mtime_ns for p in home.archive_dir.rglob("*") if p.is_file()}
+
+
 def raw_dataset(case: Case) -> tuple[str, str, str, bytes]:
     """(SOP Class, SOP Instance, transfer syntax, data set bytes) as a sender would put them on
     the wire: the UIDs of the data set (else of the File Meta), the bytes after the File Meta."""
@@ -198,6 +203,7 @@ def c_store_raw(port: int, case: Case) -> tuple[int, str]:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_receive(case: Case, receiver):
     service, home = receiver
+    before = archive_files(home)
     status, comment = c_store_raw(service.disk_server.port, case)
     tmp_left = [p for p in home.archive_dir.joinpath(".tmp").glob("*") if p.is_file()]
     assert tmp_left == [], "a refused or stored data set left a temporary file"
@@ -211,6 +217,7 @@ def test_receive(case: Case, receiver):
     else:
         assert status == case.status, f"{case.name}: status 0x{status:04X} {comment}"
         assert comment, "a refusal says why in its Error Comment (0000,0902)"
+        assert archive_files(home) == before, "a refused data set changed the archive"
 
 
 # -- import --------------------------------------------------------------------------------------------------
@@ -219,6 +226,7 @@ def test_receive(case: Case, receiver):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_import(case: Case, receiver):
     service, home = receiver
+    before = archive_files(home)
     result = call(home, "archive.import", paths=[str(case.path)])
     if case.valid:
         assert result["imported"] == 1, result
@@ -230,6 +238,7 @@ def test_import(case: Case, receiver):
         assert result["imported"] == 0
         (failure,) = result["failed"]
         assert case.refuse in failure["error"], failure
+        assert archive_files(home) == before, "a refused file changed the archive"
     assert [p for p in home.archive_dir.joinpath(".tmp").glob("*") if p.is_file()] == []
 
 
