@@ -1,9 +1,12 @@
 """The local disk archive: DICOM files by UID under the home folder, indexed in SQLite.
 
-A file enters the archive in three steps (DESIGN.md "Persistence"): it is written to a temporary
-name on the archive's file system and fsynced, renamed to its final name, and only then indexed.
-A crash at any point leaves either no file, an unindexed complete file (found again by
-:meth:`Archive.reconcile`), or an indexed complete file: never a half-written archive file.
+A file enters the archive in three steps (docs/design.md "The listening side"): it is written to
+a temporary name on the archive's file system and flushed (fdatasync), renamed to its final name
+and its directory flushed (POSIX makes a rename durable only by an fsync of the directory), and
+only then indexed. A crash at any point leaves either no file, an unindexed complete file (found
+again by :meth:`Archive.reconcile`), or an indexed complete file: never a half-written archive
+file. A received instance (:meth:`Archive.receive`) is written as it arrives and indexed by a
+background thread after it was acknowledged; the release of its association waits for that.
 
 Paths are built from the Study, Series and SOP Instance UIDs of the dataset, after each was
 checked to be a valid UID (PS3.5 §9.1: 1-64 characters, digits and dots, no empty component and
@@ -22,8 +25,10 @@ import os
 import re
 import shutil
 import struct
+import threading
 import uuid
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -214,6 +219,12 @@ class Archive:
     min_free_mb: int = 512
     #: Called with (code, message) when the operator must be told (disk full...).
     on_alert: Callable[[str, str], None] | None = None
+    _dir_sync: "DirectorySync" = field(init=False, repr=False)
+    _indexer: "Indexer" = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._dir_sync = DirectorySync()
+        self._indexer = Indexer(self._index)
 
     @property
     def tmp_dir(self) -> Path:
@@ -240,29 +251,18 @@ class Archive:
             self.on_alert("disk-full", msg)
         return DiskFull(msg)
 
-    def store_part10(self, src: Path, source_ae: str, expected_uid: str | None = None) -> InstanceRecord:
-        """Archive the PS3.10 file `src` (a received dataset or a file to import).
+    def store_part10(self, src: Path, source_ae: str) -> InstanceRecord:
+        """Archive the PS3.10 file `src` (a file to import), indexed before this returns.
 
-        The dataset bytes are copied unchanged after a File Meta group of our own.
-        `expected_uid` is the C-STORE's Affected SOP Instance UID, which must match the dataset's.
+        The dataset bytes are copied unchanged after a File Meta group of our own; the file's own
+        File Meta must describe its data set.
         """
         self.check_space()
         ds = read_header(src)
-        if expected_uid is None:  # a file to import: its own File Meta must describe it
-            check_file_meta(ds)
+        check_file_meta(ds)
         rec = record_from_dataset(ds, "", 0, source_ae)
-        if expected_uid is not None:  # received: the C-STORE-RQ names what it carries
-            for what, mine, theirs in (
-                ("SOP Instance UID", rec.sop_instance_uid, expected_uid),
-                ("SOP Class UID", rec.sop_class_uid, str(ds.file_meta.get("MediaStorageSOPClassUID", rec.sop_class_uid))),
-            ):
-                if mine != theirs:
-                    raise DatasetMismatch(
-                        f"{what} in the dataset ({mine}) differs from the C-STORE's Affected {what} ({theirs})"
-                    )
         rec.path = self.path_for(rec)
         meta = encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax, source_ae)
-        final = self.root / rec.path
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             with open(src, "rb") as fin, open(part, "wb") as fout:
@@ -278,10 +278,8 @@ class Archive:
                         raise CannotUnderstand("source file shrank while it was copied")
                     offset += sent
                     remaining -= sent
-                os.fsync(fout.fileno())
                 rec.size = os.fstat(fout.fileno()).st_size
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(part, final)
+                self._install(fout.fileno(), part, rec)
         except OSError as exc:
             part.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -290,10 +288,38 @@ class Archive:
         except BaseException:
             part.unlink(missing_ok=True)
             raise
+        self._index(rec)
+        return rec
+
+    def receive(self, sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> "IncomingInstance":
+        """Start receiving a C-STORE data set (PS3.7 9.3.1): a file in the tmp dir that the
+        fragments are written to as they arrive; raise :class:`DiskFull` below the reserve."""
+        self.check_space()
+        return IncomingInstance(self, sop_class, sop_instance, transfer_syntax, source_ae)
+
+    def _install(self, fd: int, part: Path, rec: InstanceRecord) -> None:
+        """Make `part` (open as `fd`) the durable archive file of `rec`: fdatasync its data,
+        rename it to its final name, fsync the directories whose entries changed."""
+        os.fdatasync(fd)
+        final = self.root / rec.path
+        made = _make_dirs(final.parent, self.root)
+        os.replace(part, final)
+        for directory in (*made, final.parent):
+            self._dir_sync.sync(directory)
+
+    def _index(self, rec: InstanceRecord) -> None:
         old = self.db.index_instance(rec)
         if old is not None and old != rec.path:
             (self.root / old).unlink(missing_ok=True)
-        return rec
+
+    def index_later(self, rec: InstanceRecord, then: Callable[[InstanceRecord], None] | None = None) -> int:
+        """Queue the index row of a durable file; return a ticket for :meth:`wait_indexed`.
+        `then` is called with the record once it is indexed."""
+        return self._indexer.put(rec, then)
+
+    def wait_indexed(self, ticket: int | None = None, timeout: float = 60.0) -> bool:
+        """Wait until the rows queued up to `ticket` (all queued rows when None) are indexed."""
+        return self._indexer.wait(ticket, timeout)
 
     def import_paths(self, paths: Iterable[Path], source_ae: str = "") -> Iterator[tuple[Path, InstanceRecord | Exception]]:
         """Import files and folders (recursively); yields (path, record or error) per file."""
@@ -329,3 +355,184 @@ class Archive:
             except ArchiveError as exc:
                 LOG.error("archive: %s is not a valid archive file (%s); left in place", rel, exc)
         return added
+
+
+def _make_dirs(directory: Path, root: Path) -> list[Path]:
+    """Create `directory` and its missing parents below `root`; return the parents whose
+    entries changed (each must be fsynced for the new directory to survive a crash)."""
+    missing = []
+    d = directory
+    while d != root and not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    changed = []
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # another association made it meanwhile
+            continue
+        changed.append(d.parent)
+    return changed
+
+
+class IncomingInstance:
+    """A C-STORE data set being received: written to ``.tmp/<random>.part`` after a File Meta
+    group built from the C-STORE-RQ and the presentation context, never decoded, never copied.
+
+    Fragments go to :meth:`write` as they arrive; :meth:`finish` validates the file with
+    :func:`read_header`, :func:`check_file_meta` (the data set's SOP Class and Instance UIDs
+    against the C-STORE-RQ's Affected ones) and :func:`record_from_dataset`, then makes it
+    durable under its final name. :meth:`discard` removes it at once (an aborted association).
+    """
+
+    #: Free space is checked again after every this many bytes of one data set.
+    SPACE_CHECK_BYTES = 64 << 20
+
+    def __init__(self, archive: Archive, sop_class: str, sop_instance: str, transfer_syntax: str,
+                 source_ae: str) -> None:
+        self.archive = archive
+        self.source_ae = source_ae
+        self.part = archive.tmp_dir / f"{uuid.uuid4().hex}.part"
+        self.error: ArchiveError | None = None
+        self._unchecked = 0
+        self._file: BinaryIO | None = open(self.part, "wb")
+        self.write(encode_file_meta(sop_class, sop_instance, transfer_syntax, source_ae))
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append a fragment; after a failure (disk full) the rest is dropped, and
+        :meth:`finish` raises that failure."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(data)
+            self._unchecked += len(data)
+            if self._unchecked > self.SPACE_CHECK_BYTES:
+                self._unchecked = 0
+                self.archive.check_space()
+        except OSError as exc:
+            self._fail(self.archive._disk_full(str(exc)) if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                       else CannotUnderstand(f"cannot write the data set: {exc.strerror or exc}"))
+        except ArchiveError as exc:
+            self._fail(exc)
+
+    def _fail(self, error: ArchiveError) -> None:
+        self.error = error
+        self.discard()
+
+    def discard(self) -> None:
+        """Remove the partial file now."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        self.part.unlink(missing_ok=True)
+
+    def finish(self) -> InstanceRecord:
+        """Validate and install the complete data set; raise :class:`ArchiveError` (nothing
+        kept) when it is refused. The index row is queued (:meth:`Archive.index_later`)."""
+        if self.error is not None or self._file is None:
+            self.discard()
+            raise self.error or CannotUnderstand("the data set was discarded")
+        try:
+            self._file.flush()
+            ds = read_header(self.part)
+            check_file_meta(ds)
+            rec = record_from_dataset(ds, "", 0, self.source_ae)
+            rec.path = self.archive.path_for(rec)
+            rec.size = self._file.tell()
+            self.archive._install(self._file.fileno(), self.part, rec)
+        except OSError as exc:
+            self.discard()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self.archive._disk_full(str(exc)) from None
+            raise
+        except BaseException:
+            self.discard()
+            raise
+        self._file.close()
+        self._file = None
+        return rec
+
+
+class DirectorySync:
+    """fsync of a directory after names were renamed into it (POSIX: a rename is durable once
+    its directory is synced). Callers whose rename happened before a sync started share that
+    sync: concurrent associations writing into one series folder pay one fsync (group commit)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        #: directory -> [renames requested, renames covered by a finished sync, a sync running]
+        self._state: dict[Path, list] = {}
+
+    def sync(self, directory: Path) -> None:
+        with self._cond:
+            state = self._state.setdefault(directory, [0, 0, False])
+            state[0] += 1
+            ticket = state[0]
+            while state[1] < ticket:
+                if state[2]:
+                    self._cond.wait()
+                    continue
+                state[2] = True
+                target = state[0]
+                self._cond.release()
+                try:
+                    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                finally:
+                    self._cond.acquire()
+                    state[2] = False
+                    self._cond.notify_all()
+                state[1] = target
+            if state[0] == state[1] and not state[2]:
+                del self._state[directory]
+
+
+class Indexer:
+    """One thread that writes index rows after their files are durable, so that a C-STORE
+    response waits for the file only (docs/design.md "The listening side"). A crash before the
+    row is written leaves a complete unindexed file, which :meth:`Archive.reconcile` indexes."""
+
+    def __init__(self, index: Callable[[InstanceRecord], None]) -> None:
+        self._index = index
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[int, InstanceRecord, Callable[[InstanceRecord], None] | None]] = deque()
+        self._queued = 0
+        self._done = 0
+        self._thread: threading.Thread | None = None
+
+    def put(self, rec: InstanceRecord, then: Callable[[InstanceRecord], None] | None) -> int:
+        with self._cond:
+            self._queued += 1
+            self._queue.append((self._queued, rec, then))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="archive-indexer", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+            return self._queued
+
+    def wait(self, ticket: int | None, timeout: float) -> bool:
+        with self._cond:
+            target = self._queued if ticket is None else ticket
+            return self._cond.wait_for(lambda: self._done >= target, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue))
+                ticket, rec, then = self._queue.popleft()
+            try:
+                self._index(rec)
+                if then is not None:
+                    then(rec)
+            except Exception:  # the file is durable; the next start's reconcile indexes it
+                LOG.exception("archive: indexing %s failed; reconcile will index it at the next start",
+                              rec.path)
+            with self._cond:
+                self._done = ticket
+                self._cond.notify_all()

@@ -110,6 +110,11 @@ class Listener:
     allowed_calling_aets: list[str] = field(default_factory=list)
     #: Reject an A-ASSOCIATE-RQ whose called AE title is not ours (reason 7).
     require_called_aet: bool = True
+    #: Connections without an association (before their A-ASSOCIATE-RQ is complete, or after
+    #: the release) allowed at once, overall and from one peer address; a new connection beyond
+    #: a cap closes the oldest of them (docs/design.md "The listening side").
+    max_pending: int = 64
+    max_pending_per_address: int = 16
 
     def validate(self, prefix: str) -> None:
         check_ae_title(f"{prefix}.ae_title", self.ae_title)
@@ -118,6 +123,8 @@ class Listener:
             raise ConfigError(f"{prefix}.bind_address: an address string, '' for all interfaces")
         _check_max_pdu(f"{prefix}.max_pdu", self.max_pdu)
         _check_range(f"{prefix}.max_associations", self.max_associations, 1, 1000)
+        _check_range(f"{prefix}.max_pending", self.max_pending, 1, 1000)
+        _check_range(f"{prefix}.max_pending_per_address", self.max_pending_per_address, 1, 1000)
         if not isinstance(self.allowed_calling_aets, list):
             raise ConfigError(f"{prefix}.allowed_calling_aets: a list of AE titles")
         for i, aet in enumerate(self.allowed_calling_aets):
@@ -132,6 +139,9 @@ class Timeouts:
     acse: float = 30.0
     dimse: float = 60.0
     network: float = 60.0
+    #: ARTIM (PS3.8 §9.1.5): a connection must complete its A-ASSOCIATE-RQ within it, and the
+    #: peer close the connection within it after a reject, release or abort.
+    artim: float = 10.0
 
     def validate(self, prefix: str) -> None:
         for f in dataclasses.fields(self):

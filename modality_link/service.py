@@ -38,7 +38,6 @@ from modality_link.ipc import (
     IpcServer,
 )
 from modality_link.jobs import JobQueue
-from modality_link.net.commitment import report_handler
 from modality_link.net.echo import echo
 from modality_link.net.servers import StorageServer
 
@@ -142,10 +141,9 @@ class Service:
     def _start_servers(self) -> None:
         assert self.archive is not None
         if self.config.disk_server.enabled:
-            reports = report_handler(self.jobs.handle_report) if self.jobs is not None else None
             self.disk_server = StorageServer(
                 self.config.disk_server, self.config.timeouts, self.archive, self._on_stored,
-                on_event_report=reports,
+                on_report=self.jobs.handle_report if self.jobs is not None else None,
             )
             self.disk_server.start()
 

@@ -36,10 +36,8 @@ from modality_link.config import Node, Timeouts
 LOG = logging.getLogger("modality_link.net")
 
 # pynetdicom's process-wide settings, set here, once, for every service of ours:
-# - receive C-STORE data sets into a temporary file, never decoded in memory (pynetdicom >= 2.0);
 # - do not pretty-print C-FIND response identifiers: that converts their raw elements with the
 #   default character set before the worklist SCU could repair (0008,0005).
-_config.STORE_RECV_CHUNKED_DATASET = True
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
 #: PS3.8 Table 9-21: (source, reason) of an A-ASSOCIATE-RJ.

@@ -15,14 +15,18 @@ SCP/SCU Role Selection item (PS3.7 D.3.3.4) in which the SCP proposes the SCP ro
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Callable, Sequence
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
-from pynetdicom import AE, Association, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel
+from pydicom.uid import UID, generate_uid
+from pynetdicom import Association, evt
+from pynetdicom.dsutils import decode
+
+from modality_link.net.acceptor import DataSetSink, InMemory, Reply, Request
 
 LOG = logging.getLogger("modality_link.net.commitment")
 
@@ -108,37 +112,65 @@ def parse_report(event_type: int | None, info: Dataset | None, calling_ae: str =
     return rep
 
 
-def report_handler(on_report: Callable[[Report], None]) -> Callable[[evt.Event], tuple[int, None]]:
-    """An EVT_N_EVENT_REPORT handler that decodes the report and hands it to `on_report`.
+def answer_report(sop_class: str, event_type: int | None, info: Dataset | None, calling: str,
+                  on_report: Callable[[Report], None]) -> int:
+    """Decode an N-EVENT-REPORT-RQ, hand the report to `on_report`, return our status.
 
     `on_report` raises :class:`ReportError` to answer with a failure status (E10).
     """
+    if sop_class != STORAGE_COMMITMENT_PUSH:
+        LOG.error("N-EVENT-REPORT for SOP class %s refused", sop_class)
+        return STATUS_PROCESSING_FAILURE
+    try:
+        rep = parse_report(event_type, info, calling)
+        on_report(rep)
+    except ReportError as exc:
+        LOG.error("N-EVENT-REPORT from %s refused with 0x%04X: %s", calling, exc.status, exc)
+        return exc.status
+    except Exception:
+        LOG.exception("N-EVENT-REPORT from %s: processing failure", calling)
+        return STATUS_PROCESSING_FAILURE
+    return STATUS_SUCCESS
+
+
+def report_handler(on_report: Callable[[Report], None]) -> Callable[[evt.Event], tuple[int, None]]:
+    """An EVT_N_EVENT_REPORT handler (a pynetdicom association of ours) for :func:`answer_report`."""
 
     def handle(event: evt.Event) -> tuple[int, None]:
         calling = event.assoc.requestor.ae_title.strip() if not event.assoc.is_requestor else (
             event.assoc.acceptor.ae_title.strip())
         req = event.request
-        if str(req.AffectedSOPClassUID) != STORAGE_COMMITMENT_PUSH:
-            LOG.error("N-EVENT-REPORT for SOP class %s refused", req.AffectedSOPClassUID)
-            return STATUS_PROCESSING_FAILURE, None
-        try:
-            rep = parse_report(req.EventTypeID, event.event_information, calling)
-            on_report(rep)
-        except ReportError as exc:
-            LOG.error("N-EVENT-REPORT from %s refused with 0x%04X: %s", calling, exc.status, exc)
-            return exc.status, None
-        except Exception:
-            LOG.exception("N-EVENT-REPORT from %s: processing failure", calling)
-            return STATUS_PROCESSING_FAILURE, None
-        return STATUS_SUCCESS, None
+        info = event.event_information if str(req.AffectedSOPClassUID) == STORAGE_COMMITMENT_PUSH else None
+        return answer_report(str(req.AffectedSOPClassUID), req.EventTypeID, info, calling, on_report), None
 
     return handle
 
 
-def accept_reports(ae: AE) -> None:
-    """Let the SCP open a new association to `ae` to send reports, proposing the SCP role by
-    SCP/SCU Role Selection or not proposing roles at all (REQUIREMENTS A13, E5)."""
-    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+class ReportHandler:
+    """N-EVENT-REPORT on our acceptor (`modality_link.net.acceptor`): a Storage Commitment SCP
+    that reports on a new association (PS3.4 J.3.3, PS3.7 §10.1.1)."""
+
+    def __init__(self, on_report: Callable[[Report], None]) -> None:
+        self.on_report = on_report
+
+    def sink(self, request: Request) -> DataSetSink:
+        return InMemory()
+
+    def handle(self, request: Request, data: DataSetSink | None, reply: Reply) -> None:
+        info = None
+        raw = bytes(data.data) if isinstance(data, InMemory) else b""
+        if raw and request.affected_sop_class == STORAGE_COMMITMENT_PUSH:
+            ts = UID(request.transfer_syntax)
+            try:
+                info = decode(BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
+            except Exception as exc:
+                LOG.error("N-EVENT-REPORT from %s: Event Information cannot be decoded: %s", request.peer, exc)
+                reply(STATUS_INVALID_ARGUMENT, "the Event Information cannot be decoded", None, None)
+                return
+        status = answer_report(request.affected_sop_class, request.event_type, info,
+                               request.peer.calling_ae, self.on_report)
+        extra = {0x1002: struct.pack("<H", request.event_type)} if request.event_type is not None else None
+        reply(status, "", extra, None)
 
 
 def request(assoc: Association, transaction_uid: str, refs: Sequence[tuple[str, str]]) -> int:

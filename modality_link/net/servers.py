@@ -2,10 +2,10 @@
 
 Storage Service Class SCP, PS3.4 Annex B; Verification SCP, PS3.4 Annex A.
 
-Datasets are received in chunks straight to a temporary file (pynetdicom's
-``STORE_RECV_CHUNKED_DATASET``) and copied into the archive without being decoded; only their
-header is parsed to index them. A dataset that cannot be parsed, is truncated, or whose UIDs are
-invalid is refused with a failure status and one log line, and nothing of it enters the archive.
+Served by our own acceptor (`modality_link.net.acceptor`): each data set is written to its
+archive file as its fragments arrive, without being decoded; only its header is parsed to
+validate and index it. A dataset that cannot be parsed, is truncated, or whose UIDs are invalid
+is refused with a failure status and one log line, and nothing of it enters the archive.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import logging
 import threading
 from typing import Callable
 
-from pydicom.dataset import Dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -29,15 +28,23 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import evt
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
 
-from modality_link.archive import Archive, ArchiveError
+from modality_link.archive import STATUS_CANNOT_UNDERSTAND, Archive, ArchiveError, IncomingInstance
 from modality_link.config import Listener, Timeouts
 from modality_link.db import InstanceRecord
-from modality_link.net.association import COMMON_HANDLERS, describe_reject, make_ae, peer_of
+from modality_link.net.acceptor import (
+    C_ECHO_RQ,
+    C_STORE_RQ,
+    N_EVENT_REPORT_RQ,
+    Acceptor,
+    DataSetSink,
+    Discard,
+    Reply,
+    Request,
+    Service,
+)
+from modality_link.net.commitment import STORAGE_COMMITMENT_PUSH, Report, ReportHandler
 
 LOG = logging.getLogger("modality_link.net.servers")
 
@@ -58,18 +65,61 @@ ARCHIVE_TRANSFER_SYNTAXES = [
 ]
 
 STATUS_PROCESSING_FAILURE = 0x0110
+#: Transfer syntaxes of services whose data sets we decode (PS3.5 §10.1-10.3, A.5).
+DECODED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+]
+VERIFICATION = "1.2.840.10008.1.1"
 
 
-def _status(code: int, comment: str) -> Dataset:
-    """A status dataset with an Error Comment (0000,0902), at most 64 characters (VR LO)."""
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = comment[:64]
-    return ds
+class EchoHandler:
+    """Verification SCP (PS3.4 Annex A): C-ECHO-RQ -> success."""
+
+    def sink(self, request: Request) -> DataSetSink:
+        return Discard()
+
+    def handle(self, request: Request, data: DataSetSink | None, reply: Reply) -> None:
+        reply(0x0000, "", None, None)
+
+
+class StoreHandler:
+    """Storage SCP (PS3.4 Annex B): each data set streams into its archive file
+    (:meth:`Archive.receive`); the response waits until that file is durable."""
+
+    def __init__(self, server: "StorageServer") -> None:
+        self.server = server
+
+    def sink(self, request: Request) -> DataSetSink:
+        return self.server.archive.receive(request.affected_sop_class, request.affected_sop_instance,
+                                           request.transfer_syntax, request.peer.calling_ae)
+
+    def handle(self, request: Request, data: DataSetSink | None, reply: Reply) -> None:
+        server = self.server
+        uid = request.affected_sop_instance
+        if not isinstance(data, IncomingInstance):  # a C-STORE-RQ announcing no data set
+            reply(STATUS_CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None, None)
+            return
+        try:
+            rec = data.finish()
+        except ArchiveError as exc:
+            LOG.error("%s: C-STORE of %s from %s failed with status 0x%04X: %s",
+                      server.name, uid[:64], request.peer, exc.status, exc)
+            reply(exc.status, str(exc), None, None)
+            return
+        except Exception as exc:  # an unexpected fault: answer, log, keep the association
+            LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", server.name, uid[:64],
+                          request.peer)
+            reply(STATUS_PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
+            return
+        server.archive.index_later(rec, server.on_stored)
+        with server._count_lock:
+            server.stored += 1
+        reply(0x0000, "", None, None)
 
 
 class StorageServer:
-    """A Storage + Verification SCP that hands every received instance to `archive`."""
+    """A Storage + Verification SCP (and Storage Commitment report receiver) on one acceptor
+    that hands every received instance to `archive`."""
 
     def __init__(
         self,
@@ -78,46 +128,30 @@ class StorageServer:
         archive: Archive,
         on_stored: Callable[[InstanceRecord], None] | None = None,
         name: str = "disk server",
-        on_event_report: Callable[[evt.Event], object] | None = None,
+        on_report: Callable[[Report], None] | None = None,
     ) -> None:
         self.listener = listener
         self.archive = archive
         self.on_stored = on_stored
         self.name = name
-        self.ae = make_ae(listener.ae_title, timeouts, listener.max_pdu)
-        self.ae.maximum_associations = listener.max_associations
-        self.ae.require_called_aet = listener.require_called_aet
-        self.ae.require_calling_aet = list(listener.allowed_calling_aets)
-        self.ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            self.ae.add_supported_context(cx.abstract_syntax, ARCHIVE_TRANSFER_SYNTAXES)
-        #: EVT_N_EVENT_REPORT handler for Storage Commitment reports on a new association (E5).
-        self.on_event_report = on_event_report
-        if on_event_report is not None:
-            from modality_link.net.commitment import accept_reports
-
-            accept_reports(self.ae)
-        self._server: ThreadedAssociationServer | None = None
         self.stored = 0
         self._count_lock = threading.Lock()
+        services = [
+            Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
+            Service([cx.abstract_syntax for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
+                    {C_STORE_RQ: StoreHandler(self)}),
+        ]
+        if on_report is not None:  # Storage Commitment reports on a new association (PS3.4 J.3.3)
+            services.append(Service([STORAGE_COMMITMENT_PUSH], DECODED_TRANSFER_SYNTAXES,
+                                    {N_EVENT_REPORT_RQ: ReportHandler(on_report)}, requestor_scp=True))
+        self.acceptor = Acceptor(listener, timeouts, services, name, on_release=archive.wait_indexed)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        return self.acceptor.port
 
     def start(self) -> None:
-        handlers = [
-            *COMMON_HANDLERS,
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_REJECTED, self._on_rejected),
-            (evt.EVT_ABORTED, self._on_aborted),
-        ]
-        if self.on_event_report is not None:
-            handlers.append((evt.EVT_N_EVENT_REPORT, self.on_event_report))
-        address = (self.listener.bind_address, self.listener.port)
-        self._server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        self.acceptor.start()
         LOG.info(
             "%s %s listening on %s:%d",
             self.name,
@@ -127,41 +161,5 @@ class StorageServer:
         )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-
-    # -- handlers -------------------------------------------------------------------------------
-
-    def _on_echo(self, event: evt.Event) -> int:
-        return 0x0000
-
-    def _on_rejected(self, event: evt.Event) -> None:
-        prim = event.assoc.acceptor.primitive
-        why = describe_reject(prim) if prim is not None else "rejected"
-        LOG.warning("%s: association from %s refused: %s", self.name, peer_of(event.assoc), why)
-
-    def _on_aborted(self, event: evt.Event) -> None:
-        LOG.warning("%s: association from %s aborted", self.name, peer_of(event.assoc))
-
-    def _on_store(self, event: evt.Event) -> int | Dataset:
-        peer = peer_of(event.assoc)
-        calling = event.assoc.requestor.ae_title.strip()
-        uid = str(event.request.AffectedSOPInstanceUID)
-        try:
-            rec = self.archive.store_part10(event.dataset_path, calling, expected_uid=uid)
-        except ArchiveError as exc:
-            LOG.error(
-                "%s: C-STORE of %s from %s failed with status 0x%04X: %s",
-                self.name, uid[:64], peer, exc.status, exc,
-            )
-            return _status(exc.status, str(exc))
-        except Exception as exc:  # an unexpected fault: answer, log, keep the association
-            LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", self.name, uid[:64], peer)
-            return _status(STATUS_PROCESSING_FAILURE, f"processing failure: {exc}")
-        with self._count_lock:
-            self.stored += 1
-        if self.on_stored is not None:
-            self.on_stored(rec)
-        return 0x0000
-
+        self.acceptor.stop()
+        self.archive.wait_indexed()

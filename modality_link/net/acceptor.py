@@ -1,0 +1,792 @@
+"""The association acceptor of our listening AEs: DICOM Upper Layer (PS3.8 §9) on plain sockets.
+
+One acceptor serves every DIMSE service of a port. The A-ASSOCIATE PDUs are decoded and encoded
+with pynetdicom's PDU classes and negotiated with its `negotiate_as_acceptor` (presentation
+contexts in our order of transfer syntax preference, SCP/SCU Role Selection, PS3.7 D.3.3.4);
+the rest is done here: P-DATA-TF reassembly (PS3.8 §9.3.5, Annex E), command sets (PS3.7 §6.3),
+data sets handed to the service fragment by fragment as they arrive (a C-STORE's goes straight
+into its archive file), responses, A-RELEASE (§9.3.6-7) and A-ABORT (§9.3.8).
+
+Defences (docs/design.md "The listening side"):
+
+- ARTIM (PS3.8 §9.1.5): a connection must complete its A-ASSOCIATE-RQ within
+  ``timeouts.artim`` seconds in total, however slowly it trickles; after A-ASSOCIATE-RJ,
+  A-RELEASE-RP or A-ABORT the peer has as long to close.
+- Connections that are not (or no longer) associations are "pending": they do not count toward
+  ``max_associations`` but have their own caps, overall and per peer address. A new connection
+  beyond a cap closes the oldest pending one, so idle or trickling connections cannot lock out
+  a sender that completes its A-ASSOCIATE-RQ at once.
+- Before negotiation no PDU may exceed :data:`MAX_ASSOCIATE_RQ`; after it, no P-DATA-TF may
+  exceed the maximum length we announced (PS3.8 D.1). Either aborts the association at once,
+  before its body is read.
+- A data set is never held in memory by the acceptor; command sets are capped.
+
+One thread per connection; the caps bound them (``max_associations`` + ``max_pending``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from modality_link.config import Listener, Timeouts
+from modality_link.net.association import REJECT_REASONS, REJECT_RESULTS, describe_abort
+from modality_link.net.storage import _command_element, _padded, parse_command
+from modality_link.net.upper_layer import (
+    A_ABORT_TYPE,
+    A_ASSOCIATE_RQ_TYPE,
+    A_RELEASE_RP_TYPE,
+    A_RELEASE_RQ_TYPE,
+    APPLICATION_CONTEXT,
+    P_DATA_TF_TYPE,
+    UNLIMITED_PDU,
+    AssociationLost,
+    Requestor,
+    _PDU_HEADER,
+    _PDV_HEADER,
+)
+
+LOG = logging.getLogger("modality_link.net.acceptor")
+
+#: The largest PDU accepted before an association exists: an A-ASSOCIATE-RQ with 128
+#: presentation contexts of one abstract and several transfer syntaxes of 64 characters each
+#: stays well below it (PS3.8 §9.3.2).
+MAX_ASSOCIATE_RQ = 128 << 10
+#: The largest command set (PS3.7 §6.3.1): a few dozen group 0000 elements.
+MAX_COMMAND = 64 << 10
+#: PDU types we know (PS3.8 Table 9-1): anything else is an unrecognized PDU.
+_KNOWN_PDUS = range(0x01, 0x08)
+#: A-ABORT source 2 (service provider) reasons, PS3.8 Table 9-26.
+UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 1, 2, 6
+#: Command Field values, PS3.7 Annex E.
+C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
+#: Statuses, PS3.7 Annex C.
+STATUS_SUCCESS, STATUS_PROCESSING_FAILURE, STATUS_UNRECOGNIZED_OPERATION = 0x0000, 0x0110, 0x0211
+NO_DATA_SET = 0x0101  # Command Data Set Type (0000,0800), PS3.7 §9.3 / §10.3
+
+
+class _Closed(Exception):
+    """The peer closed the TCP connection, or we did."""
+
+
+class _Abort(Exception):
+    """Abort the association: A-ABORT with this provider reason, and this log line."""
+
+    def __init__(self, reason: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Peer:
+    """Who is on the other end of an association."""
+
+    address: str
+    port: int
+    calling_ae: str = ""
+    called_ae: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.calling_ae or '?'}@{self.address}:{self.port}"
+
+
+@dataclass
+class Request:
+    """A DIMSE request as received: its command set and presentation context."""
+
+    peer: Peer
+    context_id: int
+    abstract_syntax: str
+    transfer_syntax: str
+    command: dict[int, bytes]
+
+    def _us(self, element: int) -> int | None:
+        raw = self.command.get(element, b"")
+        return struct.unpack("<H", raw[:2])[0] if len(raw) >= 2 else None
+
+    def _ui(self, element: int) -> str:
+        return self.command.get(element, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+
+    @property
+    def command_field(self) -> int | None:
+        return self._us(0x0100)
+
+    @property
+    def message_id(self) -> int:
+        return self._us(0x0110) or 0
+
+    @property
+    def has_data_set(self) -> bool:
+        return self._us(0x0800) not in (None, NO_DATA_SET)
+
+    @property
+    def affected_sop_class(self) -> str:
+        return self._ui(0x0002)
+
+    @property
+    def affected_sop_instance(self) -> str:
+        return self._ui(0x1000)
+
+    @property
+    def event_type(self) -> int | None:
+        return self._us(0x1002)
+
+
+class DataSetSink(Protocol):
+    """Where the fragments of a request's data set go as they arrive."""
+
+    def write(self, data: memoryview) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+class Discard:
+    """A sink that drops what it gets (a data set nobody will read)."""
+
+    def write(self, data: memoryview) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+class InMemory:
+    """A small data set kept in memory (an N-EVENT-REPORT's Event Information), capped."""
+
+    def __init__(self, limit: int = 16 << 20) -> None:
+        self.data = bytearray()
+        self.limit = limit
+
+    def write(self, data: memoryview) -> None:
+        if len(self.data) + len(data) > self.limit:
+            raise _Abort(INVALID_PARAMETER, f"a data set larger than {self.limit} bytes where a small one belongs")
+        self.data += data
+
+    def discard(self) -> None:
+        self.data = bytearray()
+
+
+#: Sends one response: (status, Error Comment, extra command elements {element: value},
+#: encoded data set or None).
+Reply = Callable[[int, str, "dict[int, bytes] | None", "bytes | None"], None]
+
+
+class Handler(Protocol):
+    """The service side of one DIMSE-C or DIMSE-N operation (PS3.7 §9, §10).
+
+    :meth:`sink` is asked where the data set of a request goes (only when one follows);
+    :meth:`handle` runs once the request is complete and calls `reply` once per response
+    (a C-FIND or C-GET SCP calls it for each pending response, then for the final one)."""
+
+    def sink(self, request: Request) -> DataSetSink: ...
+
+    def handle(self, request: Request, data: DataSetSink | None, reply: Reply) -> None: ...
+
+
+@dataclass
+class Service:
+    """A DIMSE service an acceptor offers: the SOP classes it negotiates (in our order of
+    transfer syntax preference) and the handler per Command Field."""
+
+    sop_classes: Sequence[str]
+    transfer_syntaxes: Sequence[str]
+    handlers: dict[int, Handler]
+    #: The requestor may take the SCP role by SCP/SCU Role Selection (PS3.7 D.3.3.4), as a
+    #: Storage Commitment SCP does to send its N-EVENT-REPORT on a new association (PS3.4 J.3.3).
+    requestor_scp: bool = False
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    address: str
+    port: int
+    since: float
+    pending: bool = True
+
+
+@dataclass
+class Acceptor:
+    """Listens on the listener's address and serves `services` on every association."""
+
+    listener: Listener
+    timeouts: Timeouts
+    services: list[Service]
+    name: str = "acceptor"
+    #: Called before an A-RELEASE-RP is sent: what the association's requests left to finish
+    #: (the disk server's index rows) is done when the requestor learns it is released.
+    on_release: Callable[[], object] | None = None
+    #: Unexpected faults caught in a connection thread (a bug: tests require zero).
+    faults: int = 0
+    associations: int = 0
+    _conns: list[_Connection] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _sock: socket.socket | None = None
+    _thread: threading.Thread | None = None
+    _threads: set[threading.Thread] = field(default_factory=set)
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    def start(self) -> None:
+        self._contexts = self._supported_contexts()
+        self._dispatch = {
+            (uid, field): handler
+            for service in self.services for uid in service.sop_classes
+            for field, handler in service.handlers.items()
+        }
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.listener.bind_address, self.listener.port))
+        sock.listen(128)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._accept_loop, name=f"{self.name}-accept", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening, close every connection, wait for their threads."""
+        if self._sock is None:
+            return
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        self._sock.close()
+        if self._thread is not None:
+            self._thread.join(10)
+        with self._lock:
+            conns, threads = list(self._conns), list(self._threads)
+        for conn in conns:
+            _shutdown(conn.sock)
+        for t in threads:
+            t.join(10)
+        self._sock = None
+
+    def _supported_contexts(self) -> list[PresentationContext]:
+        out = []
+        for service in self.services:
+            for uid in service.sop_classes:
+                cx = PresentationContext()
+                cx.abstract_syntax = uid
+                cx.transfer_syntax = list(service.transfer_syntaxes)
+                if service.requestor_scp:
+                    cx.scu_role, cx.scp_role = True, True
+                out.append(cx)
+        return out
+
+    # -- connections -------------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            try:
+                sock, (address, port) = self._sock.accept()
+            except OSError as exc:
+                if self._sock is None or self._sock.fileno() < 0 or exc.errno in (22, 9):
+                    return  # stop() shut the listening socket
+                LOG.warning("%s: accept failed: %s", self.name, exc)  # EMFILE...: keep listening
+                time.sleep(0.05)
+                continue
+            self._admit(sock, address, port)
+
+    def _admit(self, sock: socket.socket, address: str, port: int) -> None:
+        """Register a new pending connection; close the oldest pending ones beyond the caps."""
+        conn = _Connection(sock, address, port, time.monotonic())
+        evicted = []
+        with self._lock:
+            pending = [c for c in self._conns if c.pending]
+            same = [c for c in pending if c.address == address]
+            if len(same) >= self.listener.max_pending_per_address:
+                evicted.append(same[0])
+            elif len(pending) >= self.listener.max_pending:
+                evicted.append(pending[0])
+            for c in evicted:
+                c.pending = False
+                self._conns.remove(c)
+            self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn,), name=f"{self.name}-{address}:{port}",
+                                 daemon=True)
+            self._threads.add(t)
+        for c in evicted:
+            LOG.warning("%s: connection from %s:%d closed: too many connections without an association "
+                        "(pending cap)", self.name, c.address, c.port)
+            _shutdown(c.sock)
+        t.start()
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+            self._threads.discard(threading.current_thread())
+
+    def _serve(self, conn: _Connection) -> None:
+        sock = conn.sock
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _Association(self, conn).run()
+        except _Closed:
+            pass
+        except Exception:  # a bug: log it, count it, keep serving others
+            with self._lock:
+                self.faults += 1
+            LOG.exception("%s: unexpected fault on the connection from %s:%d", self.name, conn.address, conn.port)
+            _send_quietly(sock, _abort_pdu(2, 0))
+        finally:
+            _close(sock)
+            self._forget(conn)
+
+    def _associate(self, conn: _Connection) -> bool:
+        """Turn a pending connection into an association, if the acceptor limit allows."""
+        with self._lock:
+            if self.associations >= self.listener.max_associations:
+                return False
+            self.associations += 1
+            conn.pending = False
+            return True
+
+    def _dissociate(self, conn: _Connection) -> None:
+        """The association is over; its connection is pending (evictable) until closed."""
+        with self._lock:
+            self.associations -= 1
+            if conn in self._conns:
+                conn.pending = True
+                conn.since = time.monotonic()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+def _abort_pdu(source: int, reason: int) -> bytes:
+    """A-ABORT (PS3.8 §9.3.8): source 0 service user, 2 service provider."""
+    return _PDU_HEADER.pack(A_ABORT_TYPE, 0, 4) + bytes([0, 0, source, reason if source == 2 else 0])
+
+
+_RELEASE_RP = _PDU_HEADER.pack(A_RELEASE_RP_TYPE, 0, 4) + b"\x00" * 4
+
+
+class _Reader:
+    """Buffered reads from the socket into one preallocated buffer (recv_into)."""
+
+    def __init__(self, sock: socket.socket, size: int = 256 << 10) -> None:
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.pos = self.end = 0
+        #: When set (time.monotonic()), every read must complete by then (ARTIM).
+        self.deadline: float | None = None
+
+    def _fill(self) -> None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("ARTIM expired")
+            self.sock.settimeout(left)
+        if self.pos == self.end:
+            self.pos = self.end = 0
+        elif self.end == len(self.buf):
+            left = bytes(self.view[self.pos:self.end])
+            self.buf[:len(left)] = left
+            self.pos, self.end = 0, len(left)
+        try:
+            n = self.sock.recv_into(self.view[self.end:])
+        except (ConnectionError, OSError) as exc:
+            if isinstance(exc, socket.timeout):
+                raise
+            raise _Closed() from None
+        if n == 0:
+            raise _Closed()
+        self.end += n
+
+    def exact(self, n: int) -> bytes:
+        out = bytearray()
+        while len(out) < n:
+            if self.pos == self.end:
+                self._fill()
+            k = min(n - len(out), self.end - self.pos)
+            out += self.view[self.pos:self.pos + k]
+            self.pos += k
+        return bytes(out)
+
+    def pipe(self, n: int, write: Callable[[memoryview], None]) -> None:
+        """Pass the next `n` bytes to `write`, a buffer at a time."""
+        while n > 0:
+            if self.pos == self.end:
+                self._fill()
+            k = min(n, self.end - self.pos)
+            write(self.view[self.pos:self.pos + k])
+            self.pos += k
+            n -= k
+
+
+class _Association:
+    """One connection from accept to close (PS3.8 §9.2 state machine, acceptor side)."""
+
+    def __init__(self, acceptor: Acceptor, conn: _Connection) -> None:
+        self.acceptor = acceptor
+        self.conn = conn
+        self.sock = conn.sock
+        self.reader = _Reader(conn.sock)
+        self.peer = Peer(conn.address, conn.port)
+        self.name = acceptor.name
+        self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
+        self.peer_max_pdu = 0
+        self.associated = False
+
+    # -- establishment (Sta2 -> Sta6) --------------------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            rq = self._read_associate_rq()
+        except socket.timeout:
+            LOG.warning("%s: %s:%d sent no complete A-ASSOCIATE-RQ within ARTIM (%g s); connection closed",
+                        self.name, self.conn.address, self.conn.port, self.acceptor.timeouts.artim)
+            return
+        except _Abort as exc:
+            self._abort(exc)
+            return
+        if rq is None:
+            return
+        pdu, prim = rq
+        self.peer.calling_ae = str(prim.calling_ae_title or "").strip()
+        self.peer.called_ae = str(prim.called_ae_title or "").strip()
+        why = self._refusal(pdu, prim)
+        if why is None and not self.acceptor._associate(self.conn):
+            why = (2, 3, 2)  # transient, service provider (presentation), local limit exceeded
+        if why is not None:
+            self._reject(*why)
+            return
+        self.associated = True
+        try:
+            try:
+                ac = self._negotiate(prim)
+            except Exception as exc:  # a malformed proposal pynetdicom's negotiation trips over
+                raise _Abort(INVALID_PARAMETER, f"malformed presentation context proposal ({exc!r})") from None
+            self.sock.sendall(ac)
+            self._serve_data()
+        except socket.timeout:
+            LOG.warning("%s: association from %s idle for %g s (network timeout); aborted",
+                        self.name, self.peer, self.acceptor.timeouts.network)
+            _send_quietly(self.sock, _abort_pdu(2, 0))
+        except _Abort as exc:
+            self._abort(exc)
+        finally:
+            if self.associated:
+                self.acceptor._dissociate(self.conn)
+                self.associated = False
+
+    def _read_associate_rq(self) -> tuple[A_ASSOCIATE_RQ, A_ASSOCIATE] | None:
+        """Read the first PDU within ARTIM; it must be an A-ASSOCIATE-RQ of bounded size."""
+        self.reader.deadline = time.monotonic() + self.acceptor.timeouts.artim
+        header = self.reader.exact(6)
+        kind, _, length = _PDU_HEADER.unpack(header)
+        if kind not in _KNOWN_PDUS:
+            raise _Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{kind:02X} where an A-ASSOCIATE-RQ belongs")
+        if kind != A_ASSOCIATE_RQ_TYPE:
+            raise _Abort(UNEXPECTED_PDU, f"PDU type 0x{kind:02X} before any A-ASSOCIATE-RQ")
+        if length > MAX_ASSOCIATE_RQ:
+            raise _Abort(INVALID_PARAMETER, f"A-ASSOCIATE-RQ of {length} bytes declared "
+                                            f"(at most {MAX_ASSOCIATE_RQ} accepted before negotiation)")
+        body = self.reader.exact(length)
+        self.reader.deadline = None
+        pdu = A_ASSOCIATE_RQ()
+        try:
+            pdu.decode(header + body)
+            prim = pdu.to_primitive()
+        except Exception as exc:
+            raise _Abort(INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ ({exc!r})") from None
+        return pdu, prim
+
+    def _refusal(self, pdu: A_ASSOCIATE_RQ, prim: A_ASSOCIATE) -> tuple[int, int, int] | None:
+        """(result, source, reason) of PS3.8 Table 9-21 to reject with, or None."""
+        lst = self.acceptor.listener
+        if pdu.protocol_version != 1:
+            return 1, 2, 2  # permanent, service provider (ACSE), protocol version not supported
+        if str(prim.application_context_name) != APPLICATION_CONTEXT:
+            return 1, 1, 2  # permanent, service user, application context name not supported
+        if lst.allowed_calling_aets and self.peer.calling_ae not in [a.strip() for a in lst.allowed_calling_aets]:
+            return 1, 1, 3  # calling AE title not recognized
+        if lst.require_called_aet and self.peer.called_ae != lst.ae_title.strip():
+            return 1, 1, 7  # called AE title not recognized
+        return None
+
+    def _reject(self, result: int, source: int, reason: int) -> None:
+        prim = A_ASSOCIATE()
+        prim.result, prim.result_source, prim.diagnostic = result, source, reason
+        pdu = A_ASSOCIATE_RJ()
+        pdu.from_primitive(prim)
+        LOG.warning("%s: association from %s refused: rejected (%s): %s", self.name, self.peer,
+                    REJECT_RESULTS.get(result), REJECT_REASONS.get((source, reason)))
+        _send_quietly(self.sock, pdu.encode())
+        self._linger()
+
+    def _negotiate(self, rq: A_ASSOCIATE) -> bytes:
+        """The A-ASSOCIATE-AC: contexts and roles by pynetdicom's acceptor negotiation."""
+        roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+        results, role_items = negotiate_as_acceptor(
+            rq.presentation_context_definition_list, self.acceptor._contexts, roles or None)
+        for cx in results:
+            if cx.result == 0:
+                self.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        self.peer_max_pdu = int(rq.maximum_length_received or 0)
+        prim = A_ASSOCIATE()
+        prim.application_context_name = APPLICATION_CONTEXT
+        prim.calling_ae_title = rq.calling_ae_title
+        prim.called_ae_title = rq.called_ae_title
+        prim.result, prim.result_source = 0x00, 0x01
+        prim.presentation_context_definition_results_list = results
+        ml = MaximumLengthNotification()
+        ml.maximum_length_received = self.acceptor.listener.max_pdu
+        ic = ImplementationClassUIDNotification()
+        ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        iv = ImplementationVersionNameNotification()
+        iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        prim.user_information = [ml, ic, iv, *role_items]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(prim)
+        LOG.debug("%s: association from %s accepted: %d of %d context(s)", self.name, self.peer,
+                  len(self.contexts), len(results))
+        return pdu.encode()
+
+    # -- data transfer (Sta6) ----------------------------------------------------------------------
+
+    def _serve_data(self) -> None:
+        max_pdu = self.acceptor.listener.max_pdu
+        self.sock.settimeout(self.acceptor.timeouts.network)
+        self.command = bytearray()
+        self.request: Request | None = None  # the request whose data set is arriving
+        self.sink: DataSetSink | None = None
+        try:
+            while True:
+                kind, _, length = _PDU_HEADER.unpack(self.reader.exact(6))
+                if kind == P_DATA_TF_TYPE:
+                    if max_pdu and length > max_pdu:
+                        raise _Abort(INVALID_PARAMETER, f"P-DATA-TF of {length} bytes, above the negotiated "
+                                                        f"maximum of {max_pdu} (PS3.8 D.1)")
+                    self._p_data(length)
+                elif kind == A_RELEASE_RQ_TYPE:
+                    self._small_body(length)
+                    self._drop_partial("released")
+                    if self.acceptor.on_release is not None:
+                        self.acceptor.on_release()
+                    self.sock.sendall(_RELEASE_RP)
+                    self.acceptor._dissociate(self.conn)
+                    self.associated = False
+                    self._linger()
+                    return
+                elif kind == A_ABORT_TYPE:
+                    body = self._small_body(length)
+                    pdu = A_ABORT_RQ()
+                    try:
+                        pdu.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+                        why = describe_abort(pdu.to_primitive())
+                    except Exception:
+                        why = "aborted"
+                    LOG.warning("%s: association from %s %s", self.name, self.peer, why)
+                    return
+                elif kind in _KNOWN_PDUS:
+                    raise _Abort(UNEXPECTED_PDU, f"unexpected PDU type 0x{kind:02X} during the association")
+                else:
+                    raise _Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{kind:02X}")
+        except _Closed:
+            if self.sink is not None or self.command:
+                LOG.warning("%s: connection from %s lost in the middle of a message; nothing of it kept",
+                            self.name, self.peer)
+            else:
+                LOG.warning("%s: connection from %s closed without A-RELEASE", self.name, self.peer)
+            raise
+        finally:
+            self._drop_partial("lost")
+
+    def _small_body(self, length: int) -> bytes:
+        if length > 64:
+            raise _Abort(INVALID_PARAMETER, f"A-RELEASE/A-ABORT PDU of {length} bytes")
+        return self.reader.exact(length)
+
+    def _drop_partial(self, why: str) -> None:
+        if self.sink is not None:
+            self.sink.discard()
+            self.sink = None
+        self.request = None
+        self.command = bytearray()
+
+    def _p_data(self, length: int) -> None:
+        """The PDV items of one P-DATA-TF (PS3.8 §9.3.5.1, Annex E.2)."""
+        left = length
+        while left > 0:
+            if left < 6:
+                raise _Abort(INVALID_PARAMETER, "P-DATA-TF with a truncated PDV item")
+            item_length, context_id, control = _PDV_HEADER.unpack(self.reader.exact(6))
+            value = item_length - 2
+            if item_length < 2 or item_length + 4 > left:
+                raise _Abort(INVALID_PARAMETER, f"PDV item of {item_length} bytes in a P-DATA-TF of {length}")
+            left -= item_length + 4
+            if context_id not in self.contexts:
+                raise _Abort(INVALID_PARAMETER, f"PDV on presentation context {context_id}, not accepted")
+            last = bool(control & 0x02)
+            if control & 0x01:  # command fragment
+                if self.request is not None:
+                    raise _Abort(UNEXPECTED_PDU, "command fragment in the middle of a data set")
+                if len(self.command) + value > MAX_COMMAND:
+                    raise _Abort(INVALID_PARAMETER, f"command set above {MAX_COMMAND} bytes")
+                self.reader.pipe(value, self.command.extend)
+                if last:
+                    self._command_complete(context_id)
+            else:
+                request = self.request
+                if request is None or request.context_id != context_id:
+                    raise _Abort(UNEXPECTED_PDU, "data set fragment without its command")
+                assert self.sink is not None
+                self.reader.pipe(value, self.sink.write)
+                if last:
+                    sink, self.sink, self.request = self.sink, None, None
+                    self._dispatch(request, sink)
+
+    def _command_complete(self, context_id: int) -> None:
+        raw, self.command = bytes(self.command), bytearray()
+        try:
+            command = parse_command(raw)
+        except AssociationLost as exc:
+            raise _Abort(INVALID_PARAMETER, str(exc)) from None
+        abstract, ts = self.contexts[context_id]
+        request = Request(self.peer, context_id, abstract, ts, command)
+        if request.command_field is None:
+            raise _Abort(INVALID_PARAMETER, "command set without a Command Field (0000,0100)")
+        if not request.has_data_set:
+            self._dispatch(request, None)
+            return
+        handler = self._handler(request)
+        sink: DataSetSink = Discard()
+        if handler is not None:
+            try:
+                sink = handler.sink(request)
+            except Exception as exc:  # e.g. disk full before the first byte: answered when complete
+                sink = _Refused(exc)
+        self.request, self.sink = request, sink
+
+    def _handler(self, request: Request) -> Handler | None:
+        return self.acceptor._dispatch.get((request.abstract_syntax, request.command_field or 0))
+
+    def _dispatch(self, request: Request, data: DataSetSink | None) -> None:
+        def reply(status: int, comment: str = "", extra: dict[int, bytes] | None = None,
+                  dataset: bytes | None = None) -> None:
+            self._respond(request, status, comment, extra or {}, dataset)
+
+        if isinstance(data, _Refused):
+            exc = data.error
+            status = getattr(exc, "status", STATUS_PROCESSING_FAILURE)
+            LOG.error("%s: request 0x%04X of %s from %s failed with status 0x%04X: %s", self.name,
+                      request.command_field, request.affected_sop_instance[:64], self.peer, status, exc)
+            reply(status, str(exc))
+            return
+        handler = self._handler(request)
+        if handler is None:
+            LOG.warning("%s: %s sent command 0x%04X on %s: unrecognized operation (0x0211)",
+                        self.name, self.peer, request.command_field, request.abstract_syntax)
+            reply(STATUS_UNRECOGNIZED_OPERATION, "unrecognized operation")
+            return
+        handler.handle(request, data, reply)
+
+    def _respond(self, request: Request, status: int, comment: str, extra: dict[int, bytes],
+                 dataset: bytes | None) -> None:
+        """A response command set (PS3.7 §9.3, §10.3) and its data set, if any."""
+        elements = {
+            0x0002: _padded(request.affected_sop_class or request.abstract_syntax),
+            0x0100: struct.pack("<H", (request.command_field or 0) | 0x8000),
+            0x0120: struct.pack("<H", request.message_id),
+            0x0800: struct.pack("<H", NO_DATA_SET if dataset is None else 0x0000),
+            0x0900: struct.pack("<H", status),
+        }
+        if comment and status != STATUS_SUCCESS:
+            text = comment[:64].encode("ascii", "replace")
+            elements[0x0902] = text + b" " if len(text) % 2 else text
+        if request.affected_sop_instance:
+            elements[0x1000] = _padded(request.affected_sop_instance)
+        elements.update(extra)
+        body = b"".join(_command_element(e, v) for e, v in sorted(elements.items()))
+        command = _command_element(0x0000, struct.pack("<L", len(body))) + body
+        limit = (self.peer_max_pdu or UNLIMITED_PDU) - 6
+        parts: list = []
+        Requestor._frame(parts, request.context_id, memoryview(command), 0x01, limit)
+        if dataset is not None:
+            Requestor._frame(parts, request.context_id, memoryview(dataset), 0x00, limit)
+        self.sock.sendall(b"".join(parts))
+
+    # -- release and abort -------------------------------------------------------------------------
+
+    def _abort(self, exc: _Abort) -> None:
+        """A-ABORT (service provider) with a log line naming the peer; then wait for the close."""
+        LOG.error("%s: association from %s aborted: %s", self.name, self.peer, exc)
+        _send_quietly(self.sock, _abort_pdu(2, exc.reason))
+        self._linger()
+
+    def _linger(self) -> None:
+        """Wait (ARTIM, PS3.8 §9.1.5) for the peer to close the connection after our last PDU."""
+        _shutdown_write(self.sock)
+        deadline = time.monotonic() + self.acceptor.timeouts.artim
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(65536):
+                    return
+        except OSError:
+            return
+
+
+class _Refused:
+    """The sink of a request refused before its data set arrived (its error is the answer)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def write(self, data: memoryview) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+def _shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
