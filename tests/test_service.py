@@ -49,15 +49,15 @@ def test_tcp_nodelay_on_acceptor_and_requestor_sockets(short_tmp: Path) -> None:
         node = Node(ae_title="MODLINK", host="127.0.0.1", port=cfg.disk_server.port)
         with associate(ae, node) as assoc:
             assert _nodelay(assoc.dul.socket.socket) == 1
-            (server_side,) = service.disk_server.ae.active_associations
-            assert _nodelay(server_side.dul.socket.socket) == 1
+            (server_side,) = service.disk_server.acceptor.association_sockets()
+            assert _nodelay(server_side) == 1
             assert assoc.send_c_echo().Status == 0
         # A plain pynetdicom requestor (no handlers of ours) still gets NODELAY on our side.
         plain = AE(ae_title="PLAIN")
         plain.add_requested_context(Verification)
         a2 = plain.associate("127.0.0.1", cfg.disk_server.port, ae_title="MODLINK")
-        (server_side,) = service.disk_server.ae.active_associations
-        assert _nodelay(server_side.dul.socket.socket) == 1
+        (server_side,) = service.disk_server.acceptor.association_sockets()
+        assert _nodelay(server_side) == 1
         a2.release()
     finally:
         service.stop()

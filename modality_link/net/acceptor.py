@@ -282,6 +282,11 @@ class Acceptor:
             t.join(10)
         self._sock = None
 
+    def association_sockets(self) -> list[socket.socket]:
+        """The sockets of the associations open now."""
+        with self._lock:
+            return [c.sock for c in self._conns if not c.pending]
+
     def _supported_contexts(self) -> list[PresentationContext]:
         out = []
         for service in self.services:
