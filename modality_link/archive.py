@@ -224,7 +224,7 @@ class Archive:
 
     def __post_init__(self) -> None:
         self._dir_sync = DirectorySync()
-        self._indexer = Indexer(self._index)
+        self._indexer = Indexer(lambda rec: self._index(rec, flush=False))
 
     @property
     def tmp_dir(self) -> Path:
@@ -307,8 +307,8 @@ class Archive:
         for directory in (*made, final.parent):
             self._dir_sync.sync(directory)
 
-    def _index(self, rec: InstanceRecord) -> None:
-        old = self.db.index_instance(rec)
+    def _index(self, rec: InstanceRecord, flush: bool = True) -> None:
+        old = self.db.index_instance(rec, flush)
         if old is not None and old != rec.path:
             (self.root / old).unlink(missing_ok=True)
 
@@ -350,7 +350,7 @@ class Archive:
                 rec.source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", ""))
                 if self.path_for(rec) != rel:
                     raise DatasetMismatch("file name does not match its UIDs")
-                self.db.index_instance(rec)
+                self._index(rec)
                 added += 1
             except ArchiveError as exc:
                 LOG.error("archive: %s is not a valid archive file (%s); left in place", rel, exc)

@@ -250,16 +250,20 @@ class Database:
 
     # -- archive index --------------------------------------------------------------------------
 
-    def index_instance(self, rec: InstanceRecord) -> str | None:
+    def index_instance(self, rec: InstanceRecord, flush: bool = True) -> str | None:
         """Insert or replace the row of `rec`; return the previous relative path, if any.
 
         Re-storing an existing SOP Instance UID replaces its row (never a second row); a study or
-        series that no longer has any instance afterwards is removed.
+        series that no longer has any instance afterwards is removed. ``flush=False`` commits
+        with synchronous=NORMAL (survives a process crash, not a power cut): for rows that
+        `Archive.reconcile` rebuilds from their files.
         """
         r = asdict(rec)
         key = rec.patient_id or f"name:{rec.patient_name}"
         with self._lock:
             c = self._conn
+            if not flush:
+                c.execute("PRAGMA synchronous=NORMAL")
             c.execute("BEGIN IMMEDIATE")
             try:
                 old = c.execute(
@@ -303,6 +307,9 @@ class Database:
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
+            finally:
+                if not flush:
+                    c.execute("PRAGMA synchronous=FULL")
         return old["path"] if old is not None else None
 
     def _drop_empty(self, series_uid: str) -> None:
