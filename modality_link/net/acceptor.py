@@ -70,6 +70,8 @@ LOG = logging.getLogger("modality_link.net.acceptor")
 MAX_ASSOCIATE_RQ = 128 << 10
 #: The largest command set (PS3.7 §6.3.1): a few dozen group 0000 elements.
 MAX_COMMAND = 64 << 10
+#: Bytes a peer may still send after our last PDU before we close without waiting for it.
+LINGER_BYTES = 256 << 10
 #: PDU types we know (PS3.8 Table 9-1): anything else is an unrecognized PDU.
 _KNOWN_PDUS = range(0x01, 0x08)
 #: A-ABORT source 2 (service provider) reasons, PS3.8 Table 9-26.
@@ -765,14 +767,18 @@ class _Association:
         self._linger()
 
     def _linger(self) -> None:
-        """Wait (ARTIM, PS3.8 §9.1.5) for the peer to close the connection after our last PDU."""
+        """Wait (ARTIM, PS3.8 §9.1.5) for the peer to close the connection after our last PDU;
+        what it still sends is dropped, up to :data:`LINGER_BYTES` (then we close first)."""
         _shutdown_write(self.sock)
         deadline = time.monotonic() + self.acceptor.timeouts.artim
+        drained = 0
         try:
-            while (left := deadline - time.monotonic()) > 0:
+            while (left := deadline - time.monotonic()) > 0 and drained < LINGER_BYTES:
                 self.sock.settimeout(left)
-                if not self.sock.recv(65536):
+                n = len(self.sock.recv(65536))
+                if not n:
                     return
+                drained += n
         except OSError:
             return
 

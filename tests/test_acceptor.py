@@ -1,0 +1,267 @@
+"""The acceptor of the listening AEs (modality_link.net.acceptor) against hostile peers: PDU
+lengths, ARTIM, pending-connection caps, unknown commands and a fuzzer. Real sockets, real files."""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from sim import images
+from tests.acceptor_support import (
+    RELEASE_RQ,
+    LocalServer,
+    associate_rq,
+    c_echo_rq,
+    exchange,
+    local_server,
+    p_data,
+    pdu_types,
+    rss_kib,
+    statuses,
+    store_stream,
+)
+from tests.conftest import dataset_bytes, dcmtk_env, require_tool, start_service, stop_service
+
+A_ASSOCIATE_AC, A_RELEASE_RP, A_ABORT = 0x02, 0x06, 0x07
+
+
+@pytest.fixture
+def server(short_tmp: Path) -> Iterator[LocalServer]:
+    srv = local_server(short_tmp)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def small_ct(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return images.write_study(tmp_path_factory.mktemp("ct"), modality="CT", images=4, rows=64, columns=64, seed=21)
+
+
+def test_a_4_gib_pdu_before_association_is_aborted_at_once(server: LocalServer, caplog) -> None:
+    """A PDU header declaring 4 GiB where the A-ASSOCIATE-RQ belongs: A-ABORT before its body
+    is read, whatever follows; memory does not grow with what is streamed."""
+    caplog.set_level(logging.WARNING)
+    before = rss_kib()
+    block = b"\xa5" * (1 << 20)
+    sent = 0
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(b"\x01\x00\xff\xff\xff\xff")
+        try:
+            while sent < 256 << 20:  # keep streaming until the acceptor closes on us
+                s.sendall(block)
+                sent += len(block)
+        except OSError:
+            pass
+        answer = b""
+        try:
+            answer = s.recv(10)
+        except OSError:
+            pass
+    assert sent < 64 << 20, f"the acceptor kept reading ({sent >> 20} MiB)"
+    assert time.monotonic() - started < 5
+    assert answer == b"" or answer[0] == A_ABORT
+    assert rss_kib() - before < 32 << 10
+    assert any("aborted" in r.getMessage() and "127.0.0.1" in r.getMessage() and "4294967295" in r.getMessage()
+               for r in caplog.records)
+    assert server.faults == 0
+
+
+def test_pdu_above_the_negotiated_maximum_aborts(server: LocalServer, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    too_long = b"\x04\x00" + (server.server.listener.max_pdu + 1).to_bytes(4, "big") + b"\x00" * 64
+    got = exchange(server.port, associate_rq() + too_long)
+    assert pdu_types(got) == [A_ASSOCIATE_AC, A_ABORT]
+    assert any("above the negotiated maximum" in r.getMessage() for r in caplog.records)
+
+
+def test_echo_unknown_command_and_release_on_raw_stream(server: LocalServer) -> None:
+    """C-ECHO answered 0x0000; a command no service knows (C-FIND-RQ here) gets 0x0211 with its
+    data set discarded; A-RELEASE-RQ gets A-RELEASE-RP."""
+    find = bytearray(c_echo_rq(2))
+    at = bytes(find).index(b"\x00\x00\x00\x01\x02\x00\x00\x00") + 8
+    find[at:at + 2] = b"\x20\x00"  # C-FIND-RQ
+    at = bytes(find).index(b"\x00\x00\x00\x08\x02\x00\x00\x00") + 8
+    find[at:at + 2] = b"\x00\x00"  # a data set follows
+    stream = (associate_rq() + p_data(1, c_echo_rq(1), True) + p_data(1, bytes(find), True)
+              + p_data(1, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", False) + RELEASE_RQ)
+    got = exchange(server.port, stream)
+    assert pdu_types(got) == [A_ASSOCIATE_AC, 0x04, 0x04, A_RELEASE_RP]
+    assert statuses(got) == [0x0000, 0x0211]
+
+
+def test_abort_mid_data_set_leaves_nothing(server: LocalServer, small_ct: list[Path]) -> None:
+    data = dataset_bytes(small_ct[0])
+    uid = dcmread(small_ct[0], stop_before_pixels=True).SOPInstanceUID
+    half = store_stream(data, uid)[: len(data) // 2]
+    got = exchange(server.port, associate_rq() + half + b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+    assert pdu_types(got) == [A_ASSOCIATE_AC]
+    deadline = time.monotonic() + 5
+    while server.stray_files() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.stray_files() == []
+    assert server.archive.db.instance(uid) is None
+
+
+def test_stored_over_raw_stream_is_durable_and_indexed(server: LocalServer, small_ct: list[Path]) -> None:
+    stream = associate_rq()
+    for i, f in enumerate(small_ct, 1):
+        stream += store_stream(dataset_bytes(f), dcmread(f, stop_before_pixels=True).SOPInstanceUID, i)
+    got = exchange(server.port, stream + RELEASE_RQ)
+    assert statuses(got) == [0] * len(small_ct)
+    assert pdu_types(got)[-1] == A_RELEASE_RP
+    for f in small_ct:  # indexed by the time the release was answered
+        row = server.archive.db.instance(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        assert row is not None
+        assert dataset_bytes(server.archive.root / row["path"]) == dataset_bytes(f)
+    assert server.stray_files() == []
+
+
+def _trickle(port: int, stop: threading.Event, count: int, period: float) -> None:
+    """`count` connections that send one byte every `period` s and never complete an
+    A-ASSOCIATE-RQ; a dropped one is opened again (as a security scanner does)."""
+    socks: list[socket.socket | None] = [None] * count
+    while not stop.is_set():
+        for i in range(count):
+            s = socks[i]
+            try:
+                if s is None:
+                    s = socks[i] = socket.create_connection(("127.0.0.1", port), timeout=1)
+                s.send(b"\x01")
+            except OSError:
+                if s is not None:
+                    s.close()
+                socks[i] = None
+        stop.wait(period)
+    for s in socks:
+        if s is not None:
+            s.close()
+
+
+def test_trickling_connections_do_not_lock_out_senders(short_tmp: Path, small_ct: list[Path]) -> None:
+    """110 connections trickling a byte a second (never an A-ASSOCIATE-RQ) while DCMTK echoscu
+    and storescu must be served: ARTIM drops them, the pending caps evict the oldest."""
+    echoscu, storescu = require_tool("echoscu"), require_tool("storescu")
+    svc = start_service(short_tmp / "h", timeouts__artim=2.0)
+    stop = threading.Event()
+    attacker = threading.Thread(target=_trickle, args=(svc.port, stop, 110, 1.0))
+    attacker.start()
+    try:
+        time.sleep(3)  # the trickling connections are up and ARTIM has expired for the first ones
+        for _ in range(5):
+            echo = subprocess.run([echoscu, "-to", "10", "-aec", "MODLINK", "127.0.0.1", str(svc.port)],
+                                  env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+            assert echo.returncode == 0, echo.stdout + echo.stderr
+        store = subprocess.run([storescu, "-aec", "MODLINK", "127.0.0.1", str(svc.port), *map(str, small_ct)],
+                               env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+        assert store.returncode == 0, store.stdout + store.stderr
+        assert svc.call("status")["archive"]["instances"] == len(small_ct)
+    finally:
+        stop.set()
+        attacker.join(30)
+        log = svc.log()
+        stop_service(svc)
+    assert "within ARTIM" in log
+    assert "unexpected fault" not in log
+
+
+def _mutate(rng: random.Random, stream: bytes) -> bytes:
+    """One to four random edits of a valid stream: flipped or random bytes, extreme length
+    fields, cut, duplicated or dropped spans, inserted noise."""
+    data = bytearray(stream)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(7)
+        at = rng.randrange(len(data)) if data else 0
+        if op == 0 and data:
+            data[at] ^= 1 << rng.randrange(8)
+        elif op == 1 and data:
+            data[at] = rng.randrange(256)
+        elif op == 2:
+            data[at:at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff",
+                                          b"\x00\x01\x00\x00", b"\x00\x00\x00\x01"])
+        elif op == 3:
+            del data[at:]
+        elif op == 4:
+            n = rng.randint(1, 512)
+            data[at:at] = data[at:at + n]
+        elif op == 5:
+            del data[at:at + rng.randint(1, 512)]
+        else:
+            data[at:at] = rng.randbytes(rng.randint(1, 64))
+    return bytes(data)
+
+
+def _fuzz(server: LocalServer, small_ct: list[Path], count: int, seed: int) -> None:
+    ds = dataset_bytes(small_ct[0])
+    uid = dcmread(small_ct[0], stop_before_pixels=True).SOPInstanceUID
+    seeds = [
+        associate_rq() + p_data(1, c_echo_rq(), True) + RELEASE_RQ,
+        associate_rq() + store_stream(ds, uid) + RELEASE_RQ,
+        associate_rq(max_pdu=0) + store_stream(ds, uid) + p_data(1, c_echo_rq(2), True) + RELEASE_RQ,
+    ]
+    before = rss_kib()
+    failures: list[str] = []
+    stop = threading.Event()
+    good = images.make_study("CT", images=1, rows=32, columns=32, seed=22)[0]
+
+    def well_behaved() -> None:  # a parallel association that must not notice the fuzzer
+        ae = AE(ae_title="GOOD")
+        ae.add_requested_context(Verification)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        while not stop.is_set():
+            assoc = ae.associate("127.0.0.1", server.port, ae_title="MODLINK")
+            if not assoc.is_established:
+                failures.append("association refused")
+                return
+            for _ in range(5):
+                if int(assoc.send_c_echo().Status) != 0 or int(assoc.send_c_store(good).Status) != 0:
+                    failures.append("an operation failed")
+            assoc.release()
+
+    t = threading.Thread(target=well_behaved)
+    t.start()
+    rng = random.Random(seed)
+    try:
+        for _ in range(count):
+            exchange(server.port, _mutate(rng, rng.choice(seeds)), timeout=3)
+    finally:
+        stop.set()
+        t.join(60)
+    assert failures == []
+    assert server.faults == 0
+    deadline = time.monotonic() + 10
+    while server.stray_files() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stray_files() == []
+    assert rss_kib() - before < 64 << 10
+    # Still serving afterwards.
+    assert statuses(exchange(server.port, associate_rq() + p_data(1, c_echo_rq(), True) + RELEASE_RQ)) == [0]
+
+
+def test_fuzz_the_acceptor(server: LocalServer, small_ct: list[Path]) -> None:
+    logging.getLogger("modality_link").setLevel(logging.CRITICAL)  # thousands of refusals
+    try:
+        _fuzz(server, small_ct, 2500, seed=1)
+    finally:
+        logging.getLogger("modality_link").setLevel(logging.NOTSET)
+
+
+@pytest.mark.slow
+def test_fuzz_the_acceptor_long(server: LocalServer, small_ct: list[Path]) -> None:
+    logging.getLogger("modality_link").setLevel(logging.CRITICAL)
+    try:
+        _fuzz(server, small_ct, 20000, seed=2)
+    finally:
+        logging.getLogger("modality_link").setLevel(logging.NOTSET)
