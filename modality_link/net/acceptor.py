@@ -737,7 +737,7 @@ class _Association:
                  dataset: bytes | None) -> None:
         """A response command set (PS3.7 §9.3, §10.3) and its data set, if any."""
         elements = {
-            0x0002: _padded(request.affected_sop_class or request.abstract_syntax),
+            0x0002: _even(request.command.get(0x0002) or _padded(request.abstract_syntax)),
             0x0100: struct.pack("<H", (request.command_field or 0) | 0x8000),
             0x0120: struct.pack("<H", request.message_id),
             0x0800: struct.pack("<H", NO_DATA_SET if dataset is None else 0x0000),
@@ -746,8 +746,8 @@ class _Association:
         if comment and status != STATUS_SUCCESS:
             text = comment[:64].encode("ascii", "replace")
             elements[0x0902] = text + b" " if len(text) % 2 else text
-        if request.affected_sop_instance:
-            elements[0x1000] = _padded(request.affected_sop_instance)
+        if request.command.get(0x1000):
+            elements[0x1000] = _even(request.command[0x1000])
         elements.update(extra)
         body = b"".join(_command_element(e, v) for e, v in sorted(elements.items()))
         command = _command_element(0x0000, struct.pack("<L", len(body))) + body
@@ -794,6 +794,11 @@ class _Refused:
 
     def discard(self) -> None:
         pass
+
+
+def _even(raw: bytes) -> bytes:
+    """A UI value as received, padded to even length (PS3.5 §6.2: trailing NUL)."""
+    return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def _shutdown_write(sock: socket.socket) -> None:
