@@ -1,8 +1,10 @@
-"""Receive benchmark: DCMTK storescu sends one 300-image CT series, once into DCMTK
-`storescp -od DIR` and once into our disk server (files + index), in the same run.
+"""Receive benchmark: DCMTK storescu sends 300-image CT series into DCMTK `storescp --fork -od DIR`
+and into our disk server (files + index, every acknowledged image flushed), in the same run.
 
-Prints each run's seconds, the medians and the ratio ours / DCMTK's (target: <= 1.0).
-Usage: python bench/receive.py [--images 300] [--runs 3]
+Two loads: one sender, and three senders in parallel (a different series each). The runs
+alternate DCMTK / ours, the ratio ours / DCMTK is taken run by run and its median printed with
+our service's peak RSS (VmHWM). Target: ratio <= 1.0.
+Usage: python bench/receive.py [--images 300] [--runs 3] [--senders 1 3]
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from modality_link.home import free_port  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
+ENV = dict(os.environ, TCP_NODELAY="1")
 
 
 def wait_port(port: int) -> None:
-    for _ in range(200):
+    for _ in range(400):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
             return
@@ -36,28 +39,40 @@ def wait_port(port: int) -> None:
     raise TimeoutError(port)
 
 
-def send(files: list[str], port: int, called: str) -> float:
-    env = dict(os.environ, TCP_NODELAY="1")
+def send(series: list[list[str]], port: int, called: str) -> float:
+    """Run one storescu per series at once; seconds until the last one is done."""
     t0 = time.perf_counter()
-    subprocess.run([STORESCU, "-aec", called, "127.0.0.1", str(port), *files], env=env, check=True)
+    procs = [subprocess.Popen([STORESCU, "-aec", called, "127.0.0.1", str(port), *files], env=ENV)
+             for files in series]
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError(f"storescu exited with {p.returncode}")
     return time.perf_counter() - t0
 
 
-def run_dcmtk(files: list[str], work: Path) -> float:
+def run_dcmtk(series: list[list[str]], work: Path) -> float:
     out = work / "storescp"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([STORESCP, "-od", str(out), str(port)], env=dict(os.environ, TCP_NODELAY="1"))
+    proc = subprocess.Popen([STORESCP, "--fork", "-od", str(out), str(port)], env=ENV)
     try:
         wait_port(port)
-        return send(files, port, "ANY-SCP")
+        return send(series, port, "ANY-SCP")
     finally:
         proc.terminate()
         proc.wait()
 
 
-def run_ours(files: list[str], work: Path) -> float:
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_ours(series: list[list[str]]) -> tuple[float, float]:
+    """(seconds, peak RSS MiB) of our disk server receiving `series`."""
     home = Path(tempfile.mkdtemp(prefix="mlb", dir="/tmp"))
     port = free_port()
     ml = [sys.executable, "-m", "modality_link", "--home", str(home)]
@@ -65,10 +80,12 @@ def run_ours(files: list[str], work: Path) -> float:
     proc = subprocess.Popen([*ml, "serve"], stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        seconds = send(files, port, "MODLINK")
-        studies = subprocess.run([*ml, "status", "--json"], check=True, capture_output=True, text=True).stdout
-        assert f'"instances": {len(files)}' in studies, studies
-        return seconds
+        seconds = send(series, port, "MODLINK")
+        rss = peak_rss_mib(proc.pid)
+        status = subprocess.run([*ml, "status", "--json"], check=True, capture_output=True, text=True).stdout
+        expected = sum(len(s) for s in series)
+        assert f'"instances": {expected}' in status, status
+        return seconds, rss
     finally:
         proc.terminate()
         proc.wait()
@@ -79,21 +96,34 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--senders", type=int, nargs="+", default=[1, 3])
     args = ap.parse_args()
     from sim import images
 
     work = Path(tempfile.mkdtemp(prefix="mlbench"))
     try:
-        files = [str(p) for p in images.write_study(work / "ct", modality="CT", images=args.images, rows=512, columns=512, seed=1)]
-        size = sum(os.path.getsize(f) for f in files) / 1e6
-        print(f"receive: {args.images} CT images 512x512, {size:.0f} MB, DCMTK storescu -> storescp -od / our disk server")
-        dcmtk, ours = [], []
-        for i in range(args.runs):
-            dcmtk.append(run_dcmtk(files, work))
-            ours.append(run_ours(files, work))
-            print(f"  run {i + 1}: dcmtk storescp {dcmtk[-1]:.2f} s, modality_link {ours[-1]:.2f} s")
-        d, o = statistics.median(dcmtk), statistics.median(ours)
-        print(f"median: dcmtk storescp {d:.2f} s, modality_link {o:.2f} s, ratio ours/dcmtk {o / d:.2f} (target <= 1.0)")
+        all_series = [
+            [str(p) for p in images.write_study(work / f"ct{i}", modality="CT", images=args.images, rows=512,
+                                                columns=512, seed=1 + i)]
+            for i in range(max(args.senders))
+        ]
+        size = sum(os.path.getsize(f) for f in all_series[0]) / 1e6
+        print(f"receive: {args.images} CT images 512x512 ({size:.0f} MB) per sender, DCMTK storescu -> "
+              f"storescp --fork -od / our disk server")
+        for n in args.senders:
+            series = all_series[:n]
+            ratios, dcmtk, ours, rss = [], [], [], []
+            for i in range(args.runs):
+                dcmtk.append(run_dcmtk(series, work))
+                seconds, peak = run_ours(series)
+                ours.append(seconds)
+                rss.append(peak)
+                ratios.append(ours[-1] / dcmtk[-1])
+                print(f"  {n} sender(s), run {i + 1}: dcmtk {dcmtk[-1]:.2f} s, modality_link {ours[-1]:.2f} s "
+                      f"(ratio {ratios[-1]:.2f}, peak RSS {peak:.0f} MiB)")
+            print(f"{n} sender(s): median dcmtk {statistics.median(dcmtk):.2f} s, modality_link "
+                  f"{statistics.median(ours):.2f} s, ratio {statistics.median(ratios):.2f} (target <= 1.0), "
+                  f"peak RSS {max(rss):.0f} MiB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
