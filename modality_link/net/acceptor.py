@@ -68,6 +68,8 @@ LOG = logging.getLogger("modality_link.net.acceptor")
 #: presentation contexts of one abstract and several transfer syntaxes of 64 characters each
 #: stays well below it (PS3.8 §9.3.2).
 MAX_ASSOCIATE_RQ = 128 << 10
+#: The smallest maximum PDU length we honour when we send (a peer announcing less gets this).
+MIN_PEER_PDU = 1024
 #: The largest command set (PS3.7 §6.3.1): a few dozen group 0000 elements.
 MAX_COMMAND = 64 << 10
 #: Bytes a peer may still send after our last PDU before we close without waiting for it.
@@ -698,6 +700,8 @@ class _Association:
         request = Request(self.peer, context_id, abstract, ts, command)
         if request.command_field is None:
             raise _Abort(INVALID_PARAMETER, "command set without a Command Field (0000,0100)")
+        if request.command_field & 0x8000:  # a response: we have no request outstanding
+            raise _Abort(UNEXPECTED_PDU, f"response 0x{request.command_field:04X} with no request outstanding")
         if not request.has_data_set:
             self._dispatch(request, None)
             return
@@ -751,7 +755,7 @@ class _Association:
         elements.update(extra)
         body = b"".join(_command_element(e, v) for e, v in sorted(elements.items()))
         command = _command_element(0x0000, struct.pack("<L", len(body))) + body
-        limit = (self.peer_max_pdu or UNLIMITED_PDU) - 6
+        limit = max(self.peer_max_pdu or UNLIMITED_PDU, MIN_PEER_PDU) - 6
         parts: list = []
         Requestor._frame(parts, request.context_id, memoryview(command), 0x01, limit)
         if dataset is not None:
