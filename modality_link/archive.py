@@ -33,6 +33,7 @@ from pydicom.errors import InvalidDicomError
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
+from modality_link.net.charset import declare_charset, text_of
 
 LOG = logging.getLogger("modality_link.archive")
 
@@ -87,12 +88,7 @@ def _meta_end(fp: BinaryIO) -> int:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
+    return text_of(ds.get(keyword, ""))
 
 
 def read_header(path: Path) -> Dataset:
@@ -122,8 +118,14 @@ def read_header(path: Path) -> Dataset:
 
 
 def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:
-    """The index row for `ds` (the dataset's own UIDs, each checked)."""
+    """The index row for `ds` (the dataset's own UIDs, each checked).
+
+    Text is stored as Unicode, decoded in the character set that really fits the bytes
+    (:func:`modality_link.net.charset.declare_charset`: misspelled terms corrected, a missing one
+    guessed); the charset column keeps the declared (0008,0005).
+    """
     charset = _text(ds, "SpecificCharacterSet")
+    declare_charset(ds)
     return InstanceRecord(
         sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
         sop_class_uid=checked_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)"),
