@@ -103,7 +103,7 @@ INSTANCE_KEYS: dict[str, tuple[tuple[str, int], ...]] = {
         ("ConceptNameCodeSequence", 1),
         ("CompletionFlag", 1),
         ("VerificationFlag", 1),
-        ("VerificationDateTime", 3),
+        ("VerificationDateTime", 3),  # 1C: from the last Verifying Observer (PS3.3 F.5.x), see _record
     ),
     "KEY OBJECT DOC": (*_CONTENT_DATE_TIME, ("InstanceNumber", 1), ("ConceptNameCodeSequence", 1)),
     "SPECTROSCOPY": (
@@ -143,8 +143,12 @@ INSTANCE_KEYS: dict[str, tuple[tuple[str, int], ...]] = {
 _DATE_TIME_SOURCES = ("SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "InstanceCreationDate",
                       "InstanceCreationTime")
 
+#: Record keys whose value an instance holds in the last item of a sequence (PS3.3 C.17.2:
+#: Verification DateTime of the last Verifying Observer is the SR's).
+_FROM_LAST_ITEM = {"VerificationDateTime": "VerifyingObserverSequence"}
+
 _HEADER_KEYWORDS: list[str] = sorted(
-    {"SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+    {*_FROM_LAST_ITEM.values(), "SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
      "Rows", "Columns", "PhotometricInterpretation", "ImagePositionPatient", "ImageOrientationPatient",
      "FrameOfReferenceUID", "PixelSpacing", *_DATE_TIME_SOURCES}
     | {k for keys in (PATIENT_KEYS, STUDY_KEYS, SERIES_KEYS) for k, _ in keys}
@@ -563,6 +567,12 @@ def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: s
         if raw is not None and raw.strip(b" \x00"):
             parts.append(charset.encoded(header, tag))
             continue
+        if keyword in _FROM_LAST_ITEM and _FROM_LAST_ITEM[keyword] in header:
+            items = header.get(_FROM_LAST_ITEM[keyword])
+            value = str(items[-1].get(keyword, "")) if items else ""
+            if value:
+                parts.append(encode_element(tag, vr_of(tag), value.encode("ascii")))
+                continue
         if key_type == 3:
             continue
         value = inventor.invent(keyword, header) if key_type == 1 else b""
