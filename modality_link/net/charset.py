@@ -169,25 +169,35 @@ def text_of(value: object) -> str:
     return str(value)
 
 
-def declare_charset(ds: Dataset, default: str = "ISO_IR 100") -> list[str]:
-    """Set (0008,0005) of a not yet decoded `ds` to its :func:`effective_terms` and return them.
-
-    Values read afterwards are decoded by pydicom in the right character set; the file the
-    data set came from is not touched.
-    """
+def dataset_charset(ds: Dataset, default: str = "ISO_IR 100") -> list[str]:
+    """The :func:`effective_terms` of a data set read but not yet decoded (raw elements)."""
     raw, seqs = _raw_text(ds)
-    terms = effective_terms(charset_terms(ds.get("SpecificCharacterSet")), raw, default, seqs)
+    return effective_terms(charset_terms(ds.get("SpecificCharacterSet")), raw, default, seqs)
+
+
+def decoded_text(ds: Dataset, keyword: str, terms: Sequence[str]) -> str:
+    """The value of `keyword` in `ds` as one str, decoded in `terms` (see :func:`dataset_charset`).
+
+    pydicom decodes a file's values in the (0008,0005) it read; this decodes the raw value
+    itself, so a corrected or guessed character set applies.
+    """
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return ""
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        vr = elem.VR or dictionary_VR(elem.tag)
+        return text_of(decode_value(int(elem.tag), vr, elem.value, terms))
+    return text_of(elem.value)
+
+
+def repair_charset(ds: Dataset, default: str = "ISO_IR 100") -> Dataset:
+    """Fix (0008,0005) of a received, not yet decoded dataset in place (:func:`dataset_charset`),
+    then decode it."""
+    terms = dataset_charset(ds, default)
     if terms:
         ds.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
     elif "SpecificCharacterSet" in ds:
         del ds.SpecificCharacterSet
-    return terms
-
-
-def repair_charset(ds: Dataset, default: str = "ISO_IR 100") -> Dataset:
-    """Fix (0008,0005) of a received, not yet decoded dataset in place (:func:`declare_charset`),
-    then decode it."""
-    declare_charset(ds, default)
     ds.decode()
     return ds
 
