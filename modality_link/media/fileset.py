@@ -156,6 +156,7 @@ _HEADER_KEYWORDS: list[str] = sorted(
 )
 _HEADER_TAGS: frozenset[int] = frozenset(tag_of(k) for k in _HEADER_KEYWORDS)
 _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)  # explicit VRs with a 4-byte length
+_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "AT"})  # a zero or 0x20 byte is a value
 #: Record types that are not placed under a SERIES (PS3.3 Table F.4-1): top-level records.
 SINGLE_LEVEL_RECORDS = frozenset(_SINGLE_LEVEL_SOP_CLASSES.values())
 
@@ -213,6 +214,11 @@ class Instance:
     @property
     def patient_id(self) -> str:
         return self.header.text("PatientID")
+
+    @property
+    def patient_key(self) -> str:
+        """What groups instances into one PATIENT record: the Patient ID, or the name without one."""
+        return self.patient_id or "name:" + self.header.text("PatientName")
 
     @property
     def study_uid(self) -> str:
@@ -379,12 +385,12 @@ class PatientNode:
 
 
 def group_instances(instances: Iterable[Instance]) -> dict[str, PatientNode]:
-    """Group `instances` by Patient ID -> Study -> Series, in input order (linear)."""
+    """Group `instances` by patient (:attr:`Instance.patient_key`) -> Study -> Series, in input order (linear)."""
     patients: dict[str, PatientNode] = {}
     for inst in instances:
-        patient = patients.get(inst.patient_id)
+        patient = patients.get(inst.patient_key)
         if patient is None:
-            patient = patients[inst.patient_id] = PatientNode(inst.patient_id)
+            patient = patients[inst.patient_key] = PatientNode(inst.patient_id)
         study = patient.studies.get(inst.study_uid)
         if study is None:
             study = patient.studies[inst.study_uid] = StudyNode(inst.study_uid)
@@ -564,7 +570,7 @@ def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: s
     for keyword, key_type in sorted(keys, key=lambda k: tag_of(k[0])):  # all after (0008,0005)
         tag = tag_of(keyword)
         raw = header.raw(tag)
-        if raw is not None and raw.strip(b" \x00"):
+        if raw and (raw.strip(b" \x00") or vr_of(tag) in _BINARY_VRS):  # a text of padding only is empty
             parts.append(charset.encoded(header, tag))
             continue
         if keyword in _FROM_LAST_ITEM and _FROM_LAST_ITEM[keyword] in header:

@@ -62,7 +62,7 @@ class _Disc:
 
     options: MediaOptions
     instances: list[Instance] = field(default_factory=list)
-    # patient id -> study uid -> series uid -> number of instances
+    # patient key -> study uid -> series uid -> number of instances
     tree: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     file_sectors: int = 0
     dicomdir: int = DICOMDIR_BASE_BYTES
@@ -79,9 +79,9 @@ class _Disc:
             return
         first = chunk[0]
         h = first.header
-        studies = self.tree.get(first.patient_id)
+        studies = self.tree.get(first.patient_key)
         if studies is None:
-            studies = self.tree[first.patient_id] = {}
+            studies = self.tree[first.patient_key] = {}
             self.dicomdir += record_size_bound(h, PATIENT_KEYS)
             self.index += pdi.INDEX_ROW_BYTES + pdi.text_bound(h.get(k) for k, _ in PATIENT_KEYS)
             self.readme += pdi.README_ROW_BYTES + pdi.text_bound(h.get(k) for k, _ in PATIENT_KEYS)
