@@ -125,18 +125,22 @@ def names_by_instance(ds: pydicom.Dataset) -> dict[str, tuple[str, str]]:
     return out
 
 
-#: Scenario -> (corpus files or generated ones, record types expected on the disc)
+#: Scenario -> (corpus files or generated ones, record types on the disc, (0008,0005) of the records:
+#: one character set kept when all sources agree, else ISO_IR 192; None: not checked)
 SCENARIOS = {
-    "no-charset": (["MR_small_bigendian.dcm", "gen:no-charset", "gen:empty-charset"], {"IMAGE"}),
-    "utf8": (["chrX1.dcm"], {"IMAGE"}),
-    "iso2022-ir13-ir87": (["chrH32.dcm"], {"IMAGE"}),
-    "iso2022-mixed": (["chrH31.dcm", "chrH32.dcm", "chrJapMulti.dcm", "chrI2.dcm", "chrKoreanMulti.dcm"], {"IMAGE"}),
+    "no-charset": (["MR_small_bigendian.dcm", "gen:no-charset", "gen:empty-charset"], {"IMAGE"}, "ISO_IR 100"),
+    "utf8": (["chrX1.dcm"], {"IMAGE"}, "ISO_IR 192"),
+    "iso2022-ir13-ir87": (["chrH32.dcm"], {"IMAGE"}, ["ISO 2022 IR 13", "ISO 2022 IR 87"]),
+    "iso2022-mixed": (
+        ["chrH31.dcm", "chrH32.dcm", "chrJapMulti.dcm", "chrI2.dcm", "chrKoreanMulti.dcm"], {"IMAGE"}, "ISO_IR 192",
+    ),
     "single-byte-and-gb18030": (
         ["chrFren.dcm", "chrGerm.dcm", "chrGreek.dcm", "chrRuss.dcm", "chrArab.dcm", "chrHbrw.dcm", "chrX2.dcm"],
         {"IMAGE"},
+        "ISO_IR 192",
     ),
-    "rt": (["rtplan.dcm", "rtdose.dcm", "rtstruct.dcm"], {"RT PLAN", "RT DOSE", "RT STRUCTURE SET"}),
-    "sr-and-ecg": (["reportsi.dcm", "test-SR.dcm", "waveform_ecg.dcm"], {"SR DOCUMENT", "WAVEFORM"}),
+    "rt": (["rtplan.dcm", "rtdose.dcm", "rtstruct.dcm"], {"RT PLAN", "RT DOSE", "RT STRUCTURE SET"}, None),
+    "sr-and-ecg": (["reportsi.dcm", "test-SR.dcm", "waveform_ecg.dcm"], {"SR DOCUMENT", "WAVEFORM"}, None),
 }
 
 
@@ -163,7 +167,7 @@ def source(name: str, dest: Path) -> Path:
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_burn_reads_back_names_and_records(scenario: str, archive: Archive, tmp_path: Path, tools) -> None:
-    names, rtypes = SCENARIOS[scenario]
+    names, rtypes, charset = SCENARIOS[scenario]
     (tmp_path / "in").mkdir()
     files = import_all(archive, [source(n, tmp_path / "in") for n in names])
     expected = {}
@@ -177,6 +181,8 @@ def test_burn_reads_back_names_and_records(scenario: str, archive: Archive, tmp_
     found = names_by_instance(dicomdir)
     assert {uid: name for uid, (name, _) in found.items()} == expected
     assert {rtype for _, rtype in found.values()} == rtypes
+    if charset is not None:
+        assert {str(r.get("SpecificCharacterSet")) for r in dicomdir.DirectoryRecordSequence} == {str(charset)}
     readme = (extracted / "README.TXT").read_text("utf-8")
     index = (extracted / "INDEX.HTM").read_text("utf-8")
     assert 'charset=UTF-8' in index
