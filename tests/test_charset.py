@@ -14,10 +14,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from modality_link.archive import Archive
-from modality_link.db import Database
 from modality_link.media.fileset import _HEADER_TAGS
 from modality_link.media.header import read_header
 from modality_link.net.charset import charset_terms, effective_terms, normalise_term
+from tests.test_archive import archive  # noqa: F401  (fixture: an archive with its SQLite index)
 
 CHARSET_FILES = sorted((Path(os.path.dirname(pydicom.__file__)) / "data" / "charset_files").glob("*.dcm"))
 
@@ -109,13 +109,6 @@ def test_header_reader_decodes_like_pydicom(path: Path) -> None:
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_header_reader_decodes_written(tmp_path: Path, charset, raw, name, ts) -> None:
     assert _header_name(write_named(tmp_path / "a.dcm", raw, charset, ts)) == name
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Archive:
-    root = tmp_path / "archive"
-    (root / ".tmp").mkdir(parents=True)
-    return Archive(root, Database(tmp_path / "db.sqlite"), min_free_mb=0)
 
 
 def test_index_stores_unicode_names(archive: Archive, tmp_path: Path) -> None:

@@ -26,12 +26,12 @@ from pydicom.uid import (
 )
 
 from modality_link.archive import Archive
-from modality_link.db import Database
 from modality_link.media import MediaOptions
 from modality_link.media.burn import burn_studies
 from modality_link.media.fileset import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_offset
 from modality_link.media.profiles import get_profile
 from tests.conftest import require_tool
+from tests.test_archive import archive  # noqa: F401  (fixture: an archive with its SQLite index)
 from tests.media_fixtures import make_instance
 
 DATA = Path(os.path.dirname(pydicom.__file__)) / "data"
@@ -46,13 +46,6 @@ TYPE1 = {
 @pytest.fixture(scope="module")
 def tools() -> dict[str, str]:
     return {name: require_tool(name) for name in ("xorriso", "dciodvfy", "dcdirdmp")}
-
-
-@pytest.fixture
-def archive(tmp_path: Path) -> Archive:
-    root = tmp_path / "archive"
-    (root / ".tmp").mkdir(parents=True)
-    return Archive(root, Database(tmp_path / "db.sqlite"), min_free_mb=0)
 
 
 def part10(src: Path, dest: Path) -> Path:
