@@ -33,6 +33,7 @@ from pydicom.errors import InvalidDicomError
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
+from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
 LOG = logging.getLogger("modality_link.archive")
 
@@ -87,12 +88,7 @@ def _meta_end(fp: BinaryIO) -> int:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
+    return text_of(ds.get(keyword, ""))
 
 
 def read_header(path: Path) -> Dataset:
@@ -143,8 +139,14 @@ def check_file_meta(ds: Dataset) -> None:
 
 
 def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:
-    """The index row for `ds` (the dataset's own UIDs, each checked)."""
+    """The index row for `ds` (the dataset's own UIDs, each checked).
+
+    Text is stored as Unicode, decoded in the character set that really fits the bytes
+    (:func:`modality_link.net.charset.dataset_charset`: misspelled terms corrected, a missing one
+    guessed); the charset column keeps the declared (0008,0005).
+    """
     charset = _text(ds, "SpecificCharacterSet")
+    terms = dataset_charset(ds)
     return InstanceRecord(
         sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
         sop_class_uid=checked_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)"),
@@ -153,22 +155,22 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         path=path,
         size=size,
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName"),
-        birth_date=_text(ds, "PatientBirthDate"),
-        sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        accession=_text(ds, "AccessionNumber"),
-        study_id=_text(ds, "StudyID"),
-        study_description=_text(ds, "StudyDescription"),
-        referring_physician=_text(ds, "ReferringPhysicianName"),
+        patient_id=decoded_text(ds, "PatientID", terms),
+        patient_name=decoded_text(ds, "PatientName", terms),
+        birth_date=decoded_text(ds, "PatientBirthDate", terms),
+        sex=decoded_text(ds, "PatientSex", terms),
+        study_date=decoded_text(ds, "StudyDate", terms),
+        study_time=decoded_text(ds, "StudyTime", terms),
+        accession=decoded_text(ds, "AccessionNumber", terms),
+        study_id=decoded_text(ds, "StudyID", terms),
+        study_description=decoded_text(ds, "StudyDescription", terms),
+        referring_physician=decoded_text(ds, "ReferringPhysicianName", terms),
         charset=charset,
-        modality=_text(ds, "Modality"),
-        series_number=_text(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part=_text(ds, "BodyPartExamined"),
-        instance_number=_text(ds, "InstanceNumber"),
+        modality=decoded_text(ds, "Modality", terms),
+        series_number=decoded_text(ds, "SeriesNumber", terms),
+        series_description=decoded_text(ds, "SeriesDescription", terms),
+        body_part=decoded_text(ds, "BodyPartExamined", terms),
+        instance_number=decoded_text(ds, "InstanceNumber", terms),
         source_ae=source_ae,
     )
 
