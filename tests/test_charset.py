@@ -116,7 +116,9 @@ def test_index_stores_unicode_names(archive: Archive, tmp_path: Path) -> None:
     sources = []
     for path in CHARSET_FILES:
         ds = dcmread(path, stop_before_pixels=True)
-        if path.read_bytes()[128:132] == b"DICM" and "StudyInstanceUID" in ds:  # what the archive accepts
+        accepted = (path.read_bytes()[128:132] == b"DICM" and "StudyInstanceUID" in ds
+                    and ds.file_meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID)
+        if accepted:  # what the archive imports (PS3.10 7.1: the File Meta describes the data set)
             sources.append(path)
             expected[ds.StudyInstanceUID] = str(ds.get("PatientName") or "")
     assert len(sources) >= 12

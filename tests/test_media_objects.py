@@ -49,11 +49,14 @@ def tools() -> dict[str, str]:
 
 
 def part10(src: Path, dest: Path) -> Path:
-    """`src` as a Part-10 file (a few corpus files have no File Meta); the data set bytes are kept."""
-    if src.read_bytes()[128:132] == b"DICM":
-        dest.write_bytes(src.read_bytes())
+    """`src` as a Part-10 file whose File Meta describes its data set, as the archive requires
+    (PS3.10 7.1): a few corpus files have no File Meta, or one naming another SOP Instance."""
+    ds = dcmread(src, force=True)
+    if src.read_bytes()[128:132] == b"DICM" and ds.file_meta.get("MediaStorageSOPInstanceUID") == ds.SOPInstanceUID:
+        dest.write_bytes(src.read_bytes())  # the data set bytes are kept
     else:
-        dcmread(src, force=True).save_as(dest, enforce_file_format=True)
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(dest, enforce_file_format=True)
     return dest
 
 
