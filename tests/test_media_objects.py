@@ -28,7 +28,7 @@ from pydicom.uid import (
 from modality_link.archive import Archive
 from modality_link.media import MediaOptions
 from modality_link.media.burn import burn_studies
-from modality_link.media.fileset import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_offset
+from modality_link.media.fileset import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_offset, date_time_value
 from modality_link.media.profiles import get_profile
 from tests.conftest import require_tool
 from tests.test_archive import archive  # noqa: F401  (fixture: an archive with its SQLite index)
@@ -263,3 +263,18 @@ def test_ctmr_profile_copies_jpeg_lossless_sv1_and_converts_the_rest(archive: Ar
             assert rec.ReferencedTransferSyntaxUIDInFile == ExplicitVRLittleEndian
             assert dcmread(on_disc).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert get_profile("STD-CTMR-CD").medium == "CD-R"
+
+
+@pytest.mark.parametrize("vr, raw, expected", [
+    ("DA", b"20240131", b"20240131"),
+    ("DA", b"1997.04.24", b"19970424"),  # ACR-NEMA form (PS3.5 6.2)
+    ("DA", b"24.04.1997", None),
+    ("DA", b"", None),
+    ("TM", b"140438 ", b"140438"),
+    ("TM", b"14:04:38", b"140438"),
+    ("TM", b"14:04:38.123456", b"140438.123456"),
+    ("TM", b"1404", b"1404"),
+    ("TM", b"2 pm", None),
+])
+def test_directory_record_dates_and_times(vr: str, raw: bytes, expected: bytes | None) -> None:
+    assert date_time_value(vr, raw) == expected

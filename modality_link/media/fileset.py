@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -511,6 +512,22 @@ _INVENT_FROM = {
 }
 
 
+_DA = re.compile(rb"^[0-9]{8}$")
+_TM = re.compile(rb"^[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?$")
+
+
+def date_time_value(vr: str, raw: bytes) -> bytes | None:
+    """`raw` as a valid DA or TM value (PS3.5 Table 6.2-1), or None.
+
+    Files written before DICOM 3.0 hold dates as ``YYYY.MM.DD`` and times as ``HH:MM:SS``
+    (the ACR-NEMA forms PS3.5 6.2 lists as retired); a directory record gets them in the current
+    form, as ``dcmmkdir`` does, so that the DICOMDIR stays valid.
+    """
+    value = raw.strip(b" \x00")
+    value = value.replace(b".", b"") if vr == "DA" else value.replace(b":", b"")
+    return value if (_DA if vr == "DA" else _TM).match(value) else None
+
+
 @dataclass
 class Inventor:
     """Values for the Type 1 keys a source lacks, so that the DICOMDIR stays valid (PS3.3 F.5).
@@ -533,9 +550,9 @@ class Inventor:
         vr = vr_of(tag_of(keyword))
         if vr in _INVENT_FROM:
             for source in _INVENT_FROM[vr]:
-                raw = header.raw(tag_of(source))
-                if raw and raw.strip(b" \x00"):
-                    return raw.strip(b" \x00")
+                value = date_time_value(vr, header.raw(tag_of(source)) or b"")
+                if value:
+                    return value
             return self.now.strftime("%Y%m%d" if vr == "DA" else "%H%M%S").encode("ascii")
         if vr == "IS":
             return str(self._next(keyword)).encode("ascii")
@@ -570,7 +587,13 @@ def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: s
     for keyword, key_type in sorted(keys, key=lambda k: tag_of(k[0])):  # all after (0008,0005)
         tag = tag_of(keyword)
         raw = header.raw(tag)
-        if raw and (raw.strip(b" \x00") or vr_of(tag) in _BINARY_VRS):  # a text of padding only is empty
+        if raw and vr_of(tag) in ("DA", "TM") and raw.strip(b" \x00"):
+            value = date_time_value(vr_of(tag), raw)
+            if value is not None:
+                parts.append(encode_element(tag, vr_of(tag), value))
+                continue
+            LOGGER.warning("%s: %s record: %s %r is not a valid %s value", what, rtype, keyword, raw, vr_of(tag))
+        elif raw and (raw.strip(b" \x00") or vr_of(tag) in _BINARY_VRS):  # a text of padding only is empty
             parts.append(charset.encoded(header, tag))
             continue
         if keyword in _FROM_LAST_ITEM and _FROM_LAST_ITEM[keyword] in header:
