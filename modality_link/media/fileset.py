@@ -514,6 +514,8 @@ _INVENT_FROM = {
 
 _DA = re.compile(rb"^[0-9]{8}$")
 _TM = re.compile(rb"^[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?$")
+_ACR_NEMA = {"DA": re.compile(rb"^[0-9]{4}\.[0-9]{2}\.[0-9]{2}$"),
+             "TM": re.compile(rb"^[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?$")}
 
 
 def date_time_value(vr: str, raw: bytes) -> bytes | None:
@@ -524,7 +526,8 @@ def date_time_value(vr: str, raw: bytes) -> bytes | None:
     form, as ``dcmmkdir`` does, so that the DICOMDIR stays valid.
     """
     value = raw.strip(b" \x00")
-    value = value.replace(b".", b"") if vr == "DA" else value.replace(b":", b"")
+    if _ACR_NEMA[vr].match(value):
+        value = value.replace(b".", b"") if vr == "DA" else value.replace(b":", b"")
     return value if (_DA if vr == "DA" else _TM).match(value) else None
 
 
