@@ -11,7 +11,8 @@ no leading zero). A UID that came over the wire never reaches the file system un
 
 Files are stored as PS3.10 files whose File Meta Information we write ourselves (Implementation
 Class UID and Version Name, Source AE Title of the sender); the dataset bytes are copied as
-received, never decoded and re-encoded.
+received, never decoded and re-encoded. A Deflated Explicit VR Little Endian dataset (PS3.5 A.5)
+is stored deflated, as received; its completeness is checked on the inflated stream.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 import shutil
 import struct
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -30,6 +32,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
@@ -95,7 +98,9 @@ def read_header(path: Path) -> Dataset:
     """Read the dataset of a PS3.10 file without its pixel data, and check it is complete.
 
     Large values are skipped (deferred) rather than read; a value that runs past the end of the
-    file, or bytes after the last element, make the dataset incomplete.
+    file, or bytes after the last element, make the dataset incomplete. For a deflated dataset
+    (PS3.5 A.5) the positions are those of the inflated stream, which must end where the
+    deflate stream does (at most 8 bytes may follow it: a pad byte, or a gzip trailer).
     """
     size = path.stat().st_size
     try:
@@ -103,7 +108,9 @@ def read_header(path: Path) -> Dataset:
             ds = dcmread(fp, defer_size=4096)
             end = fp.tell()
             last = ds._dict[max(ds._dict)] if ds._dict else None
-    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as exc:
+            if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                size = end = _inflated_size(fp, _meta_end(fp))
+    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, zlib.error) as exc:
         raise CannotUnderstand(f"dataset cannot be parsed: {exc}") from None
     if end > size:
         raise CannotUnderstand(f"dataset is truncated: {end - size} bytes missing at its end")
@@ -136,6 +143,22 @@ def check_file_meta(ds: Dataset) -> None:
                 f"{what} of the data set ({ds.get(keyword)}) differs from the File Meta's {meta_what} "
                 f"({meta.get(meta_keyword)}), PS3.10 7.1"
             )
+
+
+def _inflated_size(fp: BinaryIO, start: int) -> int:
+    """Length of the inflated dataset of a deflated PS3.10 file whose dataset starts at `start`."""
+    fp.seek(start)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while not inflater.eof:
+        chunk = fp.read(1 << 20)
+        if not chunk:
+            raise CannotUnderstand("deflated dataset is truncated: its deflate stream does not end")
+        total += len(inflater.decompress(chunk))
+    rest = len(inflater.unused_data) + len(fp.read(9))
+    if rest > 8:  # a pad byte, or the 8-byte gzip trailer (CRC-32, size) some writers leave
+        raise CannotUnderstand("deflated dataset has trailing bytes after its deflate stream")
+    return total + len(inflater.flush())
 
 
 def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:

@@ -24,6 +24,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -48,6 +49,7 @@ ARCHIVE_TRANSFER_SYNTAXES = [
     ExplicitVRBigEndian,
     DeflatedExplicitVRLittleEndian,
     JPEGLosslessSV1,
+    JPEGLossless,  # Process 14 (any selection value): DCMTK dcmcjpeg +el writes it
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSLossless,
