@@ -14,7 +14,8 @@ no leading zero). A UID that came over the wire never reaches the file system un
 
 Files are stored as PS3.10 files whose File Meta Information we write ourselves (Implementation
 Class UID and Version Name, Source AE Title of the sender); the dataset bytes are copied as
-received, never decoded and re-encoded.
+received, never decoded and re-encoded. A Deflated Explicit VR Little Endian dataset (PS3.5 A.5)
+is stored deflated, as received; its completeness is checked on the inflated stream.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import shutil
 import struct
 import threading
 import uuid
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +37,11 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
+from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
 LOG = logging.getLogger("modality_link.archive")
 
@@ -92,19 +96,16 @@ def _meta_end(fp: BinaryIO) -> int:
 
 
 def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
+    return text_of(ds.get(keyword, ""))
 
 
 def read_header(path: Path) -> Dataset:
     """Read the dataset of a PS3.10 file without its pixel data, and check it is complete.
 
     Large values are skipped (deferred) rather than read; a value that runs past the end of the
-    file, or bytes after the last element, make the dataset incomplete.
+    file, or bytes after the last element, make the dataset incomplete. For a deflated dataset
+    (PS3.5 A.5) the positions are those of the inflated stream, which must end where the
+    deflate stream does (at most 8 bytes may follow it: a pad byte, or a gzip trailer).
     """
     size = path.stat().st_size
     try:
@@ -112,7 +113,9 @@ def read_header(path: Path) -> Dataset:
             ds = dcmread(fp, defer_size=4096)
             end = fp.tell()
             last = ds._dict[max(ds._dict)] if ds._dict else None
-    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as exc:
+            if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+                size = end = _inflated_size(fp, _meta_end(fp))
+    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, zlib.error) as exc:
         raise CannotUnderstand(f"dataset cannot be parsed: {exc}") from None
     if end > size:
         raise CannotUnderstand(f"dataset is truncated: {end - size} bytes missing at its end")
@@ -147,9 +150,31 @@ def check_file_meta(ds: Dataset) -> None:
             )
 
 
+def _inflated_size(fp: BinaryIO, start: int) -> int:
+    """Length of the inflated dataset of a deflated PS3.10 file whose dataset starts at `start`."""
+    fp.seek(start)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while not inflater.eof:
+        chunk = fp.read(1 << 20)
+        if not chunk:
+            raise CannotUnderstand("deflated dataset is truncated: its deflate stream does not end")
+        total += len(inflater.decompress(chunk))
+    rest = len(inflater.unused_data) + len(fp.read(9))
+    if rest > 8:  # a pad byte, or the 8-byte gzip trailer (CRC-32, size) some writers leave
+        raise CannotUnderstand("deflated dataset has trailing bytes after its deflate stream")
+    return total + len(inflater.flush())
+
+
 def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:
-    """The index row for `ds` (the dataset's own UIDs, each checked)."""
+    """The index row for `ds` (the dataset's own UIDs, each checked).
+
+    Text is stored as Unicode, decoded in the character set that really fits the bytes
+    (:func:`modality_link.net.charset.dataset_charset`: misspelled terms corrected, a missing one
+    guessed); the charset column keeps the declared (0008,0005).
+    """
     charset = _text(ds, "SpecificCharacterSet")
+    terms = dataset_charset(ds)
     return InstanceRecord(
         sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
         sop_class_uid=checked_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)"),
@@ -158,22 +183,22 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
         path=path,
         size=size,
-        patient_id=_text(ds, "PatientID"),
-        patient_name=_text(ds, "PatientName"),
-        birth_date=_text(ds, "PatientBirthDate"),
-        sex=_text(ds, "PatientSex"),
-        study_date=_text(ds, "StudyDate"),
-        study_time=_text(ds, "StudyTime"),
-        accession=_text(ds, "AccessionNumber"),
-        study_id=_text(ds, "StudyID"),
-        study_description=_text(ds, "StudyDescription"),
-        referring_physician=_text(ds, "ReferringPhysicianName"),
+        patient_id=decoded_text(ds, "PatientID", terms),
+        patient_name=decoded_text(ds, "PatientName", terms),
+        birth_date=decoded_text(ds, "PatientBirthDate", terms),
+        sex=decoded_text(ds, "PatientSex", terms),
+        study_date=decoded_text(ds, "StudyDate", terms),
+        study_time=decoded_text(ds, "StudyTime", terms),
+        accession=decoded_text(ds, "AccessionNumber", terms),
+        study_id=decoded_text(ds, "StudyID", terms),
+        study_description=decoded_text(ds, "StudyDescription", terms),
+        referring_physician=decoded_text(ds, "ReferringPhysicianName", terms),
         charset=charset,
-        modality=_text(ds, "Modality"),
-        series_number=_text(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
-        body_part=_text(ds, "BodyPartExamined"),
-        instance_number=_text(ds, "InstanceNumber"),
+        modality=decoded_text(ds, "Modality", terms),
+        series_number=decoded_text(ds, "SeriesNumber", terms),
+        series_description=decoded_text(ds, "SeriesDescription", terms),
+        body_part=decoded_text(ds, "BodyPartExamined", terms),
+        instance_number=decoded_text(ds, "InstanceNumber", terms),
         source_ae=source_ae,
     )
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from modality_link import __version__
 from modality_link.home import Home
 from modality_link.ipc import IpcClient, IpcError, NotRunning
+from modality_link.media.profiles import PROFILES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 
@@ -488,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("study_uids", nargs="*", metavar="STUDY_UID")
     b.add_argument("--drive", metavar="DEV", help="/dev/srN, stdio:/path or sim:NAME")
     b.add_argument("--iso", metavar="FILE", help="write ISO image file(s): FILE, FILE_2, ...")
-    b.add_argument("--profile", help="application profile (default media.profile, STD-GEN-CD)")
+    b.add_argument("--profile", help=f"application profile, PS3.11: {', '.join(sorted(PROFILES))} "
+                   "(default media.profile, STD-GEN-CD)")
     b.add_argument("--wait", action="store_true", help="follow the burn; exit 0 only if it succeeded")
     b.add_argument("--yes", action="store_true", help="with --wait: do not ask before the next disc")
     b.add_argument("--cancel", type=int, metavar="ID",

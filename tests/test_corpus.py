@@ -308,19 +308,17 @@ PARTITIONS = partitions(CASES)
 PARTITION_IDS = [f"p{i}" for i in range(len(PARTITIONS))] + ["made", "made-lossy"]
 
 
-@pytest.mark.parametrize("part", PARTITION_IDS)
-def test_send_commit_burn(part: str, peers, work: Path, all_cases):
+@pytest.fixture(scope="module", params=PARTITION_IDS)
+def partition(request, peers, all_cases) -> Iterator[dict[str, Any]]:
+    """A service whose archive holds one partition; nodes PACS (DCMTK storescp) and ORTHANC."""
+    part = request.param
     if part.startswith("made"):
         made = [c for c in all_cases if c not in CASES and (c.kind == "lossy") == part.endswith("lossy")]
-        cases = partitions(made)[0]
+        (cases,) = partitions(made)
     else:
         cases = PARTITIONS[int(part[1:])]
-    index = part
-    lossy = cases[0].kind == "lossy"
-    scp_port, scp_out = peers["storescp"]
+    scp_port, _ = peers["storescp"]
     orthanc = peers["orthanc"]
-    for f in scp_out.iterdir():
-        f.unlink()
     node = dict(host="127.0.0.1", retry_interval=0.2, commit_wait=0.5, commit_timeout=30.0)
     home = temporary_home(nodes={
         "PACS": config.Node(ae_title="STORESCP", port=scp_port, roles=["store"], **node),
@@ -332,46 +330,68 @@ def test_send_commit_burn(part: str, peers, work: Path, all_cases):
     service.start(log_to_stderr=False)
     try:
         result = call(home, "archive.import", paths=[str(c.path) for c in cases])
-        assert result["imported"] == len(cases), result
-        studies = sorted({s["study_uid"] for s in call(home, "studies.list")})
-        sources = {read(c.path).SOPInstanceUID: c for c in cases}
-
-        # DCMTK storescp: uncompressed only, so every compressed source is converted
-        job = wait_chain(home, call(home, "send", study_uids=studies, node="PACS")["job_id"], 120)
-        received = {read(f).SOPInstanceUID: f for f in scp_out.iterdir()}
-        if lossy:
-            assert job["state"] == "failed" and "lossy" in job["last_error"].lower(), job
-        else:
-            assert job["state"] == "done", job
-            assert set(received) == set(sources)
-            for uid, case in sources.items():
-                assert_same_dataset(read(case.path), read(received[uid]), f"storescp {case.name}")
-
-        # Orthanc, with Storage Commitment reported on a separate association
-        job = wait_chain(home, call(home, "send", study_uids=studies, node="ORTHANC", commit=True)["job_id"], 120)
-        assert job["state"] == "done", job
-        counts = {s["study_uid"]: s["nodes"]["ORTHANC"] for s in call(home, "studies.list")}
-        assert sum(c["committed"] for c in counts.values()) == len(sources), counts
-        for uid, case in sources.items():
-            assert_same_dataset(read(case.path), orthanc.instance(uid), f"orthanc {case.name}")
-
-        # burn to an ISO image on STD-GEN-CD (Explicit VR Little Endian only)
-        iso = work / f"part{index}.iso"
-        res = call(home, "burn", study_uids=studies, iso=str(iso), wait=True)
-        if lossy:
-            assert res["state"] == "failed" and "lossy" in res["error"].lower(), res
-            assert not iso.exists()
-            return
-        assert res["state"] == "done", res
-        found = check_iso(iso, work / f"part{index}")
-        assert set(found) == set(sources)
-        for uid, case in sources.items():
-            out = read(found[uid])
-            assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-            assert_same_dataset(read(case.path), out, f"disc {case.name}")
+        yield {
+            "name": part, "home": home, "import": result, "lossy": cases[0].kind == "lossy",
+            "studies": sorted({s["study_uid"] for s in call(home, "studies.list")}),
+            "sources": {read(c.path).SOPInstanceUID: c for c in cases},
+        }
     finally:
         service.stop()
         cleanup(home)
+
+
+def test_partition_imported(partition):
+    assert partition["import"]["imported"] == len(partition["sources"]), partition["import"]
+
+
+def test_send_to_storescp(partition, peers):
+    """DCMTK storescp accepts uncompressed transfer syntaxes only: every compressed source is
+    converted on the way, keeping its identity."""
+    home, sources = partition["home"], partition["sources"]
+    _, scp_out = peers["storescp"]
+    for f in scp_out.iterdir():
+        f.unlink()
+    job = wait_chain(home, call(home, "send", study_uids=partition["studies"], node="PACS")["job_id"], 120)
+    if partition["lossy"]:
+        assert job["state"] == "failed" and "lossy" in job["last_error"].lower(), job
+        return
+    assert job["state"] == "done", job
+    received = {read(f).SOPInstanceUID: f for f in scp_out.iterdir()}
+    assert set(received) == set(sources)
+    for uid, case in sources.items():
+        assert_same_dataset(read(case.path), read(received[uid]), f"storescp {case.name}")
+
+
+def test_send_to_orthanc_with_commitment(partition, peers):
+    """Orthanc takes every transfer syntax and reports commitment on a separate association."""
+    home, sources = partition["home"], partition["sources"]
+    orthanc = peers["orthanc"]
+    job = wait_chain(home, call(home, "send", study_uids=partition["studies"], node="ORTHANC", commit=True)["job_id"],
+                     120)
+    assert job["state"] == "done", job
+    counts = {s["study_uid"]: s["nodes"]["ORTHANC"] for s in call(home, "studies.list")}
+    assert sum(c["committed"] for c in counts.values()) == len(sources), counts
+    for uid, case in sources.items():
+        assert_same_dataset(read(case.path), orthanc.instance(uid), f"orthanc {case.name}")
+
+
+def test_burn_std_gen_cd(partition, work: Path):
+    """STD-GEN-CD allows Explicit VR Little Endian only (PS3.11 D.3): lossless sources are
+    converted, lossy ones refused with the reason."""
+    home, sources = partition["home"], partition["sources"]
+    iso = work / f"{partition['name']}.iso"
+    res = call(home, "burn", study_uids=partition["studies"], iso=str(iso), wait=True)
+    if partition["lossy"]:
+        assert res["state"] == "failed" and "lossy" in res["error"].lower(), res
+        assert not iso.exists()
+        return
+    assert res["state"] == "done", res
+    found = check_iso(iso, work / partition["name"])
+    assert set(found) == set(sources)
+    for uid, case in sources.items():
+        out = read(found[uid])
+        assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert_same_dataset(read(case.path), out, f"disc {case.name}")
 
 
 def check_iso(image: Path, out: Path) -> dict[str, Path]:

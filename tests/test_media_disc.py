@@ -13,7 +13,7 @@ import pycdlib
 import pytest
 from pydicom import dcmread
 from pydicom.fileset import FileSet
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, RawDataStorage, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, HangingProtocolStorage, JPEGBaseline8Bit, generate_uid
 
 import modality_link
 from modality_link.media import MediaError, MediaOptions, build_disc, build_media, plan_discs
@@ -184,12 +184,12 @@ def test_pycdlib_reads_the_image(disc, tmp_path):
 
 
 def test_readme_and_web_index(disc):
-    readme = (disc["x"] / "README.TXT").read_text("ascii")
+    readme = (disc["x"] / "README.TXT").read_text("utf-8")
     assert "disc 1 of 1" in readme and "DICOM viewer" in readme and "radiology@example.org" in readme
     assert "modality_link" in readme
-    index = (disc["x"] / "INDEX.HTM").read_text("ascii")
-    assert "<script" not in index.lower()
-    assert "ROE^RICHARD" in index and "M&#220;LLER" in index
+    index = (disc["x"] / "INDEX.HTM").read_text("utf-8")
+    assert "<script" not in index.lower() and "charset=UTF-8" in index
+    assert "ROE^RICHARD" in index and "MÜLLER^JÖRG" in index and "MÜLLER^JÖRG" in readme
 
 
 def test_staging_only_has_the_whole_fileset(tmp_path):
@@ -232,15 +232,15 @@ def test_dvd_jpeg_profile_passes_jpeg_through(tmp_path):
     assert dicomdir.DirectoryRecordSequence[-1].ReferencedTransferSyntaxUIDInFile == JPEGBaseline8Bit
 
 
-def test_unknown_storage_class_is_skipped(tmp_path, caplog):
+def test_single_level_storage_class_is_skipped(tmp_path, caplog):
     study, series = generate_uid(), generate_uid()
     good = make_instance(tmp_path / "a.dcm", study_uid=study, series_uid=series)
-    raw = make_instance(tmp_path / "b.dcm", study_uid=study, series_uid=series, sop_class=RawDataStorage)
+    hp = make_instance(tmp_path / "b.dcm", study_uid=study, series_uid=series, sop_class=HangingProtocolStorage)
     with caplog.at_level(logging.WARNING):
-        plans = plan_discs([good, raw], MediaOptions())
+        plans = plan_discs([good, hp], MediaOptions())
     assert [i.path for i in plans[0].instances] == [good]
-    assert plans[0].skipped == [raw]
-    assert "no directory record type" in caplog.text
+    assert plans[0].skipped == [hp]
+    assert "single-level record type HANGING PROTOCOL" in caplog.text
 
 
 def test_invalid_options(tmp_path):

@@ -12,8 +12,10 @@ of the File Meta Information.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,13 +23,19 @@ from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.sequence import Sequence as PydicomSequence
+from pydicom.fileset import _FOUR_LEVEL_SOP_CLASSES, _SINGLE_LEVEL_SOP_CLASSES
 from pydicom.uid import UID, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
 import modality_link
 from modality_link.media.header import LONG_VRS, Header, encode_element, read_header, tag_of, vr_of
 from modality_link.media.options import MediaError
 from modality_link.media.profiles import COPY, Profile, action_for, output_transfer_syntax
+from modality_link.net.charset import python_encodings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -40,9 +48,10 @@ DATA_DIRECTORY = "DICOM"
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 
-# Keys copied into each Directory Record: (keyword, record key type).
-# Type 1 must have a value, type 2 is present (maybe empty), type 3 only if
-# present in the instance (PS3.3 F.5). No private attributes are ever copied.
+# Keys copied into each Directory Record: (keyword, record key type), PS3.3 F.5.
+# Type 1 must have a value (invented when the source lacks it, see :class:`Inventor`), type 2 is
+# present (maybe empty), type 3 and 1C only if present in the instance. No private attribute is
+# ever copied.
 PATIENT_KEYS: tuple[tuple[str, int], ...] = (
     ("PatientName", 2),
     ("PatientID", 1),
@@ -55,7 +64,7 @@ STUDY_KEYS: tuple[tuple[str, int], ...] = (
     ("AccessionNumber", 2),
     ("StudyDescription", 2),
     ("StudyInstanceUID", 1),
-    ("StudyID", 2),
+    ("StudyID", 1),
 )
 SERIES_KEYS: tuple[tuple[str, int], ...] = (
     ("Modality", 1),
@@ -63,23 +72,22 @@ SERIES_KEYS: tuple[tuple[str, int], ...] = (
     ("SeriesInstanceUID", 1),
     ("SeriesNumber", 1),
 )
-#: Keys of the instance-level records, by Directory Record Type (PS3.3 F.5.4-F.5.x).
+# Content Identification (PS3.3 10.9) keys shared by several record types.
+_CONTENT_ID: tuple[tuple[str, int], ...] = (
+    ("ContentDate", 1), ("ContentTime", 1), ("InstanceNumber", 1), ("ContentLabel", 1),
+    ("ContentDescription", 2), ("ContentCreatorName", 2),
+)
+_CONTENT_DATE_TIME = (("ContentDate", 1), ("ContentTime", 1))
+#: Keys of the instance-level records, by Directory Record Type (PS3.3 F.5.4-F.5.x, Table F.4-1),
+#: the same keys pydicom's ``pydicom.fileset.DIRECTORY_RECORDERS`` and DCMTK's dcmmkdir write.
 INSTANCE_KEYS: dict[str, tuple[tuple[str, int], ...]] = {
     "IMAGE": (("ImageType", 3), ("InstanceNumber", 1), ("Rows", 3), ("Columns", 3)),
-    "SR DOCUMENT": (
-        ("ContentDate", 1),
-        ("ContentTime", 1),
-        ("InstanceNumber", 1),
-        ("ConceptNameCodeSequence", 1),
-        ("CompletionFlag", 1),
-        ("VerificationFlag", 1),
+    "RT DOSE": (("InstanceNumber", 1), ("DoseSummationType", 1), ("DoseComment", 3)),
+    "RT STRUCTURE SET": (
+        ("InstanceNumber", 1), ("StructureSetLabel", 1), ("StructureSetDate", 2), ("StructureSetTime", 2),
     ),
-    "KEY OBJECT DOC": (
-        ("ContentDate", 1),
-        ("ContentTime", 1),
-        ("InstanceNumber", 1),
-        ("ConceptNameCodeSequence", 1),
-    ),
+    "RT PLAN": (("InstanceNumber", 1), ("RTPlanLabel", 1), ("RTPlanDate", 2), ("RTPlanTime", 2)),
+    "RT TREAT RECORD": (("InstanceNumber", 1), ("TreatmentDate", 2), ("TreatmentTime", 2)),
     "PRESENTATION": (
         ("PresentationCreationDate", 1),
         ("PresentationCreationTime", 1),
@@ -89,49 +97,103 @@ INSTANCE_KEYS: dict[str, tuple[tuple[str, int], ...]] = {
         ("ContentCreatorName", 2),
         ("ReferencedSeriesSequence", 3),
     ),
+    "WAVEFORM": (("InstanceNumber", 1), *_CONTENT_DATE_TIME),
+    "SR DOCUMENT": (
+        *_CONTENT_DATE_TIME,
+        ("InstanceNumber", 1),
+        ("ConceptNameCodeSequence", 1),
+        ("CompletionFlag", 1),
+        ("VerificationFlag", 1),
+        ("VerificationDateTime", 3),  # 1C: from the last Verifying Observer (PS3.3 F.5.x), see _record
+    ),
+    "KEY OBJECT DOC": (*_CONTENT_DATE_TIME, ("InstanceNumber", 1), ("ConceptNameCodeSequence", 1)),
+    "SPECTROSCOPY": (
+        ("ImageType", 1), *_CONTENT_DATE_TIME, ("InstanceNumber", 1), ("NumberOfFrames", 1), ("Rows", 1),
+        ("Columns", 1), ("DataPointRows", 1), ("DataPointColumns", 1),
+    ),
+    "RAW DATA": (*_CONTENT_DATE_TIME, ("InstanceNumber", 2)),
+    "REGISTRATION": _CONTENT_ID,
+    "FIDUCIAL": _CONTENT_ID,
     "ENCAP DOC": (
         ("ContentDate", 2),
         ("ContentTime", 2),
         ("InstanceNumber", 1),
         ("ConceptNameCodeSequence", 2),
         ("DocumentTitle", 2),
+        ("HL7InstanceIdentifier", 3),
         ("MIMETypeOfEncapsulatedDocument", 1),
     ),
+    "VALUE MAP": _CONTENT_ID,
+    "STEREOMETRIC": (),
+    "PLAN": (),
+    "MEASUREMENT": _CONTENT_ID,
+    "SURFACE": _CONTENT_ID,
+    "SURFACE SCAN": _CONTENT_DATE_TIME,
+    "TRACT": _CONTENT_ID,
+    "ASSESSMENT": (("InstanceNumber", 1), ("InstanceCreationDate", 1), ("InstanceCreationTime", 2)),
+    "RADIOTHERAPY": (
+        ("InstanceNumber", 1), ("UserContentLabel", 3), ("UserContentLongLabel", 3),
+        ("ContentDescription", 2), ("ContentCreatorName", 2),
+    ),
+    "ANNOTATION": _CONTENT_ID,
+    #: PRIVATE records (PS3.3 F.5.x) carry the Private Record UID (0004,1432) only.
+    "PRIVATE": (),
 }
 
+#: Keys read from each instance to invent a missing Type 1 date or time (dcmmkdir --invent).
+_DATE_TIME_SOURCES = ("SeriesDate", "SeriesTime", "AcquisitionDate", "AcquisitionTime", "InstanceCreationDate",
+                      "InstanceCreationTime")
+
+#: Record keys whose value an instance holds in the last item of a sequence (PS3.3 C.17.2:
+#: Verification DateTime of the last Verifying Observer is the SR's).
+_FROM_LAST_ITEM = {"VerificationDateTime": "VerifyingObserverSequence"}
+
 _HEADER_KEYWORDS: list[str] = sorted(
-    {"SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
-     "Rows", "Columns"}
+    {*_FROM_LAST_ITEM.values(), "SOPClassUID", "SOPInstanceUID", "SpecificCharacterSet", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated",
+     "Rows", "Columns", "PhotometricInterpretation", "ImagePositionPatient", "ImageOrientationPatient",
+     "FrameOfReferenceUID", "PixelSpacing", *_DATE_TIME_SOURCES}
     | {k for keys in (PATIENT_KEYS, STUDY_KEYS, SERIES_KEYS) for k, _ in keys}
     | {k for keys in INSTANCE_KEYS.values() for k, _ in keys}
 )
 _HEADER_TAGS: frozenset[int] = frozenset(tag_of(k) for k in _HEADER_KEYWORDS)
 _LONG_VRS = frozenset(v.encode() for v in LONG_VRS)  # explicit VRs with a 4-byte length
+_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "AT"})  # a zero or 0x20 byte is a value
+#: Record types that are not placed under a SERIES (PS3.3 Table F.4-1): top-level records.
+SINGLE_LEVEL_RECORDS = frozenset(_SINGLE_LEVEL_SOP_CLASSES.values())
 
 
 @lru_cache(maxsize=256)
-def record_type(sop_class_uid: str) -> str | None:
-    """Directory Record Type (0004,1430) for a Storage SOP Class (PS3.3 F.4).
+def record_type(sop_class_uid: str, modality: str = "", is_image: bool = False) -> str:
+    """Directory Record Type (0004,1430) for an instance (PS3.3 F.4, Table F.4-1).
 
-    A small table keyed on the SOP Class name: Structured Reports are
-    ``SR DOCUMENT``, Key Object Selection ``KEY OBJECT DOC``, Presentation
-    States ``PRESENTATION``, Encapsulated documents ``ENCAP DOC`` and every
-    "... Image Storage" class ``IMAGE``. Any other class returns ``None``:
-    such instances are left off the medium with a warning rather than being
-    described by a wrong record type.
+    pydicom's own tables (``pydicom.fileset``) first, with its rules for the Radiotherapy and
+    Procedure Protocol modalities; then the record type named by the SOP Class ("... Plan
+    Storage", "... SR Storage", "Encapsulated ..."); an image IOD (``is_image``: it has Rows) is
+    an ``IMAGE``; anything else, notably a private SOP Class, a ``PRIVATE`` record (PS3.3 F.5.x).
+    Single-level types (HANGING PROTOCOL, PALETTE, IMPLANT...) are returned as such; they have no
+    place under a series (see :func:`read_instance`).
     """
+    if sop_class_uid in _SINGLE_LEVEL_SOP_CLASSES:
+        return _SINGLE_LEVEL_SOP_CLASSES[sop_class_uid]
+    if modality in ("RTINTENT", "RTSEGANN", "RTRAD", "RTRECORD"):
+        return "RADIOTHERAPY"
+    if modality == "PLAN":
+        return "PLAN"
+    if sop_class_uid in _FOUR_LEVEL_SOP_CLASSES:
+        return _FOUR_LEVEL_SOP_CLASSES[sop_class_uid]
     name = UID(sop_class_uid).name
-    if name == "Key Object Selection Document Storage":
-        return "KEY OBJECT DOC"
-    if name.endswith("SR Storage") or name.endswith("SR Storage - Trial"):
-        return "SR DOCUMENT"
-    if name.endswith("Presentation State Storage"):
-        return "PRESENTATION"
-    if name.startswith("Encapsulated ") and name.endswith(" Storage"):
-        return "ENCAP DOC"
-    if "Image Storage" in name:
-        return "IMAGE"
-    return None
+    rules = (
+        (name.startswith("Encapsulated "), "ENCAP DOC"),
+        (name.startswith("RT ") and name.endswith("Plan Storage"), "RT PLAN"),
+        (" SR Storage" in name, "SR DOCUMENT"),
+        ("Presentation State Storage" in name, "PRESENTATION"),
+        ("Waveform Storage" in name, "WAVEFORM"),
+        ("Annotations Storage" in name, "ANNOTATION"),
+        ("Procedure Protocol Storage" in name or name == "Protocol Approval Storage", "PLAN"),
+        ("Radiation" in name and sop_class_uid.startswith("1.2.840.10008.5.1.4.1.1.481."), "RADIOTHERAPY"),
+        ("Image Storage" in name or (is_image and name.endswith("Storage")), "IMAGE"),
+    )
+    return next((rtype for matches, rtype in rules if matches), "PRIVATE")
 
 
 @dataclass
@@ -153,6 +215,11 @@ class Instance:
     @property
     def patient_id(self) -> str:
         return self.header.text("PatientID")
+
+    @property
+    def patient_key(self) -> str:
+        """What groups instances into one PATIENT record: the Patient ID, or the name without one."""
+        return self.patient_id or "name:" + self.header.text("PatientName")
 
     @property
     def study_uid(self) -> str:
@@ -231,15 +298,17 @@ def encoded_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax
 
 def instance_head(inst: Instance, profile: Profile, source_ae_title: str) -> bytes:
     """Bytes that replace the source File Meta when `inst` is copied as is."""
-    ts = output_transfer_syntax(inst.transfer_syntax_uid, profile)
+    ts = output_transfer_syntax(inst.transfer_syntax_uid, profile, inst.record_type == "IMAGE")
     return encoded_file_meta(inst.sop_class_uid, inst.sop_instance_uid, ts, source_ae_title)
 
 
 def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK") -> Instance | None:
     """Read the header keys of the Part-10 file `path`.
 
-    Returns ``None`` (with a warning) for a SOP Class that has no directory
-    record type in :func:`record_type`.
+    Returns ``None`` (with a warning) for a SOP Class whose record type is single-level (HANGING
+    PROTOCOL, PALETTE, IMPLANT...: PS3.3 Table F.4-1 places them at the root, not under a
+    patient's series, and a modality never produces them). Whether `profile` allows the instance
+    is checked by :func:`modality_link.media.profiles.refusal`.
     """
     path = Path(path)
     with open(path, "rb") as fp:
@@ -251,14 +320,14 @@ def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK"
     sop_instance = header.text("SOPInstanceUID") or meta.get(0x00020003, b"").rstrip(b" \x00").decode("ascii", "replace")
     if not ts or not sop_class or not sop_instance:
         raise MediaError(f"{path}: missing Transfer Syntax, SOP Class or SOP Instance UID")
-    rtype = record_type(sop_class)
-    if rtype is None:
+    rtype = record_type(sop_class, header.text("Modality"), "Rows" in header)
+    if rtype in SINGLE_LEVEL_RECORDS:
         LOGGER.warning(
-            "%s: SOP Class %s (%s) has no directory record type; instance %s left off the medium",
-            path, sop_class, UID(sop_class).name, sop_instance,
+            "%s: SOP Class %s (%s) has the single-level record type %s, which has no place under a series; "
+            "instance %s left off the medium", path, sop_class, UID(sop_class).name, rtype, sop_instance,
         )
         return None
-    action = action_for(ts, profile)
+    action = action_for(ts, profile, rtype == "IMAGE")
     if action == COPY:
         head = encoded_file_meta(sop_class, sop_instance, ts, source_ae_title)
         out_size = len(head) + size - offset
@@ -317,12 +386,12 @@ class PatientNode:
 
 
 def group_instances(instances: Iterable[Instance]) -> dict[str, PatientNode]:
-    """Group `instances` by Patient ID -> Study -> Series, in input order (linear)."""
+    """Group `instances` by patient (:attr:`Instance.patient_key`) -> Study -> Series, in input order (linear)."""
     patients: dict[str, PatientNode] = {}
     for inst in instances:
-        patient = patients.get(inst.patient_id)
+        patient = patients.get(inst.patient_key)
         if patient is None:
-            patient = patients[inst.patient_id] = PatientNode(inst.patient_id)
+            patient = patients[inst.patient_key] = PatientNode(inst.patient_id)
         study = patient.studies.get(inst.study_uid)
         if study is None:
             study = patient.studies[inst.study_uid] = StudyNode(inst.study_uid)
@@ -376,29 +445,197 @@ _FIXED = (
 )
 
 
-def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: str, extra: bytes = b"") -> bytearray:
+@dataclass
+class DirectoryCharset:
+    """Character set of the records of one DICOMDIR (docs/design.md "Character sets").
+
+    Each record copies its keys' encoded bytes from its source instance, and sources on one disc
+    may use different character sets. When every source whose keys are not plain ASCII uses the
+    same (0008,0005), the bytes are copied as they are and that value is written in every record
+    (PS3.3 F.3.2.2, Table F.3-3: (0008,0005) is Type 1C in a Directory Record). Otherwise every
+    non-ASCII key is decoded in its source's character set and re-encoded in ISO_IR 192 (UTF-8),
+    which every record then declares.
+    """
+
+    terms: list[str]
+    reencode: bool = False
+
+    @classmethod
+    def of(cls, instances: Iterable[Instance]) -> DirectoryCharset:
+        found = {tuple(i.header.charset) for i in instances
+                 if not all(i.header.is_ascii(t) for t in i.header.text_tags())}
+        if len(found) <= 1:
+            return cls(list(next(iter(found), ())))
+        return cls(["ISO_IR 192"], True)
+
+    def element(self) -> bytes:
+        """The encoded (0008,0005) of each record, or nothing for the default repertoire."""
+        return encode_element(0x00080005, "CS", "\\".join(self.terms).encode("ascii")) if self.terms else b""
+
+    def encoded(self, header: Header, tag: int) -> bytes:
+        """The key `tag` of `header` (present) in this character set, Explicit VR Little Endian."""
+        if not self.reencode or header.is_ascii(tag):
+            return header.elements[tag]
+        value = header.value(tag)
+        if isinstance(value, PydicomSequence):
+            for item in value:
+                _convert_all(item)
+        out = DicomBytesIO()
+        out.is_little_endian, out.is_implicit_VR = True, False
+        write_data_element(out, DataElement(tag, header.elements[tag][4:6].decode(), value),
+                           python_encodings(self.terms))
+        return out.getvalue()
+
+
+def _convert_all(ds: Dataset) -> None:
+    """Decode every element of a sequence item (pydicom converts them lazily), so that writing
+    it re-encodes the text instead of copying the raw bytes."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _convert_all(item)
+
+
+#: Values invented for Type 1 keys with no natural source (PS3.3 F.5 defined terms).
+_INVENTED_TERMS = {
+    "Modality": b"OT",
+    "CompletionFlag": b"PARTIAL",
+    "VerificationFlag": b"UNVERIFIED",
+    "ContentLabel": b"UNNAMED",
+    "RTPlanLabel": b"UNNAMED",
+    "StructureSetLabel": b"UNNAMED",
+}
+#: Where a missing date or time is taken from, in order, before the current date or time.
+_INVENT_FROM = {
+    "DA": ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "InstanceCreationDate"),
+    "TM": ("StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime", "InstanceCreationTime"),
+}
+
+
+_DA = re.compile(rb"^[0-9]{8}$")
+_TM = re.compile(rb"^[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?$")
+_ACR_NEMA = {"DA": re.compile(rb"^[0-9]{4}\.[0-9]{2}\.[0-9]{2}$"),
+             "TM": re.compile(rb"^[0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,6})?)?$")}
+
+
+def date_time_value(vr: str, raw: bytes) -> bytes | None:
+    """`raw` as a valid DA or TM value (PS3.5 Table 6.2-1), or None.
+
+    Files written before DICOM 3.0 hold dates as ``YYYY.MM.DD`` and times as ``HH:MM:SS``
+    (the ACR-NEMA forms PS3.5 6.2 lists as retired); a directory record gets them in the current
+    form, as ``dcmmkdir`` does, so that the DICOMDIR stays valid.
+    """
+    value = raw.strip(b" \x00")
+    if _ACR_NEMA[vr].match(value):
+        value = value.replace(b".", b"") if vr == "DA" else value.replace(b":", b"")
+    return value if (_DA if vr == "DA" else _TM).match(value) else None
+
+
+@dataclass
+class Inventor:
+    """Values for the Type 1 keys a source lacks, so that the DICOMDIR stays valid (PS3.3 F.5).
+
+    As ``dcmmkdir --invent`` does (DCMTK dcddirif.cc): numbered Patient IDs and Study IDs (a
+    prefix and six digits), counters for Series and Instance Numbers, and a missing date or
+    time taken from the instance's other dates and times, else the current one. Each invented
+    value is logged with the instance it stands for.
+    """
+
+    now: datetime.datetime = field(default_factory=datetime.datetime.now)
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def invent(self, keyword: str, header: Header) -> bytes | None:
+        """A value for the missing key `keyword` of `header`, or None if none can be made up."""
+        if keyword in ("PatientID", "StudyID"):
+            return f"MODLINK{keyword[:3].upper()}{self._next(keyword):06d}".encode("ascii")
+        if keyword in _INVENTED_TERMS:
+            return _INVENTED_TERMS[keyword]
+        vr = vr_of(tag_of(keyword))
+        if vr in _INVENT_FROM:
+            for source in _INVENT_FROM[vr]:
+                value = date_time_value(vr, header.raw(tag_of(source)) or b"")
+                if value:
+                    return value
+            return self.now.strftime("%Y%m%d" if vr == "DA" else "%H%M%S").encode("ascii")
+        if vr == "IS":
+            return str(self._next(keyword)).encode("ascii")
+        return None
+
+    def _next(self, keyword: str) -> int:
+        self.counters[keyword] = self.counters.get(keyword, 0) + 1
+        return self.counters[keyword]
+
+
+def record_keys(rtype: str, profile: Profile) -> tuple[tuple[str, int], ...]:
+    """The keys of an instance record of type `rtype` under `profile` (its additional IMAGE keys
+    override the general ones)."""
+    if rtype != "IMAGE" or not profile.image_keys:
+        return INSTANCE_KEYS[rtype]
+    keys = dict(INSTANCE_KEYS[rtype])
+    keys.update(profile.image_keys)
+    return tuple(keys.items())
+
+
+def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: str, charset: DirectoryCharset,
+            inventor: Inventor, extra: bytes = b"") -> bytearray:
     """Encode one Directory Record item (PS3.3 F.3.2.2) from the keys of `header`.
 
     The keys are copied as encoded in the instance (Explicit VR Little
-    Endian, see :mod:`~modality_link.media.header`); `extra` holds the
-    encoded (0004,15xx) Referenced ... In File elements. The three offsets
+    Endian, see :mod:`~modality_link.media.header`), or re-encoded by
+    `charset`; a missing Type 1 key gets a value from `inventor`. `extra`
+    holds the encoded (0004,1432) and (0004,15xx) elements. The three offsets
     are zero here and patched by :func:`encode_dicomdir`.
     """
-    parts = [_FIXED, encode_element(0x00041430, "CS", rtype.encode("ascii")), extra]
-    charset = header.elements.get(0x00080005)
-    if charset is not None:
-        parts.append(charset)
+    parts = [_FIXED, encode_element(0x00041430, "CS", rtype.encode("ascii")), extra, charset.element()]
     for keyword, key_type in sorted(keys, key=lambda k: tag_of(k[0])):  # all after (0008,0005)
         tag = tag_of(keyword)
-        elem = header.elements.get(tag)
-        if elem is not None and header.raw(tag):
-            parts.append(elem)
-        elif key_type in (1, 2):
-            if key_type == 1:
-                LOGGER.warning("%s: Type 1 key %s is missing or empty", what, keyword)
-            parts.append(encode_element(tag, vr_of(tag), b""))
+        raw = header.raw(tag)
+        if raw and vr_of(tag) in ("DA", "TM") and raw.strip(b" \x00"):
+            value = date_time_value(vr_of(tag), raw)
+            if value is not None:
+                parts.append(encode_element(tag, vr_of(tag), value))
+                continue
+            LOGGER.warning("%s: %s record: %s %r is not a valid %s value", what, rtype, keyword, raw, vr_of(tag))
+        elif raw and (raw.strip(b" \x00") or vr_of(tag) in _BINARY_VRS):  # a text of padding only is empty
+            parts.append(charset.encoded(header, tag))
+            continue
+        if keyword in _FROM_LAST_ITEM and _FROM_LAST_ITEM[keyword] in header:
+            items = header.get(_FROM_LAST_ITEM[keyword])
+            value = str(items[-1].get(keyword, "")) if items else ""
+            if value:
+                parts.append(encode_element(tag, vr_of(tag), value.encode("ascii")))
+                continue
+        if key_type == 3:
+            continue
+        value = inventor.invent(keyword, header) if key_type == 1 else b""
+        if value is None:
+            LOGGER.warning("%s: %s record: Type 1 key %s is missing or empty", what, rtype, keyword)
+        elif value:
+            LOGGER.warning("%s: %s record: Type 1 key %s is missing or empty; invented %s", what, rtype, keyword,
+                           value.decode("ascii"))
+        parts.append(encode_element(tag, vr_of(tag), value or b""))
     body = b"".join(parts)
     return bytearray(_ITEM + struct.pack("<L", len(body)) + body)
+
+
+def _instance_record(inst: Instance, fid: tuple[str, ...], profile: Profile, charset: DirectoryCharset,
+                     inventor: Inventor) -> bytearray:
+    """The instance-level record of `inst`, referencing its File ID `fid` (PS3.3 F.3.2.2)."""
+    ts = output_transfer_syntax(inst.transfer_syntax_uid, profile, inst.record_type == "IMAGE")
+    private = b""
+    if inst.record_type == "PRIVATE":  # Private Record UID (0004,1432): the private SOP Class
+        private = encode_element(0x00041432, "UI", inst.sop_class_uid.encode("ascii"))
+    extra = b"".join(
+        (
+            private,
+            encode_element(0x00041500, "CS", "\\".join(fid).encode("ascii")),
+            encode_element(0x00041510, "UI", inst.sop_class_uid.encode("ascii")),
+            encode_element(0x00041511, "UI", inst.sop_instance_uid.encode("ascii")),
+            encode_element(0x00041512, "UI", ts.encode("ascii")),
+        )
+    )
+    keys = record_keys(inst.record_type, profile)
+    return _record(inst.record_type, inst.header, keys, str(inst.path), charset, inventor, extra)
 
 
 @dataclass
@@ -422,30 +659,28 @@ def encode_dicomdir(
     SERIES' instance records), each with a defined length, inside a Directory
     Record Sequence of undefined length. Linear in the number of instances.
     """
+    charset = DirectoryCharset.of(i for p in patients.values() for st in p.studies.values()
+                                  for se in st.series.values() for i in se.instances)
+    inventor = Inventor()
     roots: list[_Node] = []
     for patient in patients.values():
         first = next(iter(next(iter(patient.studies.values())).series.values())).instances[0]
-        p_node = _Node(_record("PATIENT", first.header, PATIENT_KEYS, f"patient {patient.patient_id!r}"))
+        p_node = _Node(_record("PATIENT", first.header, PATIENT_KEYS, f"{first.path} (patient {patient.patient_id!r})",
+                               charset, inventor))
         roots.append(p_node)
         for study in patient.studies.values():
             first = next(iter(study.series.values())).instances[0]
-            s_node = _Node(_record("STUDY", first.header, STUDY_KEYS, f"study {study.uid}"))
+            s_node = _Node(_record("STUDY", first.header, STUDY_KEYS, f"{first.path} (study {study.uid})",
+                                   charset, inventor))
             p_node.children.append(s_node)
             for series in study.series.values():
-                r_node = _Node(_record("SERIES", series.instances[0].header, SERIES_KEYS, f"series {series.uid}"))
+                first = series.instances[0]
+                r_node = _Node(_record("SERIES", first.header, SERIES_KEYS, f"{first.path} (series {series.uid})",
+                                       charset, inventor))
                 s_node.children.append(r_node)
                 for inst in series.instances:
-                    ts = output_transfer_syntax(inst.transfer_syntax_uid, profile)
-                    extra = b"".join(
-                        (
-                            encode_element(0x00041500, "CS", "\\".join(file_ids[id(inst)]).encode("ascii")),
-                            encode_element(0x00041510, "UI", inst.sop_class_uid.encode("ascii")),
-                            encode_element(0x00041511, "UI", inst.sop_instance_uid.encode("ascii")),
-                            encode_element(0x00041512, "UI", ts.encode("ascii")),
-                        )
-                    )
-                    keys = INSTANCE_KEYS[inst.record_type]
-                    r_node.children.append(_Node(_record(inst.record_type, inst.header, keys, str(inst.path), extra)))
+                    r_node.children.append(_Node(_instance_record(inst, file_ids[id(inst)], profile, charset,
+                                                                  inventor)))
 
     head = encoded_file_meta(MediaStorageDirectoryStorage, generate_uid(), ExplicitVRLittleEndian, source_ae_title)
 
@@ -500,13 +735,18 @@ _FILE_ID_BYTES = 12 + len("DICOM\\PAT00001\\STU00001\\SER00001\\IM000001")
 
 
 def record_size_bound(header: Header, keys: Sequence[tuple[str, int]]) -> int:
-    """Upper bound of the encoded size of a Directory Record built from `header`."""
-    size = 8 + len(_FIXED) + 8 + 16 + len(header.elements.get(0x00080005, b""))
+    """Upper bound of the encoded size of a Directory Record built from `header`.
+
+    Re-encoding in UTF-8 (:class:`DirectoryCharset`) at most doubles a key; an invented value
+    takes at most 16 bytes.
+    """
+    size = 8 + len(_FIXED) + 8 + 16 + 8 + 64
     for keyword, _ in keys:
-        size += len(header.elements.get(tag_of(keyword), b"")) + 12
+        size += 2 * len(header.elements.get(tag_of(keyword), b"")) + 12 + 16
     return size
 
 
-def instance_record_bound(inst: Instance) -> int:
+def instance_record_bound(inst: Instance, profile: Profile) -> int:
     """Upper bound of the encoded size of the instance-level record of `inst`."""
-    return record_size_bound(inst.header, INSTANCE_KEYS[inst.record_type]) + _FILE_ID_BYTES + 3 * (8 + 64)
+    keys = record_keys(inst.record_type, profile)
+    return record_size_bound(inst.header, keys) + _FILE_ID_BYTES + 4 * (8 + 64)

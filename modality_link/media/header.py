@@ -19,12 +19,12 @@ from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
 
 from modality_link.media.options import MediaError
+from modality_link.net.charset import TEXT_VRS, charset_terms, decode_value, effective_terms, python_encodings
 
 LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 _LONG_VR_BYTES = frozenset(v.encode() for v in LONG_VRS)
@@ -72,6 +72,28 @@ class Header:
     elements: dict[int, bytes] = field(default_factory=dict)
     meta: dict[int, bytes] = field(default_factory=dict)  # File Meta values, unpadded raw
     _cache: dict[int, Any] = field(default_factory=dict, repr=False)
+    _charset: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def charset(self) -> list[str]:
+        """Defined terms that decode this instance's text keys (docs/design.md "Character sets").
+
+        The declared (0008,0005), normalised; if absent, guessed from the bytes of the keys read.
+        """
+        if self._charset is None:
+            self._charset = effective_terms(
+                charset_terms(self.raw(0x00080005)), [self.raw(t) or b"" for t in self.text_tags()]
+            )
+        return self._charset
+
+    def text_tags(self) -> list[int]:
+        """Tags of the keys whose value follows (0008,0005): text VRs and sequences."""
+        return [t for t, e in self.elements.items() if t != 0x00080005 and e[4:6].decode() in (*TEXT_VRS, "SQ")]
+
+    def is_ascii(self, tag: int) -> bool:
+        """True if the value of `tag` has no byte above 0x7F and no ESC (so is the same in any charset)."""
+        raw = self.raw(tag) or b""
+        return raw.isascii() and b"\x1b" not in raw
 
     def __contains__(self, keyword: str) -> bool:
         return tag_of(keyword) in self.elements
@@ -107,15 +129,13 @@ class Header:
     def get(self, keyword: str, default: Any = None) -> Any:
         """Value of `keyword` decoded by pydicom (character set aware), or `default`."""
         tag = tag_of(keyword)
-        if tag not in self.elements:
-            return default
+        return self.value(tag) if tag in self.elements else default
+
+    def value(self, tag: int) -> Any:
+        """Value of the key `tag` (present), decoded in :attr:`charset` by pydicom."""
         if tag not in self._cache:
-            elem = self.elements[tag]
-            vr = elem[4:6].decode()
-            value = self.raw(tag)
-            raw = RawDataElement(Tag(tag), vr, len(value or b""), value, 0, False, True)
-            charset = self.text("SpecificCharacterSet").split("\\") if tag != 0x00080005 else None
-            self._cache[tag] = convert_raw_data_element(raw, encoding=charset or None).value
+            vr = self.elements[tag][4:6].decode()
+            self._cache[tag] = decode_value(tag, vr, self.raw(tag) or b"", self.charset)
         return self._cache[tag]
 
 
@@ -231,10 +251,14 @@ def read_header(fp: BinaryIO, wanted: Iterable[int]) -> tuple[int, int, Header]:
         fp.seek(0)
         ds = dcmread(fp, stop_before_pixels=True, specific_tags=[Tag(t) for t in wanted])
         stop = fp.tell()
-        for elem in ds:
-            if elem.tag in wanted:
-                out = DicomBytesIO()
-                out.is_little_endian, out.is_implicit_VR = True, False
-                write_data_element(out, elem, ds.get("SpecificCharacterSet") or None)
-                header.elements[int(elem.tag)] = out.getvalue()
+        for tag in sorted(t for t in ds.keys() if t in wanted):
+            raw = ds.get_item(tag)
+            vr = raw.VR or vr_of(tag)
+            if vr in _TEXT_VRS and isinstance(raw.value, bytes):  # text is not byte-swapped: keep its encoding
+                header.elements[int(tag)] = encode_element(int(tag), vr, raw.value)
+                continue
+            out = DicomBytesIO()
+            out.is_little_endian, out.is_implicit_VR = True, False
+            write_data_element(out, ds[tag], python_encodings(charset_terms(ds.get("SpecificCharacterSet"))))
+            header.elements[int(tag)] = out.getvalue()
         return offset, stop, header

@@ -25,8 +25,8 @@ class MediaOptions:
     Attributes
     ----------
     profile:
-        Application profile (PS3.11): ``"STD-GEN-CD"``, ``"STD-GEN-DVD-JPEG"``
-        or ``"STD-GEN-DVD-J2K"``.
+        Application profile (PS3.11): ``"STD-GEN-CD"``, ``"STD-GEN-DVD-JPEG"``,
+        ``"STD-GEN-DVD-J2K"`` or ``"STD-CTMR-CD"``.
     fileset_id:
         File-set ID (0004,1130), also used as the ISO 9660 volume identifier,
         so restricted to ``A-Z 0-9 _`` and at most 16 characters. When a set

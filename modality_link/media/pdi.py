@@ -3,8 +3,10 @@
 ``README.TXT`` at the root (creator, product and version, contact, date,
 what is on the disc) and the optional web index ``INDEX.HTM``: plain HTML,
 no script, no autorun. Neither file is referenced by the DICOMDIR, which
-describes DICOM instances only. Both are ASCII; other characters are written
-as HTML character references or replaced.
+describes DICOM instances only. Both are UTF-8 (docs/design.md "Character
+sets"): names are decoded from each instance's own character set, so they show
+as the source meant them whatever (0008,0005) it used; INDEX.HTM declares
+``charset=UTF-8`` and escapes every value as HTML.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from collections.abc import Iterable
 
 import modality_link
 from modality_link.media.fileset import PatientNode
+from modality_link.media.header import Header
 
 #: Upper bound of the INDEX.HTM markup, and per patient, study and series row
 #: (excluding the text of the values, counted separately): used by spanning.
 INDEX_BASE_BYTES = 2048
 INDEX_ROW_BYTES = 256
-#: Upper bound of README.TXT without the free texts (creator, contact).
+#: Upper bound of README.TXT without the free texts (creator, contact) and the patient lines.
 README_BASE_BYTES = 2048
+#: Upper bound of one patient line of README.TXT, excluding the text of its values.
+README_ROW_BYTES = 64
 
 
 def _text(value: object) -> str:
@@ -29,7 +34,11 @@ def _text(value: object) -> str:
 
 
 def _h(value: object) -> str:
-    return html.escape(_text(value)).encode("ascii", "xmlcharrefreplace").decode("ascii")
+    return html.escape(_text(value))
+
+
+def _first_header(patient: PatientNode) -> Header:
+    return next(iter(next(iter(patient.studies.values())).series.values())).instances[0].header
 
 
 def _date(value: object) -> str:
@@ -54,7 +63,7 @@ def readme_text(
     web_index: bool,
     today: datetime.date | None = None,
 ) -> bytes:
-    """The IHE PDI ``README.TXT`` (CR LF line ends, ASCII)."""
+    """The IHE PDI ``README.TXT`` (CR LF line ends, UTF-8), listing the patients on the disc."""
     today = today or datetime.date.today()
     n_pat, n_study, n_series, n_inst = _counts(patients)
     lines = [
@@ -76,6 +85,10 @@ def readme_text(
         "Contents of this disc:",
         f"  {n_pat} patient(s), {n_study} study(ies), {n_series} series, {n_inst} instance(s)",
         "",
+        "Patients on this disc:",
+        *(f"  {_text(h.get('PatientName'))} (ID {_text(h.get('PatientID'))}, {len(p.studies)} study(ies))"
+          for p, h in ((p, _first_header(p)) for p in patients.values())),
+        "",
         "  DICOMDIR     DICOM directory of the file-set (PS3.10)",
         "  DICOM/       the DICOM files (no file name extension)",
         "  README.TXT   this file",
@@ -89,7 +102,7 @@ def readme_text(
             "with its own DICOMDIR. Load every disc to see all the data.",
         ]
     text = "\r\n".join(lines) + "\r\n"
-    return text.encode("ascii", "replace")
+    return text.encode("utf-8")
 
 
 def index_html(patients: dict[str, PatientNode], fileset_id: str, disc: int, discs: int) -> bytes:
@@ -97,7 +110,7 @@ def index_html(patients: dict[str, PatientNode], fileset_id: str, disc: int, dis
     out = [
         '<!DOCTYPE html PUBLIC "-//W3C//DTD HTML 4.01//EN" "http://www.w3.org/TR/html4/strict.dtd">',
         "<html><head>",
-        '<meta http-equiv="Content-Type" content="text/html; charset=US-ASCII">',
+        '<meta http-equiv="Content-Type" content="text/html; charset=UTF-8">',
         f"<title>DICOM file-set {_h(fileset_id)}</title>",
         "</head><body>",
         f"<h1>DICOM file-set {_h(fileset_id)} (disc {disc} of {discs})</h1>",
@@ -106,7 +119,7 @@ def index_html(patients: dict[str, PatientNode], fileset_id: str, disc: int, dis
         "<tr><th>Patient</th><th>Study</th><th>Series</th><th>Instances</th></tr>",
     ]
     for patient in patients.values():
-        first = next(iter(next(iter(patient.studies.values())).series.values())).instances[0].header
+        first = _first_header(patient)
         out.append(
             f'<tr><td colspan="4"><b>{_h(first.get("PatientName"))}</b> (ID {_h(first.get("PatientID"))}, '
             f'born {_h(_date(first.get("PatientBirthDate")))}, sex {_h(first.get("PatientSex"))})</td></tr>'
@@ -124,9 +137,9 @@ def index_html(patients: dict[str, PatientNode], fileset_id: str, disc: int, dis
                     f'{_h(h.get("SeriesDescription"))}</td><td>{len(series.instances)}</td></tr>'
                 )
     out += ["</table>", f"<p>Made by modality_link {_h(modality_link.__version__)}.</p>", "</body></html>", ""]
-    return "\r\n".join(out).encode("ascii")
+    return "\r\n".join(out).encode("utf-8")
 
 
 def text_bound(values: Iterable[object]) -> int:
-    """Upper bound of the bytes `values` take once escaped in INDEX.HTM."""
+    """Upper bound of the bytes `values` take in UTF-8, once escaped in INDEX.HTM."""
     return sum(10 * len(_text(v)) for v in values)

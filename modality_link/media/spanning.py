@@ -33,7 +33,7 @@ from modality_link.media.fileset import (
     record_size_bound,
 )
 from modality_link.media.options import MediaError, MediaOptions, disc_fileset_id
-from modality_link.media.profiles import get_profile
+from modality_link.media.profiles import get_profile, refusal
 
 LOGGER = logging.getLogger(__name__)
 
@@ -62,15 +62,16 @@ class _Disc:
 
     options: MediaOptions
     instances: list[Instance] = field(default_factory=list)
-    # patient id -> study uid -> series uid -> number of instances
+    # patient key -> study uid -> series uid -> number of instances
     tree: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     file_sectors: int = 0
     dicomdir: int = DICOMDIR_BASE_BYTES
     index: int = pdi.INDEX_BASE_BYTES
+    readme: int = pdi.README_BASE_BYTES
 
     def copy(self) -> _Disc:
         tree = {p: {s: dict(se) for s, se in st.items()} for p, st in self.tree.items()}
-        return _Disc(self.options, [], tree, self.file_sectors, self.dicomdir, self.index)
+        return _Disc(self.options, [], tree, self.file_sectors, self.dicomdir, self.index, self.readme)
 
     def add(self, chunk: Sequence[Instance]) -> None:
         """Add instances of one series."""
@@ -78,11 +79,12 @@ class _Disc:
             return
         first = chunk[0]
         h = first.header
-        studies = self.tree.get(first.patient_id)
+        studies = self.tree.get(first.patient_key)
         if studies is None:
-            studies = self.tree[first.patient_id] = {}
+            studies = self.tree[first.patient_key] = {}
             self.dicomdir += record_size_bound(h, PATIENT_KEYS)
             self.index += pdi.INDEX_ROW_BYTES + pdi.text_bound(h.get(k) for k, _ in PATIENT_KEYS)
+            self.readme += pdi.README_ROW_BYTES + pdi.text_bound(h.get(k) for k, _ in PATIENT_KEYS)
         series = studies.get(first.study_uid)
         if series is None:
             series = studies[first.study_uid] = {}
@@ -94,7 +96,7 @@ class _Disc:
             self.index += pdi.INDEX_ROW_BYTES + pdi.text_bound(h.get(k) for k, _ in SERIES_KEYS)
         series[first.series_uid] += len(chunk)
         for inst in chunk:
-            self.dicomdir += instance_record_bound(inst)
+            self.dicomdir += instance_record_bound(inst, get_profile(self.options.profile))
             self.file_sectors += -(-inst.output_size // iso.SECTOR)
         self.instances.extend(chunk)
 
@@ -112,7 +114,7 @@ class _Disc:
                 for count in series.values():
                     names.append("SER00001")
                     sectors += iso.uniform_directory_sectors(count, _FILE_RECORD)
-        readme = pdi.README_BASE_BYTES + len(self.options.creator) + len(self.options.contact)
+        readme = self.readme + 4 * (len(self.options.creator) + len(self.options.contact))
         others = [self.dicomdir, readme, self.index if self.options.web_index else 0]
         return iso.estimate_iso_bytes(sectors + self.file_sectors, iso.path_table_sectors(names), others)
 
@@ -123,21 +125,30 @@ class _Disc:
 
 
 def read_instances(files: Sequence[Path], options: MediaOptions) -> tuple[list[Instance], list[Path]]:
-    """Read the headers of `files`; return the usable instances and the skipped paths."""
+    """Read the headers of `files`; return the usable instances and the skipped paths.
+
+    Raises :class:`MediaError` naming every file the profile refuses (PS3.11: an application
+    profile lists the SOP Classes a medium may hold); nothing is left off silently.
+    """
     profile = get_profile(options.profile)
     instances: list[Instance] = []
     skipped: list[Path] = []
+    refused: list[str] = []
     seen: set[str] = set()
     for path in files:
         inst = read_instance(Path(path), profile, options.source_ae_title)
         if inst is None:
             skipped.append(Path(path))
+        elif (why := refusal(profile, inst.sop_class_uid)) is not None:
+            refused.append(f"{path} (instance {inst.sop_instance_uid}): {why}")
         elif inst.sop_instance_uid in seen:
             LOGGER.warning("%s: duplicate SOP Instance UID %s left off the medium", path, inst.sop_instance_uid)
             skipped.append(Path(path))
         else:
             seen.add(inst.sop_instance_uid)
             instances.append(inst)
+    if refused:
+        raise MediaError(f"{len(refused)} instance(s) not allowed on a {profile.name} medium: " + "; ".join(refused))
     return instances, skipped
 
 

@@ -7,16 +7,29 @@ ISO 2022 escape sequences mean Japanese (ISO 2022 IR 13 / IR 87), valid UTF-8 me
 anything else uses the node's default (ISO_IR 100 unless configured otherwise).
 
 On the way out we write ISO_IR 100 when the values fit Latin-1, else ISO_IR 192 (DESIGN.md).
+
+This module is the one place that turns encoded text into Unicode (docs/design.md "Character
+sets"): the media reader, the DICOMDIR writer, the PDI files, the archive index and the worklist
+all go through :func:`effective_terms` and :func:`decode_value`, which use pydicom's own mapping of
+the defined terms to Python codecs (``pydicom.charset.convert_encodings``) and its decoder for code
+extensions (PS3.5 §6.1.2.5). A defined term is never handed to Python as a codec name.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from pydicom.charset import python_encoding
+from pydicom.charset import convert_encodings, python_encoding
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+LOGGER = logging.getLogger(__name__)
 
 #: Text VRs whose values follow (0008,0005) (PS3.5 §6.1.2.3).
 TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "PN", "UC"}
@@ -92,25 +105,95 @@ def guess_charset(raw: list[bytes], default: str = "ISO_IR 100", seqs: list[byte
         return default
 
 
-def repair_charset(ds: Dataset, default: str = "ISO_IR 100") -> Dataset:
-    """Fix (0008,0005) of a received, not yet decoded dataset in place, then decode it.
-
-    - misspelled terms become defined terms ("ISO_IR100" → "ISO_IR 100");
-    - a missing or empty value is guessed from the bytes (see :func:`guess_charset`);
-    - a single-byte declaration contradicted by ISO 2022 escapes is corrected to Japanese.
-    """
-    raw, seqs = _raw_text(ds)
-    declared = ds.get("SpecificCharacterSet", "")
-    if isinstance(declared, str):
-        terms = [declared] if declared else []
-    else:
-        terms = list(declared)
+def charset_terms(value: object) -> list[str]:
+    """The defined terms of a (0008,0005) value (str with backslashes, list, bytes or None), each
+    normalised by :func:`normalise_term`; ``[]`` when absent or empty (PS3.3 C.12.1.1.2)."""
+    if value is None:
+        return []
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).rstrip(b" \x00").decode("ascii", "replace")
+    terms = value.split("\\") if isinstance(value, str) else [str(v) for v in value]
     terms = [normalise_term(t) for t in terms]
-    guessed = guess_charset(raw, default, seqs)
+    return terms if any(terms) else []
+
+
+def effective_terms(declared: Sequence[str], raw: Iterable[bytes], default: str = "ISO_IR 100",
+                    seqs: Sequence[bytes] = ()) -> list[str]:
+    """The character set that really decodes the text values `raw` of a data set.
+
+    - misspelled declared terms are normalised ("ISO_IR100" → "ISO_IR 100");
+    - nothing declared: guessed from the bytes (:func:`guess_charset`), so that the default
+      repertoire stays the default for ASCII and non-ASCII bytes are not lost;
+    - a single-byte declaration contradicted by ISO 2022 escapes becomes Japanese.
+    """
+    terms = [normalise_term(t) for t in declared]
+    guessed = guess_charset(list(raw), default, seqs)
     if not any(terms):
-        terms = guessed.split("\\") if guessed else []
-    elif guessed == JAPANESE and not any("2022" in t for t in terms):
-        terms = JAPANESE.split("\\")
+        return guessed.split("\\") if guessed else []
+    if guessed == JAPANESE and not any("2022" in t for t in terms):
+        return JAPANESE.split("\\")
+    return terms
+
+
+def python_encodings(terms: Sequence[str]) -> list[str]:
+    """Python codecs for the defined terms `terms`, by pydicom's mapping (PS3.3 C.12.1.1.2).
+
+    Unknown terms fall back to the default repertoire with a log line (pydicom's behaviour),
+    never to an exception.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encodings = convert_encodings(list(terms) or ["ISO_IR 6"])
+    for w in caught:
+        LOGGER.warning("Specific Character Set %s: %s", "\\".join(terms), w.message)
+    return encodings
+
+
+def decode_value(tag: int, vr: str, raw: bytes, terms: Sequence[str]) -> Any:
+    """The value of one encoded element (Little Endian), decoded by pydicom in `terms` (PS3.5 §6.1)."""
+    elem = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = convert_raw_data_element(elem, encoding=python_encodings(terms)).value
+    for w in caught:
+        LOGGER.warning("(%04X,%04X): %s", tag >> 16, tag & 0xFFFF, w.message)
+    return value
+
+
+def text_of(value: object) -> str:
+    """A decoded value as one str: multiple values joined by a backslash, None as ""."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def dataset_charset(ds: Dataset, default: str = "ISO_IR 100") -> list[str]:
+    """The :func:`effective_terms` of a data set read but not yet decoded (raw elements)."""
+    raw, seqs = _raw_text(ds)
+    return effective_terms(charset_terms(ds.get("SpecificCharacterSet")), raw, default, seqs)
+
+
+def decoded_text(ds: Dataset, keyword: str, terms: Sequence[str]) -> str:
+    """The value of `keyword` in `ds` as one str, decoded in `terms` (see :func:`dataset_charset`).
+
+    pydicom decodes a file's values in the (0008,0005) it read; this decodes the raw value
+    itself, so a corrected or guessed character set applies.
+    """
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return ""
+    if isinstance(elem, RawDataElement) and isinstance(elem.value, bytes):
+        vr = elem.VR or dictionary_VR(elem.tag)
+        return text_of(decode_value(int(elem.tag), vr, elem.value, terms))
+    return text_of(elem.value)
+
+
+def repair_charset(ds: Dataset, default: str = "ISO_IR 100") -> Dataset:
+    """Fix (0008,0005) of a received, not yet decoded dataset in place (:func:`dataset_charset`),
+    then decode it."""
+    terms = dataset_charset(ds, default)
     if terms:
         ds.SpecificCharacterSet = terms if len(terms) > 1 else terms[0]
     elif "SpecificCharacterSet" in ds:

@@ -23,6 +23,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -55,6 +56,7 @@ ARCHIVE_TRANSFER_SYNTAXES = [
     ExplicitVRBigEndian,
     DeflatedExplicitVRLittleEndian,
     JPEGLosslessSV1,
+    JPEGLossless,  # Process 14 (any selection value): DCMTK dcmcjpeg +el writes it
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLSLossless,

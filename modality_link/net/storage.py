@@ -4,8 +4,11 @@
   destination's transfer-syntax list (REQUIREMENTS A10, D4), one context per (SOP class,
   transfer syntax) pair so that the peer can accept each syntax we may send natively;
 - a file whose stored transfer syntax was accepted is sent as its bytes on disk, never decoded;
-  otherwise it is converted to an accepted syntax (ILE / ELE / EBE between each other,
-  compressed to uncompressed when pydicom can decode it: A12, D9) through a temporary file;
+  otherwise it is converted in memory by :func:`modality_link.transcode.transcode` to an accepted
+  native syntax (ILE, ELE, EBE, Deflated; compressed to uncompressed), keeping its SOP Instance
+  UID and every attribute; a lossy source is sent decompressed with Lossy Image Compression
+  (0028,2110) "01", and its outcome is a warning that says so (docs/design.md, "Identity and
+  transfer syntaxes");
 - every response status is classified by the matrix of REQUIREMENTS D5 (PS3.4 B.2.3);
 - an association stays open after its job for the next job to the same node, and is released
   after ``idle_release`` seconds without work (D3).
@@ -19,16 +22,15 @@ from __future__ import annotations
 import logging
 import os
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Hashable, Sequence
 
-from pydicom import dcmread
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 
+from modality_link import transcode
 from modality_link.config import Timeouts
 from modality_link.media.fileset import dataset_offset
 from modality_link.media.options import MediaError
@@ -39,7 +41,6 @@ LOG = logging.getLogger("modality_link.net.storage")
 #: PS3.4 B.2.3 warning statuses: the instance was stored (REQUIREMENTS D5).
 WARNING_STATUSES = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
                     0xB007: "data set does not match SOP class"}
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 #: Files up to this size are read whole and sent from memory; larger ones are streamed.
 IN_MEMORY = 32 << 20
@@ -95,31 +96,14 @@ def build_contexts(sop_classes: Sequence[str], transfer_syntaxes: Sequence[str])
     return [(c, list(transfer_syntaxes)) for c in classes[:MAX_CONTEXTS]]
 
 
-def _convert(inst: Instance, target: str, tmp_dir: Path) -> Path:
-    """Write `inst` re-encoded in the uncompressed syntax `target` to a temporary file."""
-    ds = dcmread(inst.path)
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()  # raises when no pixel data handler can decode it
-    target_uid = UID(target)
-    ds.file_meta.TransferSyntaxUID = target_uid
-    fd, name = tempfile.mkstemp(suffix=".dcm", dir=tmp_dir)
-    os.close(fd)
-    ds.save_as(
-        name,
-        implicit_vr=target_uid.is_implicit_VR,
-        little_endian=target_uid.is_little_endian,
-        enforce_file_format=True,
-    )
-    return Path(name)
-
-
 def choose_syntax(stored: str, syntaxes: Sequence[str]) -> str | None:
     """The syntax to send an instance stored in `stored` in, given the syntaxes accepted for its
-    SOP class: as stored if accepted, else an accepted uncompressed one."""
+    SOP class (in the node's order of preference): as stored if accepted, else the first accepted
+    one it can be converted to (:data:`modality_link.transcode.TARGETS`)."""
     if stored in syntaxes:
         return stored
     for ts in syntaxes:
-        if ts in UNCOMPRESSED:
+        if transcode.can_convert(stored, ts):
             return ts
     return None
 
@@ -266,14 +250,15 @@ class _Ready:
     context_id: int
     data: memoryview | BinaryIO
     size: int = 0
+    #: Said in the outcome of a successful C-STORE (a lossy source sent decompressed).
+    note: str = ""
 
     def close(self) -> None:
         if not isinstance(self.data, memoryview):
             self.data.close()
 
 
-def _prepare(inst: Instance, assoc: Requestor, accepted: dict[str, list[tuple[int, str]]],
-             tmp_dir: Path) -> _Ready | Outcome:
+def _prepare(inst: Instance, assoc: Requestor, accepted: dict[str, list[tuple[int, str]]]) -> _Ready | Outcome:
     """Choose the context among `accepted` (:meth:`Requestor.accepted`), convert when needed
     and read the file; an Outcome when it cannot be sent."""
     contexts = accepted.get(inst.sop_class_uid, [])
@@ -287,49 +272,63 @@ def _prepare(inst: Instance, assoc: Requestor, accepted: dict[str, list[tuple[in
                    f"(stored as {inst.transfer_syntax})")
         return Outcome("failed", None, f"not sent: {why}")
     context_id = next(cid for cid, t in contexts if t == ts)
-    path, temporary = inst.path, False
     if ts != inst.transfer_syntax:
-        try:
-            path, temporary = _convert(inst, ts, tmp_dir), True
-        except Exception as exc:  # an undecodable compressed file
-            return Outcome("failed", None, f"not sent: cannot convert to {UID(ts).name}: {exc}")
+        return _converted(inst, ts, context_id)
     try:
-        fp = open(path, "rb")
+        fp = open(inst.path, "rb")
     except OSError as exc:
-        return Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")
-    finally:
-        if temporary:
-            os.unlink(path)  # the open file stays readable
+        return Outcome("failed", None, f"not sent: cannot read {inst.path.name}: {exc}")
     try:
         size = os.fstat(fp.fileno()).st_size
         start = dataset_offset(fp)
         fp.seek(start)
-        if size <= IN_MEMORY:
+        if size <= IN_MEMORY or (size - start) % 2:
             data = fp.read()
             fp.close()
+            if len(data) % 2:  # a deflated data set of odd length (DCMTK's dcmconv +td writes
+                data += b"\x00"  # them) gets a pad byte: DCMTK's storescp refuses an odd PDV
             return _Ready(context_id, memoryview(data))
         return _Ready(context_id, fp, size - start)
     except (OSError, MediaError, struct.error) as exc:
         fp.close()
-        return Outcome("failed", None, f"not sent: cannot read {path.name}: {exc}")
+        return Outcome("failed", None, f"not sent: cannot read {inst.path.name}: {exc}")
+
+
+def _converted(inst: Instance, ts: str, context_id: int) -> _Ready | Outcome:
+    """`inst` converted to `ts` in memory (a decompressed image is in memory anyway)."""
+    try:
+        out = transcode.transcode(inst.path, ts)
+    except transcode.TranscodeError as exc:  # no decoder, or a decoder failed
+        return Outcome("failed", None, f"not sent: cannot convert from {UID(inst.transfer_syntax).name} "
+                                       f"to {UID(ts).name}: {exc}")
+    note = ""
+    if out.lossy:
+        note = (f"lossy source ({out.lossy}) sent decompressed as {out.transfer_syntax.name}, the peer "
+                f"accepting no syntax it is stored in; Lossy Image Compression (0028,2110) 01 kept")
+        LOG.warning("%s: %s", inst.sop_instance_uid, note)
+    else:
+        LOG.info("%s: converted from %s to %s for the peer", inst.sop_instance_uid,
+                 out.source_syntax.name, out.transfer_syntax.name)
+    return _Ready(context_id, memoryview(out.data), note=note)
 
 
 def store_instances(
     assoc: Requestor,
     instances: Sequence[Instance],
     on_result: Callable[[Instance, Outcome], bool],
-    tmp_dir: Path,
+    tmp_dir: Path | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """C-STORE each instance on `assoc`; call ``on_result(instance, outcome)`` after each, in order.
 
     A file whose transfer syntax was accepted goes out as its bytes on disk after the File
     Meta Information, never decoded; the next file is read while the peer stores the current
-    one. `on_result` returns False to stop the batch (failure policy "stop", D6). Raises
+    one. `on_result` returns False to stop the batch (failure policy "stop", D6). `tmp_dir` is
+    no longer used (conversions are made in memory). Raises
     :class:`AssociationLost` when the association is aborted or the connection lost (D7).
     """
     accepted = assoc.accepted()
-    queue = ((inst, _prepare(inst, assoc, accepted, tmp_dir)) for inst in instances)
+    queue = ((inst, _prepare(inst, assoc, accepted)) for inst in instances)
     ahead = next(queue, None)
     try:
         while ahead is not None:
@@ -344,6 +343,8 @@ def store_instances(
                     ready.close()
                 ahead = next(queue, None)  # read the next file while the peer stores this one
                 outcome = _response(assoc)
+                if ready.note and outcome.state == "done":
+                    outcome = Outcome("warning", outcome.status, ready.note)
             else:
                 outcome = ready
                 ahead = next(queue, None)
