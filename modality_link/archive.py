@@ -514,7 +514,7 @@ class DirectorySync:
                     state[2] = False
                     self._cond.notify_all()
                 state[1] = target
-            if state[0] == state[1] and not state[2]:
+            if state[0] == state[1] and not state[2] and self._state.get(directory) is state:
                 del self._state[directory]
 
 
