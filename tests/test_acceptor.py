@@ -265,3 +265,26 @@ def test_fuzz_the_acceptor_long(server: LocalServer, small_ct: list[Path]) -> No
         _fuzz(server, small_ct, 20000, seed=2)
     finally:
         logging.getLogger("modality_link").setLevel(logging.NOTSET)
+
+
+def test_parallel_associations_into_one_series(server: LocalServer, tmp_path: Path) -> None:
+    """Three associations store instances of one series at once: they share the series
+    folder's directory fsync (group commit) and every C-STORE succeeds."""
+    study = images.write_study(tmp_path / "s", modality="CT", images=90, rows=256, columns=256, seed=23)
+    results: list[list[int]] = []
+
+    def sender(files: list[Path]) -> None:
+        stream = associate_rq()
+        for i, f in enumerate(files, 1):
+            stream += store_stream(dataset_bytes(f), dcmread(f, stop_before_pixels=True).SOPInstanceUID, i)
+        results.append(statuses(exchange(server.port, stream + RELEASE_RQ, timeout=30)))
+
+    threads = [threading.Thread(target=sender, args=(study[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == [[0] * 30] * 3
+    assert len(server.archive.db.studies()) == 1
+    assert server.archive.db.studies()[0]["instances"] == 90
+    assert server.stray_files() == []
