@@ -21,16 +21,20 @@ is stored deflated, as received; its completeness is checked on the inflated str
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import queue
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 import uuid
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -244,8 +248,13 @@ class Archive:
     min_free_mb: int = 512
     #: Called with (code, message) when the operator must be told (disk full...).
     on_alert: Callable[[str, str], None] | None = None
+    #: Processes that validate received files while several arrive at once (0: none).
+    validator_processes: int = 0
     _dir_sync: "DirectorySync" = field(init=False, repr=False)
     _indexer: "Indexer" = field(init=False, repr=False)
+    _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
+    _receiving: int = field(init=False, repr=False, default=0)  # data sets arriving now
+    _validators: "Validators | None" = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._dir_sync = DirectorySync()
@@ -322,6 +331,29 @@ class Archive:
         self.check_space()
         return IncomingInstance(self, sop_class, sop_instance, transfer_syntax, source_ae)
 
+    def _validate(self, part: Path, source_ae: str) -> InstanceRecord:
+        """:func:`validate_received`, in a validator process while other data sets arrive:
+        pydicom's parse holds the GIL, and with it every other association."""
+        with self._lock:
+            busy = self._receiving > 1 and self.validator_processes > 0
+            if busy and self._validators is None:  # started at the first parallel receive
+                self._validators = Validators(self.validator_processes)
+        if busy and self._validators is not None:
+            rec = self._validators.validate(part, source_ae)
+            if rec is not None:
+                return rec
+        return validate_received(str(part), source_ae)
+
+    def _receiving_changed(self, delta: int) -> None:
+        with self._lock:
+            self._receiving += delta
+
+    def stop_validators(self) -> None:
+        with self._lock:
+            validators, self._validators = self._validators, None
+        if validators is not None:
+            validators.close()
+
     def _install(self, fd: int, part: Path, rec: InstanceRecord) -> None:
         """Make `part` (open as `fd`) the durable archive file of `rec`: fdatasync its data,
         rename it to its final name, fsync the directories whose entries changed."""
@@ -382,6 +414,79 @@ class Archive:
         return added
 
 
+def validate_received(path: str, source_ae: str) -> InstanceRecord:
+    """The index row of a received file, by the checks an import makes: :func:`read_header`
+    (complete), :func:`check_file_meta` (the data set is what the C-STORE-RQ announced),
+    :func:`record_from_dataset` (valid UIDs). Its path is left to :meth:`Archive.path_for`."""
+    ds = read_header(Path(path))
+    check_file_meta(ds)
+    return record_from_dataset(ds, "", 0, source_ae)
+
+
+_ERRORS: dict[str, type[ArchiveError]] = {c.__name__: c for c in (CannotUnderstand, DatasetMismatch, DiskFull)}
+
+
+class Validators:
+    """Processes (``python -m modality_link.archive``) that run :func:`validate_received`: one
+    JSON line in ({"path", "ae"}), one out ({"record"} or {"error", "message"}). A process that
+    dies is dropped, and its caller validates in its own thread."""
+
+    def __init__(self, count: int) -> None:
+        self._idle: "queue.Queue[subprocess.Popen]" = queue.Queue()
+        self._all: list[subprocess.Popen] = []
+        for _ in range(count):
+            proc = subprocess.Popen([sys.executable, "-m", "modality_link.archive"], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, bufsize=1)
+            self._all.append(proc)
+            self._idle.put(proc)
+
+    def validate(self, part: Path, source_ae: str) -> InstanceRecord | None:
+        """The record, or None when no process could answer; raises what the check raised."""
+        try:
+            proc = self._idle.get(timeout=1.0)
+        except queue.Empty:
+            return None
+        try:
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(json.dumps({"path": str(part), "ae": source_ae}) + "\n")
+            answer = json.loads(proc.stdout.readline())
+        except (OSError, ValueError):
+            LOG.error("archive: validator process %d is gone", proc.pid)
+            proc.kill()
+            return None
+        self._idle.put(proc)
+        if "record" in answer:
+            return InstanceRecord(**answer["record"])
+        error = _ERRORS.get(answer["error"])
+        if error is None:
+            raise RuntimeError(answer["message"])
+        raise error(answer["message"])
+
+    def close(self) -> None:
+        for proc in self._all:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self._all:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def _serve_validations() -> None:
+    """The validator process: :func:`validate_received` for each request line on stdin."""
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer: dict = {"record": asdict(validate_received(request["path"], request["ae"]))}
+        except Exception as exc:
+            answer = {"error": type(exc).__name__, "message": str(exc)}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
 def _make_dirs(directory: Path, root: Path) -> list[Path]:
     """Create `directory` and its missing parents below `root`; return the parents whose
     entries changed (each must be fsynced for the new directory to survive a crash)."""
@@ -421,6 +526,8 @@ class IncomingInstance:
         self.error: ArchiveError | None = None
         self._unchecked = 0
         self._file: BinaryIO | None = open(self.part, "wb")
+        archive._receiving_changed(+1)
+        self._counted = True
         self.write(encode_file_meta(sop_class, sop_instance, transfer_syntax, source_ae))
 
     def write(self, data: bytes | memoryview) -> None:
@@ -444,8 +551,14 @@ class IncomingInstance:
         self.error = error
         self.discard()
 
+    def _done(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.archive._receiving_changed(-1)
+
     def discard(self) -> None:
         """Remove the partial file now."""
+        self._done()
         if self._file is not None:
             try:
                 self._file.close()
@@ -462,9 +575,7 @@ class IncomingInstance:
             raise self.error or CannotUnderstand("the data set was discarded")
         try:
             self._file.flush()
-            ds = read_header(self.part)
-            check_file_meta(ds)
-            rec = record_from_dataset(ds, "", 0, self.source_ae)
+            rec = self.archive._validate(self.part, self.source_ae)
             rec.path = self.archive.path_for(rec)
             rec.size = self._file.tell()
             self.archive._install(self._file.fileno(), self.part, rec)
@@ -476,6 +587,7 @@ class IncomingInstance:
         except BaseException:
             self.discard()
             raise
+        self._done()
         self._file.close()
         self._file = None
         return rec
@@ -561,3 +673,7 @@ class Indexer:
             with self._cond:
                 self._done = ticket
                 self._cond.notify_all()
+
+
+if __name__ == "__main__":
+    _serve_validations()

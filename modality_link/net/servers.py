@@ -11,6 +11,7 @@ is refused with a failure status and one log line, and nothing of it enters the 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Callable
 
@@ -153,6 +154,7 @@ class StorageServer:
         return self.acceptor.port
 
     def start(self) -> None:
+        self.archive.validator_processes = os.cpu_count() or 2
         self.acceptor.start()
         LOG.info(
             "%s %s listening on %s:%d",
@@ -165,3 +167,4 @@ class StorageServer:
     def stop(self) -> None:
         self.acceptor.stop()
         self.archive.wait_indexed()
+        self.archive.stop_validators()
