@@ -310,3 +310,23 @@ def test_validator_processes_answer_as_the_inline_check(small_ct: list[Path], tm
         assert validators.validate(good, "CT2").source_ae == "CT2"  # still serving after a refusal
     finally:
         validators.close()
+
+
+def test_artim_closes_a_peer_that_stays_after_release(server: LocalServer) -> None:
+    """After A-RELEASE-RP the requestor must close (PS3.8 §9.1.5); one that stays is closed by
+    us when ARTIM (1 s here) expires, and meanwhile it holds no association."""
+    acceptor = server.server.acceptor
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as s:
+        s.sendall(associate_rq() + RELEASE_RQ)
+        got = b""
+        while chunk := s.recv(65536):  # we half-close after A-RELEASE-RP
+            got += chunk
+        released = time.monotonic()
+        assert pdu_types(got) == [A_ASSOCIATE_AC, A_RELEASE_RP]
+        assert acceptor.associations == 0
+        assert len(acceptor._conns) == 1  # still waiting for the peer's close
+        while acceptor._conns and time.monotonic() - released < 5:
+            time.sleep(0.02)
+        waited = time.monotonic() - released
+    assert acceptor._conns == []
+    assert 0.7 < waited < 2.5
