@@ -34,6 +34,7 @@ import threading
 import uuid
 import zlib
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -354,10 +355,11 @@ class Archive:
         if validators is not None:
             validators.close()
 
-    def _install(self, fd: int, part: Path, rec: InstanceRecord) -> None:
-        """Make `part` (open as `fd`) the durable archive file of `rec`: fdatasync its data,
-        rename it to its final name, fsync the directories whose entries changed."""
-        os.fdatasync(fd)
+    def _install(self, fd: int | None, part: Path, rec: InstanceRecord) -> None:
+        """Make `part` the durable archive file of `rec`: fdatasync its data (unless the caller
+        did: `fd` None), rename it to its final name, fsync the directories whose entries changed."""
+        if fd is not None:
+            os.fdatasync(fd)
         final = self.root / rec.path
         made = _make_dirs(final.parent, self.root)
         os.replace(part, final)
@@ -575,10 +577,16 @@ class IncomingInstance:
             raise self.error or CannotUnderstand("the data set was discarded")
         try:
             self._file.flush()
-            rec = self.archive._validate(self.part, self.source_ae)
+            # The data goes to disk while the header is checked (a thread waiting in fdatasync
+            # does not hold the GIL); a refused file was flushed for nothing, and is removed.
+            synced = _flusher().submit(os.fdatasync, self._file.fileno())
+            try:
+                rec = self.archive._validate(self.part, self.source_ae)
+            finally:
+                synced.result()
             rec.path = self.archive.path_for(rec)
             rec.size = self._file.tell()
-            self.archive._install(self._file.fileno(), self.part, rec)
+            self.archive._install(None, self.part, rec)
         except OSError as exc:
             self.discard()
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -591,6 +599,19 @@ class IncomingInstance:
         self._file.close()
         self._file = None
         return rec
+
+
+_FLUSHER: ThreadPoolExecutor | None = None
+_FLUSHER_LOCK = threading.Lock()
+
+
+def _flusher() -> ThreadPoolExecutor:
+    """Threads that wait in fdatasync for the receiving threads."""
+    global _FLUSHER
+    with _FLUSHER_LOCK:
+        if _FLUSHER is None:
+            _FLUSHER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="archive-fdatasync")
+        return _FLUSHER
 
 
 class DirectorySync:
