@@ -26,6 +26,7 @@ One thread per connection; the caps bound them (``max_associations`` + ``max_pen
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
@@ -221,8 +222,7 @@ class _Connection:
     sock: socket.socket
     address: str
     port: int
-    since: float
-    pending: bool = True
+    pending: bool = True  # no association (yet, or any more): counts toward the pending caps
 
 
 @dataclass
@@ -237,13 +237,14 @@ class Acceptor:
     #: (the disk server's index rows) is done when the requestor learns it is released.
     on_release: Callable[[], object] | None = None
     #: Unexpected faults caught in a connection thread (a bug: tests require zero).
-    faults: int = 0
-    associations: int = 0
-    _conns: list[_Connection] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _sock: socket.socket | None = None
-    _thread: threading.Thread | None = None
-    _threads: set[threading.Thread] = field(default_factory=set)
+    faults: int = field(default=0, init=False)
+    #: Associations open now (connections past their A-ASSOCIATE-AC, before release or abort).
+    associations: int = field(default=0, init=False)
+    _conns: list[_Connection] = field(default_factory=list, init=False)  # oldest first
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _sock: socket.socket | None = field(default=None, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    _threads: set[threading.Thread] = field(default_factory=set, init=False)
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -311,7 +312,7 @@ class Acceptor:
             try:
                 sock, (address, port) = self._sock.accept()
             except OSError as exc:
-                if self._sock is None or self._sock.fileno() < 0 or exc.errno in (22, 9):
+                if self._sock is None or self._sock.fileno() < 0 or exc.errno in (errno.EINVAL, errno.EBADF):
                     return  # stop() shut the listening socket
                 LOG.warning("%s: accept failed: %s", self.name, exc)  # EMFILE...: keep listening
                 time.sleep(0.05)
@@ -320,7 +321,7 @@ class Acceptor:
 
     def _admit(self, sock: socket.socket, address: str, port: int) -> None:
         """Register a new pending connection; close the oldest pending ones beyond the caps."""
-        conn = _Connection(sock, address, port, time.monotonic())
+        conn = _Connection(sock, address, port)
         evicted = []
         with self._lock:
             pending = [c for c in self._conns if c.pending]
@@ -379,7 +380,6 @@ class Acceptor:
             self.associations -= 1
             if conn in self._conns:
                 conn.pending = True
-                conn.since = time.monotonic()
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -484,7 +484,7 @@ class _Association:
 
     def run(self) -> None:
         try:
-            rq = self._read_associate_rq()
+            pdu, prim = self._read_associate_rq()
         except socket.timeout:
             LOG.warning("%s: %s:%d sent no complete A-ASSOCIATE-RQ within ARTIM (%g s); connection closed",
                         self.name, self.conn.address, self.conn.port, self.acceptor.timeouts.artim)
@@ -492,9 +492,6 @@ class _Association:
         except _Abort as exc:
             self._abort(exc)
             return
-        if rq is None:
-            return
-        pdu, prim = rq
         self.peer.calling_ae = str(prim.calling_ae_title or "").strip()
         self.peer.called_ae = str(prim.called_ae_title or "").strip()
         why = self._refusal(pdu, prim)
@@ -522,7 +519,7 @@ class _Association:
                 self.acceptor._dissociate(self.conn)
                 self.associated = False
 
-    def _read_associate_rq(self) -> tuple[A_ASSOCIATE_RQ, A_ASSOCIATE] | None:
+    def _read_associate_rq(self) -> tuple[A_ASSOCIATE_RQ, A_ASSOCIATE]:
         """Read the first PDU within ARTIM; it must be an A-ASSOCIATE-RQ of bounded size."""
         self.reader.deadline = time.monotonic() + self.acceptor.timeouts.artim
         header = self.reader.exact(6)
