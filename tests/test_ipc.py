@@ -20,7 +20,6 @@ from modality_link.ipc import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     IpcClient,
-    IpcError,
     IpcServer,
     NotRunning,
 )

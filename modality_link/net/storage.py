@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Hashable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 from pydicom.uid import UID
 
