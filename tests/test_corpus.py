@@ -126,13 +126,14 @@ def all_cases(work: Path) -> list[Case]:
 
 
 def partitions(cases: list[Case]) -> list[list[Case]]:
-    """Valid cases in groups whose SOP Instance UIDs are distinct, lossy files apart."""
-    groups: list[tuple[bool, set[str], list[Case]]] = []
+    """Valid cases in groups whose SOP Instance UIDs are distinct; lossy files, and files a peer
+    refuses, apart."""
+    groups: list[tuple[tuple[bool, bool], set[str], list[Case]]] = []
     for case in cases:
         if not case.valid:
             continue
         uid = read(case.path).SOPInstanceUID
-        lossy = case.kind == "lossy"
+        lossy = (case.kind == "lossy", case.peer_refuses)
         for is_lossy, uids, members in groups:
             if is_lossy == lossy and uid not in uids:
                 uids.add(uid)
@@ -303,6 +304,7 @@ def peers(work: Path) -> Iterator[dict[str, Any]]:
     scp = start_storescp(scp_out, scp_port)
     orthanc = start_orthanc(work / "orthanc", overwrite=True)
     yield {"storescp": (scp_port, scp_out), "orthanc": orthanc}
+    shutil.copy(orthanc.log, "/tmp/orthanc-corpus.log")
     scp.terminate()
     scp.wait()
     orthanc.stop()
@@ -387,6 +389,11 @@ def test_send_to_orthanc_with_commitment(partition, peers):
     orthanc = peers["orthanc"]
     job = wait_chain(home, call(home, "send", study_uids=partition["studies"], node="ORTHANC", commit=True)["job_id"],
                      120)
+    refused = {uid for uid, case in sources.items() if case.peer_refuses}
+    if refused:  # the peer's refusal is the job's failure, instance by instance
+        assert job["state"] == "failed", job
+        assert {f["item"]: "0xC000" in f["detail"] for f in job["failed_items"]} == dict.fromkeys(refused, True), job
+        return
     assert job["state"] == "done", job
     counts = {s["study_uid"]: s["nodes"]["ORTHANC"] for s in call(home, "studies.list")}
     assert sum(c["committed"] for c in counts.values()) == len(sources), counts
