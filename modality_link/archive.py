@@ -42,7 +42,8 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import VR
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
@@ -118,8 +119,12 @@ def read_header(path: Path) -> Dataset:
             ds = dcmread(fp, defer_size=4096)
             end = fp.tell()
             last = ds._dict[max(ds._dict)] if ds._dict else None
-            if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            syntax = ds.file_meta.get("TransferSyntaxUID")
+            if syntax == DeflatedExplicitVRLittleEndian:
                 size = end = _inflated_size(fp, _meta_end(fp))
+            elif syntax and not UID(syntax).is_implicit_VR and ds._dict:
+                fp.seek(_meta_end(fp) + 4)
+                _check_explicit_vr(fp.read(2), UID(syntax))
     except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, zlib.error) as exc:
         raise CannotUnderstand(f"dataset cannot be parsed: {exc}") from None
     if end > size:
@@ -132,6 +137,20 @@ def read_header(path: Path) -> Dataset:
             f"{value_tell + length}, file has {size}"
         )
     return ds
+
+
+_VRS = frozenset(vr.value.encode("ascii") for vr in VR)
+
+
+def _check_explicit_vr(vr: bytes, syntax: UID) -> None:
+    """The first element of a data set in an explicit VR transfer syntax names its VR (PS3.5
+    7.1.2). Some writers put an Implicit VR data set under an explicit syntax: pydicom guesses
+    its way through such a file, but the peers we pass it to do not (DCMTK reads garbage)."""
+    if vr not in _VRS:
+        raise CannotUnderstand(
+            f"the data set is not encoded in Explicit VR although its transfer syntax {syntax.name} requires "
+            f"it (PS3.5 7.1.2): its first element has VR {vr!r}"
+        )
 
 
 def check_file_meta(ds: Dataset) -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -555,8 +554,8 @@ class ExamManager:
         if node is None:
             self._retry(row, attempts, f"node {row['node']!r} is no longer configured", 60.0)
             return
-        ds = _from_json(row["dataset_json"])
         try:
+            ds = _from_json(row["dataset_json"])
             if row["kind"] == "create":
                 uid = mpps.send_n_create(node, cfg.station.ae_title, cfg.timeouts, ds, exam["mpps_uid"] or None)
                 if uid != exam["mpps_uid"]:
@@ -569,14 +568,28 @@ class ExamManager:
             if exc.retryable:
                 self._retry(row, attempts, str(exc), node.retry_interval)
             else:
-                self.db.outbox_update(row["id"], state="failed", attempts=attempts, last_error=str(exc))
-                if row["kind"] == "create":
-                    self.db.outbox_fail_exam(exam["id"], f"not sent: the N-CREATE was refused ({exc})")
-                self.alert("mpps-refused", f"exam {exam['id']}: {exc}")
-                self.publish("mpps.failed", exam_id=exam["id"], kind=row["kind"], error=str(exc))
+                self._give_up(row, attempts, str(exc))
+            return
+        except Exception as exc:  # a bug: the node's retries, then the message fails (not the outbox)
+            error = f"{type(exc).__name__}: {exc}"
+            if error != row["last_error"]:  # the traceback once, not at every attempt
+                LOG.exception("MPPS %s of exam %d: unexpected error", row["kind"], exam["id"])
+            if attempts <= node.retries:
+                self._retry(row, attempts, error, node.retry_interval)
+            else:
+                self._give_up(row, attempts, error)
             return
         self.db.outbox_update(row["id"], state="sent", attempts=attempts, sent_at=time.time(), last_error="")
         self.publish("mpps.sent", exam_id=exam["id"], kind=row["kind"])
+
+    def _give_up(self, row: dict[str, Any], attempts: int, error: str) -> None:
+        """The message failed for good; without its N-CREATE the exam's N-SET cannot follow."""
+        exam_id = row["exam_id"]
+        self.db.outbox_update(row["id"], state="failed", attempts=attempts, last_error=error)
+        if row["kind"] == "create":
+            self.db.outbox_fail_exam(exam_id, f"not sent: the N-CREATE failed ({error})")
+        self.alert("mpps-refused", f"exam {exam_id}: {error}")
+        self.publish("mpps.failed", exam_id=exam_id, kind=row["kind"], error=error)
 
     def _retry(self, row: dict[str, Any], attempts: int, error: str, longest: float) -> None:
         delay = min(longest, 0.5 * 2 ** (attempts - 1))

@@ -90,19 +90,23 @@ class _Handler(socketserver.StreamRequestHandler):
 
     def finish(self) -> None:
         self.server.ipc.unsubscribe(self)
-        super().finish()
+        with self.write_lock:  # not while a publisher writes to it
+            super().finish()
 
     @staticmethod
     def _error(req_id: Any, err: IpcError) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "id": req_id, "error": err.to_json()}
 
     def send(self, obj: dict[str, Any]) -> bool:
+        """Write one message; False when the client is gone (its socket reset, closed, or the
+        stream already closed by :meth:`finish`): that is how clients leave, not an error."""
         try:
             with self.write_lock:
                 self.wfile.write(_encode(obj))
                 self.wfile.flush()
             return True
-        except OSError:
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            LOG.debug("ipc: client gone (%s: %s)", type(exc).__name__, exc)
             return False
 
 

@@ -310,30 +310,18 @@ class JobQueue:
         except Stopping:
             self.db.update_job(job_id, only_if="running", state="queued", detail="interrupted; will resume")
         except Retry as exc:
-            attempts = job["attempts"] + 1
-            if attempts < job["max_attempts"]:
-                node = self.get_config().nodes.get(job["node"])
-                base = node.retry_interval if node else 30.0
-                delay = min(base * 2 ** (attempts - 1), MAX_BACKOFF)
-                LOG.warning("job %d: attempt %d failed (%s); next in %.1f s", job_id, attempts, exc, delay)
-                self.db.update_job(job_id, only_if="running", state="queued", attempts=attempts,
-                                   next_attempt_at=time.time() + delay, last_error=str(exc),
-                                   detail=f"attempt {attempts} of {job['max_attempts']} failed; retrying")
-            else:
-                LOG.error("job %d failed after %d attempt(s): %s", job_id, attempts, exc)
-                self.db.update_job(job_id, only_if="running", state="failed", attempts=attempts,
-                                   last_error=str(exc), detail=f"gave up after {attempts} attempt(s)")
-                self.alert("job-failed", f"{job['kind']} job {job_id} to {job['node']} failed: {exc}")
+            self._attempt_failed(job, str(exc))
         except Fail as exc:
             LOG.error("job %d failed: %s", job_id, exc)
             self.db.update_job(job_id, only_if="running", state="failed", attempts=job["attempts"] + 1,
                                last_error=str(exc), detail="failed")
             if exc.alert:
                 self.alert("job-failed", f"{job['kind']} job {job_id} to {job['node']} failed: {exc}")
-        except Exception as exc:  # a bug: keep the worker, log, retry later
-            LOG.exception("job %d: unexpected error", job_id)
-            self.db.update_job(job_id, only_if="running", state="queued", attempts=job["attempts"] + 1,
-                               next_attempt_at=time.time() + 30, last_error=f"internal error: {exc}")
+        except Exception as exc:  # a bug: keep the worker; an attempt like any other
+            error = f"{type(exc).__name__}: {exc}"
+            if error != job["last_error"]:  # the traceback once, not at every attempt
+                LOG.exception("job %d: unexpected error", job_id)
+            self._attempt_failed(job, error)
         else:
             if isinstance(result, Wait):
                 self.db.update_job(job_id, only_if="running", state="queued",
@@ -343,6 +331,24 @@ class JobQueue:
                 LOG.info("job %d done", job_id)
         self._progress(job_id)
         self._ended(job_id)
+
+    def _attempt_failed(self, job: dict[str, Any], error: str) -> None:
+        """Queue the job again after the node's back-off (D6), or fail it after its last attempt."""
+        job_id = job["id"]
+        attempts = job["attempts"] + 1
+        if attempts < job["max_attempts"]:
+            node = self.get_config().nodes.get(job["node"])
+            base = node.retry_interval if node else 30.0
+            delay = min(base * 2 ** (attempts - 1), MAX_BACKOFF)
+            LOG.warning("job %d: attempt %d failed (%s); next in %.1f s", job_id, attempts, error, delay)
+            self.db.update_job(job_id, only_if="running", state="queued", attempts=attempts,
+                               next_attempt_at=time.time() + delay, last_error=error,
+                               detail=f"attempt {attempts} of {job['max_attempts']} failed; retrying")
+            return
+        LOG.error("job %d failed after %d attempt(s): %s", job_id, attempts, error)
+        self.db.update_job(job_id, only_if="running", state="failed", attempts=attempts,
+                           last_error=error, detail=f"gave up after {attempts} attempt(s)")
+        self.alert("job-failed", f"{job['kind']} job {job_id} to {job['node']} failed: {error}")
 
     def _progress(self, job_id: int, **extra: Any) -> None:
         job = self.db.job(job_id)
@@ -437,8 +443,7 @@ class JobQueue:
         if failed:
             first = failed[0]["detail"]
             msg = f"{len(failed)} of {total} instance(s) not stored (first: {first})"
-            if counts["retryable"] or any(f["status"] is not None and f["status"] & 0xFF00 in (0xA700, 0xA900)
-                                          for f in failed):
+            if counts["retryable"]:  # storage.RETRYABLE_STATUSES; the others fail at once
                 raise Retry(msg)
             raise Fail(msg)
         warnings = self.db.job_items(job_id, "warning")

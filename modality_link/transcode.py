@@ -156,7 +156,16 @@ def _decompress(ds: Dataset, source: UID, as_rgb: bool) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds.decompress(generate_instance_uid=False, as_rgb=as_rgb)
+            try:
+                ds.decompress(generate_instance_uid=False, as_rgb=as_rgb)
+            except ValueError as exc:
+                if "read-only" not in str(exc):
+                    raise
+                # pydicom 3.0's decompress() corrects the sign of JPEG 2000 samples whose
+                # signedness differs from Pixel Representation in place, on a read-only
+                # buffer; its array path makes a copy first
+                ds.set_pixel_data(ds.pixel_array, ds.PhotometricInterpretation, ds.BitsStored,
+                                  generate_instance_uid=False)
             for elem in list(ds.iterall()):
                 if elem.VR != "SQ":
                     continue

@@ -75,7 +75,8 @@ class Pacs:
         self.received: dict[str, Received] = {}
         self.store_calls = 0
         self.actions: list[Dataset] = []
-        self.reports_sent: list[tuple[str, str, int, int]] = []  # (tx, how, committed, failed)
+        #: (tx, how, committed, failed), recorded as each report leaves (dropped if unanswered).
+        self.reports_sent: list[tuple[str, str, int, int]] = []
         self.report_associations = 0
         #: Associations we accepted, and of those the ones the requestor released (A-RELEASE).
         self.associations = 0
@@ -231,14 +232,21 @@ class Pacs:
 
     def _send_report(self, assoc, report: Dataset, how: str) -> bool:
         event_type = 2 if "FailedSOPSequence" in report else 1
+        n_ok = len(report.get("ReferencedSOPSequence", []))
+        n_failed = len(report.get("FailedSOPSequence", []))
+        # recorded before it leaves: the receiver may finish its job (and a test look here)
+        # before the N-EVENT-REPORT-RSP comes back to us
+        sent = (str(report.TransactionUID), how, n_ok, n_failed)
+        with self._lock:
+            self.reports_sent.append(sent)
         status, _ = assoc.send_n_event_report(
             report, event_type, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
         )
         code = getattr(status, "Status", None)
-        n_ok = len(report.get("ReferencedSOPSequence", []))
-        n_failed = len(report.get("FailedSOPSequence", []))
-        self.reports_sent.append((str(report.TransactionUID), how, n_ok, n_failed))
         LOG.info("simulated PACS: report %s sent (%s), answer %s", report.TransactionUID, how, code)
+        if code is None:  # not delivered: the caller tries another association
+            with self._lock:
+                self.reports_sent.remove(sent)
         return code is not None
 
     def _new_association(self, reports: list[Dataset], role: bool) -> None:

@@ -93,8 +93,10 @@ class Orthanc:
             "DicomServerEnabled": True, "HttpServerEnabled": True, "Plugins": [],
             "OverwriteInstances": overwrite, "DicomModalities": {},
         }))
-        self.proc = subprocess.Popen([require_tool(ORTHANC), str(work / "orthanc.json")], cwd=work,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log = work / "orthanc.log"  # Orthanc's own account of what it refused, for a failing test
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([require_tool(ORTHANC), str(work / "orthanc.json")], cwd=work,
+                                         stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.dicom_port, 30)
         wait_port(self.http_port, 30)
 

@@ -136,13 +136,26 @@ def test_store_warning_statuses_count_as_stored(rig, status):
     assert "warning" in job["detail"]
 
 
-@pytest.mark.parametrize("status", [0xA700, 0xA900])
+@pytest.mark.parametrize("status", [0xA700, 0x0213])
 def test_retryable_failures_are_retried(rig, status):
-    """D5/D6: A7xx/A9xx are retried after the interval; here the peer recovers."""
+    """D5/D6: out of resources is retried after the interval; here the peer recovers."""
     r = rig(node_kw={"retries": 2}, store_status=lambda i, uid: status if i < 3 else 0)
     job = r.send(commit=False)
     assert job["state"] == "done" and job["attempts"] == 1, job
     assert len(r.pacs.received) == 10
+
+
+@pytest.mark.parametrize("status", [0xA900, 0xC000, 0x0122])
+def test_refusal_that_cannot_succeed_fails_at_once(rig, status):
+    """A refusal that the same request would get again fails the job at its first attempt,
+    with the status and its meaning, although the node allows retries."""
+    r = rig(node_kw={"retries": 3}, store_status=status)
+    job = r.send(commit=False)
+    assert job["state"] == "failed" and job["attempts"] == 1, job
+    assert f"0x{status:04X}" in job["last_error"], job
+    if status == 0xA900:
+        assert "Data Set Does Not Match SOP Class" in job["last_error"], job
+    assert r.pacs.store_calls == 10 and not r.pacs.received  # each instance sent once
 
 
 @pytest.mark.parametrize("status", [0xA700, 0xA701, 0xA900, 0xC000, 0xC001, 0xC006, 0x0110])

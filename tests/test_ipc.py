@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import stat
@@ -20,7 +21,6 @@ from modality_link.ipc import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     IpcClient,
-    IpcError,
     IpcServer,
     NotRunning,
 )
@@ -78,6 +78,43 @@ def test_events_reach_subscribers(server: IpcServer) -> None:
     t.join(10)
     client.close()
     assert got == [{"type": "job.progress", "job": 7, "done": 3, "total": 10}]
+
+
+@pytest.mark.parametrize("gone", ["socket closed", "stream closed"])
+def test_a_subscriber_that_left_is_dropped_quietly(short_tmp: Path, caplog, gone: str) -> None:
+    """A subscriber that closed its connection before the server noticed (its handler busy
+    in a request), or whose stream the server closed while an event was on its way, is
+    dropped with one debug line; no traceback, and the other subscribers get the events."""
+    release = threading.Event()
+    srv = IpcServer(short_tmp / "t.sock", {"hold": lambda: release.wait(30)})
+    srv.start()
+    leaver = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leaver.connect(str(srv.path))
+    stay = IpcClient(srv.path, timeout=10)
+    try:
+        leaver.sendall(b'{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}\n')
+        assert json.loads(leaver.makefile("rb").readline())["result"] == {"subscribed": True}
+        (handler,) = srv._subscribers
+        stay.call("events.subscribe")
+        if gone == "socket closed":
+            # its handler waits there; a notification, so that nothing is sent back later
+            leaver.sendall(b'{"jsonrpc":"2.0","method":"hold"}\n')
+            leaver.close()
+        else:
+            with handler.write_lock:  # what finish() does while a publisher holds the handler
+                handler.wfile.close()
+        with caplog.at_level(logging.DEBUG, logger="modality_link.ipc"):
+            for n in range(3):
+                srv.publish("job.progress", job_id=n)
+        assert handler not in srv._subscribers and len(srv._subscribers) == 1
+        assert [stay.next_event(5) for _ in range(3)] == [{"type": "job.progress", "job_id": n} for n in range(3)]
+        assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+        assert [r.levelno for r in caplog.records if "client gone" in r.getMessage()] == [logging.DEBUG]
+    finally:
+        release.set()
+        leaver.close()
+        stay.close()
+        srv.stop()
 
 
 def test_client_says_when_no_service_runs(short_tmp: Path) -> None:

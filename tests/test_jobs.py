@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from modality_link import config
 from modality_link.config import ConfigError
 from modality_link.db import Database
+from modality_link.jobs import FINAL_STATES, JobContext, JobQueue
+from tests.exam_support import wait_until
 
 
 def test_running_job_is_requeued_after_a_crash(tmp_path):
@@ -55,3 +59,33 @@ def test_node_settings_validated(key, value, words):
     setattr(node, key, value)
     with pytest.raises(ConfigError, match=words):
         node.validate("nodes.PACS")
+
+
+def test_unexpected_exception_fails_the_job_after_its_attempts(tmp_path, caplog):
+    """An executor bug is an attempt like any other: after the node's retries the job fails
+    with the exception's type and message, and the traceback is logged once."""
+    cfg = config.Config()
+    cfg.nodes["PACS"] = config.Node(ae_title="PACS", retries=2, retry_interval=0.05)
+    alerts: list[tuple] = []
+    queue = JobQueue(Database(tmp_path / "i.sqlite"), tmp_path, lambda: cfg,
+                     alert=lambda *a, **k: alerts.append(a))
+    calls: list[int] = []
+
+    def broken(job: dict, ctx: JobContext) -> None:
+        calls.append(job["attempts"])
+        raise KeyError("SOPInstanceUID")
+
+    queue.register("broken", broken)
+    queue.start()
+    try:
+        with caplog.at_level(logging.DEBUG, logger="modality_link.jobs"):
+            job_id = queue.submit("broken", "PACS", ["1.2.3"])
+            job = wait_until(lambda: (j := queue.show(job_id))["state"] in FINAL_STATES and j, 15, "the job's end")
+    finally:
+        queue.stop()
+    assert job["state"] == "failed" and job["attempts"] == 3, job
+    assert job["last_error"] == "KeyError: 'SOPInstanceUID'"
+    assert calls == [0, 1, 2]
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1 and "unexpected error" in tracebacks[0].getMessage()
+    assert [a[0] for a in alerts] == ["job-failed"] and "KeyError" in alerts[0][1]

@@ -36,9 +36,13 @@ def test_full_exam_against_odil(tmp_path: Path) -> None:
                 ex = svc.call("exam.start", item="SPS0002")
                 added = svc.call("exam.add_image", exam_id=ex["exam_id"], paths=spool_images(tmp_path / "s", 3))["added"]
                 svc.call("exam.end", exam_id=ex["exam_id"])
-                files = wait_until(lambda: (f := sorted(out.glob("*.json"))) and len(f) == 2 and f, 15, "odil files")
-                mpps = svc.call("exam.show", exam_id=ex["exam_id"])["mpps"]
-                assert [m["state"] for m in mpps] == ["sent", "sent"]
+                # odil writes its file before it answers: wait for our side to have the answers
+                def both_sent() -> bool:
+                    return [m["state"] for m in svc.call("exam.show", exam_id=ex["exam_id"])["mpps"]] == ["sent", "sent"]
+
+                wait_until(both_sent, 15, "the N-CREATE and the N-SET answered")
+                files = sorted(out.glob("*.json"))
+                assert len(files) == 2, files
             finally:
                 svc.stop()
                 cleanup(home)

@@ -17,7 +17,7 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
 
 from modality_link import transcode
 from modality_link.media.fileset import encoded_file_meta
-from tests.transcode_support import PIXEL_MODULE, TEST_FILES, VARIANTS, Cases, differences, make_cases, reread
+from tests.transcode_support import PIXEL_MODULE, BY_NAME, TEST_FILES, VARIANTS, Cases, differences, make_cases, reread
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> Cases:
@@ -33,6 +33,10 @@ def test_variant_to_every_native_syntax(cases: Cases, variant: str, target: str)
     for case in made:
         plain, source = dcmread(case.plain), dcmread(case.path)
         src_ts = UID(source.file_meta.TransferSyntaxUID)
+        if not BY_NAME[variant].decodable:  # the reason, never a half-made file
+            with pytest.raises(transcode.TranscodeError, match="decompress"):
+                transcode.transcode(case.path, target)
+            continue
         out = transcode.transcode(case.path, target)
         got = reread(out)
         assert got.SOPInstanceUID == source.SOPInstanceUID == case.uid

@@ -35,6 +35,8 @@ class Variant:
     tool: str
     options: tuple[str, ...] = ()
     lossy: bool = False
+    #: False where no decoder we install can decompress it (docs/design.md, "Decoders").
+    decodable: bool = True
 
 
 #: One line per conversion path; `make` below turns a line into a file.
@@ -47,13 +49,14 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("jpeg-sv1", "dcmcjpeg", ("+e1",)),
     Variant("jpeg-lossless", "dcmcjpeg", ("+el",)),
     Variant("jpeg-baseline", "dcmcjpeg", ("+eb",), lossy=True),
-    Variant("jpeg-extended", "dcmcjpeg", ("+ee",), lossy=True),
+    Variant("jpeg-extended", "dcmcjpeg", ("+ee",), lossy=True, decodable=False),  # 12-bit: GDCM has no decoder
     Variant("jpeg-ls", "dcmcjpls", ("+el",)),
     Variant("jpeg-ls-near", "dcmcjpls", ("+en",), lossy=True),
     Variant("j2k-lossless", "pydicom", (JPEG2000Lossless,)),
     Variant("j2k-lossy", "pydicom", (JPEG2000,), lossy=True),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
+DECODABLE = tuple(v for v in VARIANTS if v.decodable)
 
 
 def make(variant: Variant | str, source: Path, out: Path) -> Path:

@@ -26,9 +26,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Hashable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 from pydicom.uid import UID
+from pynetdicom.status import STATUS_UNKNOWN, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from modality_link import transcode
 from modality_link.config import Timeouts
@@ -38,9 +39,11 @@ from modality_link.net.upper_layer import AssociationLost, Requestor
 
 LOG = logging.getLogger("modality_link.net.storage")
 
-#: PS3.4 B.2.3 warning statuses: the instance was stored (REQUIREMENTS D5).
-WARNING_STATUSES = {0xB000: "coercion of data elements", 0xB006: "elements discarded",
-                    0xB007: "data set does not match SOP class"}
+#: C-STORE failures that may succeed on a later attempt: the peer lacks something now, nothing
+#: is wrong with the request (docs/design.md "Jobs and failures"): PS3.4 B.2.3 A7xx "Refused:
+#: Out of Resources"; PS3.7 Annex C 0x0110 "Processing Failure", 0x0210 "Duplicate Invocation",
+#: 0x0213 "Resource Limitation". Every other failure gets the same answer when sent again.
+RETRYABLE_STATUSES = frozenset({0x0110, 0x0210, 0x0213, *range(0xA700, 0xA800)})
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 #: Files up to this size are read whole and sent from memory; larger ones are streamed.
 IN_MEMORY = 32 << 20
@@ -53,27 +56,27 @@ class Outcome:
     state: str  # done | warning | failed
     status: int | None
     detail: str = ""
-    #: A failure that may succeed later (A7xx out of resources, A9xx mismatch, lost association).
+    #: A failure that may succeed on a later attempt (:data:`RETRYABLE_STATUSES`).
     retryable: bool = False
 
 
 def classify(status: int) -> Outcome:
-    """Map a C-STORE status (PS3.4 Table B.2-1, PS3.7 Annex C) onto an :class:`Outcome`."""
+    """Map a C-STORE status (PS3.4 B.2.3 Table B.2-1, PS3.7 Annex C) onto an :class:`Outcome`.
+
+    The category and meaning come from pynetdicom's copy of those tables: a warning (0001,
+    0107, 0116, Bxxx such as B000, B006, B007) means the instance was stored; a failure is
+    retryable only if it is in :data:`RETRYABLE_STATUSES`; a status in no table is a failure
+    that is not retried.
+    """
     if status == 0x0000:
         return Outcome("done", status)
-    if status in WARNING_STATUSES:
-        return Outcome("warning", status, f"warning 0x{status:04X}: {WARNING_STATUSES[status]}")
-    if status & 0xFF00 == 0xA700:
-        return Outcome("failed", status, f"refused 0x{status:04X}: out of resources", True)
-    if status & 0xFF00 == 0xA900:
-        return Outcome("failed", status, f"refused 0x{status:04X}: data set does not match SOP class", True)
-    if status & 0xF000 == 0xC000:
-        return Outcome("failed", status, f"refused 0x{status:04X}: cannot understand")
-    if status == 0x0122:
-        return Outcome("failed", status, "refused 0x0122: SOP class not supported")
-    if status & 0xF000 == 0xB000:  # other warnings: stored
-        return Outcome("warning", status, f"warning 0x{status:04X}")
-    return Outcome("failed", status, f"refused 0x{status:04X}")
+    category = code_to_category(status)
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))[1] or category
+    if category == STATUS_WARNING:
+        return Outcome("warning", status, f"warning 0x{status:04X}: {meaning}")
+    if category == STATUS_UNKNOWN:
+        meaning = "a status PS3.4 B.2.3 and PS3.7 Annex C do not define"
+    return Outcome("failed", status, f"failed 0x{status:04X}: {meaning}", status in RETRYABLE_STATUSES)
 
 
 @dataclass
