@@ -312,9 +312,7 @@ class Archive:
         File Meta must describe its data set.
         """
         self.check_space()
-        ds = read_header(src)
-        check_file_meta(ds)
-        rec = record_from_dataset(ds, "", 0, source_ae)
+        rec = validate_received(str(src), source_ae)
         rec.path = self.path_for(rec)
         meta = encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax, source_ae)
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
@@ -435,12 +433,21 @@ class Archive:
         return added
 
 
+#: Pixel data elements (PS3.6 group 7FE0): deferred by :func:`read_header`, never indexed.
+_PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+
+
 def validate_received(path: str, source_ae: str) -> InstanceRecord:
-    """The index row of a received file, by the checks an import makes: :func:`read_header`
-    (complete), :func:`check_file_meta` (the data set is what the C-STORE-RQ announced),
-    :func:`record_from_dataset` (valid UIDs). Its path is left to :meth:`Archive.path_for`."""
+    """The index row of a received or imported file, by :func:`read_header` (complete),
+    :func:`check_file_meta` (its File Meta, for a received file built from the C-STORE-RQ,
+    describes the data set) and :func:`record_from_dataset` (valid UIDs). Its path is left to
+    :meth:`Archive.path_for`. The pixel data are dropped before the record is made: looking at
+    every element for the character set would read them back from the file."""
     ds = read_header(Path(path))
     check_file_meta(ds)
+    for tag in _PIXEL_DATA:
+        if tag in ds:
+            del ds[tag]
     return record_from_dataset(ds, "", 0, source_ae)
 
 
