@@ -611,7 +611,7 @@ class _Association:
                     self._p_data(length)
                 elif kind == A_RELEASE_RQ_TYPE:
                     self._small_body(length)
-                    self._drop_partial("released")
+                    self._drop_partial()
                     if self.acceptor.on_release is not None:
                         self.acceptor.on_release()
                     self.sock.sendall(_RELEASE_RP)
@@ -641,14 +641,15 @@ class _Association:
                 LOG.warning("%s: connection from %s closed without A-RELEASE", self.name, self.peer)
             raise
         finally:
-            self._drop_partial("lost")
+            self._drop_partial()
 
     def _small_body(self, length: int) -> bytes:
         if length > 64:
             raise _Abort(INVALID_PARAMETER, f"A-RELEASE/A-ABORT PDU of {length} bytes")
         return self.reader.exact(length)
 
-    def _drop_partial(self, why: str) -> None:
+    def _drop_partial(self) -> None:
+        """Discard a message cut short (its partial file removed at once)."""
         if self.sink is not None:
             self.sink.discard()
             self.sink = None
