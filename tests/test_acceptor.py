@@ -342,3 +342,16 @@ def test_artim_closes_a_peer_that_stays_after_release(server: LocalServer) -> No
         waited = time.monotonic() - released
     assert acceptor._conns == []
     assert 0.7 < waited < 2.5
+
+
+@pytest.mark.parametrize(("edit", "rj"), [
+    (lambda rq: rq[:6] + b"\x00\x02" + rq[8:], (1, 2, 2)),  # protocol version 2
+    (lambda rq: rq.replace(b"1.2.840.10008.3.1.1.1", b"1.2.840.10008.3.1.1.2"), (1, 1, 2)),  # app context
+    (lambda rq: rq.replace(b"MODLINK ", b"SOMEONE "), (1, 1, 7)),  # called AE title
+], ids=["protocol-version", "application-context", "called-ae"])
+def test_reject_reasons(server: LocalServer, edit, rj: tuple[int, int, int]) -> None:
+    """A-ASSOCIATE-RJ with the result, source and reason of PS3.8 Table 9-21."""
+    got = exchange(server.port, edit(associate_rq()))
+    assert pdu_types(got) == [0x03]
+    assert tuple(got[7:10]) == rj
+    assert server.server.acceptor.associations == 0
