@@ -18,6 +18,8 @@ from typing import Any, Iterator
 import pytest
 
 from modality_link import config
+from modality_link.archive import Archive
+from modality_link.db import Database
 from modality_link.home import Home, temporary_home
 from modality_link.ipc import IpcClient, NotRunning
 
@@ -58,6 +60,14 @@ def short_tmp() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="ml"))
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Archive:
+    """An archive in a temporary folder with its SQLite index, no free-space reserve."""
+    root = tmp_path / "archive"
+    (root / ".tmp").mkdir(parents=True)
+    return Archive(root, Database(tmp_path / "db.sqlite"), min_free_mb=0)
 
 
 @dataclass

@@ -35,13 +35,6 @@ def test_uid_rule(uid: object, ok: bool) -> None:
     assert is_valid_uid(uid) is ok
 
 
-@pytest.fixture
-def archive(tmp_path: Path) -> Archive:
-    root = tmp_path / "archive"
-    (root / ".tmp").mkdir(parents=True)
-    return Archive(root, Database(tmp_path / "db.sqlite"), min_free_mb=0)
-
-
 def test_store_replace_and_index(archive: Archive, tmp_path: Path) -> None:
     files = images.write_study(tmp_path / "in", modality="MR", images=4, seed=9)
     for f in files:

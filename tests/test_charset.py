@@ -17,7 +17,6 @@ from modality_link.archive import Archive
 from modality_link.media.fileset import _HEADER_TAGS
 from modality_link.media.header import read_header
 from modality_link.net.charset import charset_terms, effective_terms, normalise_term
-from tests.test_archive import archive  # noqa: F401  (fixture: an archive with its SQLite index)
 
 CHARSET_FILES = sorted((Path(os.path.dirname(pydicom.__file__)) / "data" / "charset_files").glob("*.dcm"))
 

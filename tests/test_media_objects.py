@@ -31,7 +31,6 @@ from modality_link.media.burn import burn_studies
 from modality_link.media.fileset import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_offset, date_time_value
 from modality_link.media.profiles import get_profile
 from tests.conftest import require_tool
-from tests.test_archive import archive  # noqa: F401  (fixture: an archive with its SQLite index)
 from tests.media_fixtures import make_instance
 
 DATA = Path(os.path.dirname(pydicom.__file__)) / "data"
