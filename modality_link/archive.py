@@ -299,6 +299,10 @@ class Archive:
         if free < self.min_free_mb * 1024 * 1024:
             raise self._disk_full(f"{free // (1024 * 1024)} MiB free, {self.min_free_mb} MiB reserve")
 
+    def _no_space(self, exc: OSError) -> Exception:
+        """:class:`DiskFull` (with its alert) for a file system out of space, else `exc`."""
+        return self._disk_full(str(exc)) if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc
+
     def _disk_full(self, detail: str) -> DiskFull:
         msg = f"archive disk full: {detail}"
         if self.on_alert:
@@ -334,9 +338,7 @@ class Archive:
                 self._install(fout.fileno(), part, rec)
         except OSError as exc:
             part.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._disk_full(str(exc)) from None
-            raise
+            raise self._no_space(exc) from None
         except BaseException:
             part.unlink(missing_ok=True)
             raise
@@ -553,7 +555,10 @@ class IncomingInstance:
         self.part = archive.tmp_dir / f"{uuid.uuid4().hex}.part"
         self.error: ArchiveError | None = None
         self._unchecked = 0
-        self._file: BinaryIO | None = open(self.part, "wb")
+        try:
+            self._file: BinaryIO | None = open(self.part, "wb")
+        except OSError as exc:
+            raise archive._no_space(exc) from None
         archive._receiving_changed(+1)
         self._counted = True
         self.write(encode_file_meta(sop_class, sop_instance, transfer_syntax, source_ae))
@@ -570,7 +575,8 @@ class IncomingInstance:
                 self._unchecked = 0
                 self.archive.check_space()
         except OSError as exc:
-            self._fail(self.archive._disk_full(str(exc)) if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            error = self.archive._no_space(exc)
+            self._fail(error if isinstance(error, DiskFull)
                        else CannotUnderstand(f"cannot write the data set: {exc.strerror or exc}"))
         except ArchiveError as exc:
             self._fail(exc)
@@ -615,9 +621,7 @@ class IncomingInstance:
             self.archive._install(None, self.part, rec)
         except OSError as exc:
             self.discard()
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self.archive._disk_full(str(exc)) from None
-            raise
+            raise self.archive._no_space(exc) from None
         except BaseException:
             self.discard()
             raise
