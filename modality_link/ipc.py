@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import select
 import socket
 import socketserver
+import struct
 import threading
 import time
 from pathlib import Path
@@ -66,63 +68,145 @@ def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
-class _Handler(socketserver.StreamRequestHandler):
+class _Handler(socketserver.BaseRequestHandler):
+    """One client connection: requests read a line at a time, responses written in order, and,
+    once subscribed, events written by a thread of its own from a bounded queue (so that a
+    client that stops reading never holds up the thread that publishes)."""
+
     server: "_UnixServer"
 
-    def handle(self) -> None:
+    def setup(self) -> None:
         self.subscribed = False
         self.write_lock = threading.Lock()
-        while True:
-            try:
-                line = self.rfile.readline(MAX_LINE + 1)
-            except OSError:
-                return
-            if not line:
-                return
-            if len(line) > MAX_LINE:
-                self.send(self._error(None, IpcError(INVALID_REQUEST, "request line too long")))
-                return
+        self.events: queue.Queue[bytes | None] = queue.Queue(self.server.ipc.event_queue)
+        self._closed = False
+        self.request.settimeout(None)
+        # a write that cannot go on for this long means the client stopped reading (SO_SNDTIMEO)
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                struct.pack("ll", int(self.server.ipc.send_timeout), 0))
+
+    def handle(self) -> None:
+        if not self.server.ipc.admit(self):
+            self.send(self._error(None, IpcError(
+                CONFLICT, f"too many IPC connections (at most {self.server.ipc.max_connections}); try again"
+            )))
+            return
+        buf = b""
+        idle = self.server.ipc.idle_timeout
+        while not self._closed:
+            if b"\n" not in buf:
+                # a client with nothing to say for `idle` seconds is closed, unless it waits
+                # for events; a line begun but not finished within `idle` seconds is too
+                ready, _, _ = select.select([self.request], [], [], idle)
+                if not ready:
+                    if buf or not self.subscribed:
+                        LOG.info("ipc: closing a connection idle for %g s", idle)
+                        return
+                    continue
+                try:
+                    chunk = self.request.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buf += chunk
+                if len(buf) > MAX_LINE and b"\n" not in buf:
+                    self.send(self._error(None, IpcError(INVALID_REQUEST, "request line too long")))
+                    return
+                continue
+            line, _, buf = buf.partition(b"\n")
             if not line.strip():
                 continue
             reply = self.server.ipc.dispatch(line, self)
-            if reply is not None:
-                self.send(reply)
+            if reply is not None and not self.send(reply):
+                return
 
     def finish(self) -> None:
         self.server.ipc.unsubscribe(self)
-        with self.write_lock:  # not while a publisher writes to it
-            super().finish()
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection; a writer blocked on it returns at once."""
+        try:
+            self.request.shutdown(socket.SHUT_RDWR)  # first: a blocked write then fails at once
+        except OSError:
+            pass
+        with self.write_lock:
+            self._closed = True
+        try:  # wake an event writer waiting for work; a busy one fails on the closed socket
+            self.events.put_nowait(None)
+        except queue.Full:
+            pass
+        self.server.ipc.leave(self)
+
+    def subscribe(self) -> None:
+        if not self.subscribed:
+            self.subscribed = True
+            threading.Thread(target=self._write_events, name="ipc-events", daemon=True).start()
+
+    def _write_events(self) -> None:
+        while True:
+            data = self.events.get()
+            if data is None or not self._write(data):
+                self.server.ipc.unsubscribe(self)
+                return
+
+    def queue_event(self, data: bytes) -> bool:
+        """Queue an encoded event; False when its queue is full (the client does not read)."""
+        try:
+            self.events.put_nowait(data)
+            return True
+        except queue.Full:
+            return False
 
     @staticmethod
     def _error(req_id: Any, err: IpcError) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "id": req_id, "error": err.to_json()}
 
     def send(self, obj: dict[str, Any]) -> bool:
-        """Write one message; False when the client is gone (its socket reset, closed, or the
-        stream already closed by :meth:`finish`): that is how clients leave, not an error."""
+        """Write one message; False when the client is gone."""
+        return self._write(_encode(obj))
+
+    def _write(self, data: bytes) -> bool:
+        """False when the client is gone (its socket reset or closed, or a write stalled for the
+        send timeout): that is how clients leave, not an error."""
         try:
             with self.write_lock:
-                self.wfile.write(_encode(obj))
-                self.wfile.flush()
+                if self._closed:
+                    raise ConnectionAbortedError("the connection was closed")
+                self.request.sendall(data)
             return True
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        except OSError as exc:  # EAGAIN after SO_SNDTIMEO; ssl.SSLError is an OSError too
             LOG.debug("ipc: client gone (%s: %s)", type(exc).__name__, exc)
             return False
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog: a burst of clients is queued, not refused
     ipc: "IpcServer"
 
 
 class IpcServer:
     """Serve `methods` (name → callable taking keyword parameters) on the socket at `path`."""
 
-    def __init__(self, path: Path, methods: dict[str, Callable[..., Any]]) -> None:
+    def __init__(
+        self, path: Path, methods: dict[str, Callable[..., Any]], *, max_connections: int = 64,
+        idle_timeout: float = 120.0, event_queue: int = 1000, send_timeout: float = 10.0,
+    ) -> None:
         self.path = Path(path)
         self.methods = dict(methods)
         self.methods["events.subscribe"] = self._subscribe_placeholder
+        #: Connections served at once; one more is told so and closed.
+        self.max_connections = max_connections
+        #: Seconds a connection may stay silent (or leave a line unfinished) unless subscribed.
+        self.idle_timeout = idle_timeout
+        #: Events queued for a subscriber that has not read them yet; one more and it is dropped.
+        self.event_queue = event_queue
+        #: Seconds a write may stall before the client counts as gone.
+        self.send_timeout = send_timeout
         self._subscribers: set[_Handler] = set()
+        self._connections: set[_Handler] = set()
         self._lock = threading.Lock()
         self._server: _UnixServer | None = None
         self._thread: threading.Thread | None = None
@@ -159,18 +243,37 @@ class IpcServer:
             self._server = None
         self.path.unlink(missing_ok=True)
 
+    def admit(self, handler: _Handler) -> bool:
+        """Count a new connection in; False when there are already :attr:`max_connections`."""
+        with self._lock:
+            if len(self._connections) >= self.max_connections:
+                LOG.warning("ipc: connection refused: %d connections open already", len(self._connections))
+                return False
+            self._connections.add(handler)
+            return True
+
+    def leave(self, handler: _Handler) -> None:
+        with self._lock:
+            self._connections.discard(handler)
+
     def unsubscribe(self, handler: _Handler) -> None:
         with self._lock:
             self._subscribers.discard(handler)
 
     def publish(self, event_type: str, **params: Any) -> None:
-        """Send the notification ``event`` with ``type`` = `event_type` to every subscriber."""
-        note = {"jsonrpc": "2.0", "method": "event", "params": {"type": event_type, **params}}
+        """Queue the notification ``event`` with ``type`` = `event_type` for every subscriber.
+
+        Never waits for a client: each subscriber has a bounded queue that a thread of its own
+        writes out. A subscriber whose queue is full does not read its events; it is dropped
+        (its connection closed, one log line) rather than waited for."""
+        data = _encode({"jsonrpc": "2.0", "method": "event", "params": {"type": event_type, **params}})
         with self._lock:
             subscribers = list(self._subscribers)
         for handler in subscribers:
-            if not handler.send(note):
+            if not handler.queue_event(data):
+                LOG.warning("ipc: a subscriber left %d events unread; dropped", self.event_queue)
                 self.unsubscribe(handler)
+                handler.close()
 
     def dispatch(self, line: bytes, handler: _Handler) -> dict[str, Any] | None:
         """Run one request line; return the response object (None for a notification)."""
@@ -197,6 +300,7 @@ class IpcServer:
             if method == "events.subscribe":
                 with self._lock:
                     self._subscribers.add(handler)
+                handler.subscribe()
                 result: Any = {"subscribed": True}
             elif isinstance(params, dict):
                 result = self._call(method, **params)
