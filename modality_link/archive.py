@@ -37,7 +37,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -48,6 +48,9 @@ from pydicom.valuerep import VR
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
 from modality_link.net.charset import dataset_charset, decoded_text, text_of
+
+if TYPE_CHECKING:
+    from modality_link.coercion import Coerced
 
 LOG = logging.getLogger("modality_link.archive")
 
@@ -322,18 +325,9 @@ class Archive:
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
             with open(src, "rb") as fin, open(part, "wb") as fout:
-                start = _meta_end(fin)
                 fout.write(meta)
                 fout.flush()
-                fin.seek(start)
-                remaining = os.fstat(fin.fileno()).st_size - start
-                offset = start
-                while remaining > 0:
-                    sent = os.sendfile(fout.fileno(), fin.fileno(), offset, remaining)
-                    if sent == 0:
-                        raise CannotUnderstand("source file shrank while it was copied")
-                    offset += sent
-                    remaining -= sent
+                _copy_from(src, _meta_end(fin), fout.fileno())
                 rec.size = os.fstat(fout.fileno()).st_size
                 self._install(fout.fileno(), part, rec)
         except OSError as exc:
@@ -344,6 +338,55 @@ class Archive:
             raise
         self._index(rec)
         return rec
+
+    def store_coerced(self, items: Sequence[tuple["Coerced", Path]], source_ae: str) -> list[InstanceRecord]:
+        """Archive instances whose attributes were coerced (:mod:`modality_link.coercion`):
+        each file is its File Meta, the coerced elements, and the bytes of its source from
+        ``rest_offset`` on, copied without being decoded. The group is made durable as one -
+        every file written, then each flushed, renamed, and each directory fsynced once - and
+        indexed before this returns. On an error nothing of the group is left half-written
+        (files already renamed are complete archive files, indexed by ``reconcile``)."""
+        self.check_space()
+        parts: list[tuple[Path, InstanceRecord]] = []
+        try:
+            for coerced, src in items:
+                rec = record_from_dataset(coerced.dataset, "", 0, source_ae)
+                rec.path = self.path_for(rec)
+                part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+                parts.append((part, rec))
+                with open(part, "wb") as out:
+                    out.write(encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, coerced.transfer_syntax,
+                                               source_ae))
+                    out.write(coerced.header)
+                    out.flush()
+                    if coerced.rest_offset is not None:
+                        _copy_from(src, coerced.rest_offset, out.fileno())
+                    rec.size = os.fstat(out.fileno()).st_size
+            for part, _ in parts:  # one after another, while the others are already written
+                fd = os.open(part, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            directories: dict[Path, None] = {}
+            for part, rec in parts:
+                final = self.root / rec.path
+                directories.update(dict.fromkeys(_make_dirs(final.parent, self.root)))
+                os.replace(part, final)
+                directories[final.parent] = None
+            for directory in directories:
+                self._dir_sync.sync(directory)
+        except OSError as exc:
+            for part, _ in parts:
+                part.unlink(missing_ok=True)
+            raise self._no_space(exc) from None
+        except BaseException:
+            for part, _ in parts:
+                part.unlink(missing_ok=True)
+            raise
+        for _, rec in parts:
+            self._index(rec, flush=False)  # reconcile() rebuilds these rows from the files
+        return [rec for _, rec in parts]
 
     def receive(self, sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> "IncomingInstance":
         """Start receiving a C-STORE data set (PS3.7 9.3.1): a file in the tmp dir that the
@@ -515,6 +558,18 @@ def _serve_validations() -> None:
             answer = {"error": type(exc).__name__, "message": str(exc)}
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
+
+
+def _copy_from(src: Path, offset: int, fd: int) -> None:
+    """Append the bytes of `src` from `offset` on to the file `fd`, in the kernel (sendfile)."""
+    with open(src, "rb") as fin:
+        remaining = os.fstat(fin.fileno()).st_size - offset
+        while remaining > 0:
+            sent = os.sendfile(fd, fin.fileno(), offset, remaining)
+            if sent == 0:
+                raise CannotUnderstand(f"{src} shrank while it was copied")
+            offset += sent
+            remaining -= sent
 
 
 def _make_dirs(directory: Path, root: Path) -> list[Path]:

@@ -13,6 +13,7 @@ file is decoded and encoded whole.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,14 +22,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite, write_dataset
+from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 
 @dataclass
 class Coerced:
-    """An instance with coerced attributes: the edited data set (without its pixel data when
-    `rest_offset` is set), the encoding of its elements before Pixel Data, and where in the
-    source file the bytes to copy after them start (None: `header` is the whole data set)."""
+    """An instance with coerced attributes: the edited data set (without its Pixel Data and what
+    follows when `rest_offset` is set), its encoding, and where in the source file the bytes to
+    copy after it start (None: `header` is the whole data set)."""
 
     dataset: Dataset
     transfer_syntax: UID
@@ -36,35 +40,60 @@ class Coerced:
     rest_offset: int | None
 
 
-def coerce_file(path: Path, coerce: Callable[[Dataset], object]) -> Coerced:
+def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Dataset | None = None) -> Coerced:
     """Read `path` up to its Pixel Data, let `coerce` edit the data set in place, and encode the
     edited elements in the file's own transfer syntax.
+
+    `dataset` is the file already read with its large values deferred (as
+    :func:`modality_link.archive.read_header` reads it, to check it), so that it is not parsed
+    twice; the Pixel Data element and what follows it are then left to be copied.
 
     Every element is decoded before `coerce` runs, so that text is written again in whatever
     Specific Character Set `coerce` leaves (an element still raw would keep the old encoding's
     bytes under the new declaration). Group Length elements (retired, PS3.5 7.2) are dropped:
     their values would no longer be true.
     """
-    with open(path, "rb") as fp:
-        ds = dcmread(fp, stop_before_pixels=True)
-        rest = fp.tell()
+    if dataset is None:
+        with open(path, "rb") as fp:
+            ds = dcmread(fp, stop_before_pixels=True)
+            rest: int | None = fp.tell() if fp.tell() < os.fstat(fp.fileno()).st_size else None
+    else:
+        ds, rest = dataset, _pixel_data_offset(dataset)
+        if rest == -1:  # its Pixel Data was read already: where it started is not known
+            return coerce_file(path, coerce)
     syntax = UID(ds.file_meta.TransferSyntaxUID)
-    if syntax == DeflatedExplicitVRLittleEndian:
+    deflated = syntax == DeflatedExplicitVRLittleEndian
+    if deflated:
         ds, rest = dcmread(path), None
-    for _ in ds.iterall():  # decode every raw element, recursively
+    elif rest is not None:
+        for tag in [t for t in ds.keys() if t >= PIXEL_DATA]:  # copied as bytes, not written twice
+            del ds[tag]
+    for _ in ds.iterall():  # decode every raw element (and read deferred ones), recursively
         pass
     for tag in [t for t in ds.keys() if t.element == 0x0000 and t.group != 0x0002]:
         del ds[tag]
     coerce(ds)
-    fp = DicomBytesIO()
-    fp.is_little_endian = syntax.is_little_endian
-    fp.is_implicit_VR = syntax.is_implicit_VR
-    if rest is None:
+    if deflated:
         out = DicomBytesIO()
         dcmwrite(out, ds, enforce_file_format=True)
         return Coerced(ds, syntax, _dataset_of(out.getvalue()), None)
+    fp = DicomBytesIO()
+    fp.is_little_endian = syntax.is_little_endian
+    fp.is_implicit_VR = syntax.is_implicit_VR
     write_dataset(fp, ds)
     return Coerced(ds, syntax, fp.getvalue(), rest)
+
+
+def _pixel_data_offset(ds: Dataset) -> int | None:
+    """Where the Pixel Data element of a data set read from a file starts in that file (None
+    when it has none): its value's position less its header, 8 bytes in Implicit VR, 12 in
+    Explicit VR (OB and OW have a 4-byte length, PS3.5 7.1.2); -1 when it was decoded already."""
+    raw = ds._dict.get(PIXEL_DATA)
+    if raw is None:
+        return None
+    if not hasattr(raw, "value_tell"):
+        return -1
+    return raw.value_tell - (8 if raw.is_implicit_VR else 12)
 
 
 def _dataset_of(part10: bytes) -> bytes:

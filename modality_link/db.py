@@ -682,14 +682,16 @@ class Database:
     def exams(self, limit: int = 100) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM exams ORDER BY id DESC LIMIT ?", (limit,))]
 
-    def add_exam_object(self, exam_id: int, **fields: Any) -> None:
-        fields = {"exam_id": exam_id, "added_at": time.time(), **fields}
-        cols = ", ".join(fields)
-        marks = ", ".join("?" for _ in fields)
-        with self._lock:
-            self._conn.execute(
-                f"INSERT OR REPLACE INTO exam_objects({cols}) VALUES ({marks})", tuple(fields.values())
-            )
+    def add_exam_objects(self, exam_id: int, rows: list[dict[str, Any]]) -> None:
+        """The rows of one exam.add_image call, in one transaction."""
+        if not rows:
+            return
+        now = time.time()
+        cols = ["exam_id", "added_at", *rows[0]]
+        self._execute_many(
+            f"INSERT OR REPLACE INTO exam_objects({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+            [(exam_id, now, *row.values()) for row in rows],
+        )
 
     def exam_objects(self, exam_id: int) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM exam_objects WHERE exam_id=? ORDER BY added_at, rowid", (exam_id,))

@@ -36,6 +36,8 @@ sent (an N-SET without its N-CREATE is meaningless).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import json
 import logging
@@ -45,13 +47,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from modality_link import config
-from modality_link.archive import Archive, ArchiveError, check_file_meta, read_header
+from modality_link.archive import Archive, ArchiveError, check_file_meta, read_header, record_from_dataset
+from modality_link.coercion import PIXEL_DATA, Coerced, coerce_file
+from modality_link.db import InstanceRecord
 from modality_link.db import Database
 from modality_link.net import mpps
 from modality_link.net.charset import charset_for
@@ -163,6 +166,18 @@ def apply_worklist(ds: Dataset, exam: dict[str, Any], item: Dataset, scheduled: 
         ds.ReferencedPerformedProcedureStepSequence = Sequence([ref])
     ds.SpecificCharacterSet = charset_for(_all_text(ds))
     return ds
+
+
+def _exam_object(rec: InstanceRecord, ds: Dataset, is_image: bool) -> dict[str, Any]:
+    """The exam_objects row of an archived image: what MPPS N-SET lists of it (PS3.3 C.4.14)."""
+    return dict(
+        sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid, series_uid=rec.series_uid,
+        series_description=str(ds.get("SeriesDescription", "") or ""),
+        protocol_name=str(ds.get("ProtocolName", "") or ""),
+        operator=str(ds.get("OperatorsName", "") or ""),
+        performing_physician=str(ds.get("PerformingPhysicianName", "") or ""),
+        is_image=int(is_image),
+    )
 
 
 class ExamManager:
@@ -342,30 +357,71 @@ class ExamManager:
             "mpps": self.db.outbox(exam["id"]),
         }
 
-    def add_image(self, exam_id: Any, paths: list[str]) -> dict[str, Any]:
+    def add_image(self, exam_id: Any, paths: list[str] | None = None, data: list[str] | None = None) -> dict[str, Any]:
+        """Complete acquired images with the exam's data and archive them, as one group.
+
+        `paths` are PS3.10 files the service can read; `data` are PS3.10 files as base64 text
+        (for an acquisition that keeps its images in memory). Every image is checked before any
+        is stored: one that is incomplete or whose File Meta does not describe it refuses the
+        whole call. Only the attributes before Pixel Data are decoded and encoded again
+        (:mod:`modality_link.coercion`); the group is flushed to disk before this returns.
+        """
         exam = self._exam(exam_id)
         if exam["state"] != mpps.IN_PROGRESS:
             raise ExamError("conflict", f"exam {exam['id']} is {exam['state']}: no more images may be added")
-        if not isinstance(paths, list) or not paths:
-            raise ExamError("invalid", "exam.add_image: give a list of PS3.10 file paths")
+        if (paths is None) == (data is None) or not isinstance(paths or data, list) or not (paths or data):
+            raise ExamError("invalid", "exam.add_image: give paths (a list of PS3.10 file paths) or data "
+                                       "(a list of base64-encoded PS3.10 files)")
         item = _from_json(exam["item_json"])
         station = self.get_config().station.ae_title
-        added = []
-        for p in paths:
-            path = Path(p)
-            if not path.is_file():
-                raise ExamError("not_found", f"no such file: {p}")
-            try:  # complete, and described by its own File Meta (PS3.10 7.1), before it is decoded
-                check_file_meta(read_header(path))
-                ds = dcmread(path)
-            except ArchiveError as exc:
-                raise ExamError("invalid", f"{p} refused: {exc}") from None
-            except Exception as exc:
-                raise ExamError("invalid", f"{p}: not a DICOM file ({exc})") from None
+        spooled: list[Path] = []
+        try:
+            if data is not None:
+                spooled = [self._spool(i, text) for i, text in enumerate(data)]
+            files = [(str(p), Path(p)) for p in paths] if paths is not None else \
+                [(f"data[{i}]", f) for i, f in enumerate(spooled)]
+            group = [self._coerce(name, path, exam, item) for name, path in files]
             with self._lock:  # not between the checks of series_complete or end and their effect
-                self._check_open(exam["id"], str(ds.get("SeriesInstanceUID", "") or ""), p)
-                added.append(self._archive(exam, item, ds, station))
-        return {"exam_id": exam["id"], "added": added}
+                for (name, _), (coerced, _, _) in zip(files, group):
+                    self._check_open(exam["id"], str(coerced.dataset.get("SeriesInstanceUID", "") or ""), name)
+                recs = self.archive.store_coerced([(c, path) for c, path, _ in group], station)
+                self.db.add_exam_objects(exam["id"], [
+                    _exam_object(rec, coerced.dataset, is_image)
+                    for rec, (coerced, _, is_image) in zip(recs, group)
+                ])
+        finally:
+            for f in spooled:
+                f.unlink(missing_ok=True)
+        return {"exam_id": exam["id"], "added": [rec.sop_instance_uid for rec in recs]}
+
+    def _spool(self, index: int, text: Any) -> Path:
+        """Write one base64-encoded file of exam.add_image's `data` to the tmp folder."""
+        try:
+            raw = base64.b64decode(text, validate=True) if isinstance(text, str) else None
+        except binascii.Error:
+            raw = None
+        if not raw:
+            raise ExamError("invalid", f"exam.add_image: data[{index}] is not a base64-encoded file")
+        path = self.tmp_dir / f"exam-{uuid.uuid4().hex}.dcm"
+        path.write_bytes(raw)
+        return path
+
+    def _coerce(self, name: str, path: Path, exam: dict[str, Any], item: Dataset) -> tuple[Coerced, Path, bool]:
+        """Check one image and complete it with the exam's data; (coerced, its file, has pixels)."""
+        if not path.is_file():
+            raise ExamError("not_found", f"no such file: {name}")
+        try:  # complete, and described by its own File Meta (PS3.10 7.1), before it is decoded
+            header = read_header(path)
+            check_file_meta(header)
+            rec = record_from_dataset(header, "", 0, "")  # its UIDs valid, as the archive requires
+            is_image = PIXEL_DATA in header and rec.sop_class_uid not in NON_IMAGE_CLASSES
+            coerced = coerce_file(path, lambda ds: apply_worklist(ds, exam, item, scheduled=bool(exam["sps_id"])),
+                                  header)
+        except ArchiveError as exc:
+            raise ExamError("invalid", f"{name} refused: {exc}") from None
+        except Exception as exc:
+            raise ExamError("invalid", f"{name}: not a DICOM file ({exc})") from None
+        return coerced, path, is_image
 
     def _check_open(self, exam_id: int, series_uid: str, path: str) -> None:
         """Images may be added while the exam is in progress and their series not complete."""
@@ -379,25 +435,6 @@ class ExamManager:
                 f"{path}: series {series_uid} of exam {exam_id} was declared complete; "
                 "no more images may be added to it (use a new series)",
             )
-
-    def _archive(self, exam: dict[str, Any], item: Dataset, ds: Dataset, station: str) -> str:
-        """Complete `ds` with the worklist data, archive and index it; its SOP Instance UID."""
-        apply_worklist(ds, exam, item, scheduled=bool(exam["sps_id"]))
-        tmp = self.tmp_dir / f"exam-{uuid.uuid4().hex}.dcm"
-        try:
-            ds.save_as(tmp, enforce_file_format=True)
-            rec = self.archive.store_part10(tmp, station)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self.db.add_exam_object(
-            exam["id"], sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
-            series_uid=rec.series_uid, series_description=str(ds.get("SeriesDescription", "") or ""),
-            protocol_name=str(ds.get("ProtocolName", "") or ""),
-            operator=str(ds.get("OperatorsName", "") or ""),
-            performing_physician=str(ds.get("PerformingPhysicianName", "") or ""),
-            is_image=int("PixelData" in ds and rec.sop_class_uid not in NON_IMAGE_CLASSES),
-        )
-        return rec.sop_instance_uid
 
     def series_complete(self, exam_id: Any, series_uid: str) -> dict[str, Any]:
         """The acquisition software says series `series_uid` of the exam has all its images.

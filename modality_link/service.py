@@ -28,7 +28,6 @@ from modality_link.db import Database, InstanceRecord
 from modality_link.exam import ExamError, ExamManager
 from modality_link.home import Home
 from modality_link.ipc import (
-    CONFLICT,
     CONFIG_INVALID,
     CONFLICT,
     DICOM_FAILURE,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from modality_link.archive import encode_file_meta
+from modality_link.archive import encode_file_meta, read_header
 from modality_link.coercion import coerce_file
 from tests.corpus import CASES, Case
 from tests.test_corpus import assert_same_dataset
@@ -23,12 +23,13 @@ def _coerce(ds) -> None:
     ds.SpecificCharacterSet = "ISO_IR 192"
 
 
+@pytest.mark.parametrize("checked", [False, True], ids=["read here", "read by the archive's check"])
 @pytest.mark.parametrize("case", [c for c in CASES if c.valid], ids=lambda c: c.id)
-def test_coerced_file_keeps_all_but_the_coerced(case: Case, tmp_path: Path) -> None:
+def test_coerced_file_keeps_all_but_the_coerced(case: Case, checked: bool, tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         src = dcmread(case.path)
-        out = coerce_file(case.path, _coerce)
+        out = coerce_file(case.path, _coerce, read_header(case.path) if checked else None)
         path = tmp_path / "out.dcm"
         with open(path, "wb") as fp:
             fp.write(encode_file_meta(src.SOPClassUID, src.SOPInstanceUID, out.transfer_syntax, "TEST"))

@@ -126,3 +126,35 @@ def test_ris_down_at_start_then_up_across_restart(tmp_path: Path) -> None:
     finally:
         svc.stop()
         cleanup(home)
+
+
+def test_images_as_bytes_and_one_group(tmp_path: Path) -> None:
+    """exam.add_image takes PS3.10 files as base64 `data` as well as `paths`; a call is one
+    group: a bad image refuses it whole and nothing of it is archived; the pixel data of what
+    is archived are the source's bytes."""
+    import base64
+
+    home = make_home({})
+    svc = RunningService(home)
+    try:
+        ex = svc.call("exam.start", patient_id="BYTES1", patient_name="Bytes^Bea")
+        paths = spool_images(tmp_path / "s", 3)
+        truncated = tmp_path / "truncated.dcm"
+        truncated.write_bytes(Path(paths[2]).read_bytes()[:-100])
+        with pytest.raises(IpcError, match="truncated.dcm refused: dataset is truncated"):
+            svc.call("exam.add_image", exam_id=ex["exam_id"], paths=[*paths[:2], str(truncated)])
+        assert svc.call("studies.list") == []
+        with pytest.raises(IpcError, match=r"data\[0\] is not a base64-encoded file"):
+            svc.call("exam.add_image", exam_id=ex["exam_id"], data=["not base64!"])
+        data = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
+        added = svc.call("exam.add_image", exam_id=ex["exam_id"], data=data)["added"]
+        assert added == [dcmread(p).SOPInstanceUID for p in paths]
+        for uid, src in zip(added, paths):
+            ds = dcmread(home.archive_dir / svc.service.db.instance(uid)["path"])
+            assert str(ds.PatientName) == "Bytes^Bea" and ds.StudyInstanceUID == ex["study_uid"]
+            assert ds.PixelData == dcmread(src).PixelData
+        assert [o["sop_instance_uid"] for o in svc.service.db.exam_objects(ex["exam_id"])] == added
+        assert not list(home.tmp_dir.glob("exam-*"))
+    finally:
+        svc.stop()
+        cleanup(home)
