@@ -339,7 +339,7 @@ class Archive:
         self._index(rec)
         return rec
 
-    def store_coerced(self, items: Sequence[tuple["Coerced", Path]], source_ae: str) -> list[InstanceRecord]:
+    def store_coerced(self, items: Sequence[tuple["Coerced", Path, InstanceRecord]]) -> list[InstanceRecord]:
         """Archive instances whose attributes were coerced (:mod:`modality_link.coercion`):
         each file is its File Meta, the coerced elements, and the bytes of its source from
         ``rest_offset`` on, copied without being decoded. The group is made durable as one -
@@ -349,14 +349,13 @@ class Archive:
         self.check_space()
         parts: list[tuple[Path, InstanceRecord]] = []
         try:
-            for coerced, src in items:
-                rec = record_from_dataset(coerced.dataset, "", 0, source_ae)
+            for coerced, src, rec in items:  # rec: record_from_dataset(coerced.dataset, ...)
                 rec.path = self.path_for(rec)
                 part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
                 parts.append((part, rec))
                 with open(part, "wb") as out:
                     out.write(encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, coerced.transfer_syntax,
-                                               source_ae))
+                                               rec.source_ae))
                     out.write(coerced.header)
                     out.flush()
                     if coerced.rest_offset is not None:

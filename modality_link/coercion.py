@@ -48,10 +48,10 @@ def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Datase
     :func:`modality_link.archive.read_header` reads it, to check it), so that it is not parsed
     twice; the Pixel Data element and what follows it are then left to be copied.
 
-    Every element is decoded before `coerce` runs, so that text is written again in whatever
-    Specific Character Set `coerce` leaves (an element still raw would keep the old encoding's
-    bytes under the new declaration). Group Length elements (retired, PS3.5 7.2) are dropped:
-    their values would no longer be true.
+    Elements `coerce` does not touch stay undecoded and are written back as the bytes they were:
+    if `coerce` declares another Specific Character Set under which those bytes would mean
+    something else, it must decode them first (see :func:`modality_link.exam.apply_worklist`).
+    Group Length elements (retired, PS3.5 7.2) are dropped: their values would no longer be true.
     """
     if dataset is None:
         with open(path, "rb") as fp:
@@ -68,8 +68,9 @@ def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Datase
     elif rest is not None:
         for tag in [t for t in ds.keys() if t >= PIXEL_DATA]:  # copied as bytes, not written twice
             del ds[tag]
-    for _ in ds.iterall():  # decode every raw element (and read deferred ones), recursively
-        pass
+    for tag, elem in list(ds._dict.items()):  # values left in the file by read_header: read them
+        if getattr(elem, "value", b"") is None and getattr(elem, "length", 0):
+            ds[tag]
     for tag in [t for t in ds.keys() if t.element == 0x0000 and t.group != 0x0002]:
         del ds[tag]
     coerce(ds)

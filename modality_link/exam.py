@@ -47,7 +47,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
@@ -108,17 +110,24 @@ def _sps(item: Dataset) -> Dataset:
     return seq[0] if seq else Dataset()
 
 
+def _texts(elem: DataElement) -> list[str]:
+    """The text values of a decoded element, its items' included."""
+    if elem.VR == "SQ":
+        return [v for item in elem.value for e in item.elements() if not isinstance(e, RawDataElement)
+                for v in _texts(e)]
+    if elem.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "UC") and elem.value is not None:
+        return [str(v) for v in (elem.value if elem.VM > 1 else [elem.value])]
+    return []
+
+
 def _all_text(ds: Dataset) -> list[str]:
-    out = []
-    for elem in ds.iterall():
-        if elem.VR in ("PN", "LO", "SH", "LT", "ST", "UT", "UC") and elem.value is not None:
-            vals = elem.value if elem.VM > 1 else [elem.value]
-            out.extend(str(v) for v in vals)
-    return out
+    return [v for elem in ds.iterall() if elem.VR != "SQ" for v in _texts(elem)]
 
 
 def apply_worklist(ds: Dataset, exam: dict[str, Any], item: Dataset, scheduled: bool) -> Dataset:
     """Complete an acquired image with the exam's worklist data (REQUIREMENTS B14) in place."""
+    charset = ds.get("SpecificCharacterSet")
+    declared = "\\".join(charset) if isinstance(charset, MultiValue) else str(charset or "")
     for key in PATIENT_KEYS:
         if key in item and item[key].value not in (None, ""):
             ds[key] = item[key]
@@ -164,8 +173,27 @@ def apply_worklist(ds: Dataset, exam: dict[str, Any], item: Dataset, scheduled: 
         ref.ReferencedSOPClassUID = mpps.MPPS_SOP_CLASS
         ref.ReferencedSOPInstanceUID = exam["mpps_uid"]
         ds.ReferencedPerformedProcedureStepSequence = Sequence([ref])
-    ds.SpecificCharacterSet = charset_for(_all_text(ds))
+    ds.SpecificCharacterSet = _coerced_charset(ds, declared)
     return ds
+
+
+def _coerced_charset(ds: Dataset, declared: str) -> str:
+    """The Specific Character Set of an image the worklist data were written into (ISO_IR 100
+    when every value fits it, else ISO_IR 192: docs/design.md "Character sets").
+
+    Elements not written here may still be undecoded bytes in the `declared` set; they stay
+    bytes when they mean the same under the new declaration (the old one, or ASCII under a set
+    that contains it), which spares decoding and encoding every element. Otherwise every element
+    is decoded now, under the old declaration, and all text decides."""
+    written = [v for e in ds.elements() if not isinstance(e, RawDataElement) for v in _texts(e)]
+    new = charset_for(written)
+    if declared == "ISO_IR 192":  # Unicode holds whatever was written
+        return declared
+    if declared in ("", "ISO_IR 6") or declared == new:  # ASCII bytes mean the same in both sets
+        return new
+    for _ in ds.iterall():  # decode under the old declaration before it changes
+        pass
+    return charset_for(_all_text(ds))
 
 
 def _exam_object(rec: InstanceRecord, ds: Dataset, is_image: bool) -> dict[str, Any]:
@@ -380,14 +408,13 @@ class ExamManager:
                 spooled = [self._spool(i, text) for i, text in enumerate(data)]
             files = [(str(p), Path(p)) for p in paths] if paths is not None else \
                 [(f"data[{i}]", f) for i, f in enumerate(spooled)]
-            group = [self._coerce(name, path, exam, item) for name, path in files]
+            group = [self._coerce(name, path, exam, item, station) for name, path in files]
             with self._lock:  # not between the checks of series_complete or end and their effect
-                for (name, _), (coerced, _, _) in zip(files, group):
-                    self._check_open(exam["id"], str(coerced.dataset.get("SeriesInstanceUID", "") or ""), name)
-                recs = self.archive.store_coerced([(c, path) for c, path, _ in group], station)
+                for (name, _), (_, _, rec, _) in zip(files, group):
+                    self._check_open(exam["id"], rec.series_uid, name)
+                recs = self.archive.store_coerced([(c, path, rec) for c, path, rec, _ in group])
                 self.db.add_exam_objects(exam["id"], [
-                    _exam_object(rec, coerced.dataset, is_image)
-                    for rec, (coerced, _, is_image) in zip(recs, group)
+                    _exam_object(rec, coerced.dataset, is_image) for coerced, _, rec, is_image in group
                 ])
         finally:
             for f in spooled:
@@ -406,22 +433,25 @@ class ExamManager:
         path.write_bytes(raw)
         return path
 
-    def _coerce(self, name: str, path: Path, exam: dict[str, Any], item: Dataset) -> tuple[Coerced, Path, bool]:
-        """Check one image and complete it with the exam's data; (coerced, its file, has pixels)."""
+    def _coerce(
+        self, name: str, path: Path, exam: dict[str, Any], item: Dataset, station: str
+    ) -> tuple[Coerced, Path, InstanceRecord, bool]:
+        """Check one image and complete it with the exam's data; (coerced, its file, its index
+        row, has pixels)."""
         if not path.is_file():
             raise ExamError("not_found", f"no such file: {name}")
         try:  # complete, and described by its own File Meta (PS3.10 7.1), before it is decoded
             header = read_header(path)
             check_file_meta(header)
-            rec = record_from_dataset(header, "", 0, "")  # its UIDs valid, as the archive requires
-            is_image = PIXEL_DATA in header and rec.sop_class_uid not in NON_IMAGE_CLASSES
+            is_image = PIXEL_DATA in header and header.get("SOPClassUID") not in NON_IMAGE_CLASSES
             coerced = coerce_file(path, lambda ds: apply_worklist(ds, exam, item, scheduled=bool(exam["sps_id"])),
                                   header)
+            rec = record_from_dataset(coerced.dataset, "", 0, station)  # its UIDs valid, as the archive requires
         except ArchiveError as exc:
             raise ExamError("invalid", f"{name} refused: {exc}") from None
         except Exception as exc:
             raise ExamError("invalid", f"{name}: not a DICOM file ({exc})") from None
-        return coerced, path, is_image
+        return coerced, path, rec, is_image
 
     def _check_open(self, exam_id: int, series_uid: str, path: str) -> None:
         """Images may be added while the exam is in progress and their series not complete."""

@@ -18,6 +18,8 @@ NEW_NAME = "Γιάννης^Ωμέγα"  # not Latin-1: the header is written aga
 
 
 def _coerce(ds) -> None:
+    for _ in ds.iterall():  # another character set follows: decode under the old one first
+        pass
     ds.PatientName = NEW_NAME
     ds.PatientID = "NEW-1"
     ds.SpecificCharacterSet = "ISO_IR 192"
