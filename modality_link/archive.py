@@ -34,7 +34,7 @@ import threading
 import uuid
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence
@@ -339,53 +339,63 @@ class Archive:
         self._index(rec)
         return rec
 
-    def store_coerced(self, items: Sequence[tuple["Coerced", Path, InstanceRecord]]) -> list[InstanceRecord]:
-        """Archive instances whose attributes were coerced (:mod:`modality_link.coercion`):
-        each file is its File Meta, the coerced elements, and the bytes of its source from
-        ``rest_offset`` on, copied without being decoded. The group is made durable as one -
-        every file written, then each flushed, renamed, and each directory fsynced once - and
-        indexed before this returns. On an error nothing of the group is left half-written
-        (files already renamed are complete archive files, indexed by ``reconcile``)."""
+    def stage_coerced(self, coerced: "Coerced", src: Path, rec: InstanceRecord) -> "Staged":
+        """Write an instance whose attributes were coerced (:mod:`modality_link.coercion`) to a
+        temporary file: its File Meta, the coerced elements, and the bytes of `src` from
+        ``rest_offset`` on, copied without being decoded. Its fdatasync starts at once in a
+        flusher thread, while the caller prepares the next one; :meth:`install_staged` makes a
+        group durable and indexes it, :meth:`discard_staged` drops it. `rec` is
+        ``record_from_dataset(coerced.dataset, ...)``."""
         self.check_space()
-        parts: list[tuple[Path, InstanceRecord]] = []
+        rec.path = self.path_for(rec)
+        part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
-            for coerced, src, rec in items:  # rec: record_from_dataset(coerced.dataset, ...)
-                rec.path = self.path_for(rec)
-                part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-                parts.append((part, rec))
-                with open(part, "wb") as out:
-                    out.write(encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, coerced.transfer_syntax,
-                                               rec.source_ae))
-                    out.write(coerced.header)
-                    out.flush()
-                    if coerced.rest_offset is not None:
-                        _copy_from(src, coerced.rest_offset, out.fileno())
-                    rec.size = os.fstat(out.fileno()).st_size
-            for part, _ in parts:  # one after another, while the others are already written
-                fd = os.open(part, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
-            directories: dict[Path, None] = {}
-            for part, rec in parts:
-                final = self.root / rec.path
+            with open(part, "wb") as out:
+                out.write(encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, coerced.transfer_syntax,
+                                           rec.source_ae))
+                out.write(coerced.header)
+                out.flush()
+                if coerced.rest_offset is not None:
+                    _copy_from(src, coerced.rest_offset, out.fileno())
+                rec.size = os.fstat(out.fileno()).st_size
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            raise self._no_space(exc) from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        return Staged(part, rec, _flusher().submit(_fdatasync_path, part))
+
+    def install_staged(self, group: Sequence["Staged"]) -> list[InstanceRecord]:
+        """Make staged files durable as one group - each flushed, renamed, and each directory
+        fsynced once - and index them. On an error the files not yet renamed are removed (those
+        renamed are complete archive files, indexed by ``reconcile``)."""
+        directories: dict[Path, None] = {}
+        try:
+            for staged in group:
+                staged.synced.result()
+            for staged in group:
+                final = self.root / staged.rec.path
                 directories.update(dict.fromkeys(_make_dirs(final.parent, self.root)))
-                os.replace(part, final)
+                os.replace(staged.part, final)
                 directories[final.parent] = None
             for directory in directories:
                 self._dir_sync.sync(directory)
         except OSError as exc:
-            for part, _ in parts:
-                part.unlink(missing_ok=True)
+            self.discard_staged(group)
             raise self._no_space(exc) from None
         except BaseException:
-            for part, _ in parts:
-                part.unlink(missing_ok=True)
+            self.discard_staged(group)
             raise
-        for _, rec in parts:
-            self._index(rec, flush=False)  # reconcile() rebuilds these rows from the files
-        return [rec for _, rec in parts]
+        for staged in group:
+            self._index(staged.rec, flush=False)  # reconcile() rebuilds these rows from the files
+        return [staged.rec for staged in group]
+
+    @staticmethod
+    def discard_staged(group: Sequence["Staged"]) -> None:
+        for staged in group:
+            staged.synced.cancel()
+            staged.part.unlink(missing_ok=True)
 
     def receive(self, sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> "IncomingInstance":
         """Start receiving a C-STORE data set (PS3.7 9.3.1): a file in the tmp dir that the
@@ -557,6 +567,23 @@ def _serve_validations() -> None:
             answer = {"error": type(exc).__name__, "message": str(exc)}
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
+
+
+@dataclass
+class Staged:
+    """A file written to the archive's tmp folder, its fdatasync under way (`synced`)."""
+
+    part: Path
+    rec: InstanceRecord
+    synced: "Future[None]"
+
+
+def _fdatasync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _copy_from(src: Path, offset: int, fd: int) -> None:

@@ -408,14 +408,20 @@ class ExamManager:
                 spooled = [self._spool(i, text) for i, text in enumerate(data)]
             files = [(str(p), Path(p)) for p in paths] if paths is not None else \
                 [(f"data[{i}]", f) for i, f in enumerate(spooled)]
-            group = [self._coerce(name, path, exam, item, station) for name, path in files]
-            with self._lock:  # not between the checks of series_complete or end and their effect
-                for (name, _), (_, _, rec, _) in zip(files, group):
-                    self._check_open(exam["id"], rec.series_uid, name)
-                recs = self.archive.store_coerced([(c, path, rec) for c, path, rec, _ in group])
-                self.db.add_exam_objects(exam["id"], [
-                    _exam_object(rec, coerced.dataset, is_image) for coerced, _, rec, is_image in group
-                ])
+            group, staged = [], []
+            try:  # each image written and its flush begun while the next one is prepared
+                for name, path in files:
+                    coerced, _, rec, is_image = self._coerce(name, path, exam, item, station)
+                    staged.append(self.archive.stage_coerced(coerced, path, rec))
+                    group.append((name, rec, _exam_object(rec, coerced.dataset, is_image)))
+                with self._lock:  # not between the checks of series_complete or end and their effect
+                    for name, rec, _ in group:
+                        self._check_open(exam["id"], rec.series_uid, name)
+                    recs = self.archive.install_staged(staged)
+                    self.db.add_exam_objects(exam["id"], [row for _, _, row in group])
+            except BaseException:
+                self.archive.discard_staged(staged)
+                raise
         finally:
             for f in spooled:
                 f.unlink(missing_ok=True)
