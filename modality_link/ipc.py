@@ -77,6 +77,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def setup(self) -> None:
         self.subscribed = False
+        self._writer: threading.Thread | None = None
         self.write_lock = threading.Lock()
         self.events: queue.Queue[bytes | None] = queue.Queue(self.server.ipc.event_queue)
         self._closed = False
@@ -120,6 +121,9 @@ class _Handler(socketserver.BaseRequestHandler):
             reply = self.server.ipc.dispatch(line, self)
             if reply is not None and not self.send(reply):
                 return
+            if self.subscribed and self._writer is None:  # events only after the subscribe reply
+                self._writer = threading.Thread(target=self._write_events, name="ipc-events", daemon=True)
+                self._writer.start()
 
     def finish(self) -> None:
         self.server.ipc.unsubscribe(self)
@@ -140,9 +144,9 @@ class _Handler(socketserver.BaseRequestHandler):
         self.server.ipc.leave(self)
 
     def subscribe(self) -> None:
-        if not self.subscribed:
-            self.subscribed = True
-            threading.Thread(target=self._write_events, name="ipc-events", daemon=True).start()
+        """Queue events from now on; they are written once the reply to the request that
+        subscribed has been (a client reading that reply must not meet an event first)."""
+        self.subscribed = True
 
     def _write_events(self) -> None:
         while True:

@@ -166,6 +166,36 @@ def test_a_subscriber_that_stops_reading_is_dropped_never_waited_for(short_tmp: 
         srv.stop()
 
 
+def test_the_subscribe_reply_comes_before_any_event(short_tmp: Path) -> None:
+    """Events published while a client subscribes are queued and follow the reply: a client
+    reading the reply to events.subscribe never meets an event first (IpcClient.call would
+    skip it as noise and the event would be lost)."""
+    srv = IpcServer(short_tmp / "t.sock", {}, event_queue=10**6)  # a flood: nobody is dropped here
+    srv.start()
+    stop = threading.Event()
+
+    def publish() -> None:
+        n = 0
+        while not stop.is_set():
+            srv.publish("job.progress", n=n)
+            n += 1
+
+    publisher = threading.Thread(target=publish, daemon=True)
+    publisher.start()
+    try:
+        for _ in range(30):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(srv.path))
+                s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}\n')
+                lines = s.makefile("rb")
+                assert json.loads(lines.readline()) == {"jsonrpc": "2.0", "id": 1, "result": {"subscribed": True}}
+                assert json.loads(lines.readline())["method"] == "event"
+    finally:
+        stop.set()
+        publisher.join(5)
+        srv.stop()
+
+
 def test_idle_connections_are_closed_and_their_number_capped(short_tmp: Path) -> None:
     """A connection that says nothing, or leaves a line unfinished, is closed after the idle
     timeout; one beyond the cap is told why and closed; a subscriber may wait for events."""
