@@ -47,6 +47,7 @@ from pydicom.valuerep import VR
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
+from modality_link.media.header import read_dataset, tag_of
 from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
 LOG = logging.getLogger("modality_link.archive")
@@ -188,6 +189,54 @@ def _inflated_size(fp: BinaryIO, start: int) -> int:
     if rest > 8:  # a pad byte, or the 8-byte gzip trailer (CRC-32, size) some writers leave
         raise CannotUnderstand("deflated dataset has trailing bytes after its deflate stream")
     return total + len(inflater.flush())
+
+
+#: The index's attributes (:class:`InstanceRecord` field, keyword), in the order of its columns.
+_INDEXED_TEXT = (
+    ("patient_id", "PatientID"), ("patient_name", "PatientName"), ("birth_date", "PatientBirthDate"),
+    ("sex", "PatientSex"), ("study_date", "StudyDate"), ("study_time", "StudyTime"),
+    ("accession", "AccessionNumber"), ("study_id", "StudyID"), ("study_description", "StudyDescription"),
+    ("referring_physician", "ReferringPhysicianName"), ("modality", "Modality"),
+    ("series_number", "SeriesNumber"), ("series_description", "SeriesDescription"),
+    ("body_part", "BodyPartExamined"), ("instance_number", "InstanceNumber"),
+)
+_INDEXED_UIDS = (
+    ("sop_instance_uid", "SOPInstanceUID", "SOP Instance UID (0008,0018)", "MediaStorageSOPInstanceUID"),
+    ("sop_class_uid", "SOPClassUID", "SOP Class UID (0008,0016)", "MediaStorageSOPClassUID"),
+    ("series_uid", "SeriesInstanceUID", "Series Instance UID (0020,000E)", None),
+    ("study_uid", "StudyInstanceUID", "Study Instance UID (0020,000D)", None),
+)
+_INDEXED_TAGS = frozenset(tag_of(k) for k in ("SpecificCharacterSet", *(k for _, k in _INDEXED_TEXT),
+                                              *(k for _, k, _, _ in _INDEXED_UIDS)))
+
+
+def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
+    """The index row of a complete, regular Little Endian file, read by a walk of its element
+    headers (:func:`modality_link.media.header.read_dataset`, PS3.5 7.1) that decodes only the
+    indexed attributes; the same row as :func:`read_header`, :func:`check_file_meta` and
+    :func:`record_from_dataset` give. None for anything else - refused, Big Endian, Deflated,
+    irregular - which those functions then read with pydicom, and refuse with their message."""
+    with open(path, "rb") as fp:
+        header = read_dataset(fp, _INDEXED_TAGS)
+    if header is None:
+        return None
+    values: dict[str, str] = {}
+    for name, keyword, _, meta_tag in _INDEXED_UIDS:
+        uid = header.get(keyword)
+        meta = header.meta.get(tag_of(meta_tag), b"").rstrip(b" \x00").decode("ascii", "replace") if meta_tag else uid
+        if not is_valid_uid(uid) or meta != uid:
+            return None
+        values[name] = str(uid)
+    for name, keyword in _INDEXED_TEXT:
+        values[name] = text_of(header.get(keyword))
+    return InstanceRecord(
+        **values,
+        transfer_syntax=header.meta[0x00020010].rstrip(b" \x00").decode("ascii"),
+        path="",
+        size=0,
+        charset=text_of(header.get("SpecificCharacterSet")),
+        source_ae=source_ae,
+    )
 
 
 def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:
@@ -440,11 +489,17 @@ _PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
 
 def validate_received(path: str, source_ae: str) -> InstanceRecord:
-    """The index row of a received or imported file, by :func:`read_header` (complete),
-    :func:`check_file_meta` (its File Meta, for a received file built from the C-STORE-RQ,
-    describes the data set) and :func:`record_from_dataset` (valid UIDs). Its path is left to
-    :meth:`Archive.path_for`. The pixel data are dropped before the record is made: looking at
-    every element for the character set would read them back from the file."""
+    """The index row of a received or imported file, its path left to :meth:`Archive.path_for`:
+    by :func:`lean_record` when it can tell, else by :func:`pydicom_record`."""
+    rec = lean_record(path, source_ae)
+    return rec if rec is not None else pydicom_record(path, source_ae)
+
+
+def pydicom_record(path: str, source_ae: str) -> InstanceRecord:
+    """The index row of a file by :func:`read_header` (complete), :func:`check_file_meta` (its
+    File Meta, for a received file built from the C-STORE-RQ, describes the data set) and
+    :func:`record_from_dataset` (valid UIDs). The pixel data are dropped before the record is
+    made: looking at every element for the character set would read them back from the file."""
     ds = read_header(Path(path))
     check_file_meta(ds)
     for tag in _PIXEL_DATA:

@@ -11,6 +11,7 @@ Sequence in an Implicit VR file fall back to pydicom.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
+from pydicom.valuerep import VR
 
 from modality_link.media.options import MediaError
 from modality_link.net.charset import TEXT_VRS, charset_terms, decode_value, effective_terms, python_encodings
@@ -71,6 +73,9 @@ class Header:
 
     elements: dict[int, bytes] = field(default_factory=dict)
     meta: dict[int, bytes] = field(default_factory=dict)  # File Meta values, unpadded raw
+    #: Raw text values and sequences of the whole data set (:func:`read_dataset` only).
+    texts: list[bytes] | None = field(default=None, repr=False)
+    sequences: list[bytes] = field(default_factory=list, repr=False)
     _cache: dict[int, Any] = field(default_factory=dict, repr=False)
     _charset: list[str] | None = field(default=None, repr=False)
 
@@ -78,12 +83,15 @@ class Header:
     def charset(self) -> list[str]:
         """Defined terms that decode this instance's text keys (docs/design.md "Character sets").
 
-        The declared (0008,0005), normalised; if absent, guessed from the bytes of the keys read.
+        The declared (0008,0005), normalised; if absent, guessed from the bytes of the keys read
+        (of every text value and sequence of the data set, after :func:`read_dataset`).
         """
         if self._charset is None:
-            self._charset = effective_terms(
-                charset_terms(self.raw(0x00080005)), [self.raw(t) or b"" for t in self.text_tags()]
-            )
+            declared = charset_terms(self.raw(0x00080005))
+            if self.texts is None:
+                self._charset = effective_terms(declared, [self.raw(t) or b"" for t in self.text_tags()])
+            else:
+                self._charset = effective_terms(declared, self.texts, seqs=self.sequences)
         return self._charset
 
     def text_tags(self) -> list[int]:
@@ -157,35 +165,52 @@ def _parse_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
 
 
 class _Reader:
-    """Little Endian element walker over a growing buffer of the file."""
+    """Little Endian element walker over a window of the file (PS3.5 7.1, 7.5).
+
+    Positions are file offsets; only the bytes around the element being read are held, so a
+    value that is skipped (the Pixel Data) is never read.
+    """
 
     def __init__(self, fp: BinaryIO, buf: bytes, implicit: bool) -> None:
-        self.fp, self.buf, self.implicit = fp, buf, implicit
+        self.fp, self.buf, self.base, self.implicit = fp, buf, 0, implicit
 
-    def need(self, end: int) -> None:
-        while end > len(self.buf):
-            more = self.fp.read(max(_CHUNK, end - len(self.buf)))
+    def need(self, end: int, pos: int) -> None:
+        """Have the file's bytes [pos, end) in the window."""
+        if pos < self.base or pos > self.base + len(self.buf):  # a jump: start a new window
+            self.fp.seek(pos)
+            self.base, self.buf = pos, b""
+        while end > self.base + len(self.buf):
+            more = self.fp.read(max(_CHUNK, end - self.base - len(self.buf)))
             if not more:
                 raise _Fallback("truncated")
-            self.buf += more
+            self.buf = self.buf[pos - self.base :] + more
+            self.base = pos
+
+    def bytes(self, start: int, end: int) -> bytes:
+        """The file's bytes [start, end), read if needed."""
+        self.need(end, start)
+        return self.buf[start - self.base : end - self.base]
 
     def element(self, pos: int) -> tuple[int, str | None, int, int]:
         """Return (tag, vr or None if implicit, value start, value length) at `pos`."""
-        self.need(pos + 12)
-        group, elem = struct.unpack_from("<HH", self.buf, pos)
+        self.need(pos + 8, pos)
+        at = pos - self.base
+        group, elem = struct.unpack_from("<HH", self.buf, at)
         tag = (group << 16) | elem
         if self.implicit or group == 0xFFFE:
-            (length,) = struct.unpack_from("<L", self.buf, pos + 4)
+            (length,) = struct.unpack_from("<L", self.buf, at + 4)
             return tag, None, pos + 8, length
-        vr = self.buf[pos + 4 : pos + 6]
+        vr = self.buf[at + 4 : at + 6]
         if vr in _LONG_VR_BYTES:
-            (length,) = struct.unpack_from("<L", self.buf, pos + 8)
+            self.need(pos + 12, pos)
+            (length,) = struct.unpack_from("<L", self.buf, pos - self.base + 8)
             return tag, vr.decode(), pos + 12, length
-        (length,) = struct.unpack_from("<H", self.buf, pos + 6)
+        (length,) = struct.unpack_from("<H", self.buf, at + 6)
         return tag, vr.decode("latin-1"), pos + 8, length
 
     def skip_undefined(self, pos: int) -> int:
-        """Skip the items of an undefined-length value starting at `pos`; return the end."""
+        """Skip the items of an undefined-length value starting at `pos` (a sequence, PS3.5 7.5,
+        or encapsulated Pixel Data, A.4); return the end of its Sequence Delimitation Item."""
         while True:
             tag, _, start, length = self.element(pos)
             if tag == _SEQ_END:
@@ -204,48 +229,139 @@ class _Reader:
                 pos = self.skip_undefined(start) if length == _UNDEFINED else start + length
 
 
+#: Every VR of PS3.5 6.2, as it appears in an Explicit VR element.
+VR_BYTES = frozenset(vr.value.encode("ascii") for vr in VR)
+_VR_NAMES = frozenset(vr.value for vr in VR)
+#: pydicom reads a value longer than this only when asked (``defer_size`` of the archive's check).
+_DEFERRED = 4096
+
+
+@lru_cache(maxsize=None)
+def _implicit_vr(tag: int) -> str:
+    """The data dictionary's VR of `tag` for an Implicit VR element; "" when unknown (private)."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ""
+
+
+def _strict_vr(reader: _Reader, tag: int, vr: str | None, length: int) -> str:
+    """The VR of a top-level element of a data set walked to its end (:func:`read_dataset`),
+    or :class:`_Fallback` for whatever the walk cannot vouch for: an unknown VR (PS3.5 6.2), an
+    undefined length on anything but a sequence (7.5) or encapsulated Pixel Data (A.4)."""
+    if vr is None:
+        vr = _implicit_vr(tag)
+    elif vr not in _VR_NAMES:
+        raise _Fallback(f"VR {vr!r}")
+    if length == _UNDEFINED and vr != "SQ" and not (tag == 0x7FE00010 and vr in ("OB", "OW") and not reader.implicit):
+        raise _Fallback("undefined length")
+    return vr
+
+
+def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, size: int | None) -> int:
+    """Walk the data set's elements from `pos`, keeping the `wanted` ones in `header`; return
+    where the walk stopped.
+
+    Without `size` (media) the walk stops after the last wanted key, or at the end of the file.
+    With `size` it is strict and walks the whole data set, which must end exactly at `size`
+    (PS3.10 7.2): tags ascending (PS3.5 7.1), every VR known, every value inside the file; it
+    also collects the raw text values and sequences that the character set is guessed from
+    (:func:`modality_link.net.charset.effective_terms`), as pydicom would see them.
+    """
+    strict = size is not None
+    last = 0xFFFFFFFF if strict else max(wanted)
+    previous = -1
+    while size is None or pos < size:
+        try:
+            tag, vr, start, length = reader.element(pos)
+        except _Fallback:
+            if not strict and reader.base + len(reader.buf) - pos < 8:  # end of file
+                break
+            raise
+        if tag > last:
+            break
+        if strict:
+            if tag <= previous:
+                raise _Fallback("tags not ascending")
+            previous = tag
+            vr = _strict_vr(reader, tag, vr, length)
+        if length == _UNDEFINED:
+            if tag in wanted:
+                raise _Fallback("sequence key")
+            end = reader.skip_undefined(start)
+        else:
+            end = start + length
+            if tag in wanted:
+                header.elements[tag] = _kept(reader, tag, vr, pos, start, end, strict)
+            if strict and length <= _DEFERRED and (vr in TEXT_VRS or vr == "SQ"):
+                (header.sequences if vr == "SQ" else header.texts).append(reader.bytes(start, end))
+        pos = end
+    if strict and pos != size:
+        raise _Fallback("truncated or trailing bytes")
+    return pos
+
+
+def _kept(reader: _Reader, tag: int, vr: str | None, pos: int, start: int, end: int, strict: bool) -> bytes:
+    """A wanted key as its Explicit VR Little Endian encoding."""
+    if strict and ((end - start) % 2 or end - start > _DEFERRED or vr == "UN"):
+        raise _Fallback("odd, long or UN key")  # pydicom's reading of it is the reference
+    if reader.implicit:
+        vr = vr_of(tag)
+        if vr == "SQ" or " or " in vr:
+            raise _Fallback("sequence or ambiguous key in implicit VR")
+        return encode_element(tag, vr, reader.bytes(start, end))
+    return reader.bytes(pos, end)  # Explicit VR Little Endian: the element as it is (incl. defined-length SQ)
+
+
+def _little_endian(meta: dict[int, bytes]) -> bool | None:
+    """Implicit (True) or Explicit (False) VR Little Endian by the File Meta's transfer syntax;
+    None for one the lean reader leaves to pydicom (Big Endian, Deflated, none)."""
+    ts = meta.get(0x00020010, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    if ts == "1.2.840.10008.1.2.2" or ts == "1.2.840.10008.1.2.1.99" or not ts:
+        return None
+    return ts == _IMPLICIT_LE
+
+
+def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
+    """Walk the whole data set of the Part-10 file `fp` (at its start) by its element headers
+    (PS3.5 7.1; sequences 7.5; encapsulated Pixel Data A.4), reading no value but the keys
+    `wanted` and the text that decides the character set (:attr:`Header.charset`).
+
+    Returns None when the walk cannot vouch for the file - Big Endian, Deflated, anything
+    irregular, truncated or trailing bytes: the caller then reads it with pydicom, which says
+    what is wrong. A data set that is walked ends exactly at the end of the file.
+    """
+    size = os.fstat(fp.fileno()).st_size
+    buf = fp.read(_CHUNK)
+    try:
+        offset, meta = _parse_meta(buf)
+    except MediaError:
+        return None
+    implicit = _little_endian(meta)
+    if implicit is None or offset >= size:
+        return None
+    header = Header(meta=meta, texts=[], sequences=[])
+    try:
+        _walk(_Reader(fp, buf, implicit), offset, frozenset(wanted), header, size)
+    except (_Fallback, struct.error, MediaError, RecursionError):
+        return None
+    return header
+
+
 def read_header(fp: BinaryIO, wanted: Iterable[int]) -> tuple[int, int, Header]:
     """Read the keys `wanted` (tags) from the Part-10 stream `fp` (at its start).
 
     Returns (offset of the data set, offset where reading stopped, header).
     """
     wanted = frozenset(wanted)
-    last = max(wanted)
     buf = fp.read(_CHUNK)
     offset, meta = _parse_meta(buf)
-    ts = meta.get(0x00020010, b"").rstrip(b"\x00 ").decode("ascii", "replace")
     header = Header(meta=meta)
     try:
-        if ts == "1.2.840.10008.1.2.2" or ts == "1.2.840.10008.1.2.1.99" or not ts:
-            raise _Fallback(ts)
-        implicit = ts == _IMPLICIT_LE
-        reader = _Reader(fp, buf, implicit)
-        pos = offset
-        while True:
-            try:
-                tag, vr, start, length = reader.element(pos)
-            except _Fallback:
-                if len(reader.buf) - pos < 8:  # end of file
-                    break
-                raise
-            if tag > last:
-                break
-            if length == _UNDEFINED:
-                if tag in wanted:
-                    raise _Fallback("sequence key")
-                end = reader.skip_undefined(start)
-            else:
-                end = start + length
-                if tag in wanted:
-                    reader.need(end)
-                    if implicit:
-                        vr = vr_of(tag)
-                        if vr == "SQ" or " or " in vr:
-                            raise _Fallback("sequence or ambiguous key in implicit VR")
-                        header.elements[tag] = encode_element(tag, vr, reader.buf[start:end])
-                    else:  # Explicit VR Little Endian: the element as it is (incl. defined-length SQ)
-                        header.elements[tag] = reader.buf[pos:end]
-            pos = end
+        implicit = _little_endian(meta)
+        if implicit is None:
+            raise _Fallback("not Little Endian")
+        pos = _walk(_Reader(fp, buf, implicit), offset, wanted, header, None)
         return offset, pos, header
     except _Fallback:
         fp.seek(0)
