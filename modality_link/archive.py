@@ -220,6 +220,7 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         header = read_dataset(fp, _INDEXED_TAGS)
     if header is None:
         return None
+    header.decode(_INDEXED_TAGS)
     values: dict[str, str] = {}
     for name, keyword, _, meta_tag in _INDEXED_UIDS:
         uid = header.get(keyword)

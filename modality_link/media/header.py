@@ -26,7 +26,7 @@ from pydicom.tag import Tag
 from pydicom.valuerep import VR
 
 from modality_link.media.options import MediaError
-from modality_link.net.charset import TEXT_VRS, charset_terms, decode_value, effective_terms, python_encodings
+from modality_link.net.charset import TEXT_VRS, charset_terms, decode_values, effective_terms, python_encodings
 
 LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 _LONG_VR_BYTES = frozenset(v.encode() for v in LONG_VRS)
@@ -142,9 +142,15 @@ class Header:
     def value(self, tag: int) -> Any:
         """Value of the key `tag` (present), decoded in :attr:`charset` by pydicom."""
         if tag not in self._cache:
-            vr = self.elements[tag][4:6].decode()
-            self._cache[tag] = decode_value(tag, vr, self.raw(tag) or b"", self.charset)
+            self.decode([tag])
         return self._cache[tag]
+
+    def decode(self, tags: Iterable[int]) -> None:
+        """Decode the values of the keys `tags` that are present, all at once (:meth:`value`)."""
+        todo = [t for t in tags if t in self.elements and t not in self._cache]
+        if todo:
+            raws = [(t, self.elements[t][4:6].decode(), self.raw(t) or b"") for t in todo]
+            self._cache.update(zip(todo, decode_values(raws, self.charset)))
 
 
 def _parse_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
