@@ -21,21 +21,17 @@ is stored deflated, as received; its completeness is checked on the inflated str
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import queue
 import re
 import shutil
 import struct
-import subprocess
-import sys
 import threading
 import uuid
 import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -318,13 +314,8 @@ class Archive:
     min_free_mb: int = 512
     #: Called with (code, message) when the operator must be told (disk full...).
     on_alert: Callable[[str, str], None] | None = None
-    #: Processes that validate received files while several arrive at once (0: none).
-    validator_processes: int = 0
     _dir_sync: "DirectorySync" = field(init=False, repr=False)
     _indexer: "Indexer" = field(init=False, repr=False)
-    _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
-    _receiving: int = field(init=False, repr=False, default=0)  # data sets arriving now
-    _validators: "Validators | None" = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._dir_sync = DirectorySync()
@@ -400,29 +391,6 @@ class Archive:
         fragments are written to as they arrive; raise :class:`DiskFull` below the reserve."""
         self.check_space()
         return IncomingInstance(self, sop_class, sop_instance, transfer_syntax, source_ae)
-
-    def _validate(self, part: Path, source_ae: str) -> InstanceRecord:
-        """:func:`validate_received`, in a validator process while other data sets arrive:
-        pydicom's parse holds the GIL, and with it every other association."""
-        with self._lock:
-            busy = self._receiving > 1 and self.validator_processes > 0
-            if busy and self._validators is None:  # started at the first parallel receive
-                self._validators = Validators(self.validator_processes)
-        if busy and self._validators is not None:
-            rec = self._validators.validate(part, source_ae)
-            if rec is not None:
-                return rec
-        return validate_received(str(part), source_ae)
-
-    def _receiving_changed(self, delta: int) -> None:
-        with self._lock:
-            self._receiving += delta
-
-    def stop_validators(self) -> None:
-        with self._lock:
-            validators, self._validators = self._validators, None
-        if validators is not None:
-            validators.close()
 
     def _install(self, fd: int | None, part: Path, rec: InstanceRecord) -> None:
         """Make `part` the durable archive file of `rec`: fdatasync its data (unless the caller
@@ -509,70 +477,6 @@ def pydicom_record(path: str, source_ae: str) -> InstanceRecord:
     return record_from_dataset(ds, "", 0, source_ae)
 
 
-_ERRORS: dict[str, type[ArchiveError]] = {c.__name__: c for c in (CannotUnderstand, DatasetMismatch, DiskFull)}
-
-
-class Validators:
-    """Processes (``python -m modality_link.archive``) that run :func:`validate_received`: one
-    JSON line in ({"path", "ae"}), one out ({"record"} or {"error", "message"}). A process that
-    dies is dropped, and its caller validates in its own thread."""
-
-    def __init__(self, count: int) -> None:
-        self._idle: "queue.Queue[subprocess.Popen]" = queue.Queue()
-        self._all: list[subprocess.Popen] = []
-        for _ in range(count):
-            proc = subprocess.Popen([sys.executable, "-m", "modality_link.archive"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True, bufsize=1)
-            self._all.append(proc)
-            self._idle.put(proc)
-
-    def validate(self, part: Path, source_ae: str) -> InstanceRecord | None:
-        """The record, or None when no process could answer; raises what the check raised."""
-        try:
-            proc = self._idle.get(timeout=1.0)
-        except queue.Empty:
-            return None
-        try:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(json.dumps({"path": str(part), "ae": source_ae}) + "\n")
-            answer = json.loads(proc.stdout.readline())
-        except (OSError, ValueError):
-            LOG.error("archive: validator process %d is gone", proc.pid)
-            proc.kill()
-            return None
-        self._idle.put(proc)
-        if "record" in answer:
-            return InstanceRecord(**answer["record"])
-        error = _ERRORS.get(answer["error"])
-        if error is None:
-            raise RuntimeError(answer["message"])
-        raise error(answer["message"])
-
-    def close(self) -> None:
-        for proc in self._all:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        for proc in self._all:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            if proc.stdout is not None:
-                proc.stdout.close()
-
-
-def _serve_validations() -> None:
-    """The validator process: :func:`validate_received` for each request line on stdin."""
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            answer: dict = {"record": asdict(validate_received(request["path"], request["ae"]))}
-        except Exception as exc:
-            answer = {"error": type(exc).__name__, "message": str(exc)}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
-
-
 def _make_dirs(directory: Path, root: Path) -> list[Path]:
     """Create `directory` and its missing parents below `root`; return the parents whose
     entries changed (each must be fsynced for the new directory to survive a crash)."""
@@ -596,9 +500,8 @@ class IncomingInstance:
     group built from the C-STORE-RQ and the presentation context, never decoded, never copied.
 
     Fragments go to :meth:`write` as they arrive; :meth:`finish` validates the file with
-    :func:`read_header`, :func:`check_file_meta` (the data set's SOP Class and Instance UIDs
-    against the C-STORE-RQ's Affected ones) and :func:`record_from_dataset`, then makes it
-    durable under its final name. :meth:`discard` removes it at once (an aborted association).
+    :func:`validate_received` (complete; the data set's SOP Class and Instance UIDs are the
+    C-STORE-RQ's Affected ones; valid UIDs), then makes it durable under its final name. :meth:`discard` removes it at once (an aborted association).
     """
 
     #: Free space is checked again after every this many bytes of one data set.
@@ -615,8 +518,6 @@ class IncomingInstance:
             self._file: BinaryIO | None = open(self.part, "wb")
         except OSError as exc:
             raise archive._no_space(exc) from None
-        archive._receiving_changed(+1)
-        self._counted = True
         self.write(encode_file_meta(sop_class, sop_instance, transfer_syntax, source_ae))
 
     def write(self, data: bytes | memoryview) -> None:
@@ -641,14 +542,8 @@ class IncomingInstance:
         self.error = error
         self.discard()
 
-    def _done(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.archive._receiving_changed(-1)
-
     def discard(self) -> None:
         """Remove the partial file now."""
-        self._done()
         if self._file is not None:
             try:
                 self._file.close()
@@ -669,7 +564,7 @@ class IncomingInstance:
             # does not hold the GIL); a refused file was flushed for nothing, and is removed.
             synced = _flusher().submit(os.fdatasync, self._file.fileno())
             try:
-                rec = self.archive._validate(self.part, self.source_ae)
+                rec = validate_received(str(self.part), self.source_ae)
             finally:
                 synced.result()
             rec.path = self.archive.path_for(rec)
@@ -681,7 +576,6 @@ class IncomingInstance:
         except BaseException:
             self.discard()
             raise
-        self._done()
         self._file.close()
         self._file = None
         return rec
@@ -781,6 +675,3 @@ class Indexer:
                 self._done = ticket
                 self._cond.notify_all()
 
-
-if __name__ == "__main__":
-    _serve_validations()
