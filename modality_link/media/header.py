@@ -192,7 +192,7 @@ class _Reader:
             self.buf = self.buf[pos - self.base :] + more
             self.base = pos
 
-    def bytes(self, start: int, end: int) -> bytes:
+    def span(self, start: int, end: int) -> bytes:
         """The file's bytes [start, end), read if needed."""
         self.need(end, start)
         return self.buf[start - self.base : end - self.base]
@@ -300,7 +300,7 @@ def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, siz
             if tag in wanted:
                 header.elements[tag] = _kept(reader, tag, vr, pos, start, end, strict)
             if strict and length <= _DEFERRED and (vr in TEXT_VRS or vr == "SQ"):
-                (header.sequences if vr == "SQ" else header.texts).append(reader.bytes(start, end))
+                (header.sequences if vr == "SQ" else header.texts).append(reader.span(start, end))
         pos = end
     if strict and pos != size:
         raise _Fallback("truncated or trailing bytes")
@@ -315,8 +315,8 @@ def _kept(reader: _Reader, tag: int, vr: str | None, pos: int, start: int, end: 
         vr = vr_of(tag)
         if vr == "SQ" or " or " in vr:
             raise _Fallback("sequence or ambiguous key in implicit VR")
-        return encode_element(tag, vr, reader.bytes(start, end))
-    return reader.bytes(pos, end)  # Explicit VR Little Endian: the element as it is (incl. defined-length SQ)
+        return encode_element(tag, vr, reader.span(start, end))
+    return reader.span(pos, end)  # Explicit VR Little Endian: the element as it is (incl. defined-length SQ)
 
 
 def _little_endian(meta: dict[int, bytes]) -> bool | None:
