@@ -39,11 +39,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pydicom.valuerep import VR
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
-from modality_link.media.header import read_dataset, tag_of
+from modality_link.media.header import VR_BYTES, read_dataset, tag_of
 from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
 LOG = logging.getLogger("modality_link.archive")
@@ -136,14 +135,11 @@ def read_header(path: Path) -> Dataset:
     return ds
 
 
-_VRS = frozenset(vr.value.encode("ascii") for vr in VR)
-
-
 def _check_explicit_vr(vr: bytes, syntax: UID) -> None:
     """The first element of a data set in an explicit VR transfer syntax names its VR (PS3.5
     7.1.2). Some writers put an Implicit VR data set under an explicit syntax: pydicom guesses
     its way through such a file, but the peers we pass it to do not (DCMTK reads garbage)."""
-    if vr not in _VRS:
+    if vr not in VR_BYTES:
         raise CannotUnderstand(
             f"the data set is not encoded in Explicit VR although its transfer syntax {syntax.name} requires "
             f"it (PS3.5 7.1.2): its first element has VR {vr!r}"

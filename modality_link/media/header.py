@@ -23,6 +23,7 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
+from pydicom.uid import UID
 from pydicom.valuerep import VR
 
 from modality_link.media.options import MediaError
@@ -170,6 +171,22 @@ def _parse_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
     return pos, meta
 
 
+#: Every VR of PS3.5 6.2, as it appears in an Explicit VR element.
+VR_BYTES = frozenset(vr.value.encode("ascii") for vr in VR)
+_VR_NAMES = frozenset(vr.value for vr in VR)
+#: pydicom reads a value longer than this only when asked (``defer_size`` of the archive's check).
+_DEFERRED = 4096
+
+
+@lru_cache(maxsize=None)
+def _implicit_vr(tag: int) -> str:
+    """The data dictionary's VR of `tag` for an Implicit VR element; "" when unknown (private)."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ""
+
+
 class _Reader:
     """Little Endian element walker over a window of the file (PS3.5 7.1, 7.5).
 
@@ -177,8 +194,11 @@ class _Reader:
     value that is skipped (the Pixel Data) is never read.
     """
 
-    def __init__(self, fp: BinaryIO, buf: bytes, implicit: bool) -> None:
+    def __init__(self, fp: BinaryIO, buf: bytes, implicit: bool, strict: bool = False) -> None:
         self.fp, self.buf, self.base, self.implicit = fp, buf, 0, implicit
+        #: Refuse (:class:`_Fallback`) an unknown VR, and an undefined length on anything but a
+        #: sequence inside an item (:func:`read_dataset`).
+        self.strict = strict
 
     def need(self, end: int, pos: int) -> None:
         """Have the file's bytes [pos, end) in the window."""
@@ -207,6 +227,8 @@ class _Reader:
             (length,) = struct.unpack_from("<L", self.buf, at + 4)
             return tag, None, pos + 8, length
         vr = self.buf[at + 4 : at + 6]
+        if self.strict and vr not in VR_BYTES:
+            raise _Fallback(f"VR {vr!r}")
         if vr in _LONG_VR_BYTES:
             self.need(pos + 12, pos)
             (length,) = struct.unpack_from("<L", self.buf, pos - self.base + 8)
@@ -214,41 +236,39 @@ class _Reader:
         (length,) = struct.unpack_from("<H", self.buf, at + 6)
         return tag, vr.decode("latin-1"), pos + 8, length
 
-    def skip_undefined(self, pos: int) -> int:
+    def skip_undefined(self, pos: int, sequence: bool = True) -> int:
         """Skip the items of an undefined-length value starting at `pos` (a sequence, PS3.5 7.5,
-        or encapsulated Pixel Data, A.4); return the end of its Sequence Delimitation Item."""
+        or with `sequence` false encapsulated Pixel Data, A.4); return the end of its Sequence
+        Delimitation Item. In strict mode the elements of a sequence's items are walked too."""
         while True:
             tag, _, start, length = self.element(pos)
             if tag == _SEQ_END:
                 return start
             if tag != _ITEM:
                 raise _Fallback("malformed sequence")
+            if length == _UNDEFINED:
+                pos = self._item(start, None)
+            elif self.strict and sequence:
+                pos = self._item(start, start + length)
+            else:
+                pos = start + length
+
+    def _item(self, pos: int, end: int | None) -> int:
+        """Walk the elements of an item from `pos` to `end` (defined length) or to its Item
+        Delimitation Item (undefined length, `end` None); return where the item ends."""
+        while pos != end:
+            tag, vr, start, length = self.element(pos)
+            if end is None and tag == _ITEM_END:
+                return start
             if length != _UNDEFINED:
                 pos = start + length
-                continue
-            pos = start
-            while True:  # elements of an undefined-length item
-                tag, _, start, length = self.element(pos)
-                if tag == _ITEM_END:
-                    pos = start
-                    break
-                pos = self.skip_undefined(start) if length == _UNDEFINED else start + length
-
-
-#: Every VR of PS3.5 6.2, as it appears in an Explicit VR element.
-VR_BYTES = frozenset(vr.value.encode("ascii") for vr in VR)
-_VR_NAMES = frozenset(vr.value for vr in VR)
-#: pydicom reads a value longer than this only when asked (``defer_size`` of the archive's check).
-_DEFERRED = 4096
-
-
-@lru_cache(maxsize=None)
-def _implicit_vr(tag: int) -> str:
-    """The data dictionary's VR of `tag` for an Implicit VR element; "" when unknown (private)."""
-    try:
-        return dictionary_VR(tag)
-    except KeyError:
-        return ""
+            elif self.strict and (vr or _implicit_vr(tag)) != "SQ":
+                raise _Fallback("undefined length")
+            else:
+                pos = self.skip_undefined(start)
+            if end is not None and pos > end:
+                raise _Fallback("element beyond its item")
+        return pos
 
 
 def _strict_vr(reader: _Reader, tag: int, vr: str | None, length: int) -> str:
@@ -294,7 +314,7 @@ def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, siz
         if length == _UNDEFINED:
             if tag in wanted:
                 raise _Fallback("sequence key")
-            end = reader.skip_undefined(start)
+            end = reader.skip_undefined(start, sequence=vr != "OB" and vr != "OW")
         else:
             end = start + length
             if tag in wanted:
@@ -328,6 +348,36 @@ def _little_endian(meta: dict[int, bytes]) -> bool | None:
     return ts == _IMPLICIT_LE
 
 
+#: VRs of the File Meta Information elements after its group length (PS3.10 Table 7.1-1).
+_META_VRS = frozenset({b"OB", b"UI", b"SH", b"AE", b"UR"})
+
+
+def _regular_meta(buf: bytes, end: int, meta: dict[int, bytes]) -> bool:
+    """True if the File Meta Information ending at `end` is as PS3.10 7.1 has it: its group
+    length (0002,0000) first and right, tags ascending, each VR the table's, a known Transfer
+    Syntax UID. Ours always is; another is left to pydicom (it reads the group its own way)."""
+    if buf[132:140] != b"\x02\x00\x00\x00UL\x04\x00" or 144 + struct.unpack_from("<L", buf, 140)[0] != end:
+        return False
+    pos, previous = 144, 0
+    while pos < end:
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        vr = buf[pos + 4 : pos + 6]
+        if group != 2 or elem <= previous or vr not in _META_VRS:
+            return False
+        previous = elem
+        if vr == b"OB" or vr == b"UR":
+            pos += 12 + struct.unpack_from("<L", buf, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", buf, pos + 6)[0]
+    return pos == end and _is_transfer_syntax(meta.get(0x00020010, b""))
+
+
+@lru_cache(maxsize=64)
+def _is_transfer_syntax(value: bytes) -> bool:
+    """True for a Transfer Syntax UID that pydicom knows (PS3.6 Table A-1), as it requires."""
+    return UID(value.rstrip(b"\x00 ").decode("ascii", "replace")).is_transfer_syntax
+
+
 def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
     """Walk the whole data set of the Part-10 file `fp` (at its start) by its element headers
     (PS3.5 7.1; sequences 7.5; encapsulated Pixel Data A.4), reading no value but the keys
@@ -341,14 +391,14 @@ def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
     buf = fp.read(_CHUNK)
     try:
         offset, meta = _parse_meta(buf)
-    except MediaError:
-        return None
-    implicit = _little_endian(meta)
-    if implicit is None or offset >= size:
+        implicit = _little_endian(meta)
+        if implicit is None or offset >= size or not _regular_meta(buf, offset, meta):
+            return None
+    except (MediaError, struct.error):
         return None
     header = Header(meta=meta, texts=[], sequences=[])
     try:
-        _walk(_Reader(fp, buf, implicit), offset, frozenset(wanted), header, size)
+        _walk(_Reader(fp, buf, implicit, strict=True), offset, frozenset(wanted), header, size)
     except (_Fallback, struct.error, MediaError, RecursionError):
         return None
     return header

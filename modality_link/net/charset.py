@@ -158,15 +158,16 @@ def decode_values(elements: Sequence[tuple[int, str, bytes]], terms: Sequence[st
     """The values of encoded elements (tag, VR, Little Endian bytes), decoded by pydicom in
     `terms` (PS3.5 §6.1): :func:`decode_value` for several at the cost of one."""
     encodings = python_encodings(terms)
+    values, warned = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        values = [
-            convert_raw_data_element(RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True),
-                                     encoding=encodings).value
-            for tag, vr, raw in elements
-        ]
-    for w in caught:
-        LOGGER.warning("%s: %s", ", ".join(f"({t >> 16:04X},{t & 0xFFFF:04X})" for t, _, _ in elements), w.message)
+        for tag, vr, raw in elements:
+            seen = len(caught)
+            elem = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)
+            values.append(convert_raw_data_element(elem, encoding=encodings).value)
+            warned += [(tag, w) for w in caught[seen:]]
+    for tag, w in warned:
+        LOGGER.warning("(%04X,%04X): %s", tag >> 16, tag & 0xFFFF, w.message)
     return values
 
 
