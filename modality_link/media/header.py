@@ -174,6 +174,10 @@ def _parse_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
 #: Every VR of PS3.5 6.2, as it appears in an Explicit VR element.
 VR_BYTES = frozenset(vr.value.encode("ascii") for vr in VR)
 _VR_NAMES = frozenset(vr.value for vr in VR)
+_VR_NAME = {vr.value.encode("ascii"): vr.value for vr in VR}
+_IMPLICIT_HEAD = struct.Struct("<HHL")  # tag, value length (PS3.5 7.1.3)
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")  # tag, VR, value length (PS3.5 7.1.2)
+_LENGTH = struct.Struct("<L")
 #: pydicom reads a value longer than this only when asked (``defer_size`` of the archive's check).
 _DEFERRED = 4096
 
@@ -219,22 +223,28 @@ class _Reader:
 
     def element(self, pos: int) -> tuple[int, str | None, int, int]:
         """Return (tag, vr or None if implicit, value start, value length) at `pos`."""
-        self.need(pos + 8, pos)
         at = pos - self.base
-        group, elem = struct.unpack_from("<HH", self.buf, at)
+        if at < 0 or at + 8 > len(self.buf):
+            self.need(pos + 8, pos)
+            at = pos - self.base
+        if self.implicit:
+            group, elem, length = _IMPLICIT_HEAD.unpack_from(self.buf, at)
+            return (group << 16) | elem, None, pos + 8, length
+        group, elem, vr, length = _EXPLICIT_HEAD.unpack_from(self.buf, at)
         tag = (group << 16) | elem
-        if self.implicit or group == 0xFFFE:
-            (length,) = struct.unpack_from("<L", self.buf, at + 4)
-            return tag, None, pos + 8, length
-        vr = self.buf[at + 4 : at + 6]
-        if self.strict and vr not in VR_BYTES:
-            raise _Fallback(f"VR {vr!r}")
+        if group == 0xFFFE:
+            return tag, None, pos + 8, _LENGTH.unpack_from(self.buf, at + 4)[0]
+        name = _VR_NAME.get(vr)
+        if name is None:
+            if self.strict:
+                raise _Fallback(f"VR {vr!r}")
+            name = vr.decode("latin-1")
         if vr in _LONG_VR_BYTES:
-            self.need(pos + 12, pos)
-            (length,) = struct.unpack_from("<L", self.buf, pos - self.base + 8)
-            return tag, vr.decode(), pos + 12, length
-        (length,) = struct.unpack_from("<H", self.buf, at + 6)
-        return tag, vr.decode("latin-1"), pos + 8, length
+            if at + 12 > len(self.buf):
+                self.need(pos + 12, pos)
+                at = pos - self.base
+            return tag, name, pos + 12, _LENGTH.unpack_from(self.buf, at + 8)[0]
+        return tag, name, pos + 8, length
 
     def skip_undefined(self, pos: int, sequence: bool = True) -> int:
         """Skip the items of an undefined-length value starting at `pos` (a sequence, PS3.5 7.5,
