@@ -99,17 +99,11 @@ def test_lean_record_leaves_broken_files_to_pydicom(tmp_path: Path) -> None:
     good = _named(tmp_path / "good.dcm", b"DOE^J", None)
     data = good.read_bytes()
     assert lean_record(str(good), "") is not None
+    # also a File Meta cut in the middle of an element, a Transfer Syntax UID that is none
+    ts = data.index(b"1.2.840.10008.1.2.1\x00")
     for what, broken in (("truncated", data[:-3]), ("trailing", data + b"\x00\x00\x00\x00"),
-                         ("cut header", data[:-7])):
-        path = tmp_path / f"{what}.dcm"
-        path.write_bytes(broken)
-        assert lean_record(str(path), "") is None, what
-        with pytest.raises(CannotUnderstand):
-            validate_received(str(path), "")
-    # a File Meta cut in the middle of an element, a Transfer Syntax UID that is none
-    at = data.index(b"1.2.840.10008.1.2.1\x00")
-    for what, broken in (("cut meta", data[:at - 6]),
-                         ("no transfer syntax", data[:at] + b"1.2.840.10008.1.1.1\x00" + data[at + 20:])):
+                         ("cut header", data[:-7]), ("cut meta", data[:ts - 6]),
+                         ("no transfer syntax", data[:ts] + b"1.2.840.10008.1.1.1\x00" + data[ts + 20:])):
         path = tmp_path / f"{what}.dcm"
         path.write_bytes(broken)
         assert lean_record(str(path), "") is None, what
