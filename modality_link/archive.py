@@ -192,14 +192,15 @@ _INDEXED_TEXT = (
     ("series_number", "SeriesNumber"), ("series_description", "SeriesDescription"),
     ("body_part", "BodyPartExamined"), ("instance_number", "InstanceNumber"),
 )
+#: The indexed UIDs (field, keyword, the File Meta's keyword that must hold the same UID).
 _INDEXED_UIDS = (
-    ("sop_instance_uid", "SOPInstanceUID", "SOP Instance UID (0008,0018)", "MediaStorageSOPInstanceUID"),
-    ("sop_class_uid", "SOPClassUID", "SOP Class UID (0008,0016)", "MediaStorageSOPClassUID"),
-    ("series_uid", "SeriesInstanceUID", "Series Instance UID (0020,000E)", None),
-    ("study_uid", "StudyInstanceUID", "Study Instance UID (0020,000D)", None),
+    ("sop_instance_uid", "SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+    ("sop_class_uid", "SOPClassUID", "MediaStorageSOPClassUID"),
+    ("series_uid", "SeriesInstanceUID", None),
+    ("study_uid", "StudyInstanceUID", None),
 )
 _INDEXED_TAGS = frozenset(tag_of(k) for k in ("SpecificCharacterSet", *(k for _, k in _INDEXED_TEXT),
-                                              *(k for _, k, _, _ in _INDEXED_UIDS)))
+                                              *(k for _, k, _ in _INDEXED_UIDS)))
 
 
 def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
@@ -214,11 +215,14 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         return None
     header.decode(_INDEXED_TAGS)
     values: dict[str, str] = {}
-    for name, keyword, _, meta_tag in _INDEXED_UIDS:
+    for name, keyword, meta_keyword in _INDEXED_UIDS:
         uid = header.get(keyword)
-        meta = header.meta.get(tag_of(meta_tag), b"").rstrip(b" \x00").decode("ascii", "replace") if meta_tag else uid
-        if not is_valid_uid(uid) or meta != uid:
+        if not is_valid_uid(uid):
             return None
+        if meta_keyword is not None:  # PS3.10 7.1: the File Meta describes the data set
+            meta = header.meta.get(tag_of(meta_keyword), b"").rstrip(b" \x00").decode("ascii", "replace")
+            if meta != uid:
+                return None
         values[name] = str(uid)
     for name, keyword in _INDEXED_TEXT:
         values[name] = text_of(header.get(keyword))
