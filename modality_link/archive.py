@@ -501,7 +501,8 @@ class IncomingInstance:
 
     Fragments go to :meth:`write` as they arrive; :meth:`finish` validates the file with
     :func:`validate_received` (complete; the data set's SOP Class and Instance UIDs are the
-    C-STORE-RQ's Affected ones; valid UIDs), then makes it durable under its final name. :meth:`discard` removes it at once (an aborted association).
+    C-STORE-RQ's Affected ones; valid UIDs), then makes it durable under its final name.
+    :meth:`discard` removes it at once (an aborted association).
     """
 
     #: Free space is checked again after every this many bytes of one data set.

@@ -173,7 +173,6 @@ def _parse_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
 
 #: Every VR of PS3.5 6.2, as it appears in an Explicit VR element.
 VR_BYTES = frozenset(vr.value.encode("ascii") for vr in VR)
-_VR_NAMES = frozenset(vr.value for vr in VR)
 _VR_NAME = {vr.value.encode("ascii"): vr.value for vr in VR}
 _IMPLICIT_HEAD = struct.Struct("<HHL")  # tag, value length (PS3.5 7.1.3)
 _EXPLICIT_HEAD = struct.Struct("<HH2sH")  # tag, VR, value length (PS3.5 7.1.2)
@@ -283,12 +282,10 @@ class _Reader:
 
 def _strict_vr(reader: _Reader, tag: int, vr: str | None, length: int) -> str:
     """The VR of a top-level element of a data set walked to its end (:func:`read_dataset`),
-    or :class:`_Fallback` for whatever the walk cannot vouch for: an unknown VR (PS3.5 6.2), an
-    undefined length on anything but a sequence (7.5) or encapsulated Pixel Data (A.4)."""
+    or :class:`_Fallback` for an undefined length on anything but a sequence (PS3.5 7.5) or
+    encapsulated Pixel Data (A.4). (An unknown VR, PS3.5 6.2, stopped :meth:`_Reader.element`.)"""
     if vr is None:
         vr = _implicit_vr(tag)
-    elif vr not in _VR_NAMES:
-        raise _Fallback(f"VR {vr!r}")
     if length == _UNDEFINED and vr != "SQ" and not (tag == 0x7FE00010 and vr in ("OB", "OW") and not reader.implicit):
         raise _Fallback("undefined length")
     return vr
@@ -364,8 +361,9 @@ _META_VRS = frozenset({b"OB", b"UI", b"SH", b"AE", b"UR"})
 
 def _regular_meta(buf: bytes, end: int, meta: dict[int, bytes]) -> bool:
     """True if the File Meta Information ending at `end` is as PS3.10 7.1 has it: its group
-    length (0002,0000) first and right, tags ascending, each VR the table's, a known Transfer
-    Syntax UID. Ours always is; another is left to pydicom (it reads the group its own way)."""
+    length (0002,0000) first and right, tags ascending, each VR the table's, a Transfer Syntax
+    UID the walk can read. Ours always is; another is left to pydicom (which reads the group
+    its own way)."""
     if buf[132:140] != b"\x02\x00\x00\x00UL\x04\x00" or 144 + struct.unpack_from("<L", buf, 140)[0] != end:
         return False
     pos, previous = 144, 0
@@ -379,13 +377,15 @@ def _regular_meta(buf: bytes, end: int, meta: dict[int, bytes]) -> bool:
             pos += 12 + struct.unpack_from("<L", buf, pos + 8)[0]
         else:
             pos += 8 + struct.unpack_from("<H", buf, pos + 6)[0]
-    return pos == end and _is_transfer_syntax(meta.get(0x00020010, b""))
+    return pos == end and _walkable_syntax(meta.get(0x00020010, b""))
 
 
 @lru_cache(maxsize=64)
-def _is_transfer_syntax(value: bytes) -> bool:
-    """True for a Transfer Syntax UID that pydicom knows (PS3.6 Table A-1), as it requires."""
-    return UID(value.rstrip(b"\x00 ").decode("ascii", "replace")).is_transfer_syntax
+def _walkable_syntax(value: bytes) -> bool:
+    """True for a Transfer Syntax UID that pydicom knows (PS3.6 Table A-1), as it requires,
+    whose data set is Little Endian and not deflated (PS3.5 A.5)."""
+    uid = UID(value.rstrip(b"\x00 ").decode("ascii", "replace"))
+    return uid.is_transfer_syntax and uid.is_little_endian and not uid.is_deflated
 
 
 def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
