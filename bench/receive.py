@@ -71,8 +71,15 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def run_ours(series: list[list[str]]) -> tuple[float, float]:
-    """(seconds, peak RSS MiB) of our disk server receiving `series`."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds used by process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def run_ours(series: list[list[str]]) -> tuple[float, float, tuple[float, float]]:
+    """(seconds, peak RSS MiB, (user, system) CPU seconds) of our disk server receiving `series`."""
     home = Path(tempfile.mkdtemp(prefix="mlb", dir="/tmp"))
     port = free_port()
     ml = [sys.executable, "-m", "modality_link", "--home", str(home)]
@@ -80,12 +87,14 @@ def run_ours(series: list[list[str]]) -> tuple[float, float]:
     proc = subprocess.Popen([*ml, "serve"], stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
+        before = cpu_seconds(proc.pid)
         seconds = send(series, port, "MODLINK")
+        after = cpu_seconds(proc.pid)
         rss = peak_rss_mib(proc.pid)
         status = subprocess.run([*ml, "status", "--json"], check=True, capture_output=True, text=True).stdout
         expected = sum(len(s) for s in series)
         assert f'"instances": {expected}' in status, status
-        return seconds, rss
+        return seconds, rss, (after[0] - before[0], after[1] - before[1])
     finally:
         proc.terminate()
         proc.wait()
@@ -115,12 +124,12 @@ def main() -> int:
             ratios, dcmtk, ours, rss = [], [], [], []
             for i in range(args.runs):
                 dcmtk.append(run_dcmtk(series, work))
-                seconds, peak = run_ours(series)
+                seconds, peak, (user, system) = run_ours(series)
                 ours.append(seconds)
                 rss.append(peak)
                 ratios.append(ours[-1] / dcmtk[-1])
                 print(f"  {n} sender(s), run {i + 1}: dcmtk {dcmtk[-1]:.2f} s, modality_link {ours[-1]:.2f} s "
-                      f"(ratio {ratios[-1]:.2f}, peak RSS {peak:.0f} MiB)")
+                      f"(ratio {ratios[-1]:.2f}, peak RSS {peak:.0f} MiB, CPU user {user:.2f} s system {system:.2f} s)")
             print(f"{n} sender(s): median dcmtk {statistics.median(dcmtk):.2f} s, modality_link "
                   f"{statistics.median(ours):.2f} s, ratio {statistics.median(ratios):.2f} (target <= 1.0), "
                   f"peak RSS {max(rss):.0f} MiB")

@@ -21,21 +21,17 @@ is stored deflated, as received; its completeness is checked on the inflated str
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import queue
 import re
 import shutil
 import struct
-import subprocess
-import sys
 import threading
 import uuid
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence
 
@@ -43,10 +39,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pydicom.valuerep import VR
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
+from modality_link.media.header import VR_BYTES, read_dataset, tag_of
 from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
 if TYPE_CHECKING:
@@ -142,14 +138,11 @@ def read_header(path: Path) -> Dataset:
     return ds
 
 
-_VRS = frozenset(vr.value.encode("ascii") for vr in VR)
-
-
 def _check_explicit_vr(vr: bytes, syntax: UID) -> None:
     """The first element of a data set in an explicit VR transfer syntax names its VR (PS3.5
     7.1.2). Some writers put an Implicit VR data set under an explicit syntax: pydicom guesses
     its way through such a file, but the peers we pass it to do not (DCMTK reads garbage)."""
-    if vr not in _VRS:
+    if vr not in VR_BYTES:
         raise CannotUnderstand(
             f"the data set is not encoded in Explicit VR although its transfer syntax {syntax.name} requires "
             f"it (PS3.5 7.1.2): its first element has VR {vr!r}"
@@ -191,6 +184,59 @@ def _inflated_size(fp: BinaryIO, start: int) -> int:
     if rest > 8:  # a pad byte, or the 8-byte gzip trailer (CRC-32, size) some writers leave
         raise CannotUnderstand("deflated dataset has trailing bytes after its deflate stream")
     return total + len(inflater.flush())
+
+
+#: The index's attributes (:class:`InstanceRecord` field, keyword), in the order of its columns.
+_INDEXED_TEXT = (
+    ("patient_id", "PatientID"), ("patient_name", "PatientName"), ("birth_date", "PatientBirthDate"),
+    ("sex", "PatientSex"), ("study_date", "StudyDate"), ("study_time", "StudyTime"),
+    ("accession", "AccessionNumber"), ("study_id", "StudyID"), ("study_description", "StudyDescription"),
+    ("referring_physician", "ReferringPhysicianName"), ("modality", "Modality"),
+    ("series_number", "SeriesNumber"), ("series_description", "SeriesDescription"),
+    ("body_part", "BodyPartExamined"), ("instance_number", "InstanceNumber"),
+)
+#: The indexed UIDs (field, keyword, the File Meta's keyword that must hold the same UID).
+_INDEXED_UIDS = (
+    ("sop_instance_uid", "SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+    ("sop_class_uid", "SOPClassUID", "MediaStorageSOPClassUID"),
+    ("series_uid", "SeriesInstanceUID", None),
+    ("study_uid", "StudyInstanceUID", None),
+)
+_INDEXED_TAGS = frozenset(tag_of(k) for k in ("SpecificCharacterSet", *(k for _, k in _INDEXED_TEXT),
+                                              *(k for _, k, _ in _INDEXED_UIDS)))
+
+
+def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
+    """The index row of a complete, regular Little Endian file, read by a walk of its element
+    headers (:func:`modality_link.media.header.read_dataset`, PS3.5 7.1) that decodes only the
+    indexed attributes; the same row as :func:`read_header`, :func:`check_file_meta` and
+    :func:`record_from_dataset` give. None for anything else - refused, Big Endian, Deflated,
+    irregular - which those functions then read with pydicom, and refuse with their message."""
+    with open(path, "rb") as fp:
+        header = read_dataset(fp, _INDEXED_TAGS)
+    if header is None:
+        return None
+    header.decode(_INDEXED_TAGS)
+    values: dict[str, str] = {}
+    for name, keyword, meta_keyword in _INDEXED_UIDS:
+        uid = header.get(keyword)
+        if not is_valid_uid(uid):
+            return None
+        if meta_keyword is not None:  # PS3.10 7.1: the File Meta describes the data set
+            meta = header.meta.get(tag_of(meta_keyword), b"").rstrip(b" \x00").decode("ascii", "replace")
+            if meta != uid:
+                return None
+        values[name] = str(uid)
+    for name, keyword in _INDEXED_TEXT:
+        values[name] = text_of(header.get(keyword))
+    return InstanceRecord(
+        **values,
+        transfer_syntax=header.meta[0x00020010].rstrip(b" \x00").decode("ascii"),
+        path="",
+        size=0,
+        charset=text_of(header.get("SpecificCharacterSet")),
+        source_ae=source_ae,
+    )
 
 
 def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:
@@ -271,13 +317,8 @@ class Archive:
     min_free_mb: int = 512
     #: Called with (code, message) when the operator must be told (disk full...).
     on_alert: Callable[[str, str], None] | None = None
-    #: Processes that validate received files while several arrive at once (0: none).
-    validator_processes: int = 0
     _dir_sync: "DirectorySync" = field(init=False, repr=False)
     _indexer: "Indexer" = field(init=False, repr=False)
-    _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
-    _receiving: int = field(init=False, repr=False, default=0)  # data sets arriving now
-    _validators: "Validators | None" = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         self._dir_sync = DirectorySync()
@@ -403,29 +444,6 @@ class Archive:
         self.check_space()
         return IncomingInstance(self, sop_class, sop_instance, transfer_syntax, source_ae)
 
-    def _validate(self, part: Path, source_ae: str) -> InstanceRecord:
-        """:func:`validate_received`, in a validator process while other data sets arrive:
-        pydicom's parse holds the GIL, and with it every other association."""
-        with self._lock:
-            busy = self._receiving > 1 and self.validator_processes > 0
-            if busy and self._validators is None:  # started at the first parallel receive
-                self._validators = Validators(self.validator_processes)
-        if busy and self._validators is not None:
-            rec = self._validators.validate(part, source_ae)
-            if rec is not None:
-                return rec
-        return validate_received(str(part), source_ae)
-
-    def _receiving_changed(self, delta: int) -> None:
-        with self._lock:
-            self._receiving += delta
-
-    def stop_validators(self) -> None:
-        with self._lock:
-            validators, self._validators = self._validators, None
-        if validators is not None:
-            validators.close()
-
     def _install(self, fd: int | None, part: Path, rec: InstanceRecord) -> None:
         """Make `part` the durable archive file of `rec`: fdatasync its data (unless the caller
         did: `fd` None), rename it to its final name, fsync the directories whose entries changed."""
@@ -492,81 +510,23 @@ _PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
 
 def validate_received(path: str, source_ae: str) -> InstanceRecord:
-    """The index row of a received or imported file, by :func:`read_header` (complete),
-    :func:`check_file_meta` (its File Meta, for a received file built from the C-STORE-RQ,
-    describes the data set) and :func:`record_from_dataset` (valid UIDs). Its path is left to
-    :meth:`Archive.path_for`. The pixel data are dropped before the record is made: looking at
-    every element for the character set would read them back from the file."""
+    """The index row of a received or imported file, its path left to :meth:`Archive.path_for`:
+    by :func:`lean_record` when it can tell, else by :func:`pydicom_record`."""
+    rec = lean_record(path, source_ae)
+    return rec if rec is not None else pydicom_record(path, source_ae)
+
+
+def pydicom_record(path: str, source_ae: str) -> InstanceRecord:
+    """The index row of a file by :func:`read_header` (complete), :func:`check_file_meta` (its
+    File Meta, for a received file built from the C-STORE-RQ, describes the data set) and
+    :func:`record_from_dataset` (valid UIDs). The pixel data are dropped before the record is
+    made: looking at every element for the character set would read them back from the file."""
     ds = read_header(Path(path))
     check_file_meta(ds)
     for tag in _PIXEL_DATA:
         if tag in ds:
             del ds[tag]
     return record_from_dataset(ds, "", 0, source_ae)
-
-
-_ERRORS: dict[str, type[ArchiveError]] = {c.__name__: c for c in (CannotUnderstand, DatasetMismatch, DiskFull)}
-
-
-class Validators:
-    """Processes (``python -m modality_link.archive``) that run :func:`validate_received`: one
-    JSON line in ({"path", "ae"}), one out ({"record"} or {"error", "message"}). A process that
-    dies is dropped, and its caller validates in its own thread."""
-
-    def __init__(self, count: int) -> None:
-        self._idle: "queue.Queue[subprocess.Popen]" = queue.Queue()
-        self._all: list[subprocess.Popen] = []
-        for _ in range(count):
-            proc = subprocess.Popen([sys.executable, "-m", "modality_link.archive"], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True, bufsize=1)
-            self._all.append(proc)
-            self._idle.put(proc)
-
-    def validate(self, part: Path, source_ae: str) -> InstanceRecord | None:
-        """The record, or None when no process could answer; raises what the check raised."""
-        try:
-            proc = self._idle.get(timeout=1.0)
-        except queue.Empty:
-            return None
-        try:
-            assert proc.stdin is not None and proc.stdout is not None
-            proc.stdin.write(json.dumps({"path": str(part), "ae": source_ae}) + "\n")
-            answer = json.loads(proc.stdout.readline())
-        except (OSError, ValueError):
-            LOG.error("archive: validator process %d is gone", proc.pid)
-            proc.kill()
-            return None
-        self._idle.put(proc)
-        if "record" in answer:
-            return InstanceRecord(**answer["record"])
-        error = _ERRORS.get(answer["error"])
-        if error is None:
-            raise RuntimeError(answer["message"])
-        raise error(answer["message"])
-
-    def close(self) -> None:
-        for proc in self._all:
-            if proc.stdin is not None:
-                proc.stdin.close()
-        for proc in self._all:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            if proc.stdout is not None:
-                proc.stdout.close()
-
-
-def _serve_validations() -> None:
-    """The validator process: :func:`validate_received` for each request line on stdin."""
-    for line in sys.stdin:
-        request = json.loads(line)
-        try:
-            answer: dict = {"record": asdict(validate_received(request["path"], request["ae"]))}
-        except Exception as exc:
-            answer = {"error": type(exc).__name__, "message": str(exc)}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
 
 
 @dataclass
@@ -621,9 +581,9 @@ class IncomingInstance:
     group built from the C-STORE-RQ and the presentation context, never decoded, never copied.
 
     Fragments go to :meth:`write` as they arrive; :meth:`finish` validates the file with
-    :func:`read_header`, :func:`check_file_meta` (the data set's SOP Class and Instance UIDs
-    against the C-STORE-RQ's Affected ones) and :func:`record_from_dataset`, then makes it
-    durable under its final name. :meth:`discard` removes it at once (an aborted association).
+    :func:`validate_received` (complete; the data set's SOP Class and Instance UIDs are the
+    C-STORE-RQ's Affected ones; valid UIDs), then makes it durable under its final name.
+    :meth:`discard` removes it at once (an aborted association).
     """
 
     #: Free space is checked again after every this many bytes of one data set.
@@ -640,8 +600,6 @@ class IncomingInstance:
             self._file: BinaryIO | None = open(self.part, "wb")
         except OSError as exc:
             raise archive._no_space(exc) from None
-        archive._receiving_changed(+1)
-        self._counted = True
         self.write(encode_file_meta(sop_class, sop_instance, transfer_syntax, source_ae))
 
     def write(self, data: bytes | memoryview) -> None:
@@ -666,14 +624,8 @@ class IncomingInstance:
         self.error = error
         self.discard()
 
-    def _done(self) -> None:
-        if self._counted:
-            self._counted = False
-            self.archive._receiving_changed(-1)
-
     def discard(self) -> None:
         """Remove the partial file now."""
-        self._done()
         if self._file is not None:
             try:
                 self._file.close()
@@ -694,7 +646,7 @@ class IncomingInstance:
             # does not hold the GIL); a refused file was flushed for nothing, and is removed.
             synced = _flusher().submit(os.fdatasync, self._file.fileno())
             try:
-                rec = self.archive._validate(self.part, self.source_ae)
+                rec = validate_received(str(self.part), self.source_ae)
             finally:
                 synced.result()
             rec.path = self.archive.path_for(rec)
@@ -706,7 +658,6 @@ class IncomingInstance:
         except BaseException:
             self.discard()
             raise
-        self._done()
         self._file.close()
         self._file = None
         return rec
@@ -806,6 +757,3 @@ class Indexer:
                 self._done = ticket
                 self._cond.notify_all()
 
-
-if __name__ == "__main__":
-    _serve_validations()

@@ -11,7 +11,6 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -301,27 +300,6 @@ def test_parallel_associations_into_one_series(server: LocalServer, tmp_path: Pa
     assert len(server.archive.db.studies()) == 1
     assert server.archive.db.studies()[0]["instances"] == 90
     assert server.stray_files() == []
-
-
-def test_validator_processes_answer_as_the_inline_check(small_ct: list[Path], tmp_path: Path) -> None:
-    """The validator processes used while several data sets arrive give the same record, and
-    the same refusal, as validation in the receiving thread."""
-    from modality_link.archive import CannotUnderstand, Validators, validate_received
-
-    good = tmp_path / "good.part"
-    good.write_bytes(small_ct[0].read_bytes())
-    truncated = tmp_path / "truncated.part"
-    truncated.write_bytes(small_ct[0].read_bytes()[:-100])
-    validators = Validators(1)
-    try:
-        here = validate_received(str(good), "CT1")
-        there = validators.validate(good, "CT1")
-        assert there is not None and replace(there, received_at=here.received_at) == here
-        with pytest.raises(CannotUnderstand, match="truncated"):
-            validators.validate(truncated, "CT1")
-        assert validators.validate(good, "CT2").source_ae == "CT2"  # still serving after a refusal
-    finally:
-        validators.close()
 
 
 def test_artim_closes_a_peer_that_stays_after_release(server: LocalServer) -> None:

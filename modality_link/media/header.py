@@ -11,6 +11,7 @@ Sequence in an Implicit VR file fall back to pydicom.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -22,9 +23,11 @@ from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.tag import Tag
+from pydicom.uid import UID
+from pydicom.valuerep import VR
 
 from modality_link.media.options import MediaError
-from modality_link.net.charset import TEXT_VRS, charset_terms, decode_value, effective_terms, python_encodings
+from modality_link.net.charset import TEXT_VRS, charset_terms, decode_values, effective_terms, python_encodings
 
 LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
 _LONG_VR_BYTES = frozenset(v.encode() for v in LONG_VRS)
@@ -71,6 +74,9 @@ class Header:
 
     elements: dict[int, bytes] = field(default_factory=dict)
     meta: dict[int, bytes] = field(default_factory=dict)  # File Meta values, unpadded raw
+    #: Raw text values and sequences of the whole data set (:func:`read_dataset` only).
+    texts: list[bytes] | None = field(default=None, repr=False)
+    sequences: list[bytes] = field(default_factory=list, repr=False)
     _cache: dict[int, Any] = field(default_factory=dict, repr=False)
     _charset: list[str] | None = field(default=None, repr=False)
 
@@ -78,12 +84,15 @@ class Header:
     def charset(self) -> list[str]:
         """Defined terms that decode this instance's text keys (docs/design.md "Character sets").
 
-        The declared (0008,0005), normalised; if absent, guessed from the bytes of the keys read.
+        The declared (0008,0005), normalised; if absent, guessed from the bytes of the keys read
+        (of every text value and sequence of the data set, after :func:`read_dataset`).
         """
         if self._charset is None:
-            self._charset = effective_terms(
-                charset_terms(self.raw(0x00080005)), [self.raw(t) or b"" for t in self.text_tags()]
-            )
+            declared = charset_terms(self.raw(0x00080005))
+            if self.texts is None:
+                self._charset = effective_terms(declared, [self.raw(t) or b"" for t in self.text_tags()])
+            else:
+                self._charset = effective_terms(declared, self.texts, seqs=self.sequences)
         return self._charset
 
     def text_tags(self) -> list[int]:
@@ -134,9 +143,15 @@ class Header:
     def value(self, tag: int) -> Any:
         """Value of the key `tag` (present), decoded in :attr:`charset` by pydicom."""
         if tag not in self._cache:
-            vr = self.elements[tag][4:6].decode()
-            self._cache[tag] = decode_value(tag, vr, self.raw(tag) or b"", self.charset)
+            self.decode([tag])
         return self._cache[tag]
+
+    def decode(self, tags: Iterable[int]) -> None:
+        """Decode the values of the keys `tags` that are present, all at once (:meth:`value`)."""
+        todo = [t for t in tags if t in self.elements and t not in self._cache]
+        if todo:
+            raws = [(t, self.elements[t][4:6].decode(), self.raw(t) or b"") for t in todo]
+            self._cache.update(zip(todo, decode_values(raws, self.charset)))
 
 
 def _parse_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
@@ -156,52 +171,247 @@ def _parse_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
     return pos, meta
 
 
+#: Every VR of PS3.5 6.2, as it appears in an Explicit VR element.
+VR_BYTES = frozenset(vr.value.encode("ascii") for vr in VR)
+_VR_NAME = {vr.value.encode("ascii"): vr.value for vr in VR}
+_IMPLICIT_HEAD = struct.Struct("<HHL")  # tag, value length (PS3.5 7.1.3)
+_EXPLICIT_HEAD = struct.Struct("<HH2sH")  # tag, VR, value length (PS3.5 7.1.2)
+_LENGTH = struct.Struct("<L")
+#: pydicom reads a value longer than this only when asked (``defer_size`` of the archive's check).
+_DEFERRED = 4096
+
+
+@lru_cache(maxsize=None)
+def _implicit_vr(tag: int) -> str:
+    """The data dictionary's VR of `tag` for an Implicit VR element; "" when unknown (private)."""
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return ""
+
+
 class _Reader:
-    """Little Endian element walker over a growing buffer of the file."""
+    """Little Endian element walker over a window of the file (PS3.5 7.1, 7.5).
 
-    def __init__(self, fp: BinaryIO, buf: bytes, implicit: bool) -> None:
-        self.fp, self.buf, self.implicit = fp, buf, implicit
+    Positions are file offsets; only the bytes around the element being read are held, so a
+    value that is skipped (the Pixel Data) is never read.
+    """
 
-    def need(self, end: int) -> None:
-        while end > len(self.buf):
-            more = self.fp.read(max(_CHUNK, end - len(self.buf)))
+    def __init__(self, fp: BinaryIO, buf: bytes, implicit: bool, strict: bool = False) -> None:
+        self.fp, self.buf, self.base, self.implicit = fp, buf, 0, implicit
+        #: Refuse (:class:`_Fallback`) an unknown VR, and an undefined length on anything but a
+        #: sequence inside an item (:func:`read_dataset`).
+        self.strict = strict
+
+    def need(self, end: int, pos: int) -> None:
+        """Have the file's bytes [pos, end) in the window."""
+        if pos < self.base or pos > self.base + len(self.buf):  # a jump: start a new window
+            self.fp.seek(pos)
+            self.base, self.buf = pos, b""
+        while end > self.base + len(self.buf):
+            more = self.fp.read(max(_CHUNK, end - self.base - len(self.buf)))
             if not more:
                 raise _Fallback("truncated")
-            self.buf += more
+            self.buf = self.buf[pos - self.base :] + more
+            self.base = pos
+
+    def span(self, start: int, end: int) -> bytes:
+        """The file's bytes [start, end), read if needed."""
+        self.need(end, start)
+        return self.buf[start - self.base : end - self.base]
 
     def element(self, pos: int) -> tuple[int, str | None, int, int]:
         """Return (tag, vr or None if implicit, value start, value length) at `pos`."""
-        self.need(pos + 12)
-        group, elem = struct.unpack_from("<HH", self.buf, pos)
+        at = pos - self.base
+        if at < 0 or at + 8 > len(self.buf):
+            self.need(pos + 8, pos)
+            at = pos - self.base
+        if self.implicit:
+            group, elem, length = _IMPLICIT_HEAD.unpack_from(self.buf, at)
+            return (group << 16) | elem, None, pos + 8, length
+        group, elem, vr, length = _EXPLICIT_HEAD.unpack_from(self.buf, at)
         tag = (group << 16) | elem
-        if self.implicit or group == 0xFFFE:
-            (length,) = struct.unpack_from("<L", self.buf, pos + 4)
-            return tag, None, pos + 8, length
-        vr = self.buf[pos + 4 : pos + 6]
+        if group == 0xFFFE:
+            return tag, None, pos + 8, _LENGTH.unpack_from(self.buf, at + 4)[0]
+        name = _VR_NAME.get(vr)
+        if name is None:
+            if self.strict:
+                raise _Fallback(f"VR {vr!r}")
+            name = vr.decode("latin-1")
         if vr in _LONG_VR_BYTES:
-            (length,) = struct.unpack_from("<L", self.buf, pos + 8)
-            return tag, vr.decode(), pos + 12, length
-        (length,) = struct.unpack_from("<H", self.buf, pos + 6)
-        return tag, vr.decode("latin-1"), pos + 8, length
+            if at + 12 > len(self.buf):
+                self.need(pos + 12, pos)
+                at = pos - self.base
+            return tag, name, pos + 12, _LENGTH.unpack_from(self.buf, at + 8)[0]
+        return tag, name, pos + 8, length
 
-    def skip_undefined(self, pos: int) -> int:
-        """Skip the items of an undefined-length value starting at `pos`; return the end."""
+    def skip_undefined(self, pos: int, sequence: bool = True) -> int:
+        """Skip the items of an undefined-length value starting at `pos` (a sequence, PS3.5 7.5,
+        or with `sequence` false encapsulated Pixel Data, A.4); return the end of its Sequence
+        Delimitation Item. In strict mode the elements of a sequence's items are walked too."""
         while True:
             tag, _, start, length = self.element(pos)
             if tag == _SEQ_END:
                 return start
             if tag != _ITEM:
                 raise _Fallback("malformed sequence")
+            if length == _UNDEFINED:
+                pos = self._item(start, None)
+            elif self.strict and sequence:
+                pos = self._item(start, start + length)
+            else:
+                pos = start + length
+
+    def _item(self, pos: int, end: int | None) -> int:
+        """Walk the elements of an item from `pos` to `end` (defined length) or to its Item
+        Delimitation Item (undefined length, `end` None); return where the item ends."""
+        while pos != end:
+            tag, vr, start, length = self.element(pos)
+            if end is None and tag == _ITEM_END:
+                return start
             if length != _UNDEFINED:
                 pos = start + length
-                continue
-            pos = start
-            while True:  # elements of an undefined-length item
-                tag, _, start, length = self.element(pos)
-                if tag == _ITEM_END:
-                    pos = start
-                    break
-                pos = self.skip_undefined(start) if length == _UNDEFINED else start + length
+            elif self.strict and (vr or _implicit_vr(tag)) != "SQ":
+                raise _Fallback("undefined length")
+            else:
+                pos = self.skip_undefined(start)
+            if end is not None and pos > end:
+                raise _Fallback("element beyond its item")
+        return pos
+
+
+def _strict_vr(reader: _Reader, tag: int, vr: str | None, length: int) -> str:
+    """The VR of a top-level element of a data set walked to its end (:func:`read_dataset`),
+    or :class:`_Fallback` for an undefined length on anything but a sequence (PS3.5 7.5) or
+    encapsulated Pixel Data (A.4). (An unknown VR, PS3.5 6.2, stopped :meth:`_Reader.element`.)"""
+    if vr is None:
+        vr = _implicit_vr(tag)
+    if length == _UNDEFINED and vr != "SQ" and not (tag == 0x7FE00010 and vr in ("OB", "OW") and not reader.implicit):
+        raise _Fallback("undefined length")
+    return vr
+
+
+def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, size: int | None) -> int:
+    """Walk the data set's elements from `pos`, keeping the `wanted` ones in `header`; return
+    where the walk stopped.
+
+    Without `size` (media) the walk stops after the last wanted key, or at the end of the file.
+    With `size` it is strict and walks the whole data set, which must end exactly at `size`
+    (PS3.10 7.2): tags ascending (PS3.5 7.1), every VR known, every value inside the file; it
+    also collects the raw text values and sequences that the character set is guessed from
+    (:func:`modality_link.net.charset.effective_terms`), as pydicom would see them.
+    """
+    strict = size is not None
+    last = 0xFFFFFFFF if strict else max(wanted)
+    previous = -1
+    while size is None or pos < size:
+        try:
+            tag, vr, start, length = reader.element(pos)
+        except _Fallback:
+            if not strict and reader.base + len(reader.buf) - pos < 8:  # end of file
+                break
+            raise
+        if tag > last:
+            break
+        if strict:
+            if tag <= previous:
+                raise _Fallback("tags not ascending")
+            previous = tag
+            vr = _strict_vr(reader, tag, vr, length)
+        if length == _UNDEFINED:
+            if tag in wanted:
+                raise _Fallback("sequence key")
+            end = reader.skip_undefined(start, sequence=vr != "OB" and vr != "OW")
+        else:
+            end = start + length
+            if tag in wanted:
+                header.elements[tag] = _kept(reader, tag, vr, pos, start, end, strict)
+            if strict and length <= _DEFERRED and (vr in TEXT_VRS or vr == "SQ"):
+                (header.sequences if vr == "SQ" else header.texts).append(reader.span(start, end))
+        pos = end
+    if strict and pos != size:
+        raise _Fallback("truncated or trailing bytes")
+    return pos
+
+
+def _kept(reader: _Reader, tag: int, vr: str | None, pos: int, start: int, end: int, strict: bool) -> bytes:
+    """A wanted key as its Explicit VR Little Endian encoding."""
+    if strict and ((end - start) % 2 or end - start > _DEFERRED or vr == "UN"):
+        raise _Fallback("odd, long or UN key")  # pydicom's reading of it is the reference
+    if reader.implicit:
+        vr = vr_of(tag)
+        if vr == "SQ" or " or " in vr:
+            raise _Fallback("sequence or ambiguous key in implicit VR")
+        return encode_element(tag, vr, reader.span(start, end))
+    return reader.span(pos, end)  # Explicit VR Little Endian: the element as it is (incl. defined-length SQ)
+
+
+def _little_endian(meta: dict[int, bytes]) -> bool | None:
+    """Implicit (True) or Explicit (False) VR Little Endian by the File Meta's transfer syntax;
+    None for one the lean reader leaves to pydicom (Big Endian, Deflated, none)."""
+    ts = meta.get(0x00020010, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    if ts == "1.2.840.10008.1.2.2" or ts == "1.2.840.10008.1.2.1.99" or not ts:
+        return None
+    return ts == _IMPLICIT_LE
+
+
+#: VRs of the File Meta Information elements after its group length (PS3.10 Table 7.1-1).
+_META_VRS = frozenset({b"OB", b"UI", b"SH", b"AE", b"UR"})
+
+
+def _regular_meta(buf: bytes, end: int, meta: dict[int, bytes]) -> bool:
+    """True if the File Meta Information ending at `end` is as PS3.10 7.1 has it: its group
+    length (0002,0000) first and right, tags ascending, each VR the table's, a Transfer Syntax
+    UID the walk can read. Ours always is; another is left to pydicom (which reads the group
+    its own way)."""
+    if buf[132:140] != b"\x02\x00\x00\x00UL\x04\x00" or 144 + struct.unpack_from("<L", buf, 140)[0] != end:
+        return False
+    pos, previous = 144, 0
+    while pos < end:
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        vr = buf[pos + 4 : pos + 6]
+        if group != 2 or elem <= previous or vr not in _META_VRS:
+            return False
+        previous = elem
+        if vr == b"OB" or vr == b"UR":
+            pos += 12 + struct.unpack_from("<L", buf, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", buf, pos + 6)[0]
+    return pos == end and _walkable_syntax(meta.get(0x00020010, b""))
+
+
+@lru_cache(maxsize=64)
+def _walkable_syntax(value: bytes) -> bool:
+    """True for a Transfer Syntax UID that pydicom knows (PS3.6 Table A-1), as it requires,
+    whose data set is Little Endian and not deflated (PS3.5 A.5)."""
+    uid = UID(value.rstrip(b"\x00 ").decode("ascii", "replace"))
+    return uid.is_transfer_syntax and uid.is_little_endian and not uid.is_deflated
+
+
+def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
+    """Walk the whole data set of the Part-10 file `fp` (at its start) by its element headers
+    (PS3.5 7.1; sequences 7.5; encapsulated Pixel Data A.4), reading no value but the keys
+    `wanted` and the text that decides the character set (:attr:`Header.charset`).
+
+    Returns None when the walk cannot vouch for the file - Big Endian, Deflated, anything
+    irregular, truncated or trailing bytes: the caller then reads it with pydicom, which says
+    what is wrong. A data set that is walked ends exactly at the end of the file.
+    """
+    size = os.fstat(fp.fileno()).st_size
+    buf = fp.read(_CHUNK)
+    try:
+        offset, meta = _parse_meta(buf)
+        implicit = _little_endian(meta)
+        if implicit is None or offset >= size or not _regular_meta(buf, offset, meta):
+            return None
+    except (MediaError, struct.error):
+        return None
+    header = Header(meta=meta, texts=[], sequences=[])
+    try:
+        _walk(_Reader(fp, buf, implicit, strict=True), offset, frozenset(wanted), header, size)
+    except (_Fallback, struct.error, MediaError, RecursionError):
+        return None
+    return header
 
 
 def read_header(fp: BinaryIO, wanted: Iterable[int]) -> tuple[int, int, Header]:
@@ -210,42 +420,14 @@ def read_header(fp: BinaryIO, wanted: Iterable[int]) -> tuple[int, int, Header]:
     Returns (offset of the data set, offset where reading stopped, header).
     """
     wanted = frozenset(wanted)
-    last = max(wanted)
     buf = fp.read(_CHUNK)
     offset, meta = _parse_meta(buf)
-    ts = meta.get(0x00020010, b"").rstrip(b"\x00 ").decode("ascii", "replace")
     header = Header(meta=meta)
     try:
-        if ts == "1.2.840.10008.1.2.2" or ts == "1.2.840.10008.1.2.1.99" or not ts:
-            raise _Fallback(ts)
-        implicit = ts == _IMPLICIT_LE
-        reader = _Reader(fp, buf, implicit)
-        pos = offset
-        while True:
-            try:
-                tag, vr, start, length = reader.element(pos)
-            except _Fallback:
-                if len(reader.buf) - pos < 8:  # end of file
-                    break
-                raise
-            if tag > last:
-                break
-            if length == _UNDEFINED:
-                if tag in wanted:
-                    raise _Fallback("sequence key")
-                end = reader.skip_undefined(start)
-            else:
-                end = start + length
-                if tag in wanted:
-                    reader.need(end)
-                    if implicit:
-                        vr = vr_of(tag)
-                        if vr == "SQ" or " or " in vr:
-                            raise _Fallback("sequence or ambiguous key in implicit VR")
-                        header.elements[tag] = encode_element(tag, vr, reader.buf[start:end])
-                    else:  # Explicit VR Little Endian: the element as it is (incl. defined-length SQ)
-                        header.elements[tag] = reader.buf[pos:end]
-            pos = end
+        implicit = _little_endian(meta)
+        if implicit is None:
+            raise _Fallback("not Little Endian")
+        pos = _walk(_Reader(fp, buf, implicit), offset, wanted, header, None)
         return offset, pos, header
     except _Fallback:
         fp.seek(0)

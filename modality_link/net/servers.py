@@ -11,7 +11,6 @@ is refused with a failure status and one log line, and nothing of it enters the 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Callable
 
@@ -154,7 +153,6 @@ class StorageServer:
         return self.acceptor.port
 
     def start(self) -> None:
-        self.archive.validator_processes = os.cpu_count() or 2
         self.acceptor.start()
         LOG.info(
             "%s %s listening on %s:%d",
@@ -167,4 +165,3 @@ class StorageServer:
     def stop(self) -> None:
         self.acceptor.stop()
         self.archive.wait_indexed()
-        self.archive.stop_validators()
