@@ -161,7 +161,10 @@ def test_trickling_connections_do_not_lock_out_senders(short_tmp: Path, small_ct
     attacker = threading.Thread(target=_trickle, args=(svc.port, stop, 110, 1.0))
     attacker.start()
     try:
-        time.sleep(3)  # the trickling connections are up and ARTIM has expired for the first ones
+        deadline = time.monotonic() + 30  # the trickling connections are up and ARTIM has dropped some
+        while "within ARTIM" not in svc.log():
+            assert time.monotonic() < deadline, "ARTIM never dropped a trickling connection"
+            stop.wait(0.05)
         for _ in range(5):
             echo = subprocess.run([echoscu, "-to", "10", "-aec", "MODLINK", "127.0.0.1", str(svc.port)],
                                   env=dcmtk_env(), capture_output=True, text=True, timeout=60)
