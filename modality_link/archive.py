@@ -411,17 +411,10 @@ class Archive:
         """Make staged files durable as one group - each flushed, renamed, and each directory
         fsynced once - and index them. On an error the files not yet renamed are removed (those
         renamed are complete archive files, indexed by ``reconcile``)."""
-        directories: dict[Path, None] = {}
         try:
             for staged in group:
                 staged.synced.result()
-            for staged in group:
-                final = self.root / staged.rec.path
-                directories.update(dict.fromkeys(_make_dirs(final.parent, self.root)))
-                os.replace(staged.part, final)
-                directories[final.parent] = None
-            for directory in directories:
-                self._dir_sync.sync(directory)
+            self._rename_durably([(staged.part, staged.rec) for staged in group])
         except OSError as exc:
             self.discard_staged(group)
             raise self._no_space(exc) from None
@@ -449,10 +442,18 @@ class Archive:
         did: `fd` None), rename it to its final name, fsync the directories whose entries changed."""
         if fd is not None:
             os.fdatasync(fd)
-        final = self.root / rec.path
-        made = _make_dirs(final.parent, self.root)
-        os.replace(part, final)
-        for directory in (*made, final.parent):
+        self._rename_durably([(part, rec)])
+
+    def _rename_durably(self, moves: Sequence[tuple[Path, InstanceRecord]]) -> None:
+        """Rename flushed temporaries to their archive names, then fsync each directory whose
+        entries changed once (POSIX: a rename is durable once its directory is synced)."""
+        directories: dict[Path, None] = {}
+        for part, rec in moves:
+            final = self.root / rec.path
+            directories.update(dict.fromkeys(_make_dirs(final.parent, self.root)))
+            os.replace(part, final)
+            directories[final.parent] = None
+        for directory in directories:
             self._dir_sync.sync(directory)
 
     def _index(self, rec: InstanceRecord, flush: bool = True) -> None:
