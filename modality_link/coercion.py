@@ -53,14 +53,15 @@ def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Datase
     something else, it must decode them first (see :func:`modality_link.exam.apply_worklist`).
     Group Length elements (retired, PS3.5 7.2) are dropped: their values would no longer be true.
     """
+    pixels = dataset._dict.get(PIXEL_DATA) if dataset is not None else None
+    if pixels is not None and not hasattr(pixels, "value_tell"):
+        dataset = None  # its Pixel Data were decoded already: where they start is not known
     if dataset is None:
         with open(path, "rb") as fp:
             ds = dcmread(fp, stop_before_pixels=True)
             rest: int | None = fp.tell() if fp.tell() < os.fstat(fp.fileno()).st_size else None
     else:
         ds, rest = dataset, _pixel_data_offset(dataset)
-        if rest == -1:  # its Pixel Data was read already: where it started is not known
-            return coerce_file(path, coerce)
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     deflated = syntax == DeflatedExplicitVRLittleEndian
     if deflated:
@@ -88,12 +89,10 @@ def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Datase
 def _pixel_data_offset(ds: Dataset) -> int | None:
     """Where the Pixel Data element of a data set read from a file starts in that file (None
     when it has none): its value's position less its header, 8 bytes in Implicit VR, 12 in
-    Explicit VR (OB and OW have a 4-byte length, PS3.5 7.1.2); -1 when it was decoded already."""
+    Explicit VR (OB and OW have a 4-byte length, PS3.5 7.1.2)."""
     raw = ds._dict.get(PIXEL_DATA)
     if raw is None:
         return None
-    if not hasattr(raw, "value_tell"):
-        return -1
     return raw.value_tell - (8 if raw.is_implicit_VR else 12)
 
 

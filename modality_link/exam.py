@@ -56,8 +56,7 @@ from pydicom.uid import generate_uid
 from modality_link import config
 from modality_link.archive import Archive, ArchiveError, check_file_meta, read_header, record_from_dataset
 from modality_link.coercion import PIXEL_DATA, Coerced, coerce_file
-from modality_link.db import InstanceRecord
-from modality_link.db import Database
+from modality_link.db import Database, InstanceRecord
 from modality_link.net import mpps
 from modality_link.net.charset import charset_for
 from modality_link.net.worklist import WorklistQuery, find_worklist, item_summary, resolve_date
@@ -411,7 +410,7 @@ class ExamManager:
             group, staged = [], []
             try:  # each image written and its flush begun while the next one is prepared
                 for name, path in files:
-                    coerced, _, rec, is_image = self._coerce(name, path, exam, item, station)
+                    coerced, rec, is_image = self._coerce(name, path, exam, item, station)
                     staged.append(self.archive.stage_coerced(coerced, path, rec))
                     group.append((name, rec, _exam_object(rec, coerced.dataset, is_image)))
                 with self._lock:  # not between the checks of series_complete or end and their effect
@@ -441,9 +440,9 @@ class ExamManager:
 
     def _coerce(
         self, name: str, path: Path, exam: dict[str, Any], item: Dataset, station: str
-    ) -> tuple[Coerced, Path, InstanceRecord, bool]:
-        """Check one image and complete it with the exam's data; (coerced, its file, its index
-        row, has pixels)."""
+    ) -> tuple[Coerced, InstanceRecord, bool]:
+        """Check one image and complete it with the exam's data; (coerced, its index row, has
+        pixels)."""
         if not path.is_file():
             raise ExamError("not_found", f"no such file: {name}")
         try:  # complete, and described by its own File Meta (PS3.10 7.1), before it is decoded
@@ -457,7 +456,7 @@ class ExamManager:
             raise ExamError("invalid", f"{name} refused: {exc}") from None
         except Exception as exc:
             raise ExamError("invalid", f"{name}: not a DICOM file ({exc})") from None
-        return coerced, path, rec, is_image
+        return coerced, rec, is_image
 
     def _check_open(self, exam_id: int, series_uid: str, path: str) -> None:
         """Images may be added while the exam is in progress and their series not complete."""
