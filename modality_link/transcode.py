@@ -7,8 +7,8 @@ native transfer syntaxes (:data:`TARGETS`):
 
 * Implicit VR Little Endian (PS3.5 A.1), Explicit VR Little Endian (A.2), Explicit VR Big Endian
   (A.3, retired) and Deflated Explicit VR Little Endian (A.5), from any of them;
-* from any compressed syntax pydicom has a decoder for (RLE, JPEG, JPEG-LS, JPEG 2000 with the
-  pylibjpeg plugins), by decompressing the Pixel Data.
+* from any compressed syntax pydicom has a decoder for (RLE and JPEG 2000 with the pylibjpeg
+  plugins, JPEG and JPEG-LS with GDCM: docs/design.md "Decoders"), by decompressing the Pixel Data.
 
 What it keeps: the SOP Instance UID and every attribute; values as read (raw element bytes are
 written unchanged when the byte order stays); OW/OF/OL/OD/OV values byte-swapped word by word and

@@ -4,8 +4,8 @@ application profile does not allow their transfer syntax (PS3.11 Annex D).
 A :data:`~modality_link.media.profiles.COPY` instance keeps its data set bytes; any other is
 re-encoded by :func:`modality_link.transcode.transcode`, the conversion the Storage SCU uses too:
 Implicit VR Little Endian, Explicit VR Big Endian (retired), Deflated and compressed syntaxes
-(RLE, JPEG, JPEG-LS, JPEG 2000 with the pylibjpeg decoders) become Explicit VR Little Endian with
-the same SOP Instance UID and attributes. A lossy source is never decompressed onto a profile
+(RLE, JPEG, JPEG-LS, JPEG 2000: the decoders of docs/design.md) become Explicit VR Little
+Endian with the same SOP Instance UID and attributes. A lossy source is never decompressed onto a profile
 that does not allow its syntax: the burn fails with a :class:`MediaError` naming the instance and
 why (docs/design.md, "Identity and transfer syntaxes").
 """
