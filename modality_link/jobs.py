@@ -421,8 +421,7 @@ class JobQueue:
                     raise Retry(str(exc)) from None
                 answered = counts["done"] + counts["failed"]
                 try:
-                    storage.store_instances(assoc, instances, on_result, self.archive_root / ".tmp",
-                                            ctx.should_stop)
+                    storage.store_instances(assoc, instances, on_result, ctx.should_stop)
                 except storage.AssociationLost as exc:
                     assoc.abort()
                     if assoc.reused and counts["done"] + counts["failed"] == answered:

@@ -189,7 +189,7 @@ def test_peer_max_pdu_fragmentation_to_storescp(study_dir, max_pdu, streamed, mo
             "k", "127.0.0.1", port, "MODLINK", "STORESCP", [CT], SYNTAXES, Timeouts(), 16384)
         assert assoc.peer_max_pdu == int(max_pdu)
         results = []
-        storage.store_instances(assoc, insts, lambda i, o: results.append(o.state) or True, out)
+        storage.store_instances(assoc, insts, lambda i, o: results.append(o.state) or True)
         assoc.release()
         assert results == ["done"] * len(insts)
         for inst in insts:

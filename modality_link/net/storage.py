@@ -319,15 +319,13 @@ def store_instances(
     assoc: Requestor,
     instances: Sequence[Instance],
     on_result: Callable[[Instance, Outcome], bool],
-    tmp_dir: Path | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
     """C-STORE each instance on `assoc`; call ``on_result(instance, outcome)`` after each, in order.
 
     A file whose transfer syntax was accepted goes out as its bytes on disk after the File
     Meta Information, never decoded; the next file is read while the peer stores the current
-    one. `on_result` returns False to stop the batch (failure policy "stop", D6). `tmp_dir` is
-    no longer used (conversions are made in memory). Raises
+    one. `on_result` returns False to stop the batch (failure policy "stop", D6). Raises
     :class:`AssociationLost` when the association is aborted or the connection lost (D7).
     """
     accepted = assoc.accepted()
