@@ -15,7 +15,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,39 +22,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.receive import peak_rss_mib, run_dcmtk  # noqa: E402
-from modality_link.ipc import IpcClient, NotRunning  # noqa: E402
+from bench.receive import peak_rss_mib, run_dcmtk, serving  # noqa: E402
+from modality_link.home import free_port  # noqa: E402
+from modality_link.ipc import IpcClient  # noqa: E402
 
 
 def run_ours(files: list[str], per_image: bool) -> tuple[float, float]:
     """(seconds, peak RSS MiB) of `exam.add_image` of `files` into a new service's exam."""
-    home = Path(tempfile.mkdtemp(prefix="mlb", dir="/tmp"))
-    ml = [sys.executable, "-m", "modality_link", "--home", str(home)]
-    proc = subprocess.Popen([*ml, "serve"], stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(400):
-            try:
-                with IpcClient(home / "ipc.sock", timeout=600) as client:
-                    client.call("status")
-                break
-            except (NotRunning, OSError):
-                time.sleep(0.05)
-        with IpcClient(home / "ipc.sock", timeout=600) as client:
-            exam = client.call("exam.start", patient_id="BENCH1", patient_name="Bench^Ingest")["exam_id"]
-            t0 = time.perf_counter()
-            if per_image:
-                for f in files:
-                    client.call("exam.add_image", exam_id=exam, paths=[f])
-            else:
-                client.call("exam.add_image", exam_id=exam, paths=files)
-            seconds = time.perf_counter() - t0
-            rss = peak_rss_mib(proc.pid)
-            assert client.call("status")["archive"]["instances"] == len(files)
+    with serving(free_port()) as (home, proc), IpcClient(home / "ipc.sock", timeout=600) as client:
+        exam = client.call("exam.start", patient_id="BENCH1", patient_name="Bench^Ingest")["exam_id"]
+        t0 = time.perf_counter()
+        if per_image:
+            for f in files:
+                client.call("exam.add_image", exam_id=exam, paths=[f])
+        else:
+            client.call("exam.add_image", exam_id=exam, paths=files)
+        seconds = time.perf_counter() - t0
+        rss = peak_rss_mib(proc.pid)
+        assert client.call("status")["archive"]["instances"] == len(files)
         return seconds, rss
-    finally:
-        proc.terminate()
-        proc.wait()
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def main() -> int:

@@ -18,11 +18,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modality_link.home import free_port  # noqa: E402
+from modality_link.ipc import IpcClient  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
@@ -78,27 +81,35 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-def run_ours(series: list[list[str]]) -> tuple[float, float, tuple[float, float]]:
-    """(seconds, peak RSS MiB, (user, system) CPU seconds) of our disk server receiving `series`."""
+@contextmanager
+def serving(port: int) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """`modality-link serve` in a new temporary home, its disk server on `port`, ready for
+    associations and IPC; (home, process). Stopped and removed afterwards."""
     home = Path(tempfile.mkdtemp(prefix="mlb", dir="/tmp"))
-    port = free_port()
     ml = [sys.executable, "-m", "modality_link", "--home", str(home)]
     subprocess.run([*ml, "config", "set", "disk_server.port", str(port)], check=True, capture_output=True)
     proc = subprocess.Popen([*ml, "serve"], stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
-        before = cpu_seconds(proc.pid)
-        seconds = send(series, port, "MODLINK")
-        after = cpu_seconds(proc.pid)
-        rss = peak_rss_mib(proc.pid)
-        status = subprocess.run([*ml, "status", "--json"], check=True, capture_output=True, text=True).stdout
-        expected = sum(len(s) for s in series)
-        assert f'"instances": {expected}' in status, status
-        return seconds, rss, (after[0] - before[0], after[1] - before[1])
+        yield home, proc
     finally:
         proc.terminate()
         proc.wait()
         shutil.rmtree(home, ignore_errors=True)
+
+
+def run_ours(series: list[list[str]]) -> tuple[float, float, tuple[float, float]]:
+    """(seconds, peak RSS MiB, (user, system) CPU seconds) of our disk server receiving `series`."""
+    port = free_port()
+    with serving(port) as (home, proc):
+        before = cpu_seconds(proc.pid)
+        seconds = send(series, port, "MODLINK")
+        after = cpu_seconds(proc.pid)
+        rss = peak_rss_mib(proc.pid)
+        with IpcClient(home / "ipc.sock") as client:
+            instances = client.call("status")["archive"]["instances"]
+        assert instances == sum(len(s) for s in series), instances
+        return seconds, rss, (after[0] - before[0], after[1] - before[1])
 
 
 def main() -> int:
