@@ -319,7 +319,7 @@ class Config:
                 raise ConfigError(f"nodes.{name}: duplicate node name (also {seen[name.lower()]!r})")
             seen[name.lower()] = name
             node.validate(f"nodes.{name}")
-        used = {}
+        used: dict[int, str] = {}
         for key in ("disk_server", "memory_server"):
             lst: Listener = getattr(self, key)
             if lst.enabled and lst.port in used:

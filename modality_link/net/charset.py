@@ -91,7 +91,7 @@ def _raw_text(ds: Dataset) -> tuple[list[bytes], list[bytes]]:
     return text, seqs
 
 
-def guess_charset(raw: list[bytes], default: str = "ISO_IR 100", seqs: list[bytes] = ()) -> str:
+def guess_charset(raw: Sequence[bytes], default: str = "ISO_IR 100", seqs: Sequence[bytes] = ()) -> str:
     """Guess (0008,0005) from raw text bytes when a peer sent none."""
     blob = b"".join(raw)
     if any(esc in b for b in (blob, *seqs) for esc in (b"\x1b$B", b"\x1b(J", b"\x1b)I")):
@@ -105,7 +105,7 @@ def guess_charset(raw: list[bytes], default: str = "ISO_IR 100", seqs: list[byte
         return default
 
 
-def charset_terms(value: object) -> list[str]:
+def charset_terms(value: str | bytes | Iterable[Any] | None) -> list[str]:
     """The defined terms of a (0008,0005) value (str with backslashes, list, bytes or None), each
     normalised by :func:`normalise_term`; ``[]`` when absent or empty (PS3.3 C.12.1.1.2)."""
     if value is None:
@@ -171,7 +171,7 @@ def decode_values(elements: Sequence[tuple[int, str, bytes]], terms: Sequence[st
     return values
 
 
-def text_of(value: object) -> str:
+def text_of(value: Any) -> str:
     """A decoded value as one str: multiple values joined by a backslash, None as ""."""
     if value is None:
         return ""

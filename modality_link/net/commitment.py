@@ -19,11 +19,12 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom import Association, evt
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 
 from modality_link.net.acceptor import DataSetSink, InMemory, Reply, Request
@@ -139,7 +140,7 @@ def report_handler(on_report: Callable[[Report], None]) -> Callable[[evt.Event],
     def handle(event: evt.Event) -> tuple[int, None]:
         calling = event.assoc.requestor.ae_title.strip() if not event.assoc.is_requestor else (
             event.assoc.acceptor.ae_title.strip())
-        req = event.request
+        req = cast(N_EVENT_REPORT, event.request)  # the request of an EVT_N_EVENT_REPORT
         info = event.event_information if str(req.AffectedSOPClassUID) == STORAGE_COMMITMENT_PUSH else None
         return answer_report(str(req.AffectedSOPClassUID), req.EventTypeID, info, calling, on_report), None
 

@@ -114,17 +114,20 @@ class Requestor:
             prim = pdu.to_primitive()
             names = dict(self._numbered())
             for cx in prim.presentation_context_definition_results_list:
-                ts = str(cx.transfer_syntax[0]) if cx.result == 0 and cx.transfer_syntax else None
-                self.contexts.append(Context(cx.context_id, names.get(cx.context_id, ""), ts, cx.result))
+                cid, result = cx.context_id, cx.result
+                if cid is None or result is None:  # pynetdicom decodes both from every item
+                    continue
+                ts = str(cx.transfer_syntax[0]) if result == 0 and cx.transfer_syntax else None
+                self.contexts.append(Context(cid, names.get(cid, ""), ts, result))
             self.peer_max_pdu = prim.maximum_length_received or 0
             LOG.debug("association to %s accepted: %d of %d context(s)", self.peer,
                       len(self.accepted()), len(self.contexts))
             return self
         self.close()
         if kind == A_ASSOCIATE_RJ_TYPE:
-            pdu = A_ASSOCIATE_RJ()
-            pdu.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
-            raise self._failed(describe_reject(pdu.to_primitive()))
+            rj = A_ASSOCIATE_RJ()
+            rj.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+            raise self._failed(describe_reject(rj.to_primitive()))
         raise self._failed(f"unexpected answer (PDU type 0x{kind:02X}) to the A-ASSOCIATE-RQ")
 
     def _numbered(self) -> list[tuple[int, str]]:
