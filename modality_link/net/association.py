@@ -2,7 +2,7 @@
 
 - every AE carries our Implementation Class UID and Version Name (PS3.7 D.3.3.2);
 - every DICOM socket, requestor or acceptor, gets TCP_NODELAY when it opens;
-- the timeouts of the config map onto pynetdicom's (REQUIREMENTS §12);
+- the timeouts of the config map onto pynetdicom's (docs/design.md "Configuration defaults");
 - a failed set-up becomes one sentence that names the peer and the reason:
   - no TCP connection: "connection refused", "timed out", "host unreachable" (the errno);
   - connected, but no A-ASSOCIATE-AC/RJ within the ACSE timeout (PS3.8 §9.1.5, ARTIM);

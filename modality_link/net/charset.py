@@ -1,12 +1,13 @@
 """Specific Character Set (0008,0005) on the way in: tolerant decoding (PS3.3 C.12.1.1.2, PS3.5 §6.1).
 
-Peers write (0008,0005) wrongly or not at all (REQUIREMENTS B8, B9, seed 001 "ISO_IR100"). Before
+Peers write (0008,0005) wrongly or not at all (a PACS's worklist server writes "ISO_IR100"). Before
 pydicom decodes a received dataset, :func:`repair_charset` rewrites known misspellings to the
 defined terms, and fills in a missing value by looking at the raw bytes of the text elements:
 ISO 2022 escape sequences mean Japanese (ISO 2022 IR 13 / IR 87), valid UTF-8 means ISO_IR 192,
 anything else uses the node's default (ISO_IR 100 unless configured otherwise).
 
-On the way out we write ISO_IR 100 when the values fit Latin-1, else ISO_IR 192 (DESIGN.md).
+On the way out we write ISO_IR 100 when the values fit Latin-1, else ISO_IR 192 (docs/design.md
+"Character sets").
 
 This module is the one place that turns encoded text into Unicode (docs/design.md "Character
 sets"): the media reader, the DICOMDIR writer, the PDI files, the archive index and the worklist
@@ -214,7 +215,7 @@ def repair_charset(ds: Dataset, default: str = "ISO_IR 100") -> Dataset:
 
 
 def charset_for(values: list[str]) -> str:
-    """ISO_IR 100 when every value fits Latin-1, else ISO_IR 192 (DESIGN.md)."""
+    """ISO_IR 100 when every value fits Latin-1, else ISO_IR 192 (docs/design.md "Character sets")."""
     try:
         for v in values:
             v.encode("latin-1")

@@ -83,7 +83,8 @@ def new_transaction_uid() -> str:
 
 
 def action_dataset(transaction_uid: str, refs: Sequence[tuple[str, str]]) -> Dataset:
-    """The N-ACTION Action Information (PS3.4 Table J.3-1); no Storage Media File-Set (E11)."""
+    """The N-ACTION Action Information (PS3.4 Table J.3-1), without the optional Storage Media
+    File-Set ID and UID (docs/design.md "Storage Commitment")."""
     ds = Dataset()
     ds.TransactionUID = transaction_uid
     items = []
@@ -117,7 +118,7 @@ def answer_report(sop_class: str, event_type: int | None, info: Dataset | None, 
                   on_report: Callable[[Report], None]) -> int:
     """Decode an N-EVENT-REPORT-RQ, hand the report to `on_report`, return our status.
 
-    `on_report` raises :class:`ReportError` to answer with a failure status (E10).
+    `on_report` raises :class:`ReportError` to answer with a failure status (PS3.7 Annex C).
     """
     if sop_class != STORAGE_COMMITMENT_PUSH:
         LOG.error("N-EVENT-REPORT for SOP class %s refused", sop_class)
@@ -189,7 +190,8 @@ def request(assoc: Association, transaction_uid: str, refs: Sequence[tuple[str, 
 
 
 class ReportWaiter:
-    """Waits on a requestor association for the report of given transactions (E4)."""
+    """Waits on a requestor association for the report of given transactions (the report on
+    the N-ACTION's own association, PS3.4 J.3.3)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()

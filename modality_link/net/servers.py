@@ -49,7 +49,8 @@ from modality_link.net.commitment import STORAGE_COMMITMENT_PUSH, Report, Report
 
 LOG = logging.getLogger("modality_link.net.servers")
 
-#: Transfer syntaxes the archive accepts, in our order of preference (REQUIREMENTS A11).
+#: Transfer syntaxes the archive accepts, in our order of preference (docs/design.md
+#: "Configuration defaults").
 ARCHIVE_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,

@@ -51,7 +51,8 @@ _ABORT = _PDU_HEADER.pack(A_ABORT_TYPE, 0, 4) + b"\x00\x00\x00\x00"  # service u
 
 
 class AssociationLost(Exception):
-    """The association was aborted or the connection lost while it was in use (REQUIREMENTS D7)."""
+    """The association was aborted or the connection lost while it was in use (PS3.8 §7.3-7.4);
+    the send job is tried again later."""
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Requestor:
     contexts: list[Context] = field(default_factory=list)
     peer_max_pdu: int = 0
     sock: socket.socket | None = field(default=None, repr=False)
-    #: True once it was kept open after a job and handed to another (REQUIREMENTS D3).
+    #: True once it was kept open after a job and handed to another (``idle_release``).
     reused: bool = False
     _message_id: int = 0
 
