@@ -204,7 +204,8 @@ def headings(markdown: str) -> set[str]:
 
 def test_hw_and_sim_use_nothing_private_of_modality_link() -> None:
     found = {rel(p): private_uses(source(p)) for p in python_files("hw", "sim")}
-    assert not {k: v for k, v in found.items() if v}, found
+    found = {k: v for k, v in found.items() if v}
+    assert not found, f"private names of modality_link used: {found}"
 
 
 def is_db_package(path: str) -> bool:
@@ -259,7 +260,8 @@ def test_no_domain_module_imports_the_ipc_module() -> None:
 )
 def test_comments_cite_the_standard_or_this_repository() -> None:
     found = {rel(p): forbidden_citations(source(p)) for p in python_files("modality_link", "hw", "sim", "tests")}
-    assert not {k: v for k, v in found.items() if v}, {k: v for k, v in found.items() if v}
+    found = {k: v for k, v in found.items() if v}
+    assert not found, f"comments cite documents that are not in this repository: {found}"
 
 
 def documentation() -> list[Path]:
