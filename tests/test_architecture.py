@@ -51,7 +51,7 @@ def is_private(name: str) -> bool:
 
 def docstrings(tree: ast.AST) -> list[ast.Constant]:
     """The docstring nodes of a module, its classes and its functions."""
-    found = []
+    found: list[ast.Constant] = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             first = node.body[0] if node.body else None
@@ -172,7 +172,7 @@ def comments_and_docstrings(text: str) -> list[tuple[int, str]]:
         for tok in tokenize.generate_tokens(io.StringIO(text).readline)
         if tok.type == tokenize.COMMENT
     ]
-    return found + [(d.lineno, d.value) for d in docstrings(ast.parse(text))]
+    return found + [(d.lineno, str(d.value)) for d in docstrings(ast.parse(text))]
 
 
 def forbidden_citations(text: str) -> list[str]:
