@@ -215,7 +215,9 @@ def associate(
     def on_open(event: evt.Event) -> None:
         seen["connected"] = True
 
-    handlers: list[evt.EventHandlerType] = [*COMMON_HANDLERS, (evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), *evt_handlers]
+    handlers: list[evt.EventHandlerType] = [
+        *COMMON_HANDLERS, (evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), *evt_handlers,
+    ]
     target = f"{node.ae_title}@{node.host}:{node.port}"
     started = time.monotonic()
     assoc = ae.associate(
