@@ -9,6 +9,7 @@ the code docs/ipc.md "Errors" gives; a DICOM status behind the error goes into t
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import logging
@@ -58,6 +59,23 @@ def _mapped(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def write_new_file(path: Path, data: bytes) -> None:
+    """Write `data` to the new file `path` whole or not at all: a temporary beside it, flushed,
+    then linked to its name (link(2) fails if the name appeared meanwhile)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise Conflict(f"{path} exists; name a new file") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _job_id(id: Any) -> int:
     if isinstance(id, bool) or not isinstance(id, int):
         raise Invalid("give the job id as a whole number")
@@ -87,6 +105,9 @@ class Api:
             "config.reload": self.config_reload,
             "alerts.list": self.alerts_list,
             "alerts.clear": self.alerts_clear,
+            "memory.list": self.memory_list,
+            "memory.fetch": self.memory_fetch,
+            "memory.clear": self.memory_clear,
             "worklist.query": exams.query_worklist,
             "exam.start": exams.start,
             "exam.add_image": exams.add_image,
@@ -114,7 +135,7 @@ class Api:
         assert svc.db is not None
         studies = svc.db.studies()
         listeners = {}
-        for key, server in (("disk_server", svc.disk_server),):
+        for key, server in (("disk_server", svc.disk_server), ("memory_server", svc.memory_server)):
             lst = getattr(svc.config, key)
             listeners[key] = {
                 "ae_title": lst.ae_title,
@@ -132,6 +153,8 @@ class Api:
                 "studies": len(studies),
                 "instances": sum(s["instances"] for s in studies),
             },
+            "memory": {"instances": len(svc.memory), "bytes": svc.memory.used_bytes,
+                       "budget_bytes": svc.memory.budget},
             "alerts": svc.db.alerts(limit=20),
         }
 
@@ -168,6 +191,40 @@ class Api:
         for study in studies:
             jobs += svc.jobs.on_exam_complete(study)
         return {"imported": imported, "failed": failed, "jobs": jobs}
+
+    # -- memory server ----------------------------------------------------------------------------
+
+    def memory_list(self) -> dict[str, Any]:
+        """The memory server's cache: studies, their series and instances, bytes."""
+        memory = self.service.memory
+        return {"studies": memory.studies(), "instances": len(memory), "bytes": memory.used_bytes,
+                "budget_bytes": memory.budget}
+
+    def memory_fetch(self, sop_instance_uid: str, path: str | None = None) -> dict[str, Any]:
+        """One cached instance as PS3.10 bytes: base64 in the result, or written to `path` (an
+        absolute path in an existing folder, not an existing file; written whole or not at all)."""
+        if not isinstance(sop_instance_uid, str) or not sop_instance_uid:
+            raise Invalid("memory.fetch: give sop_instance_uid, a SOP Instance UID")
+        item = self.service.memory.get(sop_instance_uid)
+        if item is None:
+            raise NotFound(f"no instance {sop_instance_uid} in the memory server")
+        rec = item.record
+        out: dict[str, Any] = {"sop_instance_uid": rec.sop_instance_uid, "sop_class_uid": rec.sop_class_uid,
+                               "study_uid": rec.study_uid, "series_uid": rec.series_uid,
+                               "transfer_syntax": rec.transfer_syntax, "bytes": item.size}
+        if path is None:
+            out["data"] = base64.b64encode(item.data).decode("ascii")
+            return out
+        if not isinstance(path, str) or not os.path.isabs(path) or not os.path.isdir(os.path.dirname(path)):
+            raise Invalid(f"memory.fetch: {path!r} is not an absolute path in an existing folder")
+        if os.path.lexists(path):
+            raise Conflict(f"memory.fetch: {path} exists; name a new file")
+        write_new_file(Path(path), item.data)
+        out["path"] = path
+        return out
+
+    def memory_clear(self) -> dict[str, Any]:
+        return {"cleared": self.service.memory.clear()}
 
     # -- jobs -----------------------------------------------------------------------------------
 

@@ -1,9 +1,9 @@
 """The long-running service: wiring only.
 
-It builds the database, the archive, the job queue, the listening AEs and the IPC server from
-the config, starts and stops them; the IPC methods are in `modality_link.api`. The DICOM work is in `modality_link.net`, the
-storage in `modality_link.archive`, the schema in `modality_link.db`, the protocol in
-`modality_link.ipc`.
+It builds the database, the archive, the memory cache, the job queue, the listening AEs and the
+IPC server from the config, starts and stops them. The IPC methods are in `modality_link.api`,
+the DICOM work in `modality_link.net`, the storage in `modality_link.archive`, the schema in
+`modality_link.db`, the protocol in `modality_link.ipc`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from modality_link.exam import ExamManager
 from modality_link.home import Home
 from modality_link.ipc import IpcServer
 from modality_link.jobs import JobQueue
+from modality_link.memory import CachedInstance, MemoryCache
+from modality_link.net.memory_server import MemoryServer
 from modality_link.net.servers import StorageServer
 
 LOG = logging.getLogger("modality_link.service")
@@ -72,6 +74,8 @@ class Service:
         self.db: Database | None = None
         self.archive: Archive | None = None
         self.disk_server: StorageServer | None = None
+        self.memory = MemoryCache(self.config.memory_server.cache_mb << 20)
+        self.memory_server: MemoryServer | None = None
         self.ipc: IpcServer | None = None
         self.exams: ExamManager | None = None
         self.jobs: JobQueue | None = None
@@ -133,11 +137,18 @@ class Service:
                 on_report=self.jobs.handle_report if self.jobs is not None else None,
             )
             self.disk_server.start()
+        if self.config.memory_server.enabled:
+            self.memory_server = MemoryServer(self.config.memory_server, self.config.timeouts, self.memory,
+                                              self.on_memory_stored)
+            self.memory_server.start()
 
     def _stop_servers(self) -> None:
         if self.disk_server is not None:
             self.disk_server.stop()
             self.disk_server = None
+        if self.memory_server is not None:
+            self.memory_server.stop()
+            self.memory_server = None
 
     def stop(self) -> None:
         if self.jobs is not None:
@@ -162,8 +173,10 @@ class Service:
         """Re-read the config file and restart the listeners whose settings changed; whether
         they were. A :class:`ConfigError` leaves the running configuration as it was."""
         new = config.load(self.home.config_path)
-        restart = new.disk_server != self.config.disk_server or new.timeouts != self.config.timeouts
+        restart = (new.disk_server != self.config.disk_server or new.memory_server != self.config.memory_server
+                   or new.timeouts != self.config.timeouts)
         self.config = new
+        self.memory.budget = new.memory_server.cache_mb << 20
         if self.archive is not None:
             self.archive.min_free_mb = new.archive.min_free_mb
         if restart:
@@ -171,6 +184,13 @@ class Service:
             self._start_servers()
         LOG.info("config reloaded%s", " (listeners restarted)" if restart else "")
         return restart
+
+    def on_memory_stored(self, item: CachedInstance) -> None:
+        """Announce an instance the memory server keeps (``memory.stored``, docs/ipc.md)."""
+        rec = item.record
+        self.publish("memory.stored", sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                     series_uid=rec.series_uid, study_uid=rec.study_uid, patient_id=rec.patient_id,
+                     source_ae=rec.source_ae, bytes=item.size)
 
     def run_forever(self) -> None:
         """Serve until SIGTERM or SIGINT."""
