@@ -16,12 +16,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pydicom.dataset import Dataset
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelMove,
-)
 
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, associate, make_ae
@@ -29,11 +23,10 @@ from modality_link.net.charset import repair_charset
 
 LOG = logging.getLogger("modality_link.net.retrieve")
 
-#: Information models: name -> (FIND SOP class, MOVE SOP class), PS3.4 C.6.
+#: Information models: name -> (FIND SOP class, MOVE SOP class), PS3.4 C.6 (UIDs of PS3.6 Annex A).
 MODELS = {
-    "study": (str(StudyRootQueryRetrieveInformationModelFind), str(StudyRootQueryRetrieveInformationModelMove)),
-    "patient": (str(PatientRootQueryRetrieveInformationModelFind),
-                str(PatientRootQueryRetrieveInformationModelMove)),
+    "study": ("1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.2"),
+    "patient": ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2"),
 }
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 #: Seconds to wait for the final response after our C-CANCEL-RQ before aborting.
