@@ -236,10 +236,6 @@ IPC_IMPORTERS = {
     "modality_link/cli.py": "a client of the running service",
     "modality_link/demo.py": "a client: drives the service it started, as the acquisition software does",
 }
-#: Importers still to be changed; each must go from this list once it no longer imports it.
-IPC_IMPORTERS_PENDING = {
-    "modality_link/burns.py": "raises IPC errors from domain code (issue 12, item 1)",
-}
 
 
 def test_no_domain_module_imports_the_ipc_module() -> None:
@@ -247,10 +243,9 @@ def test_no_domain_module_imports_the_ipc_module() -> None:
         rel(p) for p in python_files("modality_link")
         if rel(p) != IPC_MODULE and imports_module(source(p), rel(p), "modality_link.ipc")
     }
-    unexpected = importers - IPC_IMPORTERS.keys() - IPC_IMPORTERS_PENDING.keys()
+    unexpected = importers - IPC_IMPORTERS.keys()
     assert not unexpected, f"domain modules import the IPC module: {sorted(unexpected)}"
-    done = IPC_IMPORTERS_PENDING.keys() - importers
-    assert not done, f"no longer import the IPC module, remove from IPC_IMPORTERS_PENDING: {sorted(done)}"
+    assert "modality_link/api.py" in importers, "the IPC API no longer imports the IPC module?"
 
 
 @pytest.mark.xfail(
