@@ -187,7 +187,7 @@ class Service:
         """Tell the operator: one log line, a row in the alerts table, an IPC event."""
         LOG.error("ALERT %s: %s", code, message)
         if self.db is not None:
-            self.db.add_alert(level, code, message)
+            self.db.alerts.add(level, code, message)
         self.publish("alert", code=code, level=level, message=message)
 
     def _on_stored(self, rec: InstanceRecord) -> None:
@@ -253,7 +253,7 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         assert self.db is not None
-        studies = self.db.studies()
+        studies = self.db.index.studies()
         listeners = {}
         for key, server in (("disk_server", self.disk_server),):
             lst = getattr(self.config, key)
@@ -271,18 +271,15 @@ class Service:
             "listeners": listeners,
             "archive": {
                 "studies": len(studies),
-                "instances": sum(s["instances"] for s in studies),
+                "instances": sum(s.instances for s in studies),
             },
-            "alerts": self.db.alerts(limit=20),
+            "alerts": [a.to_dict() for a in self.db.alerts.latest(limit=20)],
         }
 
     def studies_list(self) -> list[dict[str, Any]]:
         assert self.db is not None
-        studies = self.db.studies()
-        counts = self.db.study_node_counts()
-        for s in studies:
-            s["nodes"] = counts.get(s["study_uid"], {})
-        return studies
+        counts = self.db.jobs.node_counts()
+        return [{**s.to_dict(), "nodes": counts.get(s.study_uid, {})} for s in self.db.index.studies()]
 
     def archive_import(self, paths: list[str]) -> dict[str, Any]:
         assert self.archive is not None
@@ -406,9 +403,9 @@ class Service:
 
     def alerts_list(self, include_cleared: bool = False) -> list[dict[str, Any]]:
         assert self.db is not None
-        return self.db.alerts(include_cleared=include_cleared)
+        return [a.to_dict() for a in self.db.alerts.latest(include_cleared=include_cleared)]
 
     def alerts_clear(self, code: str | None = None) -> dict[str, Any]:
         assert self.db is not None
-        self.db.clear_alerts(code)
+        self.db.alerts.clear(code)
         return {"cleared": True}
