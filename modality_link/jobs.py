@@ -37,6 +37,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel
 from modality_link import config
 from modality_link.config import Config, ConfigError
 from modality_link.db import FINAL_STATES, Database, Job, JobItem
+from modality_link.errors import Conflict, Invalid, NotFound
 from modality_link.net import commitment, storage
 from modality_link.net.association import AssociationFailed, NoContextAccepted, associate, make_ae
 
@@ -181,16 +182,19 @@ class JobQueue:
     def submit_send(self, study_uids: list[str], node: str, commit: bool = False) -> int:
         """Queue a send job of every instance of the studies to `node` (the Send button)."""
         cfg = self.get_config()
-        n = cfg.node(node)  # ConfigError names the known nodes
+        try:
+            n = cfg.node(node)
+        except ConfigError as exc:  # its message names the known nodes
+            raise Invalid(str(exc)) from None
         if "store" not in n.roles:
-            raise ConfigError(f"nodes.{node}: this node has no 'store' role")
+            raise Invalid(f"nodes.{node}: this node has no 'store' role")
         if commit and "commit" not in n.roles:
-            raise ConfigError(f"nodes.{node}: this node has no 'commit' role (Storage Commitment)")
+            raise Invalid(f"nodes.{node}: this node has no 'commit' role (Storage Commitment)")
         uids: list[str] = []
         for study in study_uids:
             rows = self.db.index.study_instances(study)
             if not rows:
-                raise KeyError(f"no study {study} in the archive")
+                raise NotFound(f"no study {study} in the archive")
             uids += [r.sop_instance_uid for r in rows]
         return self.submit("send", node, uids, {"commit": commit, "studies": study_uids})
 
@@ -232,7 +236,7 @@ class JobQueue:
     def _get(self, job_id: int) -> Job:
         job = self.db.jobs.get(job_id)
         if job is None:
-            raise KeyError(f"no job {job_id}")
+            raise NotFound(f"no job {job_id}")
         return job
 
     def list(self) -> list[dict[str, Any]]:
@@ -248,7 +252,7 @@ class JobQueue:
         while True:
             job = self._get(job_id)
             if job.state not in ("queued", "running"):
-                raise ValueError(f"job {job_id} is {job.state}; only a queued or running job can be cancelled")
+                raise Conflict(f"job {job_id} is {job.state}; only a queued or running job can be cancelled")
             self._cancelled.add(job_id)
             if self.db.jobs.end(job_id, "cancelled", detail="cancelled by the operator", only_if=job.state):
                 break
@@ -271,7 +275,7 @@ class JobQueue:
     def retry(self, job_id: int) -> dict[str, Any]:
         job = self._get(job_id)
         if job.state not in ("failed", "cancelled"):
-            raise ValueError(f"job {job_id} is {job.state}; only a failed or cancelled job can be retried")
+            raise Conflict(f"job {job_id} is {job.state}; only a failed or cancelled job can be retried")
         self._cancelled.discard(job_id)
         self.db.jobs.reset_items(job_id)
         params = dict(job.params)
