@@ -32,13 +32,17 @@ import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.filereader import read_dataset as read_dataset_bytes
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
@@ -202,8 +206,52 @@ _INDEXED_UIDS = (
     ("series_uid", "SeriesInstanceUID", None),
     ("study_uid", "StudyInstanceUID", None),
 )
+#: Optional keys the Query/Retrieve SCP answers at the series and at the image level
+#: (docs/design.md "Query/Retrieve SCP"), kept in :attr:`InstanceRecord.series_keys` and
+#: :attr:`InstanceRecord.image_keys` when the instance has them.
+SERIES_KEYS = ("SeriesDate", "SeriesTime", "ProtocolName", "PerformedProcedureStepStartDate",
+               "PerformedProcedureStepStartTime")
+IMAGE_KEYS = (
+    "ImageType", "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+    "ContrastBolusAgent", "ScanOptions", "SequenceName", "SliceThickness", "EchoNumbers", "TriggerTime",
+    "GantryDetectorTilt", "AcquisitionNumber", "ImagePositionPatient", "ImageOrientationPatient",
+    "FrameOfReferenceUID", "SliceLocation", "SamplesPerPixel", "Rows", "Columns", "PixelSpacing",
+    "BitsAllocated",
+)
+#: The Request Attributes Sequence and the keys of its items that are indexed (PS3.4 C.6.1.1.4).
+REQUEST_ATTRIBUTES = "RequestAttributesSequence"
+REQUEST_KEYS = ("RequestedProcedureID", "ScheduledProcedureStepID")
 _INDEXED_TAGS = frozenset(tag_of(k) for k in ("SpecificCharacterSet", *(k for _, k in _INDEXED_TEXT),
-                                              *(k for _, k, _ in _INDEXED_UIDS)))
+                                              *(k for _, k, _ in _INDEXED_UIDS), *SERIES_KEYS, *IMAGE_KEYS,
+                                              REQUEST_ATTRIBUTES))
+#: VRs whose values pydicom converts by the byte order (PS3.5 7.3): read from the data set as
+#: pydicom decoded them, not from their raw bytes.
+_BINARY_VRS = frozenset({"US", "UL", "SS", "SL", "FL", "FD", "AT", "SV", "UV"})
+
+
+def _keys_of(get: Callable[[str], object], keywords: Sequence[str]) -> dict[str, str]:
+    """{keyword: text} of the `keywords` present (`get` returns None for an absent one)."""
+    out = {}
+    for keyword in keywords:
+        value = get(keyword)
+        if value is not None:
+            out[keyword] = text_of(value)
+    return out
+
+
+def _requests(sequence: object, terms: Sequence[str]) -> list[tuple[str, str]]:
+    """(Requested Procedure ID, Scheduled Procedure Step ID) of each item of a Request
+    Attributes Sequence, decoded in the data set's character set `terms`."""
+    if not isinstance(sequence, DicomSequence):
+        return []
+    return [(decoded_text(item, REQUEST_KEYS[0], terms), decoded_text(item, REQUEST_KEYS[1], terms))
+            for item in sequence if isinstance(item, Dataset)]
+
+
+def _kept_sequence(raw: bytes, implicit: bool) -> object:
+    """The value of one sequence element kept whole by the header walk, read by pydicom."""
+    ds = read_dataset_bytes(BytesIO(raw), implicit, True)
+    return ds.get(REQUEST_ATTRIBUTES)
 
 
 def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
@@ -229,13 +277,19 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         values[name] = str(uid)
     for name, keyword in _INDEXED_TEXT:
         values[name] = text_of(header.get(keyword))
+    transfer_syntax = header.meta[0x00020010].rstrip(b" \x00").decode("ascii")
+    sequence = header.kept_sequences.get(tag_of(REQUEST_ATTRIBUTES))
     return InstanceRecord(
         **values,
-        transfer_syntax=header.meta[0x00020010].rstrip(b" \x00").decode("ascii"),
+        transfer_syntax=transfer_syntax,
         path="",
         size=0,
         charset=text_of(header.get("SpecificCharacterSet")),
         source_ae=source_ae,
+        series_keys=_keys_of(header.get, SERIES_KEYS),
+        image_keys=_keys_of(header.get, IMAGE_KEYS),
+        requests=_requests(_kept_sequence(sequence, transfer_syntax == ImplicitVRLittleEndian), header.charset)
+        if sequence is not None else [],
     )
 
 
@@ -248,6 +302,15 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
     """
     charset = _text(ds, "SpecificCharacterSet")
     terms = dataset_charset(ds)
+
+    def get(keyword: str) -> object:
+        elem = ds.get_item(keyword)
+        if elem is None:
+            return None
+        if elem.VR in _BINARY_VRS or (elem.VR is None and dictionary_VR(elem.tag) in _BINARY_VRS):
+            return ds[keyword].value
+        return decoded_text(ds, keyword, terms)
+
     return InstanceRecord(
         sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
         sop_class_uid=checked_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)"),
@@ -259,6 +322,9 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         charset=charset,
         **{name: decoded_text(ds, keyword, terms) for name, keyword in _INDEXED_TEXT},
         source_ae=source_ae,
+        series_keys=_keys_of(get, SERIES_KEYS),
+        image_keys=_keys_of(get, IMAGE_KEYS),
+        requests=_requests(ds.get(REQUEST_ATTRIBUTES), terms),
     )
 
 
@@ -470,14 +536,17 @@ class Archive:
                     yield f, exc
 
     def reconcile(self) -> int:
-        """Index archive files that a crash left unindexed, and delete stale temporaries."""
+        """Index archive files that a crash left unindexed (and read again those indexed before
+        the Query/Retrieve keys were), delete stale temporaries; return how many were unindexed."""
         for part in self.tmp_dir.glob("*.part"):
             part.unlink(missing_ok=True)
         known = self.db.index.paths()
         added = 0
+        # rows indexed before the Query/Retrieve keys were (schema version 5) are read again
+        stale = set(self.db.index.paths_without_keys())
         for f in self.root.glob("*/*/*.dcm"):
             rel = f.relative_to(self.root).as_posix()
-            if rel in known:
+            if rel in known and rel not in stale:
                 continue
             try:
                 ds = read_header(f)
@@ -486,7 +555,7 @@ class Archive:
                 if self.path_for(rec) != rel:
                     raise DatasetMismatch("file name does not match its UIDs")
                 self._index(rec)
-                added += 1
+                added += rel not in known
             except ArchiveError as exc:
                 LOG.error("archive: %s is not a valid archive file (%s); left in place", rel, exc)
         return added

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,13 @@ class InstanceRecord:
     instance_number: str = ""
     source_ae: str = ""
     received_at: float = field(default_factory=time.time)
+    #: Optional keys of the series and of the image that Query/Retrieve answers (keyword ->
+    #: value as text, multiple values joined by a backslash; only those the instance has).
+    series_keys: dict[str, str] = field(default_factory=dict)
+    image_keys: dict[str, str] = field(default_factory=dict)
+    #: The Request Attributes Sequence (0040,0275): (Requested Procedure ID, Scheduled
+    #: Procedure Step ID) of each item.
+    requests: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,10 @@ class Index:
         with synchronous=NORMAL (survives a process crash, not a power cut): for rows that
         `Archive.reconcile` rebuilds from their files.
         """
-        r = asdict(rec)
+        r = asdict(rec) | {
+            "series_attributes": json.dumps({"keys": rec.series_keys, "requests": rec.requests}),
+            "image_attributes": json.dumps(rec.image_keys),
+        }
         key = rec.patient_id or f"name:{rec.patient_name}"
         with self._conn.transaction(durable=flush) as c:
             old = c.execute(
@@ -124,17 +135,18 @@ class Index:
             )
             c.execute(
                 """INSERT INTO series(series_uid, study_uid, modality, series_number,
-                     description, body_part)
+                     description, body_part, attributes)
                    VALUES (:series_uid, :study_uid, :modality, :series_number,
-                     :series_description, :body_part)
-                   ON CONFLICT(series_uid) DO UPDATE SET study_uid=excluded.study_uid""",
+                     :series_description, :body_part, :series_attributes)
+                   ON CONFLICT(series_uid) DO UPDATE SET study_uid=excluded.study_uid,
+                     attributes=COALESCE(series.attributes, excluded.attributes)""",
                 r,
             )
             c.execute(
                 """INSERT OR REPLACE INTO instances(sop_instance_uid, series_uid, sop_class_uid,
-                     instance_number, transfer_syntax, size, path, source_ae, received_at)
+                     instance_number, transfer_syntax, size, path, source_ae, received_at, attributes)
                    VALUES (:sop_instance_uid, :series_uid, :sop_class_uid, :instance_number,
-                     :transfer_syntax, :size, :path, :source_ae, :received_at)""",
+                     :transfer_syntax, :size, :path, :source_ae, :received_at, :image_attributes)""",
                 r,
             )
             if old is not None and old["series_uid"] != rec.series_uid:
@@ -148,6 +160,50 @@ class Index:
     def paths(self) -> set[str]:
         """Every indexed relative path (for reconciling the archive with the index)."""
         return {r[0] for r in self._conn.query("SELECT path FROM instances")}
+
+    def paths_without_keys(self) -> list[str]:
+        """Relative paths of the instances indexed before the Query/Retrieve keys were (schema
+        version 5): :meth:`Archive.reconcile` reads them again."""
+        rows = self._conn.query(
+            """SELECT i.path FROM instances i JOIN series se USING(series_uid)
+               WHERE i.attributes IS NULL OR se.attributes IS NULL""")
+        return [r[0] for r in rows]
+
+    def qr_entities(self, level: str, scope: dict[str, list[str]]) -> list[dict[str, Any]]:
+        """The entities of a Query/Retrieve level (PATIENT, STUDY, SERIES or IMAGE; PS3.4 C.6)
+        with their keys and those of the levels above, by DICOM keyword; the optional keys of the
+        series and the image as :meth:`add` stored them ("RequestAttributesSequence" a list of
+        (Requested Procedure ID, Scheduled Procedure Step ID)); the computed keys (Number of
+        ... Related ..., Modalities in Study). `scope` restricts unique keys (PatientID,
+        StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) to the values listed."""
+        select, order = _QR_LEVELS[level]
+        where, args = _scope(scope)
+        rows = self._conn.query(f"{select} {where} {order}", args)
+        out = []
+        for row in rows:
+            keys = dict(row)
+            series = keys.pop("series_attributes", None)
+            if series is not None:
+                parsed = json.loads(series or "{}")
+                keys.update(parsed.get("keys", {}))
+                keys["RequestAttributesSequence"] = [tuple(r) for r in parsed.get("requests", [])]
+            image = keys.pop("image_attributes", None)
+            if image is not None:
+                keys.update(json.loads(image or "{}"))
+            if "ModalitiesInStudy" in keys:
+                keys["ModalitiesInStudy"] = "\\".join(sorted(filter(None, (keys["ModalitiesInStudy"] or "").split(","))))
+            out.append(keys)
+        return out
+
+    def qr_instances(self, scope: dict[str, list[str]]) -> list[InstanceRow]:
+        """The instances below the entities that `scope` (as for :meth:`qr_entities`) selects,
+        by study, series number and instance number: what a C-MOVE or C-GET sends."""
+        where, args = _scope(scope)
+        rows = self._conn.query(
+            f"""{_INSTANCE} JOIN studies s ON s.study_uid=se.study_uid JOIN patients p ON p.pk=s.patient_pk
+                {where} ORDER BY s.study_date, s.study_uid, CAST(se.series_number AS INTEGER), se.series_uid,
+                CAST(i.instance_number AS INTEGER), i.sop_instance_uid""", args)
+        return [InstanceRow(**r) for r in rows]
 
     def studies(self) -> list[StudyRow]:
         """Every study with its patient and counts, oldest first (the CLI's `studies`)."""
@@ -179,6 +235,63 @@ class Index:
             (study_uid,),
         )
         return [InstanceRow(**r) for r in rows]
+
+
+_PATIENT_KEYS = """p.patient_id AS PatientID, p.patient_name AS PatientName, p.birth_date AS PatientBirthDate,
+    p.sex AS PatientSex"""
+_STUDY_KEYS = f"""{_PATIENT_KEYS}, s.study_uid AS StudyInstanceUID, s.study_date AS StudyDate,
+    s.study_time AS StudyTime, s.accession AS AccessionNumber, s.study_id AS StudyID,
+    s.description AS StudyDescription, s.referring_physician AS ReferringPhysicianName"""
+_SERIES_KEYS = f"""{_STUDY_KEYS}, se.series_uid AS SeriesInstanceUID, se.modality AS Modality,
+    se.series_number AS SeriesNumber, se.description AS SeriesDescription, se.body_part AS BodyPartExamined,
+    COALESCE(se.attributes, '') AS series_attributes"""
+_IMAGE_KEYS = f"""{_SERIES_KEYS}, i.sop_instance_uid AS SOPInstanceUID, i.sop_class_uid AS SOPClassUID,
+    i.instance_number AS InstanceNumber, COALESCE(i.attributes, '') AS image_attributes"""
+_STUDIES = "FROM studies s JOIN patients p ON p.pk=s.patient_pk"
+#: Per level: the SELECT of :meth:`Index.qr_entities` (its WHERE follows) and its ORDER BY.
+_QR_LEVELS = {
+    "PATIENT": (
+        f"""SELECT {_PATIENT_KEYS}, COUNT(DISTINCT s.study_uid) AS NumberOfPatientRelatedStudies,
+              COUNT(DISTINCT se.series_uid) AS NumberOfPatientRelatedSeries,
+              COUNT(i.sop_instance_uid) AS NumberOfPatientRelatedInstances
+            {_STUDIES} JOIN series se ON se.study_uid=s.study_uid
+            JOIN instances i ON i.series_uid=se.series_uid""",
+        "GROUP BY p.pk ORDER BY p.patient_name, p.patient_id",
+    ),
+    "STUDY": (
+        f"""SELECT {_STUDY_KEYS},
+              (SELECT COUNT(*) FROM series x WHERE x.study_uid=s.study_uid) AS NumberOfStudyRelatedSeries,
+              (SELECT COUNT(*) FROM series x JOIN instances y ON y.series_uid=x.series_uid
+                 WHERE x.study_uid=s.study_uid) AS NumberOfStudyRelatedInstances,
+              (SELECT GROUP_CONCAT(DISTINCT x.modality) FROM series x WHERE x.study_uid=s.study_uid)
+                 AS ModalitiesInStudy
+            {_STUDIES}""",
+        "ORDER BY s.study_date, s.study_time, s.study_uid",
+    ),
+    "SERIES": (
+        f"""SELECT {_SERIES_KEYS},
+              (SELECT COUNT(*) FROM instances y WHERE y.series_uid=se.series_uid) AS NumberOfSeriesRelatedInstances
+            {_STUDIES} JOIN series se ON se.study_uid=s.study_uid""",
+        "ORDER BY s.study_uid, CAST(se.series_number AS INTEGER), se.series_uid",
+    ),
+    "IMAGE": (
+        f"""SELECT {_IMAGE_KEYS} {_STUDIES} JOIN series se ON se.study_uid=s.study_uid
+            JOIN instances i ON i.series_uid=se.series_uid""",
+        "ORDER BY se.series_uid, CAST(i.instance_number AS INTEGER), i.sop_instance_uid",
+    ),
+}
+#: The unique key of each level (PS3.4 C.6.1.1, C.6.2.1) and its column.
+_UNIQUE_COLUMNS = {"PatientID": "p.patient_id", "StudyInstanceUID": "s.study_uid",
+                   "SeriesInstanceUID": "se.series_uid", "SOPInstanceUID": "i.sop_instance_uid"}
+
+
+def _scope(scope: dict[str, list[str]]) -> tuple[str, list[str]]:
+    """The WHERE clause that restricts unique keys to the values listed."""
+    terms, args = [], []
+    for keyword, values in scope.items():
+        terms.append(f"{_UNIQUE_COLUMNS[keyword]} IN ({','.join('?' * len(values))})")
+        args += values
+    return ("WHERE " + " AND ".join(terms)) if terms else "", args
 
 
 def _drop_empty(c: sqlite3.Connection, series_uid: str) -> None:

@@ -180,6 +180,16 @@ MIGRATIONS = [
     ALTER TABLE exams ADD COLUMN auto_queued_at REAL;  -- rule "exam" applied (NULL: still to do)
     UPDATE exams SET auto_queued_at = ended_at WHERE ended_at IS NOT NULL;
     """,
+    # version 5: the optional keys the Query/Retrieve SCP answers (docs/design.md "Query/Retrieve
+    # SCP"), as JSON objects {keyword: text}: the series' (with the Request Attributes Sequence
+    # items as "requests") and the image's. NULL: indexed before this version; Archive.reconcile()
+    # reads those files again. Indexes for the keys queries filter on.
+    """
+    ALTER TABLE series ADD COLUMN attributes TEXT;
+    ALTER TABLE instances ADD COLUMN attributes TEXT;
+    CREATE INDEX patients_id ON patients(patient_id);
+    CREATE INDEX studies_study_id ON studies(study_id);
+    """,
 ]
 
 
