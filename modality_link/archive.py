@@ -40,9 +40,11 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
-from modality_link.media.header import VR_BYTES, read_dataset, tag_of
+from modality_link.fileformat import (
+    TRANSFER_SYNTAX_UID, VR_BYTES, Part10Error, dataset_offset, encode_file_meta, meta_value,
+)
+from modality_link.media.header import read_dataset, tag_of
 from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
 if TYPE_CHECKING:
@@ -89,15 +91,13 @@ def checked_uid(uid: object, what: str) -> str:
     return str(uid)
 
 
-def _meta_end(fp: BinaryIO) -> int:
-    """Offset of the first dataset byte of a PS3.10 file (after the File Meta group)."""
+def _dataset_offset(fp: BinaryIO) -> int:
+    """Where the data set of the PS3.10 file `fp` starts (after its File Meta group)."""
     fp.seek(0)
-    head = fp.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise CannotUnderstand("not a PS3.10 file (no DICM prefix and group length)")
-    # (0002,0000) UL, explicit VR little endian: tag, 'UL', length 4, value
-    (group_length,) = struct.unpack("<I", head[140:144])
-    return 144 + group_length
+    try:
+        return dataset_offset(fp)
+    except (Part10Error, struct.error):
+        raise CannotUnderstand("not a PS3.10 file (no DICM prefix and File Meta group)") from None
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -120,9 +120,9 @@ def read_header(path: Path) -> Dataset:
             last = ds._dict[max(ds._dict)] if ds._dict else None
             syntax = ds.file_meta.get("TransferSyntaxUID")
             if syntax == DeflatedExplicitVRLittleEndian:
-                size = end = _inflated_size(fp, _meta_end(fp))
+                size = end = _inflated_size(fp, _dataset_offset(fp))
             elif syntax and not UID(syntax).is_implicit_VR and ds._dict:
-                fp.seek(_meta_end(fp) + 4)
+                fp.seek(_dataset_offset(fp) + 4)
                 _check_explicit_vr(fp.read(2), UID(syntax))
     except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, zlib.error) as exc:
         raise CannotUnderstand(f"dataset cannot be parsed: {exc}") from None
@@ -223,15 +223,14 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         if not is_valid_uid(uid):
             return None
         if meta_keyword is not None:  # PS3.10 7.1: the File Meta describes the data set
-            meta = header.meta.get(tag_of(meta_keyword), b"").rstrip(b" \x00").decode("ascii", "replace")
-            if meta != uid:
+            if meta_value(header.meta, tag_of(meta_keyword)) != uid:
                 return None
         values[name] = str(uid)
     for name, keyword in _INDEXED_TEXT:
         values[name] = text_of(header.get(keyword))
     return InstanceRecord(
         **values,
-        transfer_syntax=header.meta[0x00020010].rstrip(b" \x00").decode("ascii"),
+        transfer_syntax=meta_value(header.meta, TRANSFER_SYNTAX_UID),
         path="",
         size=0,
         charset=text_of(header.get("SpecificCharacterSet")),
@@ -260,38 +259,6 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         **{name: decoded_text(ds, keyword, terms) for name, keyword in _INDEXED_TEXT},
         source_ae=source_ae,
     )
-
-
-def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element (PS3.5 §7.1.2)."""
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
-        return struct.pack("<HH2s2xI", group, elem, vr, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii", "replace")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
-    """Preamble, prefix and File Meta Information (PS3.10 §7.1) with our implementation identity.
-
-    Encoded by hand (seven elements, explicit VR little endian): it is written for every received
-    instance, and pydicom's general encoder costs more than the rest of the copy.
-    """
-    body = b"".join(
-        [
-            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, 0x0002, b"UI", _padded(sop_class, b"\x00")),
-            _element(0x0002, 0x0003, b"UI", _padded(sop_instance, b"\x00")),
-            _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
-            _element(0x0002, 0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
-            _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
-            _element(0x0002, 0x0016, b"AE", _padded(source_ae.strip(), b" ")) if source_ae.strip() else b"",
-        ]
-    )
-    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 @dataclass
@@ -354,7 +321,7 @@ class Archive:
             with open(src, "rb") as fin, open(part, "wb") as fout:
                 fout.write(meta)
                 fout.flush()
-                _copy_from(src, _meta_end(fin), fout.fileno())
+                _copy_from(src, _dataset_offset(fin), fout.fileno())
                 rec.size = os.fstat(fout.fileno()).st_size
                 self._install(fout.fileno(), part, rec)
         except OSError as exc:

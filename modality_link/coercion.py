@@ -13,6 +13,7 @@ file is decoded and encoded whole.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite, write_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from modality_link.fileformat import dataset_offset
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
@@ -78,7 +81,8 @@ def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Datase
     if deflated:
         out = DicomBytesIO()
         dcmwrite(out, ds, enforce_file_format=True)
-        return Coerced(ds, syntax, _dataset_of(out.getvalue()), None)
+        part10 = out.getvalue()
+        return Coerced(ds, syntax, part10[dataset_offset(io.BytesIO(part10)):], None)
     fp = DicomBytesIO()
     fp.is_little_endian = syntax.is_little_endian
     fp.is_implicit_VR = syntax.is_implicit_VR
@@ -95,8 +99,3 @@ def _pixel_data_offset(ds: Dataset) -> int | None:
         return None
     return raw.value_tell - (8 if raw.is_implicit_VR else 12)
 
-
-def _dataset_of(part10: bytes) -> bytes:
-    """The data set bytes of an encoded PS3.10 file (after its File Meta group)."""
-    group_length = int.from_bytes(part10[140:144], "little")
-    return part10[144 + group_length:]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from modality_link.archive import encode_file_meta, read_header
+from modality_link.archive import read_header
+from modality_link.fileformat import encode_file_meta
 from modality_link.coercion import coerce_file
 from tests.corpus import CASES, Case
 from tests.test_corpus import assert_same_dataset

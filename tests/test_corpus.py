@@ -35,7 +35,8 @@ from modality_link import config
 from modality_link.config import Timeouts
 from modality_link.home import temporary_home
 from modality_link.net.servers import ARCHIVE_TRANSFER_SYNTAXES
-from modality_link.net.storage import c_store_rq, parse_command
+from modality_link.net.command import parse_command
+from modality_link.net.storage import c_store_rq
 from modality_link.net.upper_layer import Requestor
 from modality_link.service import Service
 from tests.conftest import dataset_bytes, require_tool

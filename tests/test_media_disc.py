@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, HangingProtocolStorage, JPEGBase
 
 import modality_link
 from modality_link.media import MediaError, MediaOptions, build_disc, build_media, plan_discs
-from modality_link.media.fileset import dataset_offset
+from modality_link.fileformat import dataset_offset
 
 from .media_fixtures import (
     ExplicitVRBigEndian,

@@ -28,7 +28,8 @@ from pydicom.uid import (
 from modality_link.archive import Archive
 from modality_link.media import MediaOptions
 from modality_link.media.burn import burn_studies
-from modality_link.media.fileset import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_offset, date_time_value
+from modality_link.fileformat import dataset_offset
+from modality_link.media.fileset import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, date_time_value
 from modality_link.media.profiles import get_profile
 from tests.conftest import require_tool
 from tests.media_fixtures import make_instance

@@ -49,6 +49,7 @@ from pathlib import Path
 import pycdlib
 
 import hw
+from modality_link.fileformat import Part10Error
 from modality_link.media.disc import DiscResult, build_disc
 from modality_link.media.iso import iso_path as iso9660_path
 from modality_link.media.options import MediaError, MediaOptions
@@ -299,7 +300,7 @@ def burn_studies(
                 if not (ask_first and next_disc is not None):
                     raise
                 ask = True
-    except (MediaError, hw.DriveError) as exc:
+    except (MediaError, Part10Error, hw.DriveError) as exc:
         report.error = str(exc)
         LOGGER.error("burn: %s", exc)
         return report
@@ -352,7 +353,7 @@ def burn_studies(
             LOGGER.warning("burn: stopped at disc %d of %d", k, n)
             changed(disc, plan)
             return report
-        except (MediaError, hw.DriveError, OSError) as exc:
+        except (MediaError, Part10Error, hw.DriveError, OSError) as exc:
             disc.state = DISC_FAILED
             disc.message = str(exc)
             report.error = f"disc {k} of {n} failed: {exc}" if n > 1 else str(exc)

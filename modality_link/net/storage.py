@@ -33,8 +33,8 @@ from pynetdicom.status import STATUS_UNKNOWN, STATUS_WARNING, STORAGE_SERVICE_CL
 
 from modality_link import transcode
 from modality_link.config import Timeouts
-from modality_link.media.fileset import dataset_offset
-from modality_link.media.options import MediaError
+from modality_link.fileformat import Part10Error, dataset_offset, padded
+from modality_link.net.command import encode_command, parse_command
 from modality_link.net.upper_layer import AssociationLost, Requestor
 
 LOG = logging.getLogger("modality_link.net.storage")
@@ -113,36 +113,14 @@ def choose_syntax(stored: str, syntaxes: Sequence[str]) -> str | None:
 
 def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
     """A C-STORE-RQ command set, Implicit VR Little Endian (PS3.7 §9.3.1.1, Table 9.3-1)."""
-    body = b"".join([
-        _command_element(0x0002, _padded(sop_class)),
-        _command_element(0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
-        _command_element(0x0110, struct.pack("<H", message_id)),
-        _command_element(0x0700, struct.pack("<H", 0x0000)),  # Priority: medium
-        _command_element(0x0800, struct.pack("<H", 0x0000)),  # a data set follows
-        _command_element(0x1000, _padded(sop_instance)),
-    ])
-    return _command_element(0x0000, struct.pack("<L", len(body))) + body
-
-
-def _padded(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _command_element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """{element number: value} of a group 0000 command set in Implicit VR Little Endian."""
-    out, pos = {}, 0
-    while pos + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHL", data, pos)
-        if group != 0x0000:
-            raise AssociationLost(f"malformed command set (group {group:04X} at byte {pos})")
-        out[element] = data[pos + 8:pos + 8 + length]
-        pos += 8 + length
-    return out
+    return encode_command({
+        0x0002: padded(sop_class.encode("ascii"), "UI"),
+        0x0100: struct.pack("<H", 0x0001),  # Command Field: C-STORE-RQ
+        0x0110: struct.pack("<H", message_id),
+        0x0700: struct.pack("<H", 0x0000),  # Priority: medium
+        0x0800: struct.pack("<H", 0x0000),  # a data set follows
+        0x1000: padded(sop_instance.encode("ascii"), "UI"),
+    })
 
 
 class AssociationPool:
@@ -292,7 +270,7 @@ def _prepare(inst: Instance, assoc: Requestor, accepted: dict[str, list[tuple[in
                 data += b"\x00"  # them) gets a pad byte: DCMTK's storescp refuses an odd PDV
             return _Ready(context_id, memoryview(data))
         return _Ready(context_id, fp, size - start)
-    except (OSError, MediaError, struct.error) as exc:
+    except (OSError, Part10Error, struct.error) as exc:
         fp.close()
         return Outcome("failed", None, f"not sent: cannot read {inst.path.name}: {exc}")
 
