@@ -45,6 +45,7 @@ from modality_link.fileformat import (
     TRANSFER_SYNTAX_UID, VR_BYTES, Part10Error, dataset_offset, encode_file_meta, meta_value,
 )
 from modality_link.media.header import read_dataset, tag_of
+from modality_link.net.status import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES
 from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
 if TYPE_CHECKING:
@@ -54,28 +55,22 @@ LOG = logging.getLogger("modality_link.archive")
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
-#: Storage status codes (PS3.4 Annex B.2.3, PS3.7 Annex C).
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-
-
 class ArchiveError(Exception):
     """Storing failed; `status` is the DICOM status to answer with (PS3.4 B.2.3)."""
 
-    status = STATUS_CANNOT_UNDERSTAND
+    status = CANNOT_UNDERSTAND
 
 
 class DiskFull(ArchiveError):
-    status = STATUS_OUT_OF_RESOURCES
+    status = OUT_OF_RESOURCES
 
 
 class DatasetMismatch(ArchiveError):
-    status = STATUS_DATASET_MISMATCH
+    status = DATA_SET_MISMATCH
 
 
 class CannotUnderstand(ArchiveError):
-    status = STATUS_CANNOT_UNDERSTAND
+    status = CANNOT_UNDERSTAND
 
 
 def is_valid_uid(uid: object) -> bool:

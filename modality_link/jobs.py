@@ -37,6 +37,7 @@ from modality_link.config import Config, ConfigError
 from modality_link.db import Database
 from modality_link.net import commitment, storage
 from modality_link.net.association import AssociationFailed, NoContextAccepted, associate, make_ae
+from modality_link.net.status import COMMITMENT, PROCESSING_FAILURE, SUCCESS
 
 LOG = logging.getLogger("modality_link.jobs")
 
@@ -442,7 +443,7 @@ class JobQueue:
         if failed:
             first = failed[0]["detail"]
             msg = f"{len(failed)} of {total} instance(s) not stored (first: {first})"
-            if counts["retryable"]:  # storage.RETRYABLE_STATUSES; the others fail at once
+            if counts["retryable"]:  # status.STORAGE.is_retryable; the others fail at once
                 raise Retry(msg)
             raise Fail(msg)
         warnings = self.db.job_items(job_id, "warning")
@@ -463,7 +464,7 @@ class JobQueue:
         tx = self.db.transaction(rep.transaction_uid)
         if tx is None:
             raise commitment.ReportError(
-                commitment.STATUS_PROCESSING_FAILURE,
+                PROCESSING_FAILURE,
                 f"unknown Transaction UID {rep.transaction_uid} (from {rep.calling_ae})",
             )
         node, job_id = tx["node"], tx["job_id"]
@@ -475,7 +476,7 @@ class JobQueue:
                 self.db.set_item(job_id, uid, "done", 0, "committed")
         for _, uid, reason in rep.failed:
             if uid in items:
-                text = commitment.FAILURE_REASONS.get(reason, "failure")
+                text = COMMITMENT.text(reason)
                 self.db.set_item(job_id, uid, "failed", reason, f"not committed: 0x{reason:04X} {text}")
         self.db.transaction_reported(rep.transaction_uid)
         LOG.info("commitment report for transaction %s from %s: %d committed, %d failed%s",
@@ -551,7 +552,7 @@ class JobQueue:
                     status = commitment.request(assoc, tx, refs)
                 except ConnectionError as exc:
                     raise Retry(str(exc)) from None
-                if status != 0x0000:
+                if status != SUCCESS:
                     assoc.abort()  # E10
                     msg = f"{node.ae_title} refused the commitment request (N-ACTION status 0x{status:04X})"
                     self.alert("commit-refused", msg)

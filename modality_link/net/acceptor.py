@@ -50,6 +50,7 @@ from modality_link.config import Listener, Timeouts
 from modality_link.net.association import REJECT_REASONS, REJECT_RESULTS, describe_abort
 from modality_link.fileformat import padded
 from modality_link.net.command import encode_command, parse_command
+from modality_link.net.status import PROCESSING_FAILURE, SUCCESS, UNRECOGNIZED_OPERATION
 from modality_link.net.upper_layer import (
     A_ABORT_TYPE,
     A_ASSOCIATE_RQ_TYPE,
@@ -82,8 +83,6 @@ _KNOWN_PDUS = range(0x01, 0x08)
 UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 1, 2, 6
 #: Command Field values, PS3.7 Annex E.
 C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
-#: Statuses, PS3.7 Annex C.
-STATUS_SUCCESS, STATUS_PROCESSING_FAILURE, STATUS_UNRECOGNIZED_OPERATION = 0x0000, 0x0110, 0x0211
 NO_DATA_SET = 0x0101  # Command Data Set Type (0000,0800), PS3.7 §9.3 / §10.3
 
 
@@ -723,7 +722,7 @@ class _Association:
 
         if isinstance(data, _Refused):
             exc = data.error
-            status = getattr(exc, "status", STATUS_PROCESSING_FAILURE)
+            status = getattr(exc, "status", PROCESSING_FAILURE)
             LOG.error("%s: request 0x%04X of %s from %s failed with status 0x%04X: %s", self.name,
                       request.command_field, request.affected_sop_instance[:64], self.peer, status, exc)
             reply(status, str(exc))
@@ -732,7 +731,7 @@ class _Association:
         if handler is None:
             LOG.warning("%s: %s sent command 0x%04X on %s: unrecognized operation (0x0211)",
                         self.name, self.peer, request.command_field, request.abstract_syntax)
-            reply(STATUS_UNRECOGNIZED_OPERATION, "unrecognized operation")
+            reply(UNRECOGNIZED_OPERATION, "unrecognized operation")
             return
         handler.handle(request, data, reply)
 
@@ -746,7 +745,7 @@ class _Association:
             0x0800: struct.pack("<H", NO_DATA_SET if dataset is None else 0x0000),
             0x0900: struct.pack("<H", status),
         }
-        if comment and status != STATUS_SUCCESS:
+        if comment and status != SUCCESS:
             elements[0x0902] = padded(comment[:64].encode("ascii", "replace"), "LO")  # Error Comment
         if request.command.get(0x1000):
             elements[0x1000] = padded(request.command[0x1000], "UI")
