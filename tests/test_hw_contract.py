@@ -18,6 +18,7 @@ class Backend:
     drive: hw.Drive
     corrupt: Callable[[int], None]
     write_once: bool  # a second write must raise MediaNotBlankError
+    readable: bool = True  # the medium can be read back as a file (readback_path)
 
 
 def _xorriso(tmp_path: Path) -> Backend:
@@ -34,7 +35,7 @@ def _imagefile(tmp_path: Path) -> Backend:
 
 def _simulated(tmp_path: Path) -> Backend:
     drive = hw.SimulatedDrive()
-    return Backend(drive, drive.corrupt, write_once=True)
+    return Backend(drive, drive.corrupt, write_once=True, readable=False)
 
 
 BACKENDS = {"xorriso": _xorriso, "imagefile": _imagefile, "simulated": _simulated}
@@ -114,6 +115,44 @@ def test_eject(backend):
     backend.drive.eject()
 
 
+def test_readback_path(backend, image):
+    """Where a medium is a file, it holds the image after a write; otherwise there is none."""
+    drive = backend.drive
+    drive.write(image)
+    path = drive.readback_path
+    assert (path is not None) == backend.readable
+    if path is not None:
+        data = image.read_bytes()
+        assert path.read_bytes()[:len(data)] == data
+
+
+def test_disc_inserted(backend, image):
+    """After the technologist says a disc is in, the drive holds a medium."""
+    drive = backend.drive
+    drive.write(image)
+    drive.eject()
+    drive.disc_inserted()
+    assert drive.media().present
+
+
+# Opening a drive by its configured name ---------------------------------------
+
+
+def test_open_drive_by_name(tmp_path, image):
+    assert isinstance(hw.open_drive("/dev/sr0"), hw.XorrisoDrive)
+    pseudo = hw.open_drive(f"stdio:{tmp_path / 'disc.iso'}")
+    assert isinstance(pseudo, hw.XorrisoDrive) and pseudo.readback_path == tmp_path / "disc.iso"
+    sim = hw.open_drive("sim:bay")
+    assert isinstance(sim, hw.Drive) and sim.identity.device == "sim:bay" and sim.media().is_blank
+    corrupt = hw.open_drive("sim:corrupt")
+    corrupt.write(image)
+    assert not corrupt.verify(image).ok
+    slow = hw.open_drive("sim:slow")
+    assert isinstance(slow, hw.SimulatedDrive) and slow.bytes_per_second == hw.SIM_SLOW_BYTES_PER_SECOND
+    with pytest.raises(ValueError, match="unknown drive 'floppy'"):
+        hw.open_drive("floppy")
+
+
 # SimulatedDrive fault injection ---------------------------------------------
 
 
@@ -166,6 +205,16 @@ def test_simulated_eject_and_insert(image):
     assert media.is_blank and media.kind == DVD_R
     drive.write(image)
     assert drive.verify(image).ok
+
+
+def test_simulated_disc_inserted_is_blank(image):
+    """The simulated drive cannot sense a disc: told one is in, it holds a blank CD-R."""
+    drive = hw.SimulatedDrive()
+    drive.write(image)
+    drive.eject()
+    drive.disc_inserted()
+    media = drive.media()
+    assert media.is_blank and media.kind == CD_R
 
 
 def test_simulated_kinds_in_hint():

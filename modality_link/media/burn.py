@@ -178,15 +178,6 @@ def check_files(medium: Path, result: DiscResult) -> list[str]:
     return problems
 
 
-def readback_path(drive: hw.Drive) -> Path | None:
-    """Where the medium of `drive` can be read as a file, if anywhere."""
-    if isinstance(drive, hw.XorrisoDrive):
-        return drive.readback_path
-    if isinstance(drive, hw.ImageFileDrive):
-        return drive.path
-    return None
-
-
 def iso_target(iso_out: Path, index: int, count: int) -> Path:
     """The image file of disc `index`: ``FILE`` for the first, ``FILE_2.iso``... for the others."""
     if index == 1 or count == 1:
@@ -418,7 +409,7 @@ def _burn_one(drive: hw.Drive, image: Path, result: DiscResult, disc: DiscReport
         _eject(drive)
         raise hw.VerifyError(verdict.message, device=device, result=verdict)
     disc.medium_verified = True
-    medium = readback_path(drive)
+    medium = drive.readback_path
     if medium is not None:
         problems = check_files(medium, result)
         if problems:
