@@ -50,7 +50,8 @@ from modality_link.net.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, SUCC
 
 LOG = logging.getLogger("modality_link.net.servers")
 
-#: Transfer syntaxes the archive accepts, in our order of preference (REQUIREMENTS A11).
+#: Transfer syntaxes the archive accepts, in our order of preference (docs/design.md "Receiving and
+#: importing").
 ARCHIVE_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,

@@ -95,7 +95,8 @@ class Requestor:
     contexts: list[Context] = field(default_factory=list)
     peer_max_pdu: int = 0
     sock: socket.socket | None = field(default=None, repr=False)
-    #: True once it was kept open after a job and handed to another (REQUIREMENTS D3).
+    #: True once it was kept open after a job and handed to another (docs/design.md "Jobs and
+    #: failures", kept send associations).
     reused: bool = False
     _message_id: int = 0
 
