@@ -33,7 +33,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -212,7 +212,7 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
     if header is None:
         return None
     header.decode(_INDEXED_TAGS)
-    values: dict[str, str] = {}
+    values: dict[str, Any] = {}  # InstanceRecord's fields
     for name, keyword, meta_keyword in _INDEXED_UIDS:
         uid = header.get(keyword)
         if not is_valid_uid(uid):
@@ -242,6 +242,7 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
     """
     charset = _text(ds, "SpecificCharacterSet")
     terms = dataset_charset(ds)
+    texts: dict[str, Any] = {name: decoded_text(ds, keyword, terms) for name, keyword in _INDEXED_TEXT}
     return InstanceRecord(
         sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
         sop_class_uid=checked_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)"),
@@ -251,7 +252,7 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         path=path,
         size=size,
         charset=charset,
-        **{name: decoded_text(ds, keyword, terms) for name, keyword in _INDEXED_TEXT},
+        **texts,
         source_ae=source_ae,
     )
 

@@ -25,6 +25,7 @@ is finished first, then ejected unverified and reported ``stopped``).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import shutil
@@ -178,7 +179,7 @@ class Burns:
             raise IpcError(CONFLICT, str(exc)) from None
         return self.status(id)
 
-    def drives(self) -> list[dict[str, Any]]:
+    def drives(self) -> builtins.list[dict[str, Any]]:  # builtins: `list` is a method here
         """Drives found by udev plus the configured ones, with their media and whether a burn uses them."""
         devices: list[hw.Drive] = []
         try:
@@ -321,7 +322,7 @@ class Burns:
         self._db.update_job(job_id, detail=f"{n} disc(s) written and verified to {target}")
         LOG.info("burn job %d: done, %d disc(s) written and verified to %s", job_id, n, target)
 
-    def _files(self, job_id: int) -> tuple[list[Path], dict[str, str]]:
+    def _files(self, job_id: int) -> tuple[builtins.list[Path], dict[str, str]]:
         """The archive files of the job's instances, and file -> SOP Instance UID."""
         files: list[Path] = []
         uid_of: dict[str, str] = {}

@@ -45,6 +45,7 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pycdlib
 
@@ -165,7 +166,7 @@ def check_files(medium: Path, result: DiscResult) -> list[str]:
                     out = _HashWriter()
                     name = "/".join(f.file_id)
                     try:
-                        iso.get_file_from_iso_fp(out, iso_path=iso9660_path(f.file_id))
+                        iso.get_file_from_iso_fp(cast(BinaryIO, out), iso_path=iso9660_path(f.file_id))
                     except pycdlib.pycdlibexception.PyCdlibException:
                         problems.append(f"{name} is missing")
                         continue

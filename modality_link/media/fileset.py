@@ -172,15 +172,16 @@ def record_type(sop_class_uid: str, modality: str = "", is_image: bool = False) 
     Single-level types (HANGING PROTOCOL, PALETTE, IMPLANT...) are returned as such; they have no
     place under a series (see :func:`read_instance`).
     """
-    if sop_class_uid in _SINGLE_LEVEL_SOP_CLASSES:
-        return _SINGLE_LEVEL_SOP_CLASSES[sop_class_uid]
+    uid = UID(sop_class_uid)
+    if uid in _SINGLE_LEVEL_SOP_CLASSES:
+        return _SINGLE_LEVEL_SOP_CLASSES[uid]
     if modality in ("RTINTENT", "RTSEGANN", "RTRAD", "RTRECORD"):
         return "RADIOTHERAPY"
     if modality == "PLAN":
         return "PLAN"
-    if sop_class_uid in _FOUR_LEVEL_SOP_CLASSES:
-        return _FOUR_LEVEL_SOP_CLASSES[sop_class_uid]
-    name = UID(sop_class_uid).name
+    if uid in _FOUR_LEVEL_SOP_CLASSES:
+        return _FOUR_LEVEL_SOP_CLASSES[uid]
+    name = uid.name
     rules = (
         (name.startswith("Encapsulated "), "ENCAP DOC"),
         (name.startswith("RT ") and name.endswith("Plan Storage"), "RT PLAN"),
@@ -291,12 +292,12 @@ def _converted_size_bound(header: Header, ts: str, offset: int, header_end: int,
     meta = 512
     if ts.is_deflated:  # the stream positions say nothing about the inflated size
         return meta + 16 * size + pixels
-    header = (header_end - offset) * 3 // 2 + 64
+    before_pixels = (header_end - offset) * 3 // 2 + 64
     rest = size - header_end  # Pixel Data element as stored and any trailing elements
     if ts.is_compressed:
-        return meta + header + pixels + 64
+        return meta + before_pixels + pixels + 64
     pixel_element = min(rest, pixels + 12)
-    return meta + header + pixel_element + 4 + (rest - pixel_element) * 3 // 2 + 64
+    return meta + before_pixels + pixel_element + 4 + (rest - pixel_element) * 3 // 2 + 64
 
 
 # ---------------------------------------------------------------------------
@@ -538,9 +539,9 @@ def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: s
             continue
         if keyword in _FROM_LAST_ITEM and _FROM_LAST_ITEM[keyword] in header:
             items = header.get(_FROM_LAST_ITEM[keyword])
-            value = str(items[-1].get(keyword, "")) if items else ""
-            if value:
-                parts.append(encode_element(tag, vr_of(tag), value.encode("ascii")))
+            last = str(items[-1].get(keyword, "")) if items else ""
+            if last:
+                parts.append(encode_element(tag, vr_of(tag), last.encode("ascii")))
                 continue
         if key_type == 3:
             continue

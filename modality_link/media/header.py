@@ -296,7 +296,9 @@ def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, siz
             if tag in wanted:
                 header.elements[tag] = _kept(reader, tag, vr, pos, start, end, strict)
             if strict and length <= _DEFERRED and (vr in TEXT_VRS or vr == "SQ"):
-                (header.sequences if vr == "SQ" else header.texts).append(reader.span(start, end))
+                kept = header.sequences if vr == "SQ" else header.texts
+                if kept is not None:  # read_dataset gives the header a list of texts
+                    kept.append(reader.span(start, end))
         pos = end
     if strict and pos != size:
         raise _Fallback("truncated or trailing bytes")

@@ -432,9 +432,9 @@ class _Reader:
         if self.pos == self.end:
             self.pos = self.end = 0
         elif self.end == len(self.buf):
-            left = bytes(self.view[self.pos:self.end])
-            self.buf[:len(left)] = left
-            self.pos, self.end = 0, len(left)
+            unread = bytes(self.view[self.pos:self.end])
+            self.buf[:len(unread)] = unread
+            self.pos, self.end = 0, len(unread)
         try:
             n = self.sock.recv_into(self.view[self.end:])
         except (ConnectionError, OSError) as exc:
@@ -567,11 +567,11 @@ class _Association:
     def _negotiate(self, rq: A_ASSOCIATE) -> bytes:
         """The A-ASSOCIATE-AC: contexts and roles by pynetdicom's acceptor negotiation."""
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
-                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None}
         results, role_items = negotiate_as_acceptor(
             rq.presentation_context_definition_list, self.acceptor._contexts, roles or None)
         for cx in results:
-            if cx.result == 0:
+            if cx.result == 0 and cx.context_id is not None:
                 self.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
         self.peer_max_pdu = int(rq.maximum_length_received or 0)
         prim = A_ASSOCIATE()

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
 from pynetdicom import Association, evt
+from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 
 from modality_link.net.acceptor import DataSetSink, InMemory, Reply, Request
@@ -127,6 +128,7 @@ def report_handler(on_report: Callable[[Report], None]) -> Callable[[evt.Event],
         calling = event.assoc.requestor.ae_title.strip() if not event.assoc.is_requestor else (
             event.assoc.acceptor.ae_title.strip())
         req = event.request
+        assert isinstance(req, N_EVENT_REPORT)  # the handler of EVT_N_EVENT_REPORT only
         info = event.event_information if str(req.AffectedSOPClassUID) == STORAGE_COMMITMENT_PUSH else None
         return answer_report(str(req.AffectedSOPClassUID), req.EventTypeID, info, calling, on_report), None
 

@@ -141,7 +141,8 @@ class StorageServer:
         self._count_lock = threading.Lock()
         services = [
             Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
-            Service([cx.abstract_syntax for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
+            Service([cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax is not None],
+                    ARCHIVE_TRANSFER_SYNTAXES,
                     {C_STORE_RQ: StoreHandler(self)}),
         ]
         if on_report is not None:  # Storage Commitment reports on a new association (PS3.4 J.3.3)

@@ -130,6 +130,8 @@ class Requestor:
             prim = pdu.to_primitive()
             names = dict(self._numbered())
             for cx in prim.presentation_context_definition_results_list:
+                if cx.context_id is None or cx.result is None:  # a decoded A-ASSOCIATE-AC has both
+                    continue
                 ts = str(cx.transfer_syntax[0]) if cx.result == 0 and cx.transfer_syntax else None
                 self.contexts.append(Context(cx.context_id, names.get(cx.context_id, ""), ts, cx.result))
             self.peer_max_pdu = prim.maximum_length_received or 0
@@ -138,9 +140,9 @@ class Requestor:
             return self
         self.close()
         if kind == A_ASSOCIATE_RJ_TYPE:
-            pdu = A_ASSOCIATE_RJ()
-            pdu.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
-            raise self._failed(describe_reject(pdu.to_primitive()))
+            rj = A_ASSOCIATE_RJ()
+            rj.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
+            raise self._failed(describe_reject(rj.to_primitive()))
         raise self._failed(f"unexpected answer (PDU type 0x{kind:02X}) to the A-ASSOCIATE-RQ")
 
     def _numbered(self) -> list[tuple[int, str]]:
