@@ -243,3 +243,14 @@ def test_imagefile_messages_name_the_file(tmp_path, image):
     drive = hw.ImageFileDrive(tmp_path / "export.iso")
     drive.write(image)
     assert "the export file" in drive.verify(image).message
+
+
+def test_drives_are_reached_through_the_protocol():
+    """Outside hw/ the service names no concrete drive class: it opens drives with
+    hw.open_drive (or hw.discover) and uses only the Drive protocol."""
+    root = Path(__file__).resolve().parents[1]
+    concrete = ("XorrisoDrive", "ImageFileDrive", "SimulatedDrive")
+    found = [f"{path.relative_to(root)}: {name}"
+             for package in ("modality_link", "sim") for path in sorted((root / package).rglob("*.py"))
+             for name in concrete if name in path.read_text(encoding="utf-8")]
+    assert not found, found
