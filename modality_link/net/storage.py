@@ -106,6 +106,12 @@ def choose_syntax(stored: str, syntaxes: Sequence[str]) -> str | None:
 
 def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
     """A C-STORE-RQ command set, Implicit VR Little Endian (PS3.7 §9.3.1.1, Table 9.3-1)."""
+    return c_store_command(message_id, sop_class, sop_instance, {})
+
+
+def c_store_command(message_id: int, sop_class: str, sop_instance: str, extra: dict[int, bytes]) -> bytes:
+    """A C-STORE-RQ command set with `extra` elements {element: value}, e.g. the Move Originator
+    of a C-MOVE or C-GET sub-operation (PS3.7 Table 9.3-1)."""
     return encode_command({
         0x0002: padded(sop_class.encode("ascii"), "UI"),
         0x0100: struct.pack("<H", 0x0001),  # Command Field: C-STORE-RQ
@@ -113,6 +119,7 @@ def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
         0x0700: struct.pack("<H", 0x0000),  # Priority: medium
         0x0800: struct.pack("<H", 0x0000),  # a data set follows
         0x1000: padded(sop_instance.encode("ascii"), "UI"),
+        **extra,
     })
 
 
