@@ -50,8 +50,8 @@ from modality_link.net.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, SUCC
 
 LOG = logging.getLogger("modality_link.net.servers")
 
-#: Transfer syntaxes the archive accepts, in our order of preference (docs/design.md "Receiving and
-#: importing").
+#: Transfer syntaxes the archive accepts, in our order of preference (docs/design.md
+#: "Configuration defaults").
 ARCHIVE_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -141,8 +141,7 @@ class StorageServer:
         self._count_lock = threading.Lock()
         services = [
             Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
-            Service([cx.abstract_syntax for cx in AllStoragePresentationContexts if cx.abstract_syntax is not None],
-                    ARCHIVE_TRANSFER_SYNTAXES,
+            Service([str(cx.abstract_syntax) for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
                     {C_STORE_RQ: StoreHandler(self)}),
         ]
         if on_report is not None:  # Storage Commitment reports on a new association (PS3.4 J.3.3)

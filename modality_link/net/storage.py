@@ -12,7 +12,7 @@
 - every response status is classified by :func:`classify` (PS3.4 B.2.3; what is retried:
   docs/design.md "Jobs and failures");
 - an association stays open after its job for the next job to the same node, and is released
-  after ``idle_release`` seconds without work (docs/design.md "Jobs and failures").
+  after ``idle_release`` seconds without work (docs/design.md "Sending and commitment").
 
 The association itself is :class:`modality_link.net.upper_layer.Requestor`, not pynetdicom's
 (the module docstring there says why).
@@ -124,8 +124,8 @@ def c_store_command(message_id: int, sop_class: str, sop_instance: str, extra: d
 
 
 class AssociationPool:
-    """Send associations kept open between jobs to the same destination (docs/design.md "Jobs and
-    failures").
+    """Send associations kept open between jobs to the same destination (docs/design.md "Sending
+    and commitment").
 
     :meth:`acquire` hands out an idle association of the node that was opened with the same
     settings and proposed every (SOP class, transfer syntax) the job needs, if the peer has not

@@ -66,7 +66,8 @@ def p_data_tf(parts: list, context_id: int, data: memoryview, control: int, limi
 
 
 class AssociationLost(Exception):
-    """The association was aborted or the connection lost while it was in use."""
+    """The association was aborted or the connection lost while it was in use (PS3.8 §7.3-7.4);
+    the send job is tried again later."""
 
 
 @dataclass
@@ -95,8 +96,7 @@ class Requestor:
     contexts: list[Context] = field(default_factory=list)
     peer_max_pdu: int = 0
     sock: socket.socket | None = field(default=None, repr=False)
-    #: True once it was kept open after a job and handed to another (docs/design.md "Jobs and
-    #: failures", kept send associations).
+    #: True once it was kept open after a job and handed to another (``idle_release``).
     reused: bool = False
     _message_id: int = 0
 
@@ -130,10 +130,11 @@ class Requestor:
             prim = pdu.to_primitive()
             names = dict(self._numbered())
             for cx in prim.presentation_context_definition_results_list:
-                if cx.context_id is None or cx.result is None:  # a decoded A-ASSOCIATE-AC has both
+                cid, result = cx.context_id, cx.result
+                if cid is None or result is None:  # pynetdicom decodes both from every item
                     continue
-                ts = str(cx.transfer_syntax[0]) if cx.result == 0 and cx.transfer_syntax else None
-                self.contexts.append(Context(cx.context_id, names.get(cx.context_id, ""), ts, cx.result))
+                ts = str(cx.transfer_syntax[0]) if result == 0 and cx.transfer_syntax else None
+                self.contexts.append(Context(cid, names.get(cid, ""), ts, result))
             self.peer_max_pdu = prim.maximum_length_received or 0
             LOG.debug("association to %s accepted: %d of %d context(s)", self.peer,
                       len(self.accepted()), len(self.contexts))
