@@ -129,7 +129,7 @@ def test_an_unknown_destination_is_the_scp_s_failure(qrscp) -> None:
     query.StudyInstanceUID = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     with pytest.raises(QueryError) as e:
         move(scp.node, "MODLINK", TIMEOUTS, "NOWHERE", query)
-    assert e.value.status == 0xA801 and "move destination unknown" in str(e.value)
+    assert e.value.status == 0xA801 and "Move destination unknown" in str(e.value)
 
 
 class StallingMoveScp:

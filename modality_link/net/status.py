@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 from pynetdicom.status import (
     MODALITY_WORKLIST_SERVICE_CLASS_STATUS,
+    QR_FIND_SERVICE_CLASS_STATUS,
+    QR_GET_SERVICE_CLASS_STATUS,
+    QR_MOVE_SERVICE_CLASS_STATUS,
     PROCEDURE_STEP_STATUS,
     STATUS_CANCEL,
     STATUS_FAILURE,
@@ -116,3 +119,7 @@ COMMITMENT = Service(
     STORAGE_COMMITMENT_SERVICE_CLASS_STATUS,
     more={0x0131: "Duplicate Transaction UID"},
 )
+#: Query/Retrieve (PS3.4 C.4.1.1.4 C-FIND, C.4.2.1.5 C-MOVE, C.4.3.1.4 C-GET).
+QR_FIND = Service("PS3.4 C.4.1.1.4 and PS3.7 Annex C", QR_FIND_SERVICE_CLASS_STATUS)
+QR_MOVE = Service("PS3.4 C.4.2.1.5 and PS3.7 Annex C", QR_MOVE_SERVICE_CLASS_STATUS)
+QR_GET = Service("PS3.4 C.4.3.1.4 and PS3.7 Annex C", QR_GET_SERVICE_CLASS_STATUS)
