@@ -10,9 +10,10 @@ from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian
 
 from modality_link import config
-from modality_link.service import Service
 from sim.pacs import Pacs
-from tests.store_support import call, cleanup, generated_study, make_home, wait_chain
+from tests.support.instances import generated_study
+from tests.support.service import InProcessService, call, cleanup, make_home, wait_chain
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,7 @@ class Rig:
         self.home = make_home(ae_title="SIMPACS", port=self.pacs.port, **(node_kw or {}))
         cfg = config.load(self.home.config_path)
         self.pacs.report_to = (cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port)
-        self.service = Service(self.home)
-        self.service.start(log_to_stderr=False)
+        self.service = InProcessService(self.home)
         call(self.home, "archive.import", paths=[str(study_dir)])
         self.study = call(self.home, "studies.list")[0]["study_uid"]
 
@@ -217,11 +217,7 @@ def test_rejected_sop_class_fails_those_instances(rig):
 def test_cancel_and_retry(rig):
     r = rig(node_kw={"retries": 5, "retry_interval": 30.0}, store_status=0xA700)
     job_id = call(r.home, "send", study_uids=[r.study], node="PACS")["job_id"]
-    import time
-    for _ in range(100):
-        if call(r.home, "jobs.show", id=job_id)["attempts"] >= 1:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: call(r.home, "jobs.show", id=job_id)["attempts"] >= 1, 30, "the first failed attempt")
     assert call(r.home, "jobs.cancel", id=job_id)["state"] == "cancelled"
     r.pacs.store_status = 0
     assert call(r.home, "jobs.retry", id=job_id)["state"] == "queued"
@@ -231,8 +227,7 @@ def test_cancel_and_retry(rig):
 def test_auto_send_exam_rule_on_import(study_dir):
     pacs = Pacs(commit_mode="same").start()
     home = make_home(ae_title="SIMPACS", port=pacs.port, auto_send="exam")
-    service = Service(home)
-    service.start(log_to_stderr=False)
+    service = InProcessService(home)
     try:
         res = call(home, "archive.import", paths=[str(study_dir)])
         assert len(res["jobs"]) == 1
