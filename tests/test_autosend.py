@@ -1,4 +1,4 @@
-"""Auto-send rules "exam" and "series" (REQUIREMENTS D2, E2/E3) end to end: a real `serve`
+"""Auto-send rules "exam" and "series" (nodes.*.auto_send) end to end: a real `serve`
 process, the simulated PACS on loopback, images handed over with exam.add_image, no `send`."""
 
 from __future__ import annotations

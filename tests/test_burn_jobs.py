@@ -1,5 +1,6 @@
-"""Burns as persistent jobs (REQUIREMENTS L1, I11, I12): queued per drive, resumed after SIGKILL
-without burning a verified disc again, cancelled at safe points, discs shown while they run.
+"""Burns as persistent jobs (docs/design.md "Jobs and failures"): queued per drive, resumed
+after SIGKILL without burning a verified disc again, cancelled at safe points, discs shown while
+they run.
 
 Real service processes, a real SQLite job queue, discs written by xorriso to a ``stdio:``
 pseudo-drive or mastered as ISO files and read back (dciodvfy, pydicom); ``sim:slow`` is the

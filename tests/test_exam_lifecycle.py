@@ -42,7 +42,7 @@ def test_full_exam(mode: str, tmp_path: Path) -> None:
             info = svc.call("exam.show", exam_id=ex["exam_id"])
             with pytest.raises(IpcError, match="already COMPLETED"):
                 svc.call("exam.end", exam_id=ex["exam_id"])
-            # B14: the archived image carries the worklist data
+            # the archived image carries the worklist data (the IHE Scheduled Workflow mapping)
             inst = svc.service.db.instance(added[0])
             ds = dcmread(home.archive_dir / inst["path"])
             assert str(ds.PatientName) == "Müller^Jürgen" and ds.AccessionNumber == "ACC0001"

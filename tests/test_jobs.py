@@ -1,4 +1,4 @@
-"""The job queue's persistence and the node settings it uses (DESIGN.md "Jobs")."""
+"""The job queue's persistence and the node settings it uses (docs/design.md "Jobs and failures")."""
 
 from __future__ import annotations
 

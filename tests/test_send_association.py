@@ -1,7 +1,7 @@
 """The send association (modality_link.net.upper_layer) against real peers on loopback:
-kept open between jobs and released after idle (REQUIREMENTS D3), a peer that closes a kept
+kept open between jobs and released after idle (nodes.*.idle_release), a peer that closes a kept
 association, the peer's maximum PDU length (PS3.8 §9.3.5), rejection and negotiation reasons
-(PS3.8 Tables 9-18 and 9-21), and a peer that never answers (DIMSE timeout, A7)."""
+(PS3.8 Tables 9-18 and 9-21), and a peer that never answers (the DIMSE timeout)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def station(study_dir):
 
 
 def test_jobs_to_one_node_share_one_association(station):
-    """D3: the association stays open after a job; the next job to the node reuses it, and it
+    """The association stays open after a job; the next job to the node reuses it, and it
     is released (A-RELEASE, not aborted) when the service stops."""
     s = station({"idle_release": 30})
     assert s.send()["state"] == "done"
@@ -128,7 +128,7 @@ def test_kept_association_dropped_at_first_use_is_replaced_without_an_attempt(st
 
 
 def test_rejected_sop_class_names_the_negotiation_reason(station):
-    """D4, PS3.8 Table 9-18: the instances fail with the reason the peer gave."""
+    """PS3.8 Table 9-18: the instances fail with the reason the peer gave."""
     s = station({"retries": 0}, Pacs(reject_sop_classes=(CT,)))
     job = s.send()
     assert job["state"] == "failed"
@@ -137,7 +137,7 @@ def test_rejected_sop_class_names_the_negotiation_reason(station):
 
 
 def test_silent_peer_hits_the_dimse_timeout(station):
-    """A7: no C-STORE response within the DIMSE timeout -> association aborted, job retried."""
+    """No C-STORE response within the DIMSE timeout -> association aborted, job retried."""
     s = station({"retries": 1, "retry_interval": 0.2}, Pacs(ack_delay=3.0), dimse=1.0)
     t = time.monotonic()
     job = s.send()
@@ -194,7 +194,7 @@ def test_peer_max_pdu_fragmentation_to_storescp(study_dir, max_pdu, streamed, mo
 
 
 def test_commit_job_releases_the_kept_send_association(station):
-    """A6 with D3: the node's limit of one association holds when the commitment job opens
+    """The node's limit of one association holds when the commitment job opens
     its own: the idle send association is released first."""
     s = station({"idle_release": 30, "roles": ["store", "commit"], "commit_wait": 5.0})
     job = call(s.home, "send", study_uids=[s.study], node="PACS", commit=True)
