@@ -21,7 +21,6 @@ A new file is one line in :data:`CASES`. Its ``kind``:
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import warnings
@@ -34,6 +33,8 @@ import pydicom
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+
+from tests.support.tools import dcmtk_env, require_tool
 
 DATA = Path(pydicom.__file__).parent / "data"
 TEST_FILES = DATA / "test_files"
@@ -216,7 +217,6 @@ UNDECODABLE_MADE = {"ct_jpeg_extended.dcm"}
 def made_cases(out: Path) -> list[Case]:
     """Write the :data:`MADE` variants into `out` with DCMTK; return them as cases."""
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, TCP_NODELAY="1")
     cases = []
     for name, source, tool, options, kind in MADE:
         base = out / f"src_{name}"
@@ -228,10 +228,10 @@ def made_cases(out: Path) -> list[Case]:
         dest = out / name
         if tool == "dcmodify":
             shutil.copy(base, dest)
-            args = [f"/usr/bin/{tool}", "-nb", *options, str(dest)]
+            args = [require_tool(tool), "-nb", *options, str(dest)]
         else:
-            args = [f"/usr/bin/{tool}", *options, str(base), str(dest)]
-        proc = subprocess.run(args, capture_output=True, text=True, env=env)
+            args = [require_tool(tool), *options, str(base), str(dest)]
+        proc = subprocess.run(args, capture_output=True, text=True, env=dcmtk_env())
         assert proc.returncode == 0, f"{' '.join(args)}: {proc.stderr}"
         base.unlink()
         cases.append(Case(name, dest, kind, decodable=name not in UNDECODABLE_MADE))
