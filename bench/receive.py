@@ -82,12 +82,15 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 
 @contextmanager
-def serving(port: int) -> Iterator[tuple[Path, subprocess.Popen]]:
-    """`modality-link serve` in a new temporary home, its disk server on `port`, ready for
+def serving(port: int, **settings: str) -> Iterator[tuple[Path, subprocess.Popen]]:
+    """`modality-link serve` in a new temporary home, its disk server on `port` and the memory
+    server on a free port (or as `settings` say: ``memory_server__port="5000"``), ready for
     associations and IPC; (home, process). Stopped and removed afterwards."""
     home = Path(tempfile.mkdtemp(prefix="mlb", dir="/tmp"))
     ml = [sys.executable, "-m", "modality_link", "--home", str(home)]
-    subprocess.run([*ml, "config", "set", "disk_server.port", str(port)], check=True, capture_output=True)
+    settings = {"disk_server__port": str(port), "memory_server__port": str(free_port()), **settings}
+    for key, value in settings.items():
+        subprocess.run([*ml, "config", "set", key.replace("__", "."), value], check=True, capture_output=True)
     proc = subprocess.Popen([*ml, "serve"], stderr=subprocess.DEVNULL)
     try:
         wait_port(port)

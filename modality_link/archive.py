@@ -456,7 +456,7 @@ class Archive:
         """Wait until the rows queued up to `ticket` (all queued rows when None) are indexed."""
         return self._indexer.wait(ticket, timeout)
 
-    def import_paths(self, paths: Iterable[Path], source_ae: str = "") -> Iterator[tuple[Path, InstanceRecord | Exception]]:
+    def import_paths(self, paths: Iterable[Path], source_ae: str = "") -> Iterator[tuple[Path, InstanceRecord | ArchiveError | OSError]]:
         """Import files and folders (recursively); yields (path, record or error) per file."""
         for path in paths:
             path = Path(path)

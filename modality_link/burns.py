@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import hw
 from modality_link.config import Media
 from modality_link.db import Database
-from modality_link.ipc import CONFLICT, INVALID_PARAMS, NOT_FOUND, IpcError
+from modality_link.errors import Conflict, Invalid, NotFound
 from modality_link.jobs import FINAL_STATES, Fail, JobContext, JobQueue, Stopping
 from modality_link.media import MediaError, MediaOptions
 from modality_link.media.burn import (
@@ -67,7 +67,7 @@ def open_drive(device: str) -> hw.Drive:
         return hw.SimulatedDrive(device, corrupt_on_write=device == "sim:corrupt", bytes_per_second=speed)
     if device.startswith(("stdio:", "/dev/")):
         return hw.XorrisoDrive(device)
-    raise IpcError(INVALID_PARAMS, f"unknown drive {device!r}: give /dev/srN, stdio:/path or sim:NAME")
+    raise Invalid(f"unknown drive {device!r}: give /dev/srN, stdio:/path or sim:NAME")
 
 
 def drive_node(device: str) -> str:
@@ -122,26 +122,26 @@ class Burns:
               profile: str | None = None, wait: bool = False) -> dict[str, Any]:
         """Queue a burn job; with `wait`, return once it has ended."""
         if not isinstance(study_uids, list) or not study_uids or not all(isinstance(u, str) for u in study_uids):
-            raise IpcError(INVALID_PARAMS, "burn: give study_uids, a list of Study Instance UIDs")
+            raise Invalid("burn: give study_uids, a list of Study Instance UIDs")
         if (drive is None) == (iso is None):
-            raise IpcError(INVALID_PARAMS, "burn: give either a drive or an iso file name")
+            raise Invalid("burn: give either a drive or an iso file name")
         cfg = self._media()
         options = MediaOptions(profile=profile or cfg.profile, fileset_id=cfg.fileset_id,
                                source_ae_title=self._source_ae_title(), capacity_bytes=cfg.capacity_bytes)
         try:
             options.validate()
         except MediaError as exc:
-            raise IpcError(INVALID_PARAMS, f"burn: {exc}") from None
+            raise Invalid(f"burn: {exc}") from None
         uids: list[str] = []
         for study in study_uids:
             rows = self._db.study_instances(study)
             if not rows:
-                raise IpcError(NOT_FOUND, f"no study {study} in the archive")
+                raise NotFound(f"no study {study} in the archive")
             uids.extend(r["sop_instance_uid"] for r in rows)
         if iso is not None:
             iso_out = Path(iso)
             if not iso_out.is_absolute() or not iso_out.parent.is_dir():
-                raise IpcError(INVALID_PARAMS, f"burn: {iso} is not an absolute path in an existing folder")
+                raise Invalid(f"burn: {iso} is not an absolute path in an existing folder")
             target, node = str(iso_out), iso_node(iso_out)
         else:
             assert drive is not None
@@ -176,17 +176,14 @@ class Burns:
         with self._lock:
             wait = self._waiting.get(job["id"])
         if wait is None:
-            raise IpcError(CONFLICT, f"burn {id} is not waiting for a disc (state {job['state']})")
+            raise Conflict(f"burn {id} is not waiting for a disc (state {job['state']})")
         wait.inserted.set()
         return {"id": job["id"], "disc": wait.disc}
 
     def cancel(self, id: int) -> dict[str, Any]:
         """Cancel a queued burn, or stop a running one at its next safe point."""
         self._job(id)
-        try:
-            self._jobs.cancel(id)
-        except ValueError as exc:
-            raise IpcError(CONFLICT, str(exc)) from None
+        self._jobs.cancel(id)
         return self.status(id)
 
     def drives(self) -> list[dict[str, Any]]:
@@ -218,10 +215,10 @@ class Burns:
 
     def _job(self, id: Any) -> dict[str, Any]:
         if isinstance(id, bool) or not isinstance(id, int):
-            raise IpcError(INVALID_PARAMS, "give the burn id (its job id) as a whole number")
+            raise Invalid("give the burn id (its job id) as a whole number")
         job = self._db.job(id)
         if job is None or job["kind"] != KIND:
-            raise IpcError(NOT_FOUND, f"no burn {id}")
+            raise NotFound(f"no burn {id}")
         return job
 
     def _stopping(self, job: dict[str, Any]) -> bool:

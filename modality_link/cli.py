@@ -163,6 +163,34 @@ def cmd_studies(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_memory(args: argparse.Namespace, home: Home) -> int:
+    import os
+
+    if args.action == "export":
+        if not args.uid or not args.file:
+            print("modality-link: memory export SOP_INSTANCE_UID FILE", file=sys.stderr)
+            return EXIT_USAGE
+        res = _call(home, "memory.fetch", sop_instance_uid=args.uid, path=os.path.abspath(args.file))
+        print(f"{res['path']}: {res['bytes']} bytes")
+        return EXIT_OK
+    if args.action == "clear":
+        print(f"cleared {_call(home, 'memory.clear')['cleared']} instance(s)")
+        return EXIT_OK
+    cache = _call(home, "memory.list")
+    if args.json:
+        _out(cache)
+        return EXIT_OK
+    print(f"memory server: {cache['instances']} instance(s), {cache['bytes'] / 1e6:.1f} MB "
+          f"of {cache['budget_bytes'] / 1e6:.0f} MB")
+    for st in cache["studies"]:
+        print(f"{st['study_uid']}  {st['patient_id']:<12} {st['patient_name']:<28} {st['study_date']} "
+              f"{st['instances']:>5} instances {st['bytes'] / 1e6:8.1f} MB")
+        for se in st["series"]:
+            print(f"  {se['series_uid']}  {se['modality']:<4} #{se['series_number']:<4} "
+                  f"{se['instances']:>5} instances {se['bytes'] / 1e6:8.1f} MB")
+    return EXIT_OK
+
+
 def cmd_worklist(args: argparse.Namespace, home: Home) -> int:
     params = {k: v for k, v in {
         "node": args.node, "date": args.date, "patient_name": args.patient_name,
@@ -441,6 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     so = sub.add_parser("studies", help="list the archive's studies")
     so.add_argument("--json", action="store_true")
     so.set_defaults(func=cmd_studies)
+
+    m = sub.add_parser("memory", help="the memory server's cache: list it, export an instance, clear it")
+    m.add_argument("action", nargs="?", choices=["list", "export", "clear"], default="list",
+                   help="list (default), export SOP_INSTANCE_UID FILE, or clear")
+    m.add_argument("uid", nargs="?", help="export: the SOP Instance UID")
+    m.add_argument("file", nargs="?", help="export: a new file to write the PS3.10 bytes to")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_memory)
 
     w = sub.add_parser("worklist", help="query the modality worklist (MWL C-FIND)")
     w.add_argument("--node")

@@ -132,6 +132,21 @@ class Listener:
 
 
 @dataclass
+class MemoryServer(Listener):
+    """The memory server's listening AE and the byte budget of its RAM cache
+    (docs/design.md "The memory server")."""
+
+    ae_title: str = "MODLINK_MEM"
+    port: int = 11113
+    #: Mebibytes of received instances kept in RAM; the least recently used go first.
+    cache_mb: int = 512
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        _check_range(f"{prefix}.cache_mb", self.cache_mb, 1, 1 << 20)
+
+
+@dataclass
 class Timeouts:
     """Timeouts in seconds (REQUIREMENTS §12; PS3.8 §9.1.5 ARTIM)."""
 
@@ -295,9 +310,7 @@ class Node:
 class Config:
     station: Station = field(default_factory=Station)
     disk_server: Listener = field(default_factory=Listener)
-    memory_server: Listener = field(
-        default_factory=lambda: Listener(ae_title="MODLINK_MEM", port=11113, enabled=False)
-    )
+    memory_server: MemoryServer = field(default_factory=MemoryServer)
     timeouts: Timeouts = field(default_factory=Timeouts)
     archive: Archive = field(default_factory=Archive)
     logging: Logging = field(default_factory=Logging)

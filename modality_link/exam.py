@@ -57,6 +57,7 @@ from modality_link import config
 from modality_link.archive import Archive, ArchiveError, check_file_meta, read_header, record_from_dataset
 from modality_link.coercion import PIXEL_DATA, Coerced, coerce_file
 from modality_link.db import Database, InstanceRecord
+from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound
 from modality_link.net import mpps
 from modality_link.net.charset import charset_for
 from modality_link.net.worklist import WorklistQuery, find_worklist, item_summary, resolve_date
@@ -86,14 +87,6 @@ NON_IMAGE_CLASSES = {
 SeriesHook = Callable[[str], list[int]]
 #: ``on_exam_complete(study_uid, sop_instance_uids)``: apply the rule "exam"; the queued job ids.
 ExamHook = Callable[[str, list[str]], list[int]]
-
-
-class ExamError(Exception):
-    """An exam request that cannot be done; `kind` is not_found, conflict, invalid or dicom."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def _json(ds: Dataset) -> str:
@@ -243,7 +236,7 @@ class ExamManager:
             try:
                 node = cfg.node(name)
             except config.ConfigError as exc:
-                raise ExamError("not_found", str(exc)) from None
+                raise NotFound(str(exc)) from None
             return name, node
         for n, node in cfg.nodes.items():
             if role in node.roles:
@@ -263,7 +256,7 @@ class ExamManager:
     ) -> dict[str, Any]:
         found = self._node(node, "worklist")
         if found is None:
-            raise ExamError("not_found", "no worklist node is configured (a node with role 'worklist')")
+            raise NotFound("no worklist node is configured (a node with role 'worklist')")
         name, n = found
         cfg = self.get_config()
 
@@ -285,13 +278,13 @@ class ExamManager:
                 limit=n.response_limit,
             )
         except ValueError as exc:
-            raise ExamError("invalid", str(exc)) from None
+            raise Invalid(str(exc)) from None
         from modality_link.net.worklist import WorklistError
 
         try:
             res = find_worklist(n, cfg.station.ae_title, cfg.timeouts, q)
         except WorklistError as exc:
-            raise ExamError("dicom", str(exc)) from None
+            raise DicomFailure(str(exc)) from None
         keep = []
         out = []
         for item in res.items:
@@ -320,7 +313,7 @@ class ExamManager:
         if item:
             row = self.db.worklist_item(item)
             if row is None:
-                raise ExamError("not_found", f"no worklist item with SPS ID {item!r} (query the worklist first)")
+                raise NotFound(f"no worklist item with SPS ID {item!r} (query the worklist first)")
             ds = _from_json(row["item_json"])
             study_uid = str(ds.get("StudyInstanceUID", "") or "") or generate_uid()
             scheduled = True
@@ -333,7 +326,7 @@ class ExamManager:
             study_uid = generate_uid()
             scheduled = False
         else:
-            raise ExamError("invalid", "exam.start: give a worklist item (SPS ID) or patient_id and patient_name")
+            raise Invalid("exam.start: give a worklist item (SPS ID) or patient_id and patient_name")
         now = time.time()
         pps_id = f"PPS{int(now * 1000) % 10**13}"
         found = self._node(None, "mpps")
@@ -364,10 +357,10 @@ class ExamManager:
         try:
             eid = int(exam_id)
         except (TypeError, ValueError):
-            raise ExamError("invalid", f"an exam id is a whole number, not {exam_id!r}") from None
+            raise Invalid(f"an exam id is a whole number, not {exam_id!r}") from None
         exam = self.db.exam(eid)
         if exam is None:
-            raise ExamError("not_found", f"no exam {eid}")
+            raise NotFound(f"no exam {eid}")
         return exam
 
     def exam_info(self, exam_id: Any) -> dict[str, Any]:
@@ -395,9 +388,9 @@ class ExamManager:
         """
         exam = self._exam(exam_id)
         if exam["state"] != mpps.IN_PROGRESS:
-            raise ExamError("conflict", f"exam {exam['id']} is {exam['state']}: no more images may be added")
+            raise Conflict(f"exam {exam['id']} is {exam['state']}: no more images may be added")
         if (paths is None) == (data is None) or not isinstance(paths or data, list) or not (paths or data):
-            raise ExamError("invalid", "exam.add_image: give paths (a list of PS3.10 file paths) or data "
+            raise Invalid("exam.add_image: give paths (a list of PS3.10 file paths) or data "
                                        "(a list of base64-encoded PS3.10 files)")
         item = _from_json(exam["item_json"])
         station = self.get_config().station.ae_title
@@ -433,7 +426,7 @@ class ExamManager:
         except binascii.Error:
             raw = None
         if not raw:
-            raise ExamError("invalid", f"exam.add_image: data[{index}] is not a base64-encoded file")
+            raise Invalid(f"exam.add_image: data[{index}] is not a base64-encoded file")
         path = self.tmp_dir / f"exam-{uuid.uuid4().hex}.dcm"
         path.write_bytes(raw)
         return path
@@ -444,7 +437,7 @@ class ExamManager:
         """Check one image and complete it with the exam's data; (coerced, its index row, has
         pixels)."""
         if not path.is_file():
-            raise ExamError("not_found", f"no such file: {name}")
+            raise NotFound(f"no such file: {name}")
         try:  # complete, and described by its own File Meta (PS3.10 7.1), before it is decoded
             header = read_header(path)
             check_file_meta(header)
@@ -453,23 +446,20 @@ class ExamManager:
                                   header)
             rec = record_from_dataset(coerced.dataset, "", 0, station)  # its UIDs valid, as the archive requires
         except ArchiveError as exc:
-            raise ExamError("invalid", f"{name} refused: {exc}") from None
+            raise Invalid(f"{name} refused: {exc}", exc.status) from None
         except Exception as exc:
-            raise ExamError("invalid", f"{name}: not a DICOM file ({exc})") from None
+            raise Invalid(f"{name}: not a DICOM file ({exc})") from None
         return coerced, rec, is_image
 
     def _check_open(self, exam_id: int, series_uid: str, path: str) -> None:
         """Images may be added while the exam is in progress and their series not complete."""
         state = self.db.exam(exam_id)["state"]  # type: ignore[index]
         if state != mpps.IN_PROGRESS:
-            raise ExamError("conflict", f"exam {exam_id} is {state}: no more images may be added")
+            raise Conflict(f"exam {exam_id} is {state}: no more images may be added")
         done = {se["series_uid"] for se in self.db.exam_series(exam_id) if se["completed_at"] is not None}
         if series_uid in done:
-            raise ExamError(
-                "conflict",
-                f"{path}: series {series_uid} of exam {exam_id} was declared complete; "
-                "no more images may be added to it (use a new series)",
-            )
+            raise Conflict(f"{path}: series {series_uid} of exam {exam_id} was declared complete; "
+                           "no more images may be added to it (use a new series)")
 
     def series_complete(self, exam_id: Any, series_uid: str) -> dict[str, Any]:
         """The acquisition software says series `series_uid` of the exam has all its images.
@@ -479,16 +469,14 @@ class ExamManager:
         result says ``already_complete``); later images of that series are refused.
         """
         if not isinstance(series_uid, str) or not series_uid:
-            raise ExamError("invalid", "exam.series_complete: give series_uid (a Series Instance UID)")
+            raise Invalid("exam.series_complete: give series_uid (a Series Instance UID)")
         with self._lock:
             exam = self._exam(exam_id)
             if exam["state"] != mpps.IN_PROGRESS:
-                raise ExamError(
-                    "conflict", f"exam {exam['id']} is {exam['state']}: its series were completed at its end"
-                )
+                raise Conflict(f"exam {exam['id']} is {exam['state']}: its series were completed at its end")
             series = {se["series_uid"]: se for se in self.db.exam_series(exam["id"])}
             if series_uid not in series:
-                raise ExamError("not_found", f"exam {exam['id']} has no image of series {series_uid}")
+                raise NotFound(f"exam {exam['id']} has no image of series {series_uid}")
             newly = self.db.complete_series(exam["id"], series_uid)
             jobs = self._apply_rules(exam["id"])
         LOG.info("exam %d: series %s complete%s", exam["id"], series_uid, "" if newly else " (again)")
@@ -545,12 +533,10 @@ class ExamManager:
     def _end(self, exam_id: Any, discontinue: str | None) -> dict[str, Any]:
         exam = self._exam(exam_id)
         if exam["state"] != mpps.IN_PROGRESS:
-            raise ExamError("conflict", f"exam {exam['id']} is already {exam['state']}; a final state is sent once")
+            raise Conflict(f"exam {exam['id']} is already {exam['state']}; a final state is sent once")
         final = mpps.DISCONTINUED if discontinue else mpps.COMPLETED
         if discontinue and discontinue not in mpps.DISCONTINUATION_REASONS:
-            raise ExamError(
-                "invalid",
-                f"discontinuation reason {discontinue!r} is not a CID 9300 code "
+            raise Invalid(f"discontinuation reason {discontinue!r} is not a CID 9300 code "
                 f"(e.g. 110513 unspecified, 110501 equipment failure)",
             )
         now = time.time()

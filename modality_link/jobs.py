@@ -34,6 +34,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from modality_link.config import Config, ConfigError
+from modality_link.errors import Conflict, Invalid, NotFound
 from modality_link.db import Database
 from modality_link.net import commitment, storage
 from modality_link.net.association import AssociationFailed, NoContextAccepted, associate, make_ae
@@ -181,16 +182,19 @@ class JobQueue:
     def submit_send(self, study_uids: list[str], node: str, commit: bool = False) -> int:
         """Queue a send job of every instance of the studies to `node` (the Send button)."""
         cfg = self.get_config()
-        n = cfg.node(node)  # ConfigError names the known nodes
+        try:
+            n = cfg.node(node)
+        except ConfigError as exc:  # its message names the known nodes
+            raise Invalid(str(exc)) from None
         if "store" not in n.roles:
-            raise ConfigError(f"nodes.{node}: this node has no 'store' role")
+            raise Invalid(f"nodes.{node}: this node has no 'store' role")
         if commit and "commit" not in n.roles:
-            raise ConfigError(f"nodes.{node}: this node has no 'commit' role (Storage Commitment)")
+            raise Invalid(f"nodes.{node}: this node has no 'commit' role (Storage Commitment)")
         uids: list[str] = []
         for study in study_uids:
             rows = self.db.study_instances(study)
             if not rows:
-                raise KeyError(f"no study {study} in the archive")
+                raise NotFound(f"no study {study} in the archive")
             uids += [r["sop_instance_uid"] for r in rows]
         return self.submit("send", node, uids, {"commit": commit, "studies": study_uids})
 
@@ -222,7 +226,7 @@ class JobQueue:
     def show(self, job_id: int) -> dict[str, Any]:
         job = self.db.job(job_id)
         if job is None:
-            raise KeyError(f"no job {job_id}")
+            raise NotFound(f"no job {job_id}")
         job["children"] = self.db.child_jobs(job_id)
         job["failed_items"] = self.db.job_items(job_id, "failed")[:100]
         job["warning_items"] = self.db.job_items(job_id, "warning")[:100]
@@ -240,7 +244,7 @@ class JobQueue:
         while True:
             job = self.show(job_id)
             if job["state"] not in ("queued", "running"):
-                raise ValueError(f"job {job_id} is {job['state']}; only a queued or running job can be cancelled")
+                raise Conflict(f"job {job_id} is {job['state']}; only a queued or running job can be cancelled")
             self._cancelled.add(job_id)
             if self.db.update_job(job_id, only_if=job["state"], state="cancelled",
                                   detail="cancelled by the operator"):
@@ -264,7 +268,7 @@ class JobQueue:
     def retry(self, job_id: int) -> dict[str, Any]:
         job = self.show(job_id)
         if job["state"] not in ("failed", "cancelled"):
-            raise ValueError(f"job {job_id} is {job['state']}; only a failed or cancelled job can be retried")
+            raise Conflict(f"job {job_id} is {job['state']}; only a failed or cancelled job can be retried")
         self._cancelled.discard(job_id)
         self.db.reset_items(job_id)
         params = job["params"]

@@ -9,7 +9,7 @@ from pydicom import dcmread
 
 from modality_link.config import Node
 from modality_link.home import free_port
-from modality_link.ipc import IpcError
+from modality_link.ipc import INVALID_PARAMS, IpcError
 from sim.ris import RIS
 from tests.support.instances import spool_images
 from tests.support.service import InProcessService, cleanup, exam_home
@@ -144,8 +144,10 @@ def test_images_as_bytes_and_one_group(tmp_path: Path) -> None:
         paths = spool_images(tmp_path / "s", 3)
         truncated = tmp_path / "truncated.dcm"
         truncated.write_bytes(Path(paths[2]).read_bytes()[:-100])
-        with pytest.raises(IpcError, match="truncated.dcm refused: dataset is truncated"):
+        with pytest.raises(IpcError, match="truncated.dcm refused: dataset is truncated") as refused:
             svc.call("exam.add_image", exam_id=ex["exam_id"], paths=[*paths[:2], str(truncated)])
+        # the archive's DICOM status travels with the IPC error (docs/ipc.md "Errors")
+        assert (refused.value.code, refused.value.data) == (INVALID_PARAMS, {"status": 0xC000})
         assert svc.call("studies.list") == []
         with pytest.raises(IpcError, match=r"data\[0\] is not a base64-encoded file"):
             svc.call("exam.add_image", exam_id=ex["exam_id"], data=["not base64!"])

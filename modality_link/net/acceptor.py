@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import struct
 import threading
@@ -48,7 +49,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.config import Listener, Timeouts
 from modality_link.net.association import REJECT_REASONS, REJECT_RESULTS, describe_abort
-from modality_link.net.storage import _command_element, _padded, parse_command
+from modality_link.net.storage import _command_element, _padded, c_store_command, parse_command
 from modality_link.net.upper_layer import (
     A_ABORT_TYPE,
     A_ASSOCIATE_RQ_TYPE,
@@ -80,7 +81,8 @@ _KNOWN_PDUS = range(0x01, 0x08)
 #: A-ABORT source 2 (service provider) reasons, PS3.8 Table 9-26.
 UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 1, 2, 6
 #: Command Field values, PS3.7 Annex E.
-C_STORE_RQ, C_ECHO_RQ, N_EVENT_REPORT_RQ = 0x0001, 0x0030, 0x0100
+C_STORE_RQ, C_GET_RQ, C_FIND_RQ, C_MOVE_RQ, C_ECHO_RQ = 0x0001, 0x0010, 0x0020, 0x0021, 0x0030
+N_EVENT_REPORT_RQ, C_CANCEL_RQ, C_STORE_RSP = 0x0100, 0x0FFF, 0x8001
 #: Statuses, PS3.7 Annex C.
 STATUS_SUCCESS, STATUS_PROCESSING_FAILURE, STATUS_UNRECOGNIZED_OPERATION = 0x0000, 0x0110, 0x0211
 NO_DATA_SET = 0x0101  # Command Data Set Type (0000,0800), PS3.7 §9.3 / §10.3
@@ -187,17 +189,83 @@ class InMemory:
         self.data = bytearray()
 
 
-#: Sends one response: (status, Error Comment, extra command elements {element: value},
-#: encoded data set or None).
-Reply = Callable[[int, str, "dict[int, bytes] | None", "bytes | None"], None]
+class Reply:
+    """How a handler answers its request (PS3.7 §9.1.2, §9.3).
+
+    Calling it sends one response: (status, Error Comment, extra command elements
+    {element: value}, encoded data set or None); a C-FIND, C-GET or C-MOVE SCP calls it for each
+    pending response, then for the final one. While the handler runs, the association's
+    requestor may send only a C-CANCEL-RQ for this request (one outstanding operation, PS3.7
+    D.3.3.3) and the responses to our sub-operations: :meth:`cancelled` reads what arrived
+    without waiting, :meth:`store` sends a C-STORE sub-operation on this association (C-GET,
+    PS3.4 C.4.3.3) and waits for its response.
+    """
+
+    def __init__(self, association: "_Association", request: Request) -> None:
+        self._assoc = association
+        self.request = request
+        self._cancelled = False
+        self._response: dict[int, bytes] | None = None
+        self._next_id = 1
+
+    def __call__(self, status: int, comment: str = "", extra: dict[int, bytes] | None = None,
+                 dataset: bytes | None = None) -> None:
+        self._assoc._respond(self.request, status, comment, extra or {}, dataset)
+
+    def cancelled(self) -> bool:
+        """Whether the requestor sent a C-CANCEL-RQ for this request (PS3.7 §9.3.2.3, 9.3.3.3,
+        9.3.4.3); reads what has arrived, never waits for more."""
+        while not self._cancelled and self._assoc._pending_input():
+            self._assoc._read_pdu_while_busy()
+        return self._cancelled
+
+    def storage_contexts(self, sop_class: str) -> list[tuple[int, str]]:
+        """(context ID, transfer syntax) of the accepted contexts of `sop_class` on which we may
+        send a C-STORE-RQ: the requestor took the SCP role (SCP/SCU Role Selection, PS3.7 D.3.3.4)."""
+        return [(cid, ts) for cid, (abstract, ts) in self._assoc.contexts.items()
+                if abstract == sop_class and cid in self._assoc.reversed_roles]
+
+    def store(self, context_id: int, sop_instance: str, dataset: bytes,
+              move_originator: tuple[str, int] | None = None) -> tuple[int, str]:
+        """Send a C-STORE-RQ (PS3.7 §9.3.1.1) with `dataset`, encoded in the context's transfer
+        syntax, and wait (network timeout) for its C-STORE-RSP: (status, Error Comment). A
+        C-CANCEL-RQ arriving meanwhile is remembered for :meth:`cancelled`."""
+        sop_class, _ = self._assoc.contexts[context_id]
+        message_id = self._next_id
+        self._next_id = (self._next_id % 0xFFFF) + 1
+        extra: dict[int, bytes] = {}
+        if move_originator is not None:  # Move Originator AE Title and Message ID, PS3.7 Table 9.3-1
+            extra[0x1030] = move_originator[0].encode("ascii").ljust(16)
+            extra[0x1031] = struct.pack("<H", move_originator[1])
+        self._response = None
+        self._assoc._send_request(context_id, c_store_command(message_id, sop_class, sop_instance, extra), dataset)
+        while self._response is None:
+            self._assoc._read_pdu_while_busy()
+        rsp, self._response = self._response, None
+        answered = rsp.get(0x0120, b"")
+        if answered[:2] != struct.pack("<H", message_id):
+            raise _Abort(INVALID_PARAMETER, "C-STORE-RSP for another message than our C-STORE-RQ")
+        status = struct.unpack("<H", rsp.get(0x0900, b"\xff\xff")[:2])[0]
+        return status, rsp.get(0x0902, b"").decode("ascii", "replace").strip(" \x00")
+
+    def _command(self, command: dict[int, bytes], field: int) -> None:
+        """A command set that arrived while the handler runs."""
+        if field == C_CANCEL_RQ:
+            if command.get(0x0120, b"")[:2] == struct.pack("<H", self.request.message_id):
+                self._cancelled = True
+            return  # a C-CANCEL-RQ for no outstanding request is ignored (PS3.7 §9.3.2.3)
+        if field == C_STORE_RSP:
+            self._response = command
+            return
+        raise _Abort(UNEXPECTED_PDU, f"command 0x{field:04X} while request {self.request.message_id} is "
+                                     "outstanding (no asynchronous operations were negotiated, PS3.7 D.3.3.3)")
 
 
 class Handler(Protocol):
     """The service side of one DIMSE-C or DIMSE-N operation (PS3.7 §9, §10).
 
     :meth:`sink` is asked where the data set of a request goes (only when one follows);
-    :meth:`handle` runs once the request is complete and calls `reply` once per response
-    (a C-FIND or C-GET SCP calls it for each pending response, then for the final one)."""
+    :meth:`handle` runs once the request is complete and answers through `reply` (:class:`Reply`)."""
 
     def sink(self, request: Request) -> DataSetSink: ...
 
@@ -479,6 +547,11 @@ class _Association:
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
         self.peer_max_pdu = 0
         self.associated = False
+        #: Contexts on which the requestor took the SCP role (we may send C-STORE-RQs there).
+        self.reversed_roles: set[int] = set()
+        #: The request whose handler runs now (its Reply), while the socket is read for it.
+        self.busy: Reply | None = None
+        self._ready: list[tuple[Request, DataSetSink | None]] = []
 
     # -- establishment (Sta2 -> Sta6) --------------------------------------------------------------
 
@@ -573,6 +646,8 @@ class _Association:
         for cx in results:
             if cx.result == 0:
                 self.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                if cx.as_scu:
+                    self.reversed_roles.add(int(cx.context_id))
         self.peer_max_pdu = int(rq.maximum_length_received or 0)
         prim = A_ASSOCIATE()
         prim.application_context_name = APPLICATION_CONTEXT
@@ -685,8 +760,12 @@ class _Association:
                 assert self.sink is not None
                 self.reader.pipe(value, self.sink.write)
                 if last:
-                    sink, self.sink, self.request = self.sink, None, None
-                    self._dispatch(request, sink)
+                    self._ready.append((request, self.sink))
+                    self.sink, self.request = None, None
+        # Requests are served once their PDU is read whole: a handler may read the next PDUs
+        # (C-CANCEL-RQ, sub-operation responses) while it runs.
+        while self._ready and self.busy is None:
+            self._dispatch(*self._ready.pop(0))
 
     def _command_complete(self, context_id: int) -> None:
         raw, self.command = bytes(self.command), bytearray()
@@ -698,10 +777,16 @@ class _Association:
         request = Request(self.peer, context_id, abstract, ts, command)
         if request.command_field is None:
             raise _Abort(INVALID_PARAMETER, "command set without a Command Field (0000,0100)")
+        if self.busy is not None:
+            self.busy._command(command, request.command_field)
+            return
+        if request.command_field == C_CANCEL_RQ:  # for a request already answered: ignored
+            LOG.debug("%s: C-CANCEL-RQ from %s for no outstanding request", self.name, self.peer)
+            return
         if request.command_field & 0x8000:  # a response: we have no request outstanding
             raise _Abort(UNEXPECTED_PDU, f"response 0x{request.command_field:04X} with no request outstanding")
         if not request.has_data_set:
-            self._dispatch(request, None)
+            self._ready.append((request, None))
             return
         handler = self._handler(request)
         sink: DataSetSink = Discard()
@@ -716,10 +801,7 @@ class _Association:
         return self.acceptor._dispatch.get((request.abstract_syntax, request.command_field or 0))
 
     def _dispatch(self, request: Request, data: DataSetSink | None) -> None:
-        def reply(status: int, comment: str = "", extra: dict[int, bytes] | None = None,
-                  dataset: bytes | None = None) -> None:
-            self._respond(request, status, comment, extra or {}, dataset)
-
+        reply = Reply(self, request)
         if isinstance(data, _Refused):
             exc = data.error
             status = getattr(exc, "status", STATUS_PROCESSING_FAILURE)
@@ -733,7 +815,46 @@ class _Association:
                         self.name, self.peer, request.command_field, request.abstract_syntax)
             reply(STATUS_UNRECOGNIZED_OPERATION, "unrecognized operation")
             return
-        handler.handle(request, data, reply)
+        self.busy = reply
+        try:
+            handler.handle(request, data, reply)
+        finally:
+            self.busy = None
+
+    def _pending_input(self) -> bool:
+        """Whether the requestor sent something not read yet (without waiting)."""
+        if self.reader.pos < self.reader.end:
+            return True
+        ready, _, _ = select.select([self.sock], [], [], 0)
+        return bool(ready)
+
+    def _read_pdu_while_busy(self) -> None:
+        """Read one PDU while a handler runs (network timeout): a P-DATA-TF whose commands go to
+        the handler's :class:`Reply`; an A-ABORT or a lost connection ends the association."""
+        kind, _, length = _PDU_HEADER.unpack(self.reader.exact(6))
+        max_pdu = self.acceptor.listener.max_pdu
+        if kind == P_DATA_TF_TYPE:
+            if max_pdu and length > max_pdu:
+                raise _Abort(INVALID_PARAMETER, f"P-DATA-TF of {length} bytes, above the negotiated "
+                                                f"maximum of {max_pdu} (PS3.8 D.1)")
+            self._p_data(length)
+        elif kind == A_ABORT_TYPE:
+            self._small_body(length)
+            LOG.warning("%s: association from %s aborted by the requestor while request %d was served",
+                        self.name, self.peer, self.busy.request.message_id if self.busy else 0)
+            raise _Closed()
+        elif kind in _KNOWN_PDUS:
+            raise _Abort(UNEXPECTED_PDU, f"PDU type 0x{kind:02X} while a request is outstanding")
+        else:
+            raise _Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{kind:02X}")
+
+    def _send_request(self, context_id: int, command: bytes, dataset: bytes) -> None:
+        """A request command set and its data set, as P-DATA-TF PDUs (PS3.8 §9.3.5)."""
+        limit = max(self.peer_max_pdu or UNLIMITED_PDU, MIN_PEER_PDU) - 6
+        parts: list = []
+        Requestor._frame(parts, context_id, memoryview(command), 0x01, limit)
+        Requestor._frame(parts, context_id, memoryview(dataset), 0x00, limit)
+        self.sock.sendall(b"".join(parts))
 
     def _respond(self, request: Request, status: int, comment: str, extra: dict[int, bytes],
                  dataset: bytes | None) -> None:

@@ -113,14 +113,22 @@ def choose_syntax(stored: str, syntaxes: Sequence[str]) -> str | None:
 
 def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
     """A C-STORE-RQ command set, Implicit VR Little Endian (PS3.7 §9.3.1.1, Table 9.3-1)."""
-    body = b"".join([
-        _command_element(0x0002, _padded(sop_class)),
-        _command_element(0x0100, struct.pack("<H", 0x0001)),  # Command Field: C-STORE-RQ
-        _command_element(0x0110, struct.pack("<H", message_id)),
-        _command_element(0x0700, struct.pack("<H", 0x0000)),  # Priority: medium
-        _command_element(0x0800, struct.pack("<H", 0x0000)),  # a data set follows
-        _command_element(0x1000, _padded(sop_instance)),
-    ])
+    return c_store_command(message_id, sop_class, sop_instance, {})
+
+
+def c_store_command(message_id: int, sop_class: str, sop_instance: str, extra: dict[int, bytes]) -> bytes:
+    """A C-STORE-RQ command set with `extra` elements {element: value}, e.g. the Move Originator
+    of a C-MOVE or C-GET sub-operation (PS3.7 Table 9.3-1)."""
+    elements = {
+        0x0002: _padded(sop_class),
+        0x0100: struct.pack("<H", 0x0001),  # Command Field: C-STORE-RQ
+        0x0110: struct.pack("<H", message_id),
+        0x0700: struct.pack("<H", 0x0000),  # Priority: medium
+        0x0800: struct.pack("<H", 0x0000),  # a data set follows
+        0x1000: _padded(sop_instance),
+        **extra,
+    }
+    body = b"".join(_command_element(e, v) for e, v in sorted(elements.items()))
     return _command_element(0x0000, struct.pack("<L", len(body))) + body
 
 

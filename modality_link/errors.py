@@ -1,0 +1,35 @@
+"""Why a request to the service cannot be done, in the domain's own words.
+
+Domain modules (exam, jobs, burns, archive...) raise these; they know nothing of the IPC
+protocol. `modality_link.api` maps each class to its IPC error code (docs/ipc.md "Errors") and
+puts the DICOM status, where one applies, into the error's data.
+"""
+
+from __future__ import annotations
+
+
+class RequestError(Exception):
+    """A request that cannot be done; the message is a sentence for the user.
+
+    `status` is the DICOM status behind it when a peer or the archive gave one (PS3.7 Annex C),
+    else None."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotFound(RequestError):
+    """What the request names does not exist: an exam, a job, a study, a node, a file."""
+
+
+class Conflict(RequestError):
+    """The request does not fit the current state (an exam that has ended, a job still running)."""
+
+
+class Invalid(RequestError):
+    """The request itself is wrong: a missing or malformed parameter, a node without the role."""
+
+
+class DicomFailure(RequestError):
+    """A DICOM peer could not be reached or refused the request; the message says which."""

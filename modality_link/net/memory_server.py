@@ -1,0 +1,165 @@
+"""The memory server: a Storage SCP (PS3.4 Annex B) with Verification (Annex A) into RAM.
+
+Its own AE title and port (``[memory_server]``). Each data set streams, as it arrives, into an
+anonymous memory file (memfd_create(2): RAM, no name on any file system) behind a File Meta group
+built from the C-STORE-RQ, exactly as the disk server writes its archive files; it is checked by
+the archive's own validation (complete, the File Meta's UIDs are the data set's, valid UIDs) and
+then kept in the :class:`~modality_link.memory.MemoryCache`. Nothing reaches the archive, the
+index or the disk. A data set larger than the whole cache is refused with 0xA700 (Out of
+Resources, PS3.4 B.2.3) as soon as it outgrows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import BinaryIO, Callable
+
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from modality_link.archive import (
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_OUT_OF_RESOURCES,
+    ArchiveError,
+    CannotUnderstand,
+    encode_file_meta,
+    validate_received,
+)
+from modality_link.config import Listener, Timeouts
+from modality_link.memory import CachedInstance, MemoryCache
+from modality_link.net.acceptor import C_ECHO_RQ, C_STORE_RQ, Acceptor, DataSetSink, Reply, Request, Service
+from modality_link.net.servers import (
+    ARCHIVE_TRANSFER_SYNTAXES,
+    DECODED_TRANSFER_SYNTAXES,
+    STATUS_PROCESSING_FAILURE,
+    VERIFICATION,
+    EchoHandler,
+)
+
+LOG = logging.getLogger("modality_link.net.memory_server")
+
+
+class OutOfMemory(ArchiveError):
+    status = STATUS_OUT_OF_RESOURCES
+
+
+class IncomingMemoryInstance:
+    """A C-STORE data set being received into an anonymous memory file."""
+
+    def __init__(self, cache: MemoryCache, sop_class: str, sop_instance: str, transfer_syntax: str,
+                 source_ae: str) -> None:
+        self.cache = cache
+        self.source_ae = source_ae
+        self.error: ArchiveError | None = None
+        fd = os.memfd_create("modality-link-memory", os.MFD_CLOEXEC)
+        self._file: BinaryIO | None = os.fdopen(fd, "w+b")
+        self._size = 0
+        self.write(encode_file_meta(sop_class, sop_instance, transfer_syntax, source_ae))
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append a fragment; past the cache's whole budget the rest is dropped and
+        :meth:`finish` refuses the instance."""
+        if self._file is None:
+            return
+        self._size += len(data)
+        if not self.cache.fits(self._size):
+            self.error = OutOfMemory(f"the data set is larger than the whole memory cache "
+                                     f"({self.cache.budget >> 20} MiB, memory_server.cache_mb)")
+            self.discard()
+            return
+        self._file.write(data)
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> CachedInstance:
+        """Validate the complete data set and return it for the cache; raise
+        :class:`ArchiveError` (nothing kept) when it is refused."""
+        if self.error is not None or self._file is None:
+            self.discard()
+            raise self.error or CannotUnderstand("the data set was discarded")
+        try:
+            self._file.flush()
+            rec = validate_received(f"/proc/self/fd/{self._file.fileno()}", self.source_ae)
+            self._file.seek(0)
+            data = self._file.read()
+        finally:
+            self.discard()
+        rec.size = len(data)
+        return CachedInstance(rec, data)
+
+
+class MemoryStoreHandler:
+    """Storage SCP into the memory cache; the response follows the cache's update."""
+
+    def __init__(self, server: MemoryServer) -> None:
+        self.server = server
+
+    def sink(self, request: Request) -> DataSetSink:
+        return IncomingMemoryInstance(self.server.cache, request.affected_sop_class, request.affected_sop_instance,
+                                      request.transfer_syntax, request.peer.calling_ae)
+
+    def handle(self, request: Request, data: DataSetSink | None, reply: Reply) -> None:
+        server = self.server
+        uid = request.affected_sop_instance
+        if not isinstance(data, IncomingMemoryInstance):
+            reply(STATUS_CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None, None)
+            return
+        try:
+            item = data.finish()
+        except ArchiveError as exc:
+            LOG.error("memory server: C-STORE of %s from %s failed with status 0x%04X: %s",
+                      uid[:64], request.peer, exc.status, exc)
+            reply(exc.status, str(exc), None, None)
+            return
+        except Exception as exc:  # an unexpected fault: answer, log, keep the association
+            LOG.exception("memory server: C-STORE of %s from %s failed with status 0x0110", uid[:64], request.peer)
+            reply(STATUS_PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
+            return
+        evicted = server.cache.put(item)
+        if evicted:
+            LOG.info("memory server: %d instance(s) evicted (least recently used) for %s",
+                     len(evicted), uid[:64])
+        with server._count_lock:
+            server.stored += 1
+        reply(0x0000, "", None, None)
+        if server.on_stored is not None:
+            server.on_stored(item)
+
+
+class MemoryServer:
+    """Storage + Verification SCP on its own acceptor, into `cache`."""
+
+    def __init__(
+        self,
+        listener: Listener,
+        timeouts: Timeouts,
+        cache: MemoryCache,
+        on_stored: Callable[[CachedInstance], None] | None = None,
+    ) -> None:
+        self.listener = listener
+        self.cache = cache
+        self.on_stored = on_stored
+        self.stored = 0
+        self._count_lock = threading.Lock()
+        services = [
+            Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
+            Service([str(cx.abstract_syntax) for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
+                    {C_STORE_RQ: MemoryStoreHandler(self)}),
+        ]
+        self.acceptor = Acceptor(listener, timeouts, services, "memory server")
+
+    @property
+    def port(self) -> int:
+        return self.acceptor.port
+
+    def start(self) -> None:
+        self.acceptor.start()
+        LOG.info("memory server %s listening on %s:%d (cache %d MiB)", self.listener.ae_title,
+                 self.listener.bind_address or "*", self.port, self.cache.budget >> 20)
+
+    def stop(self) -> None:
+        self.acceptor.stop()
