@@ -133,7 +133,7 @@ class Api:
     def status(self) -> dict[str, Any]:
         svc = self.service
         assert svc.db is not None
-        studies = svc.db.studies()
+        studies = svc.db.index.studies()
         listeners = {}
         for key, server in (("disk_server", svc.disk_server), ("memory_server", svc.memory_server)):
             lst = getattr(svc.config, key)
@@ -151,21 +151,18 @@ class Api:
             "listeners": listeners,
             "archive": {
                 "studies": len(studies),
-                "instances": sum(s["instances"] for s in studies),
+                "instances": sum(s.instances for s in studies),
             },
             "memory": {"instances": len(svc.memory), "bytes": svc.memory.used_bytes,
                        "budget_bytes": svc.memory.budget},
-            "alerts": svc.db.alerts(limit=20),
+            "alerts": [a.to_dict() for a in svc.db.alerts.latest(limit=20)],
         }
 
     def studies_list(self) -> list[dict[str, Any]]:
         db = self.service.db
         assert db is not None
-        studies = db.studies()
-        counts = db.study_node_counts()
-        for s in studies:
-            s["nodes"] = counts.get(s["study_uid"], {})
-        return studies
+        counts = db.jobs.node_counts()
+        return [{**s.to_dict(), "nodes": counts.get(s.study_uid, {})} for s in db.index.studies()]
 
     def archive_import(self, paths: list[str]) -> dict[str, Any]:
         """Import files or folders; the auto-send rule "exam" takes each imported study as a
@@ -305,9 +302,9 @@ class Api:
 
     def alerts_list(self, include_cleared: bool = False) -> list[dict[str, Any]]:
         assert self.service.db is not None
-        return self.service.db.alerts(include_cleared=include_cleared)
+        return [a.to_dict() for a in self.service.db.alerts.latest(include_cleared=include_cleared)]
 
     def alerts_clear(self, code: str | None = None) -> dict[str, Any]:
         assert self.service.db is not None
-        self.service.db.clear_alerts(code)
+        self.service.db.alerts.clear(code)
         return {"cleared": True}

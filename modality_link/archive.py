@@ -443,7 +443,7 @@ class Archive:
             self._dir_sync.sync(directory)
 
     def _index(self, rec: InstanceRecord, flush: bool = True) -> None:
-        old = self.db.index_instance(rec, flush)
+        old = self.db.index.add(rec, flush)
         if old is not None and old != rec.path:
             (self.root / old).unlink(missing_ok=True)
 
@@ -473,7 +473,7 @@ class Archive:
         """Index archive files that a crash left unindexed, and delete stale temporaries."""
         for part in self.tmp_dir.glob("*.part"):
             part.unlink(missing_ok=True)
-        known = self.db.instance_paths()
+        known = self.db.index.paths()
         added = 0
         for f in self.root.glob("*/*/*.dcm"):
             rel = f.relative_to(self.root).as_posix()

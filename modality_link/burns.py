@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import hw
 from modality_link.config import Media
-from modality_link.db import Database
+from modality_link.db import Database, Job
 from modality_link.errors import Conflict, Invalid, NotFound
 from modality_link.jobs import FINAL_STATES, Fail, JobContext, JobQueue, Stopping
 from modality_link.media import MediaError, MediaOptions
@@ -134,10 +134,10 @@ class Burns:
             raise Invalid(f"burn: {exc}") from None
         uids: list[str] = []
         for study in study_uids:
-            rows = self._db.study_instances(study)
+            rows = self._db.index.study_instances(study)
             if not rows:
                 raise NotFound(f"no study {study} in the archive")
-            uids.extend(r["sop_instance_uid"] for r in rows)
+            uids.extend(r.sop_instance_uid for r in rows)
         if iso is not None:
             iso_out = Path(iso)
             if not iso_out.is_absolute() or not iso_out.parent.is_dir():
@@ -147,14 +147,14 @@ class Burns:
             assert drive is not None
             open_drive(drive)  # an unknown kind of device is refused now, not when the job runs
             target, node = drive, drive_node(drive)
-        ahead = self._db.jobs(kind=KIND, states=("queued", "running"), node=node)
+        ahead = self._db.jobs.latest(kind=KIND, states=("queued", "running"), node=node)
         params = {
             "study_uids": list(study_uids), "target": target, "drive": drive, "iso": target if iso else None,
             **dataclasses.asdict(options), "waited": bool(ahead), "discs": [],
         }
         job_id = self._jobs.submit(KIND, node, uids, params, max_attempts=1)
         if ahead:
-            self._db.update_job(job_id, only_if="queued", detail=f"waiting for {target}: another burn uses it")
+            self._db.jobs.set_detail(job_id, f"waiting for {target}: another burn uses it", only_if="queued")
         LOG.info("burn job %d: %d instance(s) of %d study(ies) to %s (%s)%s", job_id, len(uids),
                  len(study_uids), target, options.profile, " queued behind another burn" if ahead else "")
         if wait:
@@ -168,17 +168,17 @@ class Burns:
 
     def list(self) -> list[dict[str, Any]]:
         """The latest burns, oldest first."""
-        return [self._to_json(j) for j in reversed(self._db.jobs(kind=KIND))]
+        return [self._to_json(j) for j in reversed(self._db.jobs.latest(kind=KIND))]
 
     def disc_inserted(self, id: int) -> dict[str, Any]:
         """The technologist put the blank disc asked for by ``burn.insert_disc`` in."""
         job = self._job(id)
         with self._lock:
-            wait = self._waiting.get(job["id"])
+            wait = self._waiting.get(job.id)
         if wait is None:
-            raise Conflict(f"burn {id} is not waiting for a disc (state {job['state']})")
+            raise Conflict(f"burn {id} is not waiting for a disc (state {job.state})")
         wait.inserted.set()
-        return {"id": job["id"], "disc": wait.disc}
+        return {"id": job.id, "disc": wait.disc}
 
     def cancel(self, id: int) -> dict[str, Any]:
         """Cancel a queued burn, or stop a running one at its next safe point."""
@@ -197,7 +197,7 @@ class Burns:
         for name in self._media().drives:
             if name not in known:
                 devices.append(open_drive(name))
-        busy = {j["params"].get("drive") for j in self._db.jobs(kind=KIND, states=("running",))}
+        busy = {j.params.get("drive") for j in self._db.jobs.latest(kind=KIND, states=("running",))}
         out = []
         for d in devices:
             entry: dict[str, Any] = {"device": d.identity.device, "description": d.identity.description}
@@ -213,42 +213,42 @@ class Burns:
 
     # -- job rows ---------------------------------------------------------------------------------
 
-    def _job(self, id: Any) -> dict[str, Any]:
+    def _job(self, id: Any) -> Job:
         if isinstance(id, bool) or not isinstance(id, int):
             raise Invalid("give the burn id (its job id) as a whole number")
-        job = self._db.job(id)
-        if job is None or job["kind"] != KIND:
+        job = self._db.jobs.get(id)
+        if job is None or job.kind != KIND:
             raise NotFound(f"no burn {id}")
         return job
 
-    def _stopping(self, job: dict[str, Any]) -> bool:
+    def _stopping(self, job: Job) -> bool:
         """Cancelled, but its executor is still finishing (e.g. the disc being written)."""
         with self._lock:
-            return job["state"] in FINAL_STATES and job["id"] in self._active
+            return job.state in FINAL_STATES and job.id in self._active
 
-    def _ended(self, job: dict[str, Any]) -> bool:
-        return job["state"] in FINAL_STATES and not self._stopping(job)
+    def _ended(self, job: Job) -> bool:
+        return job.state in FINAL_STATES and not self._stopping(job)
 
-    def _to_json(self, job: dict[str, Any]) -> dict[str, Any]:
-        p = job["params"]
+    def _to_json(self, job: Job) -> dict[str, Any]:
+        p = job.params
         with self._lock:
-            wait = self._waiting.get(job["id"])
-        state = job["state"]
-        error = "" if state == "done" else job["last_error"] or (job["detail"] if state == "cancelled" else "")
+            wait = self._waiting.get(job.id)
+        state = job.state
+        error = "" if state == "done" else job.last_error or (job.detail if state == "cancelled" else "")
         return {
-            "id": job["id"], "job_id": job["id"], "study_uids": p.get("study_uids", []),
+            "id": job.id, "job_id": job.id, "study_uids": p.get("study_uids", []),
             "target": p.get("target", ""), "profile": p.get("profile", ""), "state": state,
-            "error": error, "detail": job["detail"], "stopping": self._stopping(job),
+            "error": error, "detail": job.detail, "stopping": self._stopping(job),
             "discs": p.get("discs", []), "waiting_for_disc": wait.disc if wait is not None else None,
-            "queued": job["created_at"], "started": p.get("started_at"),
-            "finished": job["updated_at"] if self._ended(job) else None,
+            "queued": job.created_at, "started": p.get("started_at"),
+            "finished": job.updated_at if self._ended(job) else None,
         }
 
     # -- the executor -----------------------------------------------------------------------------
 
-    def execute(self, job: dict[str, Any], ctx: JobContext) -> None:
+    def execute(self, job: Job, ctx: JobContext) -> None:
         """Run (or resume) a burn job; see the module docstring."""
-        job_id = job["id"]
+        job_id = job.id
         with self._lock:
             self._active.add(job_id)
         staging = self._staging_dir / str(job_id)
@@ -261,9 +261,9 @@ class Burns:
                 self._active.discard(job_id)
                 self._waiting.pop(job_id, None)
 
-    def _run(self, job: dict[str, Any], ctx: JobContext, staging: Path) -> None:
-        job_id = job["id"]
-        params = dict(job["params"])
+    def _run(self, job: Job, ctx: JobContext, staging: Path) -> None:
+        job_id = job.id
+        params = dict(job.params)
         fields = {f.name for f in dataclasses.fields(MediaOptions)}
         options = MediaOptions(**{k: v for k, v in params.items() if k in fields})
         disc_fields = {f.name for f in dataclasses.fields(DiscReport)}
@@ -276,8 +276,8 @@ class Burns:
         iso_out = Path(params["iso"]) if params.get("iso") else None
         target = params["target"]
         discs: dict[int, dict[str, Any]] = {}
-        self._db.update_job(job_id, params=params,
-                            detail=f"resuming the burn to {target}" if resumed else f"planning the burn to {target}")
+        self._db.jobs.set_detail(job_id, f"resuming the burn to {target}" if resumed else f"planning the burn to {target}",
+                                 params=params)
         LOG.info("burn job %d: %s to %s", job_id, "resumed" if resumed else "started", target)
         last: dict[tuple[str, int], float] = {}
 
@@ -294,9 +294,9 @@ class Burns:
             entry = dataclasses.asdict(disc)
             discs[disc.index] = entry
             params["discs"] = [discs[k] for k in sorted(discs)]
-            self._db.update_job(job_id, params=params, detail=f"disc {disc.index} of {disc.count}: {disc.state}")
+            self._db.jobs.set_detail(job_id, f"disc {disc.index} of {disc.count}: {disc.state}", params=params)
             if disc.state in (DISC_DONE, DISC_FAILED):
-                self._db.set_items(job_id, list(uids), disc.state,
+                self._db.jobs.set_items(job_id, list(uids), disc.state,
                                    f"disc {disc.index} of {disc.count}" if disc.state == DISC_DONE else disc.message)
             self._publish("burn.disc", id=job_id, disc=entry)
             self._jobs.announce(job_id)
@@ -316,17 +316,17 @@ class Burns:
         if report.stopped:
             if job_id in ctx.cancelled:
                 notes = [d.message for d in report.discs if d.state == DISC_STOPPED]
-                self._db.update_job(job_id, last_error="; ".join(notes) or "cancelled by the operator",
-                                    detail="cancelled by the operator")
+                self._db.jobs.set_detail(job_id, "cancelled by the operator",
+                                         error="; ".join(notes) or "cancelled by the operator")
             raise Stopping()
         if not report.ok:
             raise Fail(report.error, alert=False)
         for path in report.skipped:
             uid = uid_of.get(path)
             if uid is not None:
-                self._db.set_item(job_id, uid, "warning", None, "left off the medium: not a storable DICOM file")
+                self._db.jobs.set_item(job_id, uid, "warning", None, "left off the medium: not a storable DICOM file")
         n = len(report.discs)
-        self._db.update_job(job_id, detail=f"{n} disc(s) written and verified to {target}")
+        self._db.jobs.set_detail(job_id, f"{n} disc(s) written and verified to {target}")
         LOG.info("burn job %d: done, %d disc(s) written and verified to %s", job_id, n, target)
 
     def _files(self, job_id: int) -> tuple[list[Path], dict[str, str]]:
@@ -334,14 +334,14 @@ class Burns:
         files: list[Path] = []
         uid_of: dict[str, str] = {}
         missing: list[str] = []
-        for it in self._db.job_items(job_id):
-            row = self._db.instance(it["item"])
+        for it in self._db.jobs.items(job_id):
+            row = self._db.index.instance(it.item)
             if row is None:
-                missing.append(it["item"])
+                missing.append(it.item)
                 continue
-            path = self._jobs.archive_root / row["path"]
+            path = self._jobs.archive_root / row.path
             files.append(path)
-            uid_of[str(path)] = it["item"]
+            uid_of[str(path)] = it.item
         if missing:
             raise Fail(f"{len(missing)} instance(s) of this burn are no longer in the archive "
                        f"(first: {missing[0]}): start a new burn", alert=False)
@@ -354,7 +354,7 @@ class Burns:
             self._waiting[job_id] = wait
         message = f"Insert blank disc {disc} of {count} into {target}."
         LOG.info("burn job %d: %s", job_id, message)
-        self._db.update_job(job_id, detail=f"waiting for blank disc {disc} of {count}")
+        self._db.jobs.set_detail(job_id, f"waiting for blank disc {disc} of {count}")
         self._publish("burn.insert_disc", id=job_id, disc=disc, discs=count, message=message)
         timeout = self._media().disc_timeout_s
         deadline = time.monotonic() + timeout
@@ -368,9 +368,9 @@ class Burns:
             with self._lock:
                 self._waiting.pop(job_id, None)
 
-    def on_end(self, job: dict[str, Any]) -> None:
+    def on_end(self, job: Job) -> None:
         """The job ended (its row holds the final state): ``burn.done``, and an alert if it failed."""
         info = self._to_json(job)
-        if job["state"] == "failed":
-            self._alert("burn-failed", f"burn {job['id']} to {info['target']} failed: {info['error']}")
-        self._publish("burn.done", id=job["id"], state=job["state"], error=info["error"])
+        if job.state == "failed":
+            self._alert("burn-failed", f"burn {job.id} to {info['target']} failed: {info['error']}")
+        self._publish("burn.done", id=job.id, state=job.state, error=info["error"])

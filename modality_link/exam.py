@@ -1,37 +1,32 @@
 """The exam lifecycle: worklist item → exam start (MPPS N-CREATE) → images → exam end (N-SET).
 
-- :meth:`ExamManager.query_worklist` runs the MWL query with the node's defaults (REQUIREMENTS
-  B3) and keeps the items by SPS ID in the database, so an exam can be started from them later.
+- :meth:`ExamManager.query_worklist` runs the Modality Worklist query (PS3.4 Annex K) with the
+  node's defaults and keeps the items by SPS ID in the database, so an exam can be started from
+  them later.
 - :meth:`ExamManager.start` starts an exam from a kept item, or unscheduled from local patient
-  data (IHE SWF "unscheduled case": a new Study Instance UID, no accession, REQUIREMENTS B15).
+  data (IHE Scheduled Workflow, "unscheduled case": a new Study Instance UID, no accession).
 - :meth:`ExamManager.add_image` completes each handed-over PS3.10 file with the worklist
-  mapping of REQUIREMENTS B14 (PS3.17 / IHE SWF mapping table) and writes it into the archive.
+  attributes (PS3.17 Annex, the IHE SWF mapping of worklist to image attributes) and writes it
+  into the archive.
 - :meth:`ExamManager.series_complete` is the acquisition software's word that a series has all
-  its images: the auto-send rule "series" queues it at once (REQUIREMENTS D2, M1 "series ready").
+  its images: the auto-send rule "series" queues it at once.
 - :meth:`ExamManager.end` closes the exam COMPLETED or DISCONTINUED (CID 9300 reason). Series not
   yet declared complete are completed then, and the auto-send rules apply: "series" to each of
   those series, "exam" to the exam's instances.
 
-Auto-send on DISCONTINUED: the images acquired before the discontinuation are sent like those of
-a completed exam. REQUIREMENTS §11.7 orders the flow "end or discontinue (N-SET) → auto-send →
-commit → burn", and the N-SET DISCONTINUED lists those instances in its Performed Series Sequence
-(PS3.4 F.7.2, REQUIREMENTS C3), so the RIS and the PACS expect them. An exam discontinued before
-any image was added sends nothing. No reason code is treated specially, 110514 "Incorrect
-worklist entry selected" included: whether such images should be held back for correction is a
-product question that REQUIREMENTS leaves open.
+Why a discontinued exam is still sent, how the rules are recorded and resumed, and how the MPPS
+messages leave: docs/design.md "Exams, MPPS and auto-send".
 
 The rules are applied through two callbacks (`on_series_complete`, `on_exam_complete`) that the
-service wires to the job queue. Each application is recorded in the database (``exam_series
-.queued_at``, ``exams.auto_queued_at``) after its jobs are queued; :meth:`ExamManager
-.resume_auto_send` applies, at start-up, what a stop or a failed callback left undone. A stop
-between queueing and recording queues the same instances once more at the next start (C-STORE
-is idempotent by SOP Instance UID); every other path queues each series or exam once.
+service wires to the job queue. Each application is recorded in the database (the series'
+and the exam's "queued" marks) after its jobs are queued; :meth:`ExamManager.resume_auto_send`
+applies, at start-up, what a stop or a failed callback left undone.
 
-MPPS messages are never sent from the caller's thread: they are rows of an ordered outbox
-(``mpps_outbox``) that a worker thread sends oldest first, retrying with a doubling backoff when
-the SCP cannot be reached, across restarts too (REQUIREMENTS C7). A message the SCP refuses
-(e.g. 0x0121) is marked failed, the operator is alerted, and the exam's later messages are not
-sent (an N-SET without its N-CREATE is meaningless).
+MPPS messages are never sent from the caller's thread: they are rows of an ordered outbox that
+a worker thread sends oldest first, retrying with a doubling backoff when the SCP cannot be
+reached, across restarts too. A message the SCP refuses (e.g. 0x0121) is marked failed, the
+operator is alerted, and the exam's later messages are not sent (an N-SET without its N-CREATE
+is meaningless).
 """
 
 from __future__ import annotations
@@ -56,7 +51,7 @@ from pydicom.uid import generate_uid
 from modality_link import config
 from modality_link.archive import Archive, ArchiveError, check_file_meta, read_header, record_from_dataset
 from modality_link.coercion import PIXEL_DATA, Coerced, coerce_file
-from modality_link.db import Database, InstanceRecord
+from modality_link.db import Database, Exam, ExamObject, InstanceRecord, MppsMessage
 from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound
 from modality_link.net import mpps
 from modality_link.net.charset import charset_for
@@ -64,12 +59,13 @@ from modality_link.net.worklist import WorklistQuery, find_worklist, item_summar
 
 LOG = logging.getLogger("modality_link.exam")
 
-#: Top-level attributes copied from the worklist item into every image (REQUIREMENTS B14).
+#: Top-level attributes copied from the worklist item into every image (the Patient modules,
+#: PS3.3 C.2.2-C.2.4, docs/design.md "Exams, MPPS and auto-send").
 PATIENT_KEYS = (
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
     "OtherPatientIDsSequence", "PatientBirthName", "PatientAge", "PatientWeight", "PatientSize",
     "EthnicGroup", "PatientComments", "ReferencedPatientSequence",
-    # Patient Medical module (C.2.4; 003 T67)
+    # Patient Medical module (PS3.3 C.2.4)
     "MedicalAlerts", "Allergies", "AdditionalPatientHistory", "PregnancyStatus", "SpecialNeeds",
     "PatientState",
 )
@@ -116,8 +112,9 @@ def _all_text(ds: Dataset) -> list[str]:
     return [v for elem in ds.iterall() if elem.VR != "SQ" for v in _texts(elem)]
 
 
-def apply_worklist(ds: Dataset, exam: dict[str, Any], item: Dataset, scheduled: bool) -> Dataset:
-    """Complete an acquired image with the exam's worklist data (REQUIREMENTS B14) in place."""
+def apply_worklist(ds: Dataset, exam: Exam, item: Dataset, scheduled: bool) -> Dataset:
+    """Complete an acquired image with the exam's worklist data in place (the IHE SWF mapping of
+    worklist to image attributes, PS3.17; docs/design.md "Exams, MPPS and auto-send")."""
     charset = ds.get("SpecificCharacterSet")
     declared = "\\".join(charset) if isinstance(charset, MultiValue) else str(charset or "")
     for key in PATIENT_KEYS:
@@ -125,8 +122,8 @@ def apply_worklist(ds: Dataset, exam: dict[str, Any], item: Dataset, scheduled: 
             ds[key] = item[key]
         elif key in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
             setattr(ds, key, item.get(key, "") or "")
-    ds.StudyInstanceUID = exam["study_uid"]
-    ds.StudyID = exam["study_id"]
+    ds.StudyInstanceUID = exam.study_uid
+    ds.StudyID = exam.study_id
     if scheduled:
         for key in STUDY_KEYS:
             if key in item and item[key].value not in (None, ""):
@@ -139,7 +136,7 @@ def apply_worklist(ds: Dataset, exam: dict[str, Any], item: Dataset, scheduled: 
         req = Dataset()
         req.RequestedProcedureID = item.get("RequestedProcedureID", "") or ""
         req.AccessionNumber = item.get("AccessionNumber", "") or ""
-        req.StudyInstanceUID = exam["study_uid"]
+        req.StudyInstanceUID = exam.study_uid
         req.RequestedProcedureDescription = item.get("RequestedProcedureDescription", "") or ""
         if item.get("RequestedProcedureCodeSequence"):
             req.RequestedProcedureCodeSequence = item.RequestedProcedureCodeSequence
@@ -156,14 +153,14 @@ def apply_worklist(ds: Dataset, exam: dict[str, Any], item: Dataset, scheduled: 
             if key in ds:
                 del ds[key]
     # Performed Procedure Step summary (PS3.3 C.4.14 as used in General Series, C.7.3.1)
-    started = datetime.datetime.fromtimestamp(exam["started_at"])
-    ds.PerformedProcedureStepID = exam["pps_id"]
+    started = datetime.datetime.fromtimestamp(exam.started_at)
+    ds.PerformedProcedureStepID = exam.pps_id
     ds.PerformedProcedureStepStartDate = started.strftime("%Y%m%d")
     ds.PerformedProcedureStepStartTime = started.strftime("%H%M%S")
-    if exam.get("mpps_uid"):
+    if exam.mpps_uid:
         ref = Dataset()
         ref.ReferencedSOPClassUID = mpps.MPPS_SOP_CLASS
-        ref.ReferencedSOPInstanceUID = exam["mpps_uid"]
+        ref.ReferencedSOPInstanceUID = exam.mpps_uid
         ds.ReferencedPerformedProcedureStepSequence = Sequence([ref])
     ds.SpecificCharacterSet = _coerced_charset(ds, declared)
     return ds
@@ -188,15 +185,15 @@ def _coerced_charset(ds: Dataset, declared: str) -> str:
     return charset_for(_all_text(ds))
 
 
-def _exam_object(rec: InstanceRecord, ds: Dataset, is_image: bool) -> dict[str, Any]:
-    """The exam_objects row of an archived image: what MPPS N-SET lists of it (PS3.3 C.4.14)."""
-    return dict(
+def _exam_object(rec: InstanceRecord, ds: Dataset, is_image: bool) -> ExamObject:
+    """An archived image as its exam keeps it: what MPPS N-SET lists of it (PS3.3 C.4.14)."""
+    return ExamObject(
         sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid, series_uid=rec.series_uid,
         series_description=str(ds.get("SeriesDescription", "") or ""),
         protocol_name=str(ds.get("ProtocolName", "") or ""),
         operator=str(ds.get("OperatorsName", "") or ""),
         performing_physician=str(ds.get("PerformingPhysicianName", "") or ""),
-        is_image=int(is_image),
+        is_image=is_image,
     )
 
 
@@ -293,7 +290,7 @@ class ExamManager:
             if summary["sps_id"]:
                 keep.append((summary["sps_id"], json.dumps(js, ensure_ascii=False)))
             out.append({**summary, "dataset": js})
-        self.db.save_worklist_items(name, keep)
+        self.db.exams.save_worklist_items(name, keep)
         if res.partial:
             LOG.warning("worklist: %s", res.message)
         return {"node": name, "items": out, "partial": res.partial, "message": res.message,
@@ -311,10 +308,10 @@ class ExamManager:
     ) -> dict[str, Any]:
         cfg = self.get_config()
         if item:
-            row = self.db.worklist_item(item)
+            row = self.db.exams.worklist_item(item)
             if row is None:
                 raise NotFound(f"no worklist item with SPS ID {item!r} (query the worklist first)")
-            ds = _from_json(row["item_json"])
+            ds = _from_json(row.item_json)
             study_uid = str(ds.get("StudyInstanceUID", "") or "") or generate_uid()
             scheduled = True
         elif patient_id or patient_name:
@@ -333,7 +330,7 @@ class ExamManager:
         mpps_node, node = found if found else ("", None)
         mpps_uid = "" if node is None or node.mpps_scp_assigns_uid else generate_uid()
         study_id = pps_id[-16:]
-        exam_id = self.db.create_exam(
+        exam_id = self.db.exams.create(
             state=mpps.IN_PROGRESS, sps_id=item or "", item_json=_json(ds), study_uid=study_uid,
             study_id=study_id, pps_id=pps_id, mpps_node=mpps_node, mpps_uid=mpps_uid, started_at=now,
         )
@@ -347,18 +344,18 @@ class ExamManager:
                 patient_name=str(ds.get("PatientName", "") or ""), patient_id=str(ds.get("PatientID", "") or ""),
                 birth_date=str(ds.get("PatientBirthDate", "") or ""), sex=str(ds.get("PatientSex", "") or ""),
             )
-            self.db.outbox_add(exam_id, "create", mpps_node, _json(mpps.build_n_create(step)))
+            self.db.exams.outbox_add(exam_id, "create", mpps_node, _json(mpps.build_n_create(step)))
             self._wake.set()
         self.publish("exam.state", exam_id=exam_id, state=mpps.IN_PROGRESS)
         LOG.info("exam %d started (%s), study %s", exam_id, f"SPS {item}" if item else "unscheduled", study_uid)
         return self.exam_info(exam_id)
 
-    def _exam(self, exam_id: Any) -> dict[str, Any]:
+    def _exam(self, exam_id: Any) -> Exam:
         try:
             eid = int(exam_id)
         except (TypeError, ValueError):
             raise Invalid(f"an exam id is a whole number, not {exam_id!r}") from None
-        exam = self.db.exam(eid)
+        exam = self.db.exams.get(eid)
         if exam is None:
             raise NotFound(f"no exam {eid}")
         return exam
@@ -366,15 +363,14 @@ class ExamManager:
     def exam_info(self, exam_id: Any) -> dict[str, Any]:
         exam = self._exam(exam_id)
         return {
-            "exam_id": exam["id"], "state": exam["state"], "sps_id": exam["sps_id"],
-            "study_uid": exam["study_uid"], "pps_id": exam["pps_id"], "mpps_uid": exam["mpps_uid"],
-            "mpps_node": exam["mpps_node"], "objects": len(self.db.exam_objects(exam["id"])),
+            "exam_id": exam.id, "state": exam.state, "sps_id": exam.sps_id,
+            "study_uid": exam.study_uid, "pps_id": exam.pps_id, "mpps_uid": exam.mpps_uid,
+            "mpps_node": exam.mpps_node, "objects": len(self.db.exams.objects(exam.id)),
             "series": [
-                {"series_uid": se["series_uid"], "instances": se["instances"],
-                 "complete": se["completed_at"] is not None}
-                for se in self.db.exam_series(exam["id"])
+                {"series_uid": se.series_uid, "instances": se.instances, "complete": se.completed_at is not None}
+                for se in self.db.exams.series(exam.id)
             ],
-            "mpps": self.db.outbox(exam["id"]),
+            "mpps": [m.to_dict() for m in self.db.exams.outbox(exam.id)],
         }
 
     def add_image(self, exam_id: Any, paths: list[str] | None = None, data: list[str] | None = None) -> dict[str, Any]:
@@ -387,12 +383,12 @@ class ExamManager:
         (:mod:`modality_link.coercion`); the group is flushed to disk before this returns.
         """
         exam = self._exam(exam_id)
-        if exam["state"] != mpps.IN_PROGRESS:
-            raise Conflict(f"exam {exam['id']} is {exam['state']}: no more images may be added")
+        if exam.state != mpps.IN_PROGRESS:
+            raise Conflict(f"exam {exam.id} is {exam.state}: no more images may be added")
         if (paths is None) == (data is None) or not isinstance(paths or data, list) or not (paths or data):
             raise Invalid("exam.add_image: give paths (a list of PS3.10 file paths) or data "
                                        "(a list of base64-encoded PS3.10 files)")
-        item = _from_json(exam["item_json"])
+        item = _from_json(exam.item_json)
         station = self.get_config().station.ae_title
         spooled: list[Path] = []
         try:
@@ -408,16 +404,16 @@ class ExamManager:
                     group.append((name, rec, _exam_object(rec, coerced.dataset, is_image)))
                 with self._lock:  # not between the checks of series_complete or end and their effect
                     for name, rec, _ in group:
-                        self._check_open(exam["id"], rec.series_uid, name)
+                        self._check_open(exam.id, rec.series_uid, name)
                     recs = self.archive.install_staged(staged)
-                    self.db.add_exam_objects(exam["id"], [row for _, _, row in group])
+                    self.db.exams.add_objects(exam.id, [row for _, _, row in group])
             except BaseException:
                 self.archive.discard_staged(staged)
                 raise
         finally:
             for f in spooled:
                 f.unlink(missing_ok=True)
-        return {"exam_id": exam["id"], "added": [rec.sop_instance_uid for rec in recs]}
+        return {"exam_id": exam.id, "added": [rec.sop_instance_uid for rec in recs]}
 
     def _spool(self, index: int, text: Any) -> Path:
         """Write one base64-encoded file of exam.add_image's `data` to the tmp folder."""
@@ -432,7 +428,7 @@ class ExamManager:
         return path
 
     def _coerce(
-        self, name: str, path: Path, exam: dict[str, Any], item: Dataset, station: str
+        self, name: str, path: Path, exam: Exam, item: Dataset, station: str
     ) -> tuple[Coerced, InstanceRecord, bool]:
         """Check one image and complete it with the exam's data; (coerced, its index row, has
         pixels)."""
@@ -442,7 +438,7 @@ class ExamManager:
             header = read_header(path)
             check_file_meta(header)
             is_image = PIXEL_DATA in header and header.get("SOPClassUID") not in NON_IMAGE_CLASSES
-            coerced = coerce_file(path, lambda ds: apply_worklist(ds, exam, item, scheduled=bool(exam["sps_id"])),
+            coerced = coerce_file(path, lambda ds: apply_worklist(ds, exam, item, scheduled=bool(exam.sps_id)),
                                   header)
             rec = record_from_dataset(coerced.dataset, "", 0, station)  # its UIDs valid, as the archive requires
         except ArchiveError as exc:
@@ -453,10 +449,10 @@ class ExamManager:
 
     def _check_open(self, exam_id: int, series_uid: str, path: str) -> None:
         """Images may be added while the exam is in progress and their series not complete."""
-        state = self.db.exam(exam_id)["state"]  # type: ignore[index]
+        state = self._exam(exam_id).state
         if state != mpps.IN_PROGRESS:
             raise Conflict(f"exam {exam_id} is {state}: no more images may be added")
-        done = {se["series_uid"] for se in self.db.exam_series(exam_id) if se["completed_at"] is not None}
+        done = {se.series_uid for se in self.db.exams.series(exam_id) if se.completed_at is not None}
         if series_uid in done:
             raise Conflict(f"{path}: series {series_uid} of exam {exam_id} was declared complete; "
                            "no more images may be added to it (use a new series)")
@@ -465,22 +461,22 @@ class ExamManager:
         """The acquisition software says series `series_uid` of the exam has all its images.
 
         The auto-send rule "series" queues the series to every node whose ``auto_send`` is
-        "series" (REQUIREMENTS D2). Declaring a series complete again changes nothing (the
+        "series". Declaring a series complete again changes nothing (the
         result says ``already_complete``); later images of that series are refused.
         """
         if not isinstance(series_uid, str) or not series_uid:
             raise Invalid("exam.series_complete: give series_uid (a Series Instance UID)")
         with self._lock:
             exam = self._exam(exam_id)
-            if exam["state"] != mpps.IN_PROGRESS:
-                raise Conflict(f"exam {exam['id']} is {exam['state']}: its series were completed at its end")
-            series = {se["series_uid"]: se for se in self.db.exam_series(exam["id"])}
+            if exam.state != mpps.IN_PROGRESS:
+                raise Conflict(f"exam {exam.id} is {exam.state}: its series were completed at its end")
+            series = {se.series_uid: se for se in self.db.exams.series(exam.id)}
             if series_uid not in series:
-                raise NotFound(f"exam {exam['id']} has no image of series {series_uid}")
-            newly = self.db.complete_series(exam["id"], series_uid)
-            jobs = self._apply_rules(exam["id"])
-        LOG.info("exam %d: series %s complete%s", exam["id"], series_uid, "" if newly else " (again)")
-        return {"exam_id": exam["id"], "series_uid": series_uid, "instances": series[series_uid]["instances"],
+                raise NotFound(f"exam {exam.id} has no image of series {series_uid}")
+            newly = self.db.exams.complete_series(exam.id, series_uid)
+            jobs = self._apply_rules(exam.id)
+        LOG.info("exam %d: series %s complete%s", exam.id, series_uid, "" if newly else " (again)")
+        return {"exam_id": exam.id, "series_uid": series_uid, "instances": series[series_uid].instances,
                 "already_complete": not newly, "jobs": jobs}
 
     def _apply_rules(self, exam_id: int) -> list[int]:
@@ -488,33 +484,32 @@ class ExamManager:
         not yet queued, "exam" once it has ended. A failing callback is logged and alerted, and
         what it should have done stays due for :meth:`resume_auto_send`."""
         jobs: list[int] = []
-        exam = self.db.exam(exam_id)
-        assert exam is not None
-        for se in self.db.exam_series(exam_id):
-            if se["completed_at"] is None or se["queued_at"] is not None:
+        exam = self._exam(exam_id)
+        for se in self.db.exams.series(exam_id):
+            if se.completed_at is None or se.queued_at is not None:
                 continue
             try:
-                jobs += self.on_series_complete(se["series_uid"]) if self.on_series_complete else []
+                jobs += self.on_series_complete(se.series_uid) if self.on_series_complete else []
             except Exception as exc:
-                LOG.exception("exam %d: auto-send of series %s", exam_id, se["series_uid"])
-                self.alert("auto-send-failed", f"exam {exam_id}: series {se['series_uid']} not queued: {exc}")
+                LOG.exception("exam %d: auto-send of series %s", exam_id, se.series_uid)
+                self.alert("auto-send-failed", f"exam {exam_id}: series {se.series_uid} not queued: {exc}")
                 continue
-            self.db.series_queued(exam_id, se["series_uid"])
-        if exam["ended_at"] is not None and exam["auto_queued_at"] is None:
-            uids = [o["sop_instance_uid"] for o in self.db.exam_objects(exam_id)]
+            self.db.exams.series_queued(exam_id, se.series_uid)
+        if exam.ended_at is not None and exam.auto_queued_at is None:
+            uids = [o.sop_instance_uid for o in self.db.exams.objects(exam_id)]
             try:
-                jobs += self.on_exam_complete(exam["study_uid"], uids) if self.on_exam_complete and uids else []
+                jobs += self.on_exam_complete(exam.study_uid, uids) if self.on_exam_complete and uids else []
             except Exception as exc:
                 LOG.exception("exam %d: auto-send of the exam", exam_id)
-                self.alert("auto-send-failed", f"exam {exam_id}: study {exam['study_uid']} not queued: {exc}")
+                self.alert("auto-send-failed", f"exam {exam_id}: study {exam.study_uid} not queued: {exc}")
             else:
-                self.db.update_exam(exam_id, auto_queued_at=time.time())
+                self.db.exams.auto_queued(exam_id)
         return jobs
 
     def resume_auto_send(self) -> list[int]:
         """At start-up: apply the auto-send rules that an earlier run left due (see the module
         docstring); the queued job ids."""
-        series, exams = self.db.auto_send_due()
+        series, exams = self.db.exams.auto_send_due()
         jobs: list[int] = []
         with self._lock:
             for exam_id in dict.fromkeys([e for e, _ in series] + exams):
@@ -532,37 +527,37 @@ class ExamManager:
 
     def _end(self, exam_id: Any, discontinue: str | None) -> dict[str, Any]:
         exam = self._exam(exam_id)
-        if exam["state"] != mpps.IN_PROGRESS:
-            raise Conflict(f"exam {exam['id']} is already {exam['state']}; a final state is sent once")
+        if exam.state != mpps.IN_PROGRESS:
+            raise Conflict(f"exam {exam.id} is already {exam.state}; a final state is sent once")
         final = mpps.DISCONTINUED if discontinue else mpps.COMPLETED
         if discontinue and discontinue not in mpps.DISCONTINUATION_REASONS:
             raise Invalid(f"discontinuation reason {discontinue!r} is not a CID 9300 code "
                 f"(e.g. 110513 unspecified, 110501 equipment failure)",
             )
         now = time.time()
-        if exam["mpps_node"]:
+        if exam.mpps_node:
             cfg = self.get_config()
             objs = [
                 mpps.PerformedObject(
-                    o["sop_class_uid"], o["sop_instance_uid"], o["series_uid"], o["series_description"],
-                    o["protocol_name"], o["operator"], o["performing_physician"], bool(o["is_image"]),
+                    o.sop_class_uid, o.sop_instance_uid, o.series_uid, o.series_description,
+                    o.protocol_name, o.operator, o.performing_physician, o.is_image,
                 )
-                for o in self.db.exam_objects(exam["id"])
+                for o in self.db.exams.objects(exam.id)
             ]
             charset = charset_for([o.series_description + o.protocol_name + o.operator for o in objs])
             ds = mpps.build_n_set(
                 objs, datetime.datetime.fromtimestamp(now), final,
                 cfg.disk_server.ae_title, discontinue, charset,
             )
-            self.db.outbox_add(exam["id"], "set", exam["mpps_node"], _json(ds))
+            self.db.exams.outbox_add(exam.id, "set", exam.mpps_node, _json(ds))
             self._wake.set()
-        self.db.update_exam(exam["id"], state=final, ended_at=now, reason=discontinue or "")
-        for se in self.db.exam_series(exam["id"]):
-            self.db.complete_series(exam["id"], se["series_uid"])
-        self.publish("exam.state", exam_id=exam["id"], state=final)
-        LOG.info("exam %d ended %s", exam["id"], final)
-        jobs = self._apply_rules(exam["id"])
-        return {**self.exam_info(exam["id"]), "jobs": jobs}
+        self.db.exams.end(exam.id, final, now, discontinue or "")
+        for se in self.db.exams.series(exam.id):
+            self.db.exams.complete_series(exam.id, se.series_uid)
+        self.publish("exam.state", exam_id=exam.id, state=final)
+        LOG.info("exam %d ended %s", exam.id, final)
+        jobs = self._apply_rules(exam.id)
+        return {**self.exam_info(exam.id), "jobs": jobs}
 
     # -- the MPPS outbox ------------------------------------------------------------------------
 
@@ -594,34 +589,33 @@ class ExamManager:
     def send_due(self) -> float:
         """Send queued messages oldest first; return how long to wait before looking again."""
         while not self._stopping.is_set():
-            row = self.db.outbox_head()
+            row = self.db.exams.outbox_head()
             if row is None:
                 return 60.0
-            wait = row["next_attempt"] - time.time()
+            wait = row.next_attempt - time.time()
             if wait > 0:
                 return wait
             self._send(row)
         return 0.0
 
-    def _send(self, row: dict[str, Any]) -> None:
+    def _send(self, row: MppsMessage) -> None:
         cfg = self.get_config()
-        exam = self.db.exam(row["exam_id"])
-        assert exam is not None
-        node = cfg.nodes.get(row["node"])
-        attempts = row["attempts"] + 1
+        exam = self._exam(row.exam_id)
+        node = cfg.nodes.get(row.node)
+        attempts = row.attempts + 1
         if node is None:
-            self._retry(row, attempts, f"node {row['node']!r} is no longer configured", 60.0)
+            self._retry(row, attempts, f"node {row.node!r} is no longer configured", 60.0)
             return
         try:
-            ds = _from_json(row["dataset_json"])
-            if row["kind"] == "create":
-                uid = mpps.send_n_create(node, cfg.station.ae_title, cfg.timeouts, ds, exam["mpps_uid"] or None)
-                if uid != exam["mpps_uid"]:
-                    self.db.update_exam(exam["id"], mpps_uid=uid)
+            ds = _from_json(row.dataset_json)
+            if row.kind == "create":
+                uid = mpps.send_n_create(node, cfg.station.ae_title, cfg.timeouts, ds, exam.mpps_uid or None)
+                if uid != exam.mpps_uid:
+                    self.db.exams.set_mpps_uid(exam.id, uid)
             else:
-                if not exam["mpps_uid"]:
+                if not exam.mpps_uid:
                     raise mpps.MppsError("N-SET before the MPPS SOP Instance UID is known", retryable=True)
-                mpps.send_n_set(node, cfg.station.ae_title, cfg.timeouts, ds, exam["mpps_uid"])
+                mpps.send_n_set(node, cfg.station.ae_title, cfg.timeouts, ds, exam.mpps_uid)
         except mpps.MppsError as exc:
             if exc.retryable:
                 self._retry(row, attempts, str(exc), node.retry_interval)
@@ -630,29 +624,29 @@ class ExamManager:
             return
         except Exception as exc:  # a bug: the node's retries, then the message fails (not the outbox)
             error = f"{type(exc).__name__}: {exc}"
-            if error != row["last_error"]:  # the traceback once, not at every attempt
-                LOG.exception("MPPS %s of exam %d: unexpected error", row["kind"], exam["id"])
+            if error != row.last_error:  # the traceback once, not at every attempt
+                LOG.exception("MPPS %s of exam %d: unexpected error", row.kind, exam.id)
             if attempts <= node.retries:
                 self._retry(row, attempts, error, node.retry_interval)
             else:
                 self._give_up(row, attempts, error)
             return
-        self.db.outbox_update(row["id"], state="sent", attempts=attempts, sent_at=time.time(), last_error="")
-        self.publish("mpps.sent", exam_id=exam["id"], kind=row["kind"])
+        self.db.exams.outbox_sent(row.id, attempts)
+        self.publish("mpps.sent", exam_id=exam.id, kind=row.kind)
 
-    def _give_up(self, row: dict[str, Any], attempts: int, error: str) -> None:
+    def _give_up(self, row: MppsMessage, attempts: int, error: str) -> None:
         """The message failed for good; without its N-CREATE the exam's N-SET cannot follow."""
-        exam_id = row["exam_id"]
-        self.db.outbox_update(row["id"], state="failed", attempts=attempts, last_error=error)
-        if row["kind"] == "create":
-            self.db.outbox_fail_exam(exam_id, f"not sent: the N-CREATE failed ({error})")
+        exam_id = row.exam_id
+        self.db.exams.outbox_failed(row.id, attempts, error)
+        if row.kind == "create":
+            self.db.exams.outbox_fail_exam(exam_id, f"not sent: the N-CREATE failed ({error})")
         self.alert("mpps-refused", f"exam {exam_id}: {error}")
-        self.publish("mpps.failed", exam_id=exam_id, kind=row["kind"], error=error)
+        self.publish("mpps.failed", exam_id=exam_id, kind=row.kind, error=error)
 
-    def _retry(self, row: dict[str, Any], attempts: int, error: str, longest: float) -> None:
+    def _retry(self, row: MppsMessage, attempts: int, error: str, longest: float) -> None:
         delay = min(longest, 0.5 * 2 ** (attempts - 1))
         LOG.warning("MPPS %s of exam %d: attempt %d failed (%s); retry in %.1f s",
-                    row["kind"], row["exam_id"], attempts, error, delay)
-        self.db.outbox_update(row["id"], attempts=attempts, last_error=error, next_attempt=time.time() + delay)
+                    row.kind, row.exam_id, attempts, error, delay)
+        self.db.exams.outbox_retry(row.id, attempts, error, time.time() + delay)
         if attempts == 3:
-            self.alert("mpps-unreachable", f"exam {row['exam_id']}: MPPS {row['kind']} not delivered yet: {error}")
+            self.alert("mpps-unreachable", f"exam {row.exam_id}: MPPS {row.kind} not delivered yet: {error}")

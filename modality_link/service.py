@@ -209,7 +209,7 @@ class Service:
         """Tell the operator: one log line, a row in the alerts table, an IPC event."""
         LOG.error("ALERT %s: %s", code, message)
         if self.db is not None:
-            self.db.add_alert(level, code, message)
+            self.db.alerts.add(level, code, message)
         self.publish("alert", code=code, level=level, message=message)
 
     def on_stored(self, rec: InstanceRecord) -> None:

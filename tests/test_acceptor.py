@@ -115,7 +115,7 @@ def test_abort_mid_data_set_leaves_nothing(server: LocalServer, small_ct: list[P
     assert pdu_types(got) == [A_ASSOCIATE_AC]
     wait_until(lambda: not server.stray_files(), 5, "no stray file", interval=0.02)
     assert server.stray_files() == []
-    assert server.archive.db.instance(uid) is None
+    assert server.archive.db.index.instance(uid) is None
 
 
 def test_stored_over_raw_stream_is_durable_and_indexed(server: LocalServer, small_ct: list[Path]) -> None:
@@ -126,9 +126,9 @@ def test_stored_over_raw_stream_is_durable_and_indexed(server: LocalServer, smal
     assert statuses(got) == [0] * len(small_ct)
     assert pdu_types(got)[-1] == A_RELEASE_RP
     for f in small_ct:  # indexed by the time the release was answered
-        row = server.archive.db.instance(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        row = server.archive.db.index.instance(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
         assert row is not None
-        assert dataset_bytes(server.archive.root / row["path"]) == dataset_bytes(f)
+        assert dataset_bytes(server.archive.root / row.path) == dataset_bytes(f)
     assert server.stray_files() == []
 
 
@@ -297,8 +297,8 @@ def test_parallel_associations_into_one_series(server: LocalServer, tmp_path: Pa
     for t in threads:
         t.join(60)
     assert sorted(results) == [[0] * 30] * 3
-    assert len(server.archive.db.studies()) == 1
-    assert server.archive.db.studies()[0]["instances"] == 90
+    assert len(server.archive.db.index.studies()) == 1
+    assert server.archive.db.index.studies()[0].instances == 90
     assert server.stray_files() == []
 
 

@@ -39,19 +39,19 @@ def test_store_replace_and_index(archive: Archive, tmp_path: Path) -> None:
     files = images.write_study(tmp_path / "in", modality="MR", images=4, seed=9)
     for f in files:
         archive.store_part10(f, "SCANNER")
-    (study,) = archive.db.studies()
-    assert study["instances"] == 4 and study["modalities"] == "MR"
+    (study,) = archive.db.index.studies()
+    assert study.instances == 4 and study.modalities == "MR"
     # Storing the same SOP Instance UID again replaces it: one row, one file.
     ds = dcmread(files[0])
     ds.InstanceNumber = 99
     ds.save_as(files[0], enforce_file_format=True)
     rec = archive.store_part10(files[0], "SCANNER")
-    assert archive.db.studies()[0]["instances"] == 4
+    assert archive.db.index.studies()[0].instances == 4
     assert len(list(archive.root.glob("*/*/*.dcm"))) == 4
     assert dcmread(archive.root / rec.path).InstanceNumber == 99
     assert dataset_bytes(archive.root / rec.path) == dataset_bytes(files[0])
-    row = archive.db.instance(rec.sop_instance_uid)
-    assert row is not None and row["instance_number"] == "99" and row["size"] == (archive.root / rec.path).stat().st_size
+    row = archive.db.index.instance(rec.sop_instance_uid)
+    assert row is not None and row.instance_number == "99" and row.size == (archive.root / rec.path).stat().st_size
 
 
 def test_moved_instance_leaves_no_empty_series(archive: Archive, tmp_path: Path) -> None:
@@ -62,8 +62,8 @@ def test_moved_instance_leaves_no_empty_series(archive: Archive, tmp_path: Path)
     ds.StudyInstanceUID = "1.2.3.4"
     ds.save_as(f, enforce_file_format=True)
     archive.store_part10(f, "")
-    studies = archive.db.studies()
-    assert [s["study_uid"] for s in studies] == ["1.2.3.4"]
+    studies = archive.db.index.studies()
+    assert [s.study_uid for s in studies] == ["1.2.3.4"]
     assert not (archive.root / old.path).exists()
 
 
@@ -89,7 +89,7 @@ def test_truncated_and_bad_files_are_refused(archive: Archive, tmp_path: Path) -
     ds.save_as(nouid, enforce_file_format=True)
     with pytest.raises(DatasetMismatch, match="Series Instance UID"):
         archive.store_part10(nouid, "")
-    assert archive.db.studies() == []
+    assert archive.db.index.studies() == []
     assert list(archive.root.rglob("*.dcm")) == []
     assert list((archive.root / ".tmp").iterdir()) == []
 
@@ -102,7 +102,7 @@ def test_reconcile_after_a_crash(archive: Archive, tmp_path: Path) -> None:
     archive.db = fresh
     (archive.root / ".tmp" / "dead.part").write_bytes(b"partial")
     assert archive.reconcile() == 3
-    assert fresh.studies()[0]["instances"] == 3
-    assert fresh.instance(recs[0].sop_instance_uid)["source_ae"] == "CT1"
+    assert fresh.index.studies()[0].instances == 3
+    assert fresh.index.instance(recs[0].sop_instance_uid).source_ae == "CT1"
     assert list((archive.root / ".tmp").iterdir()) == []
     assert archive.reconcile() == 0

@@ -182,22 +182,22 @@ def test_auto_send_left_due_is_applied_at_the_next_start(short_tmp: Path, pacs: 
 
 def test_upgrade_does_not_resend_exams_ended_before_it(short_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Schema 3 → 4: exams that ended before the upgrade count as already auto-sent, open ones not."""
-    from modality_link import db as dbmod
+    from modality_link.db import Database, schema
 
     path = short_tmp / "index.sqlite"
     with monkeypatch.context() as m:
-        m.setattr(dbmod, "_SCHEMA", dbmod._SCHEMA[:3])
-        old = dbmod.Database(path)
+        m.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
+        old = Database(path)
         fields = dict(sps_id="", item_json="{}", study_uid="1.2.3", study_id="1", pps_id="P", mpps_node="",
                       mpps_uid="", started_at=1.0)
-        ended = old.create_exam(state="COMPLETED", **fields)
-        old.update_exam(ended, ended_at=2.0)
-        running = old.create_exam(state="IN PROGRESS", **fields)
+        ended = old.exams.create(state="COMPLETED", **fields)
+        old.exams.end(ended, "COMPLETED", ended_at=2.0)
+        running = old.exams.create(state="IN PROGRESS", **fields)
         old.close()
-    new = dbmod.Database(path)
+    new = Database(path)
     try:
-        assert new.auto_send_due() == ([], [])
-        new.update_exam(running, state="COMPLETED", ended_at=3.0)
-        assert new.auto_send_due() == ([], [running])
+        assert new.exams.auto_send_due() == ([], [])
+        new.exams.end(running, "COMPLETED", ended_at=3.0)
+        assert new.exams.auto_send_due() == ([], [running])
     finally:
         new.close()

@@ -127,5 +127,5 @@ def test_index_stores_unicode_names(archive: Archive, tmp_path: Path) -> None:
         expected[dcmread(path).StudyInstanceUID] = name
     for path, rec in archive.import_paths(sources):
         assert not isinstance(rec, Exception), (path, rec)
-    stored = {s["study_uid"]: s["patient_name"] for s in archive.db.studies()}
+    stored = {s.study_uid: s.patient_name for s in archive.db.index.studies()}
     assert stored == expected

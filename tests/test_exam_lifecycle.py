@@ -43,8 +43,8 @@ def test_full_exam(mode: str, tmp_path: Path) -> None:
             with pytest.raises(IpcError, match="already COMPLETED"):
                 svc.call("exam.end", exam_id=ex["exam_id"])
             # the archived image carries the worklist data (the IHE Scheduled Workflow mapping)
-            inst = svc.service.db.instance(added[0])
-            ds = dcmread(home.archive_dir / inst["path"])
+            inst = svc.service.db.index.instance(added[0])
+            ds = dcmread(home.archive_dir / inst.path)
             assert str(ds.PatientName) == "Müller^Jürgen" and ds.AccessionNumber == "ACC0001"
             assert ds.StudyInstanceUID == items[0]["study_uid"]
             req = ds.RequestAttributesSequence[0]
@@ -155,10 +155,10 @@ def test_images_as_bytes_and_one_group(tmp_path: Path) -> None:
         added = svc.call("exam.add_image", exam_id=ex["exam_id"], data=data)["added"]
         assert added == [dcmread(p).SOPInstanceUID for p in paths]
         for uid, src in zip(added, paths):
-            ds = dcmread(home.archive_dir / svc.service.db.instance(uid)["path"])
+            ds = dcmread(home.archive_dir / svc.service.db.index.instance(uid).path)
             assert str(ds.PatientName) == "Bytes^Bea" and ds.StudyInstanceUID == ex["study_uid"]
             assert ds.PixelData == dcmread(src).PixelData
-        assert [o["sop_instance_uid"] for o in svc.service.db.exam_objects(ex["exam_id"])] == added
+        assert [o.sop_instance_uid for o in svc.service.db.exams.objects(ex["exam_id"])] == added
         assert not list(home.tmp_dir.glob("exam-*"))
     finally:
         svc.stop()

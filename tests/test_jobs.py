@@ -8,41 +8,41 @@ import pytest
 
 from modality_link import config
 from modality_link.config import ConfigError
-from modality_link.db import Database
+from modality_link.db import Database, Job
 from modality_link.jobs import FINAL_STATES, JobContext, JobQueue
 from tests.support.waiting import wait_until
 
 
 def test_running_job_is_requeued_after_a_crash(tmp_path):
     db = Database(tmp_path / "i.sqlite")
-    job = db.add_job("send", "PACS", ["1.2.3", "1.2.4"], {"commit": True}, 3)
-    assert db.claim_job({}, {"PACS": 1})["id"] == job
-    db.mark_sent(job, "PACS", "1.2.3", "done", 0)
+    job = db.jobs.add("send", "PACS", ["1.2.3", "1.2.4"], {"commit": True}, 3)
+    assert db.jobs.claim({}, {"PACS": 1}).id == job
+    db.jobs.mark_sent(job, "PACS", "1.2.3", "done", 0)
     db.close()
     db = Database(tmp_path / "i.sqlite")  # "restart"
-    assert db.requeue_running_jobs() == 1
-    row = db.job(job)
-    assert row["state"] == "queued" and row["done"] == 1 and row["params"] == {"commit": True}
-    assert [i["item"] for i in db.job_items(job, "pending")] == ["1.2.4"]
+    assert db.jobs.requeue_running() == 1
+    row = db.jobs.get(job)
+    assert row.state == "queued" and row.done == 1 and row.params == {"commit": True}
+    assert [i.item for i in db.jobs.items(job, "pending")] == ["1.2.4"]
 
 
 def test_per_destination_limit(tmp_path):
     db = Database(tmp_path / "i.sqlite")
-    a = db.add_job("send", "PACS", ["1"], {}, 1)
-    db.add_job("send", "PACS", ["2"], {}, 1)
-    c = db.add_job("send", "OTHER", ["3"], {}, 1)
-    assert db.claim_job({}, {"PACS": 1, "OTHER": 1})["id"] == a
-    assert db.claim_job({"PACS": 1}, {"PACS": 1, "OTHER": 1})["id"] == c
-    assert db.claim_job({"PACS": 1, "OTHER": 1}, {"PACS": 1, "OTHER": 1}) is None
+    a = db.jobs.add("send", "PACS", ["1"], {}, 1)
+    db.jobs.add("send", "PACS", ["2"], {}, 1)
+    c = db.jobs.add("send", "OTHER", ["3"], {}, 1)
+    assert db.jobs.claim({}, {"PACS": 1, "OTHER": 1}).id == a
+    assert db.jobs.claim({"PACS": 1}, {"PACS": 1, "OTHER": 1}).id == c
+    assert db.jobs.claim({"PACS": 1, "OTHER": 1}, {"PACS": 1, "OTHER": 1}) is None
 
 
 def test_cancelled_job_is_not_marked_done(tmp_path):
     db = Database(tmp_path / "i.sqlite")
-    job = db.add_job("send", "PACS", ["1"], {}, 1)
-    db.claim_job({}, {"PACS": 1})
-    db.update_job(job, state="cancelled")
-    assert not db.update_job(job, only_if="running", state="done")
-    assert db.job(job)["state"] == "cancelled"
+    job = db.jobs.add("send", "PACS", ["1"], {}, 1)
+    db.jobs.claim({}, {"PACS": 1})
+    db.jobs.end(job, "cancelled", only_if=None)
+    assert not db.jobs.end(job, "done", only_if="running")
+    assert db.jobs.get(job).state == "cancelled"
 
 
 @pytest.mark.parametrize("key,value,words", [
@@ -71,8 +71,8 @@ def test_unexpected_exception_fails_the_job_after_its_attempts(tmp_path, caplog)
                      alert=lambda *a, **k: alerts.append(a))
     calls: list[int] = []
 
-    def broken(job: dict, ctx: JobContext) -> None:
-        calls.append(job["attempts"])
+    def broken(job: Job, ctx: JobContext) -> None:
+        calls.append(job.attempts)
         raise KeyError("SOPInstanceUID")
 
     queue.register("broken", broken)

@@ -41,7 +41,7 @@ class LocalServer:
         """Temporaries left behind, and archive files without an index row."""
         self.archive.wait_indexed()
         stray = list(self.archive.tmp_dir.iterdir())
-        known = self.archive.db.instance_paths()
+        known = self.archive.db.index.paths()
         stray += [f for f in self.archive.root.glob("*/*/*.dcm")
                   if f.relative_to(self.archive.root).as_posix() not in known]
         return stray

@@ -1,0 +1,43 @@
+"""The SQLite database: the only package that runs SQL or knows the schema.
+
+Everything the service persists lives in one SQLite file in WAL mode, over one connection
+(:mod:`.connection`); :mod:`.schema` creates and migrates it. One module per concern reads and
+writes its tables and hands out typed rows (frozen dataclasses):
+
+- :mod:`.index`: the archive index (patients, studies, series, instances);
+- :mod:`.jobs`: the job queue, the per-node sent/committed state, commitment transactions;
+- :mod:`.exams`: the kept worklist, exams, their objects and series, the MPPS outbox;
+- :mod:`.alerts`: what the operator must be told.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from modality_link.db.alerts import Alert, Alerts
+from modality_link.db.connection import Connection
+from modality_link.db.exams import Exam, ExamObject, Exams, ExamSeries, MppsMessage, WorklistItem
+from modality_link.db.index import Index, InstanceRecord, InstanceRow, StudyRow
+from modality_link.db.jobs import FINAL_STATES, CommitTransaction, Job, JobItem, Jobs
+from modality_link.db.schema import migrate
+
+__all__ = [
+    "Alert", "CommitTransaction", "Database", "Exam", "ExamObject", "ExamSeries", "FINAL_STATES",
+    "InstanceRecord", "InstanceRow", "Job", "JobItem", "MppsMessage", "StudyRow", "WorklistItem",
+]
+
+
+class Database:
+    """The service's SQLite file: one connection, migrated on opening, and its parts."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._conn = Connection(path)
+        migrate(self._conn)
+        self.index = Index(self._conn)
+        self.jobs = Jobs(self._conn)
+        self.exams = Exams(self._conn)
+        self.alerts = Alerts(self._conn)
+
+    def close(self) -> None:
+        self._conn.close()

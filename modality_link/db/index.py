@@ -1,0 +1,196 @@
+"""The archive index: patients, studies, series and instances (the keys of PS3.4 C.6)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from modality_link.db.connection import Connection
+
+
+@dataclass
+class InstanceRecord:
+    """The index row of one archived instance, with its patient, study and series keys: what
+    :meth:`Index.add` writes."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    patient_id: str = ""
+    patient_name: str = ""
+    birth_date: str = ""
+    sex: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    accession: str = ""
+    study_id: str = ""
+    study_description: str = ""
+    referring_physician: str = ""
+    charset: str = ""
+    modality: str = ""
+    series_number: str = ""
+    series_description: str = ""
+    body_part: str = ""
+    instance_number: str = ""
+    source_ae: str = ""
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    """One archived instance as the index holds it; `path` is relative to the archive folder."""
+
+    sop_instance_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class_uid: str
+    instance_number: str
+    transfer_syntax: str
+    size: int
+    path: str
+    source_ae: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    """One study with its patient and counts (IPC ``studies.list``)."""
+
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_date: str
+    study_time: str
+    accession: str
+    study_id: str
+    description: str
+    series: int
+    instances: int
+    modalities: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The study as ``studies.list`` and ``status`` show it (docs/ipc.md)."""
+        return asdict(self)
+
+
+_INSTANCE = """SELECT i.sop_instance_uid, i.series_uid, se.study_uid, i.sop_class_uid, i.instance_number,
+                      i.transfer_syntax, i.size, i.path, i.source_ae, i.received_at
+               FROM instances i JOIN series se USING(series_uid)"""
+
+
+class Index:
+    """The archive's index rows."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def add(self, rec: InstanceRecord, flush: bool = True) -> str | None:
+        """Insert or replace the row of `rec`; return the previous relative path, if any.
+
+        Re-storing an existing SOP Instance UID replaces its row (never a second row); a study or
+        series that no longer has any instance afterwards is removed. ``flush=False`` commits
+        with synchronous=NORMAL (survives a process crash, not a power cut): for rows that
+        `Archive.reconcile` rebuilds from their files.
+        """
+        r = asdict(rec)
+        key = rec.patient_id or f"name:{rec.patient_name}"
+        with self._conn.transaction(durable=flush) as c:
+            old = c.execute(
+                "SELECT path, series_uid FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
+            ).fetchone()
+            c.execute(
+                """INSERT INTO patients(patient_key, patient_id, patient_name, birth_date, sex)
+                   VALUES (?,?,?,?,?)
+                   ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,
+                     birth_date=excluded.birth_date, sex=excluded.sex""",
+                (key, rec.patient_id, rec.patient_name, rec.birth_date, rec.sex),
+            )
+            pk = c.execute("SELECT pk FROM patients WHERE patient_key=?", (key,)).fetchone()[0]
+            c.execute(
+                """INSERT INTO studies(study_uid, patient_pk, study_date, study_time, accession,
+                     study_id, description, referring_physician, charset)
+                   VALUES (:study_uid, :pk, :study_date, :study_time, :accession, :study_id,
+                     :study_description, :referring_physician, :charset)
+                   ON CONFLICT(study_uid) DO UPDATE SET patient_pk=excluded.patient_pk""",
+                r | {"pk": pk},
+            )
+            c.execute(
+                """INSERT INTO series(series_uid, study_uid, modality, series_number,
+                     description, body_part)
+                   VALUES (:series_uid, :study_uid, :modality, :series_number,
+                     :series_description, :body_part)
+                   ON CONFLICT(series_uid) DO UPDATE SET study_uid=excluded.study_uid""",
+                r,
+            )
+            c.execute(
+                """INSERT OR REPLACE INTO instances(sop_instance_uid, series_uid, sop_class_uid,
+                     instance_number, transfer_syntax, size, path, source_ae, received_at)
+                   VALUES (:sop_instance_uid, :series_uid, :sop_class_uid, :instance_number,
+                     :transfer_syntax, :size, :path, :source_ae, :received_at)""",
+                r,
+            )
+            if old is not None and old["series_uid"] != rec.series_uid:
+                _drop_empty(c, old["series_uid"])
+        return old["path"] if old is not None else None
+
+    def instance(self, sop_instance_uid: str) -> InstanceRow | None:
+        row = self._conn.one(f"{_INSTANCE} WHERE i.sop_instance_uid=?", (sop_instance_uid,))
+        return InstanceRow(**row) if row is not None else None
+
+    def paths(self) -> set[str]:
+        """Every indexed relative path (for reconciling the archive with the index)."""
+        return {r[0] for r in self._conn.query("SELECT path FROM instances")}
+
+    def studies(self) -> list[StudyRow]:
+        """Every study with its patient and counts, oldest first (the CLI's `studies`)."""
+        rows = self._conn.query(
+            """SELECT s.study_uid, p.patient_id, p.patient_name, p.birth_date, p.sex,
+                      s.study_date, s.study_time, s.accession, s.study_id, s.description,
+                      (SELECT COUNT(*) FROM series se WHERE se.study_uid=s.study_uid) AS series,
+                      (SELECT COUNT(*) FROM instances i JOIN series se USING(series_uid)
+                         WHERE se.study_uid=s.study_uid) AS instances,
+                      (SELECT GROUP_CONCAT(DISTINCT se.modality) FROM series se
+                         WHERE se.study_uid=s.study_uid) AS modalities
+               FROM studies s JOIN patients p ON p.pk=s.patient_pk
+               ORDER BY s.study_date, s.study_time, s.study_uid"""
+        )
+        return [StudyRow(**r) for r in rows]
+
+    def series_instance_uids(self, series_uid: str) -> list[str]:
+        """The SOP Instance UIDs of a series in Instance Number order."""
+        rows = self._conn.query(
+            "SELECT sop_instance_uid FROM instances WHERE series_uid=? ORDER BY CAST(instance_number AS INTEGER)",
+            (series_uid,),
+        )
+        return [r[0] for r in rows]
+
+    def study_instances(self, study_uid: str) -> list[InstanceRow]:
+        """The instances of a study by Series Number, then Instance Number."""
+        rows = self._conn.query(
+            f"{_INSTANCE} WHERE se.study_uid=? ORDER BY se.series_number, CAST(i.instance_number AS INTEGER)",
+            (study_uid,),
+        )
+        return [InstanceRow(**r) for r in rows]
+
+
+def _drop_empty(c: sqlite3.Connection, series_uid: str) -> None:
+    """Inside a transaction: remove a series left without instances, and its study if empty."""
+    row = c.execute("SELECT study_uid FROM series WHERE series_uid=?", (series_uid,)).fetchone()
+    if row is None:
+        return
+    c.execute(
+        "DELETE FROM series WHERE series_uid=? AND NOT EXISTS (SELECT 1 FROM instances WHERE series_uid=?)",
+        (series_uid, series_uid),
+    )
+    c.execute(
+        "DELETE FROM studies WHERE study_uid=? AND NOT EXISTS (SELECT 1 FROM series WHERE study_uid=?)",
+        (row["study_uid"], row["study_uid"]),
+    )

@@ -1,0 +1,191 @@
+"""The schema of the service's SQLite file and its migrations: the only code that knows it.
+
+The file holds the archive index at patient / study / series / instance level (the keys
+Query/Retrieve needs, PS3.4 C.6), the job queue with the per-node sent/committed state and the
+Storage Commitment transactions (PS3.4 J.3), worklist items, exams and their MPPS messages
+(PS3.4 Annex F), and the operator's alerts.
+
+``MIGRATIONS[n]`` takes a file from version n to n + 1 (``PRAGMA user_version``); a new file runs
+them all. A migration never changes after it shipped: a change is a new one at the end.
+
+Job kinds share the ``jobs``/``job_items`` tables: ``send`` and ``commit`` (node = a configured
+node, items = SOP Instance UIDs) and ``burn`` (node = ``drive:DEV`` or ``iso:PATH``, items = the
+SOP Instance UIDs to write, params = the burn's options and its discs).
+"""
+
+from __future__ import annotations
+
+from modality_link.db.connection import Connection
+
+MIGRATIONS = [
+    # version 1
+    """
+    CREATE TABLE patients (
+        pk INTEGER PRIMARY KEY,
+        patient_key TEXT NOT NULL UNIQUE,       -- Patient ID, or the name when the ID is empty
+        patient_id TEXT NOT NULL,
+        patient_name TEXT NOT NULL,
+        birth_date TEXT NOT NULL,
+        sex TEXT NOT NULL
+    );
+    CREATE INDEX patients_name ON patients(patient_name);
+    CREATE TABLE studies (
+        study_uid TEXT PRIMARY KEY,
+        patient_pk INTEGER NOT NULL REFERENCES patients(pk),
+        study_date TEXT NOT NULL,
+        study_time TEXT NOT NULL,
+        accession TEXT NOT NULL,
+        study_id TEXT NOT NULL,
+        description TEXT NOT NULL,
+        referring_physician TEXT NOT NULL,
+        charset TEXT NOT NULL
+    );
+    CREATE INDEX studies_patient ON studies(patient_pk);
+    CREATE INDEX studies_date ON studies(study_date);
+    CREATE INDEX studies_accession ON studies(accession);
+    CREATE TABLE series (
+        series_uid TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+        modality TEXT NOT NULL,
+        series_number TEXT NOT NULL,
+        description TEXT NOT NULL,
+        body_part TEXT NOT NULL
+    );
+    CREATE INDEX series_study ON series(study_uid);
+    CREATE TABLE instances (
+        sop_instance_uid TEXT PRIMARY KEY,
+        series_uid TEXT NOT NULL REFERENCES series(series_uid),
+        sop_class_uid TEXT NOT NULL,
+        instance_number TEXT NOT NULL,
+        transfer_syntax TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        path TEXT NOT NULL,                     -- relative to the archive folder
+        source_ae TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE INDEX instances_series ON instances(series_uid);
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY,
+        time REAL NOT NULL,
+        level TEXT NOT NULL,                    -- warning | error
+        code TEXT NOT NULL,                     -- e.g. disk-full
+        message TEXT NOT NULL,
+        cleared INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+    # version 2: the job queue (docs/design.md "Jobs and failures"), per-node sent/committed
+    # state, Storage Commitment transactions (PS3.4 J.3)
+    """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,                     -- send | commit (later: mpps, burn, retrieve)
+        node TEXT NOT NULL,                     -- destination node name ('' if none)
+        state TEXT NOT NULL,                    -- queued | running | done | failed | cancelled
+        params TEXT NOT NULL DEFAULT '{}',      -- JSON, the kind's own parameters
+        parent_id INTEGER REFERENCES jobs(id),  -- the job that queued this one
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '',        -- what the job does or waits for, in words
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_state ON jobs(state, next_attempt_at);
+    CREATE INDEX jobs_parent ON jobs(parent_id);
+    CREATE TABLE job_items (
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        seq INTEGER NOT NULL,
+        item TEXT NOT NULL,                     -- a SOP Instance UID for send and commit
+        state TEXT NOT NULL DEFAULT 'pending',  -- pending | done | warning | failed
+        status INTEGER,                         -- the last DICOM status
+        detail TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (job_id, item)
+    );
+    CREATE TABLE node_instances (
+        node TEXT NOT NULL,
+        sop_instance_uid TEXT NOT NULL,
+        sent_at REAL,
+        committed_at REAL,
+        PRIMARY KEY (node, sop_instance_uid)
+    );
+    CREATE INDEX node_instances_uid ON node_instances(sop_instance_uid);
+    CREATE TABLE commit_transactions (
+        transaction_uid TEXT PRIMARY KEY,
+        job_id INTEGER NOT NULL REFERENCES jobs(id),
+        node TEXT NOT NULL,
+        requested_at REAL NOT NULL,
+        reported_at REAL
+    );
+    """,
+    # version 3: worklist items, exams and the MPPS outbox (PS3.4 Annex F)
+    """
+    CREATE TABLE worklist_items (
+        sps_id TEXT PRIMARY KEY,                -- Scheduled Procedure Step ID (0040,0009)
+        node TEXT NOT NULL,
+        item_json TEXT NOT NULL,                -- the item in the DICOM JSON model
+        fetched_at REAL NOT NULL
+    );
+    CREATE TABLE exams (
+        id INTEGER PRIMARY KEY,
+        state TEXT NOT NULL,                    -- IN PROGRESS | COMPLETED | DISCONTINUED
+        sps_id TEXT NOT NULL,                   -- '' for an unscheduled exam
+        item_json TEXT NOT NULL,                -- worklist item or local patient data (JSON model)
+        study_uid TEXT NOT NULL,
+        study_id TEXT NOT NULL,
+        pps_id TEXT NOT NULL,
+        mpps_node TEXT NOT NULL,                -- '' when no MPPS node is configured
+        mpps_uid TEXT NOT NULL,                 -- '' until known (SCP-assigned UIDs)
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        reason TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE exam_objects (
+        sop_instance_uid TEXT PRIMARY KEY,
+        exam_id INTEGER NOT NULL REFERENCES exams(id),
+        sop_class_uid TEXT NOT NULL,
+        series_uid TEXT NOT NULL,
+        series_description TEXT NOT NULL,
+        protocol_name TEXT NOT NULL,
+        operator TEXT NOT NULL,
+        performing_physician TEXT NOT NULL,
+        is_image INTEGER NOT NULL,
+        added_at REAL NOT NULL
+    );
+    CREATE INDEX exam_objects_exam ON exam_objects(exam_id);
+    CREATE TABLE mpps_outbox (
+        id INTEGER PRIMARY KEY,                 -- the order messages are sent in
+        exam_id INTEGER NOT NULL REFERENCES exams(id),
+        kind TEXT NOT NULL,                     -- create | set
+        node TEXT NOT NULL,
+        dataset_json TEXT NOT NULL,
+        state TEXT NOT NULL,                    -- queued | sent | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        sent_at REAL
+    );
+    CREATE INDEX mpps_outbox_state ON mpps_outbox(state, id);
+    """,
+    # version 4: the auto-send rules "series" and "exam" (docs/design.md "Exams, MPPS and auto-send")
+    """
+    CREATE TABLE exam_series (
+        exam_id INTEGER NOT NULL REFERENCES exams(id),
+        series_uid TEXT NOT NULL,
+        completed_at REAL NOT NULL,             -- declared complete, or completed by the exam end
+        queued_at REAL,                         -- rule "series" applied (NULL: still to do)
+        PRIMARY KEY (exam_id, series_uid)
+    );
+    ALTER TABLE exams ADD COLUMN auto_queued_at REAL;  -- rule "exam" applied (NULL: still to do)
+    UPDATE exams SET auto_queued_at = ended_at WHERE ended_at IS NOT NULL;
+    """,
+]
+
+
+
+def migrate(conn: Connection) -> None:
+    """Bring the file up to the last version, one migration at a time."""
+    version = conn.user_version()
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.run_script(script, number)
