@@ -10,7 +10,8 @@ import pytest
 
 import hw
 from hw.drive import CD_R, DVD_R
-from tests.hw_support import flip_byte, make_iso, require_xorriso
+from tests.support.discs import flip_byte, make_iso
+from tests.support.tools import require_tool
 
 
 @dataclass
@@ -23,7 +24,7 @@ class Backend:
 
 def _xorriso(tmp_path: Path) -> Backend:
     target = tmp_path / "pseudo-drive.iso"
-    drive = hw.XorrisoDrive(f"stdio:{target}", xorriso=require_xorriso())
+    drive = hw.XorrisoDrive(f"stdio:{target}", xorriso=require_tool("xorriso"))
     return Backend(drive, lambda offset: flip_byte(target, offset), write_once=True)
 
 

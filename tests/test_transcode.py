@@ -1,4 +1,4 @@
-"""modality_link.transcode on its own: every variant of tests/transcode_support.VARIANTS (made by
+"""modality_link.transcode on its own: every variant of tests/support/transcode.VARIANTS (made by
 DCMTK from pydicom's CT_small.dcm / MR_small.dcm and a simulated CT) into every native syntax,
 and pydicom's whole test corpus round-tripped through every native syntax. Identity (SOP
 Instance UID and every attribute) and pixel data are compared with the source each time."""
@@ -17,7 +17,7 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
 
 from modality_link import transcode
 from modality_link.fileformat import encode_file_meta
-from tests.transcode_support import PIXEL_MODULE, BY_NAME, TEST_FILES, VARIANTS, Cases, differences, make_cases, reread
+from tests.support.transcode import PIXEL_MODULE, BY_NAME, TEST_FILES, VARIANTS, Cases, differences, make_cases, reread
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> Cases:
