@@ -28,7 +28,7 @@ from pydicom.uid import UID
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.transcode_support import TEST_FILES, VARIANTS, make, sim_ct  # noqa: E402
+from tests.support.transcode import TEST_FILES, VARIANTS, make, sim_ct  # noqa: E402
 
 PLUGINS = ("pylibjpeg", "gdcm")
 

@@ -8,7 +8,8 @@ protocol:
 * :class:`~hw.imagefile.ImageFileDrive` – export to an image file;
 * :class:`~hw.simulated.SimulatedDrive` – a simulated burner with fault injection.
 
-:func:`discover` finds the optical drives known to udev.
+:func:`open_drive` opens a drive by its configured name; :func:`discover`
+finds the optical drives known to udev.
 
 Typical use::
 
@@ -46,8 +47,29 @@ __all__ = [
     "MediaTooSmallError", "BurnError", "VerifyError",
     "XorrisoDrive", "ImageFileDrive", "SimulatedDrive", "DEFAULT_XORRISO",
     "Probe", "UdevProbe", "RecordedProbe", "DriveSnapshot", "MediaEvent",
-    "find_optical_drives", "discover",
+    "find_optical_drives", "discover", "open_drive", "SIM_SLOW_BYTES_PER_SECOND",
 ]
+
+#: Write speed of the ``sim:slow`` drive: a 4x CD (4 x 150 KiB/s), to watch a burn run.
+SIM_SLOW_BYTES_PER_SECOND = 4 * 150 * 1024
+
+
+def open_drive(name: str, *, xorriso: "str | os.PathLike[str]" = DEFAULT_XORRISO) -> Drive:
+    """The drive called `name` in the configuration or a burn request.
+
+    * ``/dev/srN`` – an optical drive, and ``stdio:PATH`` – xorriso's pseudo-drive writing the
+      file PATH: :class:`XorrisoDrive`;
+    * ``sim:NAME`` – a :class:`SimulatedDrive` holding a blank CD-R; ``sim:corrupt`` damages
+      what it writes (so verification fails), ``sim:slow`` writes at 4x CD speed.
+
+    Raises :class:`ValueError` for any other name.
+    """
+    if name.startswith("sim:"):
+        speed = SIM_SLOW_BYTES_PER_SECOND if name == "sim:slow" else None
+        return SimulatedDrive(name, corrupt_on_write=name == "sim:corrupt", bytes_per_second=speed)
+    if name.startswith(("stdio:", "/dev/")):
+        return XorrisoDrive(name, xorriso=xorriso)
+    raise ValueError(f"unknown drive {name!r}: give /dev/srN, stdio:/path or sim:NAME")
 
 
 def discover(probe: Optional[Probe] = None, *,

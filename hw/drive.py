@@ -256,6 +256,21 @@ class Drive(Protocol):
         """Open the tray (a no-op for drives without one)."""
         ...
 
+    @property
+    def readback_path(self) -> Optional[Path]:
+        """Where the written medium can be read back as a file (an image file, a ``stdio:``
+        file, ``/dev/srN``), so that its ISO 9660 volume can be checked file by file; ``None``
+        for a drive whose medium is not a file."""
+        ...
+
+    def disc_inserted(self) -> None:
+        """The technologist says a new disc is in the drive, after being asked for one.
+
+        A drive that senses its medium does nothing; one that cannot (the simulated drive)
+        takes the word for it and holds a blank disc from now on.
+        """
+        ...
+
 
 # Errors ----------------------------------------------------------------------
 

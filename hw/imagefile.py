@@ -125,3 +125,11 @@ class ImageFileDrive:
 
     def eject(self) -> None:
         """Nothing to eject."""
+
+    @property
+    def readback_path(self) -> Path:
+        """The export file."""
+        return self.path
+
+    def disc_inserted(self) -> None:
+        """Nothing to do: the "medium" is always there."""

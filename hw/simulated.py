@@ -228,6 +228,15 @@ class SimulatedDrive:
             self.state = STATE_NONE
             self.ejected = True
 
+    @property
+    def readback_path(self) -> None:
+        """The simulated disc is not a file."""
+        return None
+
+    def disc_inserted(self) -> None:
+        """Load a blank CD-R, as the technologist says (see :meth:`insert`)."""
+        self.insert()
+
 
 class _Limited:
     """A read-only view of the first *limit* bytes of a stream."""

@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import BinaryIO, Optional
+from typing import Optional, Protocol
 
 from hw.drive import (
     PHASE_DONE, PHASE_START, PHASE_VERIFY, BurnProgress, ProgressCallback,
     VerifyResult, format_bytes,
 )
 
-__all__ = ["BLOCK_SIZE", "compare_image", "merge_ranges"]
+__all__ = ["BLOCK_SIZE", "Readable", "compare_image", "merge_ranges"]
+
+
+class Readable(Protocol):
+    """What the comparison needs of a medium: ``read(size)`` (a binary file is one)."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        ...
 
 #: Optical media sector size in bytes.
 BLOCK_SIZE = 2048
@@ -39,7 +46,7 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple((offset, length) for offset, length in merged)
 
 
-def _read_full(stream: BinaryIO, size: int) -> bytes:
+def _read_full(stream: Readable, size: int) -> bytes:
     """Read up to *size* bytes, retrying short reads; fewer only at end of data."""
     parts = []
     remaining = size
@@ -63,7 +70,7 @@ def _diff_blocks(offset: int, expected: bytes, actual: bytes) -> list[tuple[int,
     return bad
 
 
-def compare_image(image: Path, medium: BinaryIO, *, device: str,
+def compare_image(image: Path, medium: Readable, *, device: str,
                   progress: Optional[ProgressCallback] = None,
                   extra_bad_ranges: tuple[tuple[int, int], ...] = (),
                   medium_name: Optional[str] = None) -> VerifyResult:

@@ -533,3 +533,6 @@ class XorrisoDrive:
     def eject(self) -> None:
         """Open the tray (``-eject all``); harmless for a ``stdio:`` pseudo-drive."""
         self._run(["-outdev", self.device, "-eject", "all"], DriveUnavailableError)
+
+    def disc_inserted(self) -> None:
+        """Nothing to do: :meth:`media` asks the drive what it holds."""

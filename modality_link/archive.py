@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
@@ -44,9 +44,12 @@ from pydicom.filereader import read_dataset as read_dataset_bytes
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.db import Database, InstanceRecord
-from modality_link.media.header import VR_BYTES, read_dataset, tag_of
+from modality_link.fileformat import (
+    TRANSFER_SYNTAX_UID, VR_BYTES, Part10Error, dataset_offset, encode_file_meta, meta_value,
+)
+from modality_link.media.header import read_dataset, tag_of
+from modality_link.net.status import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES
 from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
 if TYPE_CHECKING:
@@ -56,28 +59,22 @@ LOG = logging.getLogger("modality_link.archive")
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
-#: Storage status codes (PS3.4 Annex B.2.3, PS3.7 Annex C).
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC000
-
-
 class ArchiveError(Exception):
     """Storing failed; `status` is the DICOM status to answer with (PS3.4 B.2.3)."""
 
-    status = STATUS_CANNOT_UNDERSTAND
+    status = CANNOT_UNDERSTAND
 
 
 class DiskFull(ArchiveError):
-    status = STATUS_OUT_OF_RESOURCES
+    status = OUT_OF_RESOURCES
 
 
 class DatasetMismatch(ArchiveError):
-    status = STATUS_DATASET_MISMATCH
+    status = DATA_SET_MISMATCH
 
 
 class CannotUnderstand(ArchiveError):
-    status = STATUS_CANNOT_UNDERSTAND
+    status = CANNOT_UNDERSTAND
 
 
 def is_valid_uid(uid: object) -> bool:
@@ -93,15 +90,13 @@ def checked_uid(uid: object, what: str) -> str:
     return str(uid)
 
 
-def _meta_end(fp: BinaryIO) -> int:
-    """Offset of the first dataset byte of a PS3.10 file (after the File Meta group)."""
+def _dataset_offset(fp: BinaryIO) -> int:
+    """Where the data set of the PS3.10 file `fp` starts (after its File Meta group)."""
     fp.seek(0)
-    head = fp.read(144)
-    if len(head) < 144 or head[128:132] != b"DICM" or head[132:136] != b"\x02\x00\x00\x00":
-        raise CannotUnderstand("not a PS3.10 file (no DICM prefix and group length)")
-    # (0002,0000) UL, explicit VR little endian: tag, 'UL', length 4, value
-    (group_length,) = struct.unpack("<I", head[140:144])
-    return 144 + group_length
+    try:
+        return dataset_offset(fp)
+    except (Part10Error, struct.error):
+        raise CannotUnderstand("not a PS3.10 file (no DICM prefix and File Meta group)") from None
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -124,9 +119,9 @@ def read_header(path: Path) -> Dataset:
             last = ds._dict[max(ds._dict)] if ds._dict else None
             syntax = ds.file_meta.get("TransferSyntaxUID")
             if syntax == DeflatedExplicitVRLittleEndian:
-                size = end = _inflated_size(fp, _meta_end(fp))
+                size = end = _inflated_size(fp, _dataset_offset(fp))
             elif syntax and not UID(syntax).is_implicit_VR and ds._dict:
-                fp.seek(_meta_end(fp) + 4)
+                fp.seek(_dataset_offset(fp) + 4)
                 _check_explicit_vr(fp.read(2), UID(syntax))
     except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, zlib.error) as exc:
         raise CannotUnderstand(f"dataset cannot be parsed: {exc}") from None
@@ -265,19 +260,18 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
     if header is None:
         return None
     header.decode(_INDEXED_TAGS)
-    values: dict[str, str] = {}
+    values: dict[str, Any] = {}  # InstanceRecord's fields
     for name, keyword, meta_keyword in _INDEXED_UIDS:
         uid = header.get(keyword)
         if not is_valid_uid(uid):
             return None
         if meta_keyword is not None:  # PS3.10 7.1: the File Meta describes the data set
-            meta = header.meta.get(tag_of(meta_keyword), b"").rstrip(b" \x00").decode("ascii", "replace")
-            if meta != uid:
+            if meta_value(header.meta, tag_of(meta_keyword)) != uid:
                 return None
         values[name] = str(uid)
     for name, keyword in _INDEXED_TEXT:
         values[name] = text_of(header.get(keyword))
-    transfer_syntax = header.meta[0x00020010].rstrip(b" \x00").decode("ascii")
+    transfer_syntax = meta_value(header.meta, TRANSFER_SYNTAX_UID)
     sequence = header.kept_sequences.get(tag_of(REQUEST_ATTRIBUTES))
     return InstanceRecord(
         **values,
@@ -311,6 +305,7 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
             return ds[keyword].value
         return decoded_text(ds, keyword, terms)
 
+    texts: dict[str, Any] = {name: decoded_text(ds, keyword, terms) for name, keyword in _INDEXED_TEXT}
     return InstanceRecord(
         sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
         sop_class_uid=checked_uid(ds.get("SOPClassUID"), "SOP Class UID (0008,0016)"),
@@ -320,44 +315,12 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         path=path,
         size=size,
         charset=charset,
-        **{name: decoded_text(ds, keyword, terms) for name, keyword in _INDEXED_TEXT},
+        **texts,
         source_ae=source_ae,
         series_keys=_keys_of(get, SERIES_KEYS),
         image_keys=_keys_of(get, IMAGE_KEYS),
         requests=_requests(ds.get(REQUEST_ATTRIBUTES), terms),
     )
-
-
-def _element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element (PS3.5 §7.1.2)."""
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
-        return struct.pack("<HH2s2xI", group, elem, vr, len(value)) + value
-    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii", "replace")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def encode_file_meta(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
-    """Preamble, prefix and File Meta Information (PS3.10 §7.1) with our implementation identity.
-
-    Encoded by hand (seven elements, explicit VR little endian): it is written for every received
-    instance, and pydicom's general encoder costs more than the rest of the copy.
-    """
-    body = b"".join(
-        [
-            _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, 0x0002, b"UI", _padded(sop_class, b"\x00")),
-            _element(0x0002, 0x0003, b"UI", _padded(sop_instance, b"\x00")),
-            _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax, b"\x00")),
-            _element(0x0002, 0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
-            _element(0x0002, 0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
-            _element(0x0002, 0x0016, b"AE", _padded(source_ae.strip(), b" ")) if source_ae.strip() else b"",
-        ]
-    )
-    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body
 
 
 @dataclass
@@ -420,7 +383,7 @@ class Archive:
             with open(src, "rb") as fin, open(part, "wb") as fout:
                 fout.write(meta)
                 fout.flush()
-                _copy_from(src, _meta_end(fin), fout.fileno())
+                _copy_from(src, _dataset_offset(fin), fout.fileno())
                 rec.size = os.fstat(fout.fileno()).st_size
                 self._install(fout.fileno(), part, rec)
         except OSError as exc:

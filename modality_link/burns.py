@@ -1,6 +1,6 @@
 """Burn requests of the service: jobs of kind ``burn`` in the persistent job queue.
 
-A burn (REQUIREMENTS I11, I12, L1) is a row of the job queue (:mod:`modality_link.jobs`), so it is
+A burn is a row of the job queue (:mod:`modality_link.jobs`), so it is
 queued, survives a crash or a restart of the service, and can be cancelled like a send job:
 
 - ``node`` is ``drive:DEV`` (``drive:/dev/sr0``, ``drive:stdio:/path``, ``drive:sim:NAME``) or
@@ -25,6 +25,7 @@ is finished first, then ejected unverified and reported ``stopped``).
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import shutil
@@ -51,23 +52,13 @@ KIND = "burn"
 #: Least time between two ``burn.progress`` events of the same phase and disc (seconds).
 PROGRESS_INTERVAL = 0.25
 
-#: Write speed of the ``sim:slow`` drive: a 4x CD (4 x 150 KiB/s), to watch a burn run.
-SIM_SLOW_BYTES_PER_SECOND = 4 * 150 * 1024
-
 
 def open_drive(device: str) -> hw.Drive:
-    """The :class:`hw.Drive` for a device name.
-
-    ``stdio:/path`` and ``/dev/srN`` are driven by xorriso; ``sim:NAME`` is a simulated burner
-    with a blank CD-R (``sim:corrupt`` damages what it writes, so verification fails;
-    ``sim:slow`` writes at 4x CD speed).
-    """
-    if device.startswith("sim:"):
-        speed = SIM_SLOW_BYTES_PER_SECOND if device == "sim:slow" else None
-        return hw.SimulatedDrive(device, corrupt_on_write=device == "sim:corrupt", bytes_per_second=speed)
-    if device.startswith(("stdio:", "/dev/")):
-        return hw.XorrisoDrive(device)
-    raise Invalid(f"unknown drive {device!r}: give /dev/srN, stdio:/path or sim:NAME")
+    """The drive called `device` (:func:`hw.open_drive`); an unknown name is :class:`Invalid`."""
+    try:
+        return hw.open_drive(device)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
 
 
 def drive_node(device: str) -> str:
@@ -186,7 +177,7 @@ class Burns:
         self._jobs.cancel(id)
         return self.status(id)
 
-    def drives(self) -> list[dict[str, Any]]:
+    def drives(self) -> builtins.list[dict[str, Any]]:  # builtins: `list` is a method here
         """Drives found by udev plus the configured ones, with their media and whether a burn uses them."""
         devices: list[hw.Drive] = []
         try:
@@ -303,8 +294,8 @@ class Burns:
 
         def next_disc(disc: int, count: int) -> None:
             self._wait_for_disc(job_id, ctx, target, disc, count)
-            if isinstance(drive, hw.SimulatedDrive):
-                drive.insert()
+            if drive is not None:
+                drive.disc_inserted()
 
         try:
             report = burn_studies(files, drive, iso_out, options, staging, progress, next_disc,
@@ -329,7 +320,7 @@ class Burns:
         self._db.jobs.set_detail(job_id, f"{n} disc(s) written and verified to {target}")
         LOG.info("burn job %d: done, %d disc(s) written and verified to %s", job_id, n, target)
 
-    def _files(self, job_id: int) -> tuple[list[Path], dict[str, str]]:
+    def _files(self, job_id: int) -> tuple[builtins.list[Path], dict[str, str]]:
         """The archive files of the job's instances, and file -> SOP Instance UID."""
         files: list[Path] = []
         uid_of: dict[str, str] = {}

@@ -13,17 +13,21 @@ file is decoded and encoded whole.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite, write_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from modality_link.fileformat import dataset_offset
 
 PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
@@ -56,6 +60,7 @@ def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Datase
     pixels = dataset._dict.get(PIXEL_DATA) if dataset is not None else None
     if pixels is not None and not hasattr(pixels, "value_tell"):
         dataset = None  # its Pixel Data were decoded already: where they start is not known
+    ds: Dataset
     if dataset is None:
         with open(path, "rb") as fp:
             ds = dcmread(fp, stop_before_pixels=True)
@@ -70,7 +75,7 @@ def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Datase
         for tag in [t for t in ds.keys() if t >= PIXEL_DATA]:  # copied as bytes, not written twice
             del ds[tag]
     for tag, elem in list(ds._dict.items()):  # values left in the file by read_header: read them
-        if getattr(elem, "value", b"") is None and getattr(elem, "length", 0):
+        if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
             ds[tag]
     for tag in [t for t in ds.keys() if t.element == 0x0000 and t.group != 0x0002]:
         del ds[tag]
@@ -78,12 +83,13 @@ def coerce_file(path: Path, coerce: Callable[[Dataset], object], dataset: Datase
     if deflated:
         out = DicomBytesIO()
         dcmwrite(out, ds, enforce_file_format=True)
-        return Coerced(ds, syntax, _dataset_of(out.getvalue()), None)
-    fp = DicomBytesIO()
-    fp.is_little_endian = syntax.is_little_endian
-    fp.is_implicit_VR = syntax.is_implicit_VR
-    write_dataset(fp, ds)
-    return Coerced(ds, syntax, fp.getvalue(), rest)
+        part10 = out.getvalue()
+        return Coerced(ds, syntax, part10[dataset_offset(io.BytesIO(part10)):], None)
+    encoded = DicomBytesIO()
+    encoded.is_little_endian = syntax.is_little_endian
+    encoded.is_implicit_VR = syntax.is_implicit_VR
+    write_dataset(encoded, ds)
+    return Coerced(ds, syntax, encoded.getvalue(), rest)
 
 
 def _pixel_data_offset(ds: Dataset) -> int | None:
@@ -91,12 +97,7 @@ def _pixel_data_offset(ds: Dataset) -> int | None:
     when it has none): its value's position less its header, 8 bytes in Implicit VR, 12 in
     Explicit VR (OB and OW have a 4-byte length, PS3.5 7.1.2)."""
     raw = ds._dict.get(PIXEL_DATA)
-    if raw is None:
+    if not isinstance(raw, RawDataElement):  # none, or decoded already
         return None
     return raw.value_tell - (8 if raw.is_implicit_VR else 12)
 
-
-def _dataset_of(part10: bytes) -> bytes:
-    """The data set bytes of an encoded PS3.10 file (after its File Meta group)."""
-    group_length = int.from_bytes(part10[140:144], "little")
-    return part10[144 + group_length:]

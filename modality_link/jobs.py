@@ -40,6 +40,7 @@ from modality_link.db import FINAL_STATES, Database, Job, JobItem
 from modality_link.errors import Conflict, Invalid, NotFound
 from modality_link.net import commitment, storage
 from modality_link.net.association import AssociationFailed, NoContextAccepted, associate, make_ae
+from modality_link.net.status import COMMITMENT, PROCESSING_FAILURE, SUCCESS
 
 LOG = logging.getLogger("modality_link.jobs")
 
@@ -451,7 +452,7 @@ class JobQueue:
         if failed:
             first = failed[0].detail
             msg = f"{len(failed)} of {total} instance(s) not stored (first: {first})"
-            if counts["retryable"]:  # storage.RETRYABLE_STATUSES; the others fail at once
+            if counts["retryable"]:  # status.STORAGE.is_retryable; the others fail at once
                 raise Retry(msg)
             raise Fail(msg)
         warnings = self.db.jobs.items(job_id, "warning")
@@ -472,7 +473,7 @@ class JobQueue:
         tx = self.db.jobs.transaction(rep.transaction_uid)
         if tx is None:
             raise commitment.ReportError(
-                commitment.STATUS_PROCESSING_FAILURE,
+                PROCESSING_FAILURE,
                 f"unknown Transaction UID {rep.transaction_uid} (from {rep.calling_ae})",
             )
         node, job_id = tx.node, tx.job_id
@@ -484,7 +485,7 @@ class JobQueue:
                 self.db.jobs.set_item(job_id, uid, "done", 0, "committed")
         for _, uid, reason in rep.failed:
             if uid in items:
-                text = commitment.FAILURE_REASONS.get(reason, "failure")
+                text = COMMITMENT.text(reason)
                 self.db.jobs.set_item(job_id, uid, "failed", reason, f"not committed: 0x{reason:04X} {text}")
         self.db.jobs.transaction_reported(rep.transaction_uid)
         LOG.info("commitment report for transaction %s from %s: %d committed, %d failed%s",
@@ -560,7 +561,7 @@ class JobQueue:
                     status = commitment.request(assoc, tx, refs)
                 except ConnectionError as exc:
                     raise Retry(str(exc)) from None
-                if status != 0x0000:
+                if status != SUCCESS:
                     assoc.abort()  # a refused request: docs/design.md "Sending and commitment"
                     msg = f"{node.ae_title} refused the commitment request (N-ACTION status 0x{status:04X})"
                     self.alert("commit-refused", msg)

@@ -124,7 +124,7 @@ _COMPONENTS = (
 )
 
 # CT numbers in HU, per component (index 0 is air outside the body).
-_CT_HU = {"air": -1000, "fat": -100, "muscle": 45, "lung_r": -850, "lung_l": -850, "liver": 60,
+_CT_HU: dict[str, float] = {"air": -1000, "fat": -100, "muscle": 45, "lung_r": -850, "lung_l": -850, "liver": 60,
           "kidney_r": 150, "kidney_l": 150, "aorta": 250, "spine": 900, "marrow": 250, "canal": 15}
 
 
@@ -164,11 +164,11 @@ _CT_PROTOCOLS = (
     _CTProtocol("Lung 2.5 mm", "LUNG", 2.5, window=(-600.0, 1500.0)),
 )
 
-_T1 = {"air": 0, "fat": 1500, "muscle": 600, "lung_r": 40, "lung_l": 40, "liver": 800,
+_T1: dict[str, float] = {"air": 0, "fat": 1500, "muscle": 600, "lung_r": 40, "lung_l": 40, "liver": 800,
        "kidney_r": 700, "kidney_l": 700, "aorta": 150, "spine": 60, "marrow": 1300, "canal": 300}
-_T2 = {"air": 0, "fat": 1100, "muscle": 400, "lung_r": 30, "lung_l": 30, "liver": 350,
+_T2: dict[str, float] = {"air": 0, "fat": 1100, "muscle": 400, "lung_r": 30, "lung_l": 30, "liver": 350,
        "kidney_r": 1200, "kidney_l": 1200, "aorta": 100, "spine": 50, "marrow": 700, "canal": 2200}
-_FLAIR = {**_T2, "canal": 150, "fat": 900}
+_FLAIR: dict[str, float] = {**_T2, "canal": 150, "fat": 900}
 
 _MR_PROTOCOLS = (
     _MRProtocol("t1_se_tra", ("SE",), ("SK",), ("SP",), "2D", 550.0, 12.0, 1, 90.0, _T1),
@@ -377,6 +377,7 @@ def make_study(
     spacing = fov / max(rows, columns)
     phantom = _Phantom(rows, columns, spacing)
     out: list[Dataset] = []
+    proto: _CTProtocol | _MRProtocol
     for s in range(series):
         series_time = start + datetime.timedelta(minutes=3 * s)
         if modality == "CT":

@@ -1,7 +1,7 @@
 """A simulated PACS: Storage SCP + Storage Commitment Push SCP with quirk modes.
 
-PS3.4 Annex B (Storage) and Annex J (Storage Commitment); REQUIREMENTS §11 items 3-4.
-Quirks (all keyword arguments of :class:`Pacs`):
+PS3.4 Annex B (Storage) and Annex J (Storage Commitment), with the ways real archives
+report commitment. Quirks (all keyword arguments of :class:`Pacs`):
 
 - ``commit_mode``: "same" (N-EVENT-REPORT on the N-ACTION's association; on a new one if that
   is gone by then), "new" (a new association without role selection), "new-role" (a new
@@ -10,7 +10,8 @@ Quirks (all keyword arguments of :class:`Pacs`):
   "never" (no report at all);
 - ``commit_delay``: seconds before the report; ``fail_commit``: report the last N referenced
   instances of a request as failed (Failure Reason 0x0110) in the first ``fail_commit_rounds``
-  requests; an instance not received before the N-ACTION is failed with 0x0112 (seed 001);
+  requests; an instance not received before the N-ACTION is failed with 0x0112 (No Such
+  Object Instance, as an archive that commits only what it already holds does);
 - ``action_status``: the N-ACTION response status;
 - ``store_status``: a status for every C-STORE, or a function (call index, SOP Instance UID) ->
   status; failures are not kept, warnings (B000/B006/B007) are;
@@ -34,8 +35,12 @@ from typing import Callable
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
+# pynetdicom makes its SOP class names when it is imported: mypy cannot see them
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 LOG = logging.getLogger("sim.pacs")
 COMMIT_MODES = ("same", "new", "new-role", "multi", "never")
@@ -87,19 +92,24 @@ class Pacs:
         self._lock = threading.Lock()
         self._pending: list[Dataset] = []
         self._aborted = False
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
+        #: The associations counted in `open`, and for each association that received an
+        #: N-ACTION, set once our N-ACTION-RSP has left.
+        self._counted: set[Association] = set()
+        self._answered: dict[Association, threading.Event] = {}
         self.ae = AE(self.ae_title)
         self.ae.maximum_pdu_size = 0
         self.ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax not in self.reject_sop_classes:
-                self.ae.add_supported_context(cx.abstract_syntax, self.transfer_syntaxes)
+            syntax = cx.abstract_syntax
+            if syntax is not None and syntax not in self.reject_sop_classes:
+                self.ae.add_supported_context(syntax, self.transfer_syntaxes)
         self.ae.add_supported_context(StorageCommitmentPushModel)
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> "Pacs":
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda e: 0),
             (evt.EVT_N_ACTION, self._on_action),
@@ -109,8 +119,10 @@ class Pacs:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        self._server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
-        self.port = int(self._server.server_address[1])
+        server = self.ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        assert server is not None  # not blocking: the server is returned
+        self._server = server
+        self.port = int(server.server_address[1])
         LOG.info("simulated PACS %s on %s:%d (commit mode %s)", self.ae_title, self.host, self.port, self.commit_mode)
         return self
 
@@ -121,7 +133,7 @@ class Pacs:
 
     def abort_associations(self) -> int:
         """A-ABORT every association open to us now (a PACS closing idle connections)."""
-        assocs = list(self._server.active_associations) if self._server is not None else []
+        assocs: list[Association] = list(self._server.active_associations) if self._server is not None else []
         for assoc in assocs:
             assoc.abort()
         return len(assocs)
@@ -131,7 +143,7 @@ class Pacs:
             self.associations += 1
             self.open += 1
             self.max_open = max(self.max_open, self.open)
-            event.assoc._sim_counted = True
+            self._counted.add(event.assoc)
 
     def _on_released(self, event: evt.Event) -> None:
         with self._lock:
@@ -140,9 +152,10 @@ class Pacs:
 
     def _on_closed(self, event: evt.Event) -> None:
         with self._lock:
-            if getattr(event.assoc, "_sim_counted", False):
-                event.assoc._sim_counted = False
+            if event.assoc in self._counted:
+                self._counted.discard(event.assoc)
                 self.open -= 1
+            self._answered.pop(event.assoc, None)
 
     def __enter__(self) -> "Pacs":
         return self.start()
@@ -156,7 +169,9 @@ class Pacs:
         with self._lock:
             index = self.store_calls
             self.store_calls += 1
-        uid = str(event.request.AffectedSOPInstanceUID)
+        request = event.request
+        assert isinstance(request, C_STORE)
+        uid = str(request.AffectedSOPInstanceUID)
         if self.ack_delay:
             time.sleep(self.ack_delay)
         status = self.store_status(index, uid) if callable(self.store_status) else self.store_status
@@ -176,12 +191,13 @@ class Pacs:
 
     def _on_sent(self, event: evt.Event) -> None:
         if type(event.message).__name__ == "N_ACTION_RSP":
-            getattr(event.assoc, "_sim_action_answered", threading.Event()).set()
+            answered = self._answered.get(event.assoc)
+            if answered is not None:
+                answered.set()
 
     def _on_action(self, event: evt.Event) -> tuple[int, None]:
-        if not hasattr(event.assoc, "_sim_action_answered"):
-            event.assoc._sim_action_answered = threading.Event()
-        event.assoc._sim_action_answered.clear()
+        answered = self._answered.setdefault(event.assoc, threading.Event())
+        answered.clear()
         info = event.action_information
         self.actions.append(info)
         if self.action_status != 0:
@@ -209,13 +225,13 @@ class Pacs:
         if failed:
             report.FailedSOPSequence = failed
         if self.commit_mode != "never":
-            threading.Thread(target=self._report, args=(event.assoc, report), daemon=True).start()
+            threading.Thread(target=self._report, args=(event.assoc, report, answered), daemon=True).start()
         return 0x0000, None
 
-    def _report(self, assoc, report: Dataset) -> None:
+    def _report(self, assoc: Association, report: Dataset, answered: threading.Event) -> None:
         # send nothing on the association before our N-ACTION-RSP has left (pynetdicom's
         # reactor is not safe against a concurrent send while it answers)
-        assoc._sim_action_answered.wait(5.0)
+        answered.wait(5.0)
         time.sleep(max(self.commit_delay, 0.05))
         if self.commit_mode == "same" and assoc.is_established:
             if self._send_report(assoc, report, "same"):
@@ -230,7 +246,7 @@ class Pacs:
             reports = [report]
         self._new_association(reports, role=self.commit_mode == "new-role")
 
-    def _send_report(self, assoc, report: Dataset, how: str) -> bool:
+    def _send_report(self, assoc: Association, report: Dataset, how: str) -> bool:
         event_type = 2 if "FailedSOPSequence" in report else 1
         n_ok = len(report.get("ReferencedSOPSequence", []))
         n_failed = len(report.get("FailedSOPSequence", []))
@@ -256,8 +272,8 @@ class Pacs:
         aet, host, port = self.report_to
         ae = AE(self.ae_title)
         ae.add_requested_context(StorageCommitmentPushModel)
-        ext = [build_role(StorageCommitmentPushModel, scp_role=True)] if role else None
-        assoc = ae.associate(host, port, ae_title=aet, ext_neg=ext)
+        assoc = ae.associate(host, port, ae_title=aet,
+                             ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)] if role else None)
         if not assoc.is_established:
             LOG.error("simulated PACS: report association to %s refused", self.report_to)
             return

@@ -1,12 +1,13 @@
-"""A simulated RIS: Modality Worklist SCP (PS3.4 K) and MPPS SCP (PS3.4 F), with quirk modes.
-
-Modes (REQUIREMENTS §11.1-2):
+"""A simulated RIS: Modality Worklist SCP (PS3.4 Annex K) and MPPS SCP (PS3.4 Annex F), with
+quirk modes: what real worklist and MPPS servers do that a reading of the standard alone would
+not expect (docs/design.md says which of these the service tolerates, and why).
 
 - ``standard``: returns every requested key, standard values.
-- ``001``: seed 001 (Philips UDM): returns **only the requested keys**; SPS Status "INPROGRESS";
-  Specific Character Set "ISO_IR100"; zero-length Contrast Allergies; Referenced Study SOP Class
-  1.2.840.10008.3.1.2.3.1; refuses an N-CREATE missing an attribute of 001 T50, or an N-SET
-  missing PPS End Date/Time/Status, with 0x0121.
+- ``001``: the worklist and MPPS server of a PACS product: returns **only the requested keys**;
+  SPS Status "INPROGRESS" (not a defined term); Specific Character Set "ISO_IR100" (misspelled);
+  zero-length Contrast Allergies; Referenced Study SOP Class 1.2.840.10008.3.1.2.3.1 (the retired
+  Detached Study Management); refuses with 0x0121 an N-CREATE missing one of
+  :data:`REQUIRED_CREATE` / :data:`REQUIRED_IN_0270`, or an N-SET missing PPS End Date/Time/Status.
 - ``slow``: waits ``delay`` seconds before each response.
 - ``a700`` / ``c000``: the C-FIND fails with that status.
 - ``silent``: never answers a C-FIND, N-CREATE or N-SET (the SCU's DIMSE timeout fires).
@@ -31,11 +32,20 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import ModalityPerformedProcedureStep, ModalityWorklistInformationFind, Verification
+from pynetdicom.dimse_primitives import N_CREATE, N_SET
+# pynetdicom makes its SOP class names when it is imported: mypy cannot see them
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
 
 MODES = ("standard", "001", "slow", "a700", "c000", "silent", "mpps-assigns-uid")
 
-#: 001 T50: attributes an N-CREATE must contain (flat in the seed; the standard nests some in 0040,0270).
+#: Mode 001: attributes an N-CREATE must contain, else 0x0121. That server's document lists them
+#: all at the top level; PS3.3 C.4.14 puts the four of REQUIRED_IN_0270 in the Scheduled Step
+#: Attributes Sequence (0040,0270), where they are checked.
 REQUIRED_CREATE = (
     "Modality", "PatientName", "PatientID", "PatientBirthDate", "StudyID",
     "PerformedStationAETitle", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
@@ -127,7 +137,8 @@ def matches(query: Dataset, item: Dataset) -> bool:
 
 
 def _only_requested(query: Dataset, item: Dataset) -> Dataset:
-    """Seed 001 note [1]: keys that are not in the request are not returned."""
+    """Mode 001: keys that are not in the request are not returned (that server answers with the
+    keys a query names and no others)."""
     out = Dataset()
     for elem in query:
         if elem.keyword == "SpecificCharacterSet":
@@ -166,20 +177,22 @@ class RIS:
         for sop in (ModalityWorklistInformationFind, ModalityPerformedProcedureStep, Verification):
             self._ae.add_supported_context(sop)
         self._ae.network_timeout = 60
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         self._lock = threading.Lock()
         self._silent = threading.Event()
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> "RIS":
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_N_CREATE, self._on_create),
             (evt.EVT_N_SET, self._on_set),
         ]
-        self._server = self._ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
-        self.port = self._server.server_address[1]
+        server = self._ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        assert server is not None  # not blocking: the server is returned
+        self._server = server
+        self.port = server.server_address[1]
         return self
 
     def stop(self) -> None:
@@ -248,10 +261,11 @@ class RIS:
             self._silent.wait(120)
             return 0x0110, None
         req = event.request
+        assert isinstance(req, N_CREATE)
         ds = event.attribute_list
         uid = req.AffectedSOPInstanceUID
         assigned = uid is None
-        if assigned:
+        if uid is None:
             uid = generate_uid()
         if self.mode == "001":
             missing = [k for k in REQUIRED_CREATE if k not in ds]
@@ -283,10 +297,12 @@ class RIS:
         if self.mode == "silent":
             self._silent.wait(120)
             return 0x0110, None
-        uid = event.request.RequestedSOPInstanceUID
+        req = event.request
+        assert isinstance(req, N_SET)
+        uid = req.RequestedSOPInstanceUID
         mod = event.modification_list
         with self._lock:
-            inst = self.instances.get(uid)
+            inst = self.instances.get(uid) if uid is not None else None
         if inst is None:
             status = 0x0112
         elif inst["states"][-1] != "IN PROGRESS":

@@ -10,13 +10,16 @@ from typing import Iterable, Sequence
 
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+# pynetdicom makes its SOP class names when it is imported: mypy cannot see them
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 
 def _nodelay(event: evt.Event) -> None:
     import socket
 
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    transport = event.assoc.dul.socket  # connected: EVT_CONN_OPEN comes after the connect
+    assert transport is not None and transport.socket is not None
+    transport.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def send(

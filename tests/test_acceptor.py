@@ -21,7 +21,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from sim import images
-from tests.acceptor_support import (
+from tests.support.acceptor import (
     RELEASE_RQ,
     LocalServer,
     associate_rq,
@@ -34,7 +34,10 @@ from tests.acceptor_support import (
     statuses,
     store_stream,
 )
-from tests.conftest import dataset_bytes, dcmtk_env, require_tool, start_service, stop_service
+from tests.support.instances import dataset_bytes
+from tests.support.service import ServiceProcess
+from tests.support.tools import dcmtk_env, require_tool
+from tests.support.waiting import wait_until
 
 A_ASSOCIATE_AC, A_RELEASE_RP, A_ABORT = 0x02, 0x06, 0x07
 
@@ -110,9 +113,7 @@ def test_abort_mid_data_set_leaves_nothing(server: LocalServer, small_ct: list[P
     half = store_stream(data, uid)[: len(data) // 2]
     got = exchange(server.port, associate_rq() + half + b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
     assert pdu_types(got) == [A_ASSOCIATE_AC]
-    deadline = time.monotonic() + 5
-    while server.stray_files() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: not server.stray_files(), 5, "no stray file", interval=0.02)
     assert server.stray_files() == []
     assert server.archive.db.index.instance(uid) is None
 
@@ -156,15 +157,13 @@ def test_trickling_connections_do_not_lock_out_senders(short_tmp: Path, small_ct
     """110 connections trickling a byte a second (never an A-ASSOCIATE-RQ) while DCMTK echoscu
     and storescu must be served: ARTIM drops them, the pending caps evict the oldest."""
     echoscu, storescu = require_tool("echoscu"), require_tool("storescu")
-    svc = start_service(short_tmp / "h", timeouts__artim=2.0)
+    svc = ServiceProcess.start(short_tmp / "h", timeouts__artim=2.0)
     stop = threading.Event()
     attacker = threading.Thread(target=_trickle, args=(svc.port, stop, 110, 1.0))
     attacker.start()
     try:
-        deadline = time.monotonic() + 30  # the trickling connections are up and ARTIM has dropped some
-        while "within ARTIM" not in svc.log():
-            assert time.monotonic() < deadline, "ARTIM never dropped a trickling connection"
-            stop.wait(0.05)
+        # the trickling connections are up and ARTIM has dropped some
+        wait_until(lambda: "within ARTIM" in svc.log(), 30, "ARTIM to drop a trickling connection")
         for _ in range(5):
             echo = subprocess.run([echoscu, "-to", "10", "-aec", "MODLINK", "127.0.0.1", str(svc.port)],
                                   env=dcmtk_env(), capture_output=True, text=True, timeout=60)
@@ -177,7 +176,7 @@ def test_trickling_connections_do_not_lock_out_senders(short_tmp: Path, small_ct
         stop.set()
         attacker.join(30)
         log = svc.log()
-        stop_service(svc)
+        svc.stop()
     assert "within ARTIM" in log
     assert "unexpected fault" not in log
 
@@ -249,9 +248,7 @@ def _fuzz(server: LocalServer, small_ct: list[Path], count: int, seed: int) -> N
     assert failures == []
     assert len(completed) >= 2, "the well-behaved association made no progress"
     assert server.faults == 0
-    deadline = time.monotonic() + 10
-    while server.stray_files() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: not server.stray_files(), 10, "no stray file")
     assert server.stray_files() == []
     assert rss_kib() - before < 64 << 10
     # Still serving afterwards.
@@ -318,8 +315,7 @@ def test_artim_closes_a_peer_that_stays_after_release(server: LocalServer) -> No
         assert pdu_types(got) == [A_ASSOCIATE_AC, A_RELEASE_RP]
         assert acceptor.associations == 0
         assert len(acceptor._conns) == 1  # still waiting for the peer's close
-        while acceptor._conns and time.monotonic() - released < 5:
-            time.sleep(0.02)
+        wait_until(lambda: not acceptor._conns, 5, "ARTIM to close the connection", interval=0.02)
         waited = time.monotonic() - released
     assert acceptor._conns == []
     assert 0.7 < waited < 2.5

@@ -19,7 +19,10 @@ from pathlib import Path
 from pydicom import dcmread
 
 from sim import images
-from tests.conftest import RunningService, dataset_bytes, dcmtk_env, require_tool, start_service, stop_service
+from tests.support.instances import dataset_bytes
+from tests.support.service import ServiceProcess
+from tests.support.tools import dcmtk_env, require_tool
+from tests.support.waiting import wait_until
 
 ROUNDS = 30
 IMAGES = 200
@@ -38,7 +41,7 @@ def acknowledged(storescu_log: str) -> list[Path]:
     return out
 
 
-def check(svc: RunningService, acked: list[Path]) -> None:
+def check(svc: ServiceProcess, acked: list[Path]) -> None:
     archive = svc.home.archive_dir
     db = sqlite3.connect(f"file:{svc.home.db_path}?mode=ro", uri=True)
     try:
@@ -61,7 +64,7 @@ def test_sigkill_during_receive_loses_nothing_acknowledged(short_tmp: Path) -> N
     acked: list[Path] = []
     cut: list[int] = []  # acknowledged images of the rounds killed mid-receive
     for round_ in range(ROUNDS + 1):
-        svc = start_service(root)
+        svc = ServiceProcess.start(root)
         try:
             check(svc, acked)
             if round_ == ROUNDS:
@@ -77,9 +80,8 @@ def test_sigkill_during_receive_loses_nothing_acknowledged(short_tmp: Path) -> N
             first = dcmread(study[0], stop_before_pixels=True)
             series = svc.home.archive_dir / first.StudyInstanceUID / first.SeriesInstanceUID
             k = rng.randint(1, IMAGES - 1)
-            deadline = time.monotonic() + 60
-            while (not series.is_dir() or sum(1 for _ in series.glob("*.dcm")) < k) and time.monotonic() < deadline:
-                time.sleep(0.002)
+            wait_until(lambda: series.is_dir() and sum(1 for _ in series.glob("*.dcm")) >= k, 60,
+                       f"{k} files of the study archived", interval=0.002)
             time.sleep(rng.uniform(0, 0.01))
             svc.proc.kill()
             svc.proc.wait()
@@ -88,5 +90,5 @@ def test_sigkill_during_receive_loses_nothing_acknowledged(short_tmp: Path) -> N
             if 0 < len(acked) < IMAGES:
                 cut.append(len(acked))
         finally:
-            stop_service(svc)
+            svc.stop()
     assert len(cut) >= ROUNDS - 3, f"too few kills landed mid-receive: {cut}"

@@ -10,7 +10,7 @@ from pydicom import dcmread
 from modality_link.archive import Archive, CannotUnderstand, DatasetMismatch, is_valid_uid, read_header
 from modality_link.db import Database
 from sim import images
-from tests.conftest import dataset_bytes
+from tests.support.instances import dataset_bytes
 
 
 @pytest.mark.parametrize(

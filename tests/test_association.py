@@ -20,11 +20,11 @@ from pynetdicom.sop_class import (
 
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, NoContextAccepted, associate, make_ae
-from modality_link.service import Service
+from modality_link.home import free_port
 from sim import images
-from tests.exam_support import RunningService, wait_until
-from tests.exam_support import make_home as exam_home
-from tests.store_support import call, cleanup, free_port, make_home, start_storescp, wait_chain
+from tests.support.peers import start_storescp
+from tests.support.service import InProcessService, call, cleanup, exam_home, make_home, wait_chain
+from tests.support.waiting import wait_until
 
 
 def _associate(port: int, contexts: list[Any], ext_neg: list[Any] | None = None,
@@ -136,7 +136,7 @@ def test_mpps_to_a_storage_only_peer_says_why(storescp: int, tmp_path: Path) -> 
     support Modality Performed Procedure Step, instead of 'no answer'."""
     node = Node(ae_title="STORESCP", host="127.0.0.1", port=storescp, roles=["mpps"], retry_interval=0.5)
     home = exam_home({"ris": node})
-    svc = RunningService(home)
+    svc = InProcessService(home)
     try:
         exam = svc.call("exam.start", patient_id="P1", patient_name="Wrong^Port")
         row = wait_until(lambda: (r := svc.call("exam.show", exam_id=exam["exam_id"])["mpps"][0])["attempts"] >= 1
@@ -155,8 +155,7 @@ def test_commit_job_fails_at_once_when_the_node_has_no_commitment(storescp: int,
     mistake) and names the Storage Commitment Push Model."""
     images.write_study(tmp_path / "study", modality="CT", images=2, rows=32, columns=32, seed=4)
     home = make_home(ae_title="STORESCP", port=storescp, commit_retries=3)
-    service = Service(home)
-    service.start(log_to_stderr=False)
+    service = InProcessService(home)
     try:
         call(home, "archive.import", paths=[str(tmp_path / "study")])
         study = call(home, "studies.list")[0]["study_uid"]

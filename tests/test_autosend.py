@@ -1,4 +1,4 @@
-"""Auto-send rules "exam" and "series" (REQUIREMENTS D2, E2/E3) end to end: a real `serve`
+"""Auto-send rules "exam" and "series" (nodes.*.auto_send) end to end: a real `serve`
 process, the simulated PACS on loopback, images handed over with exam.add_image, no `send`."""
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from modality_link.config import Node
 from modality_link.ipc import IpcError
 from sim import images
 from sim.pacs import Pacs
-from tests.conftest import RunningService, start_service, stop_service
-from tests.exam_support import RunningService as InProcessService
-from tests.exam_support import wait_until
-from tests.store_support import cleanup, make_home, wait_chain
+from tests.support.service import InProcessService, ServiceProcess, cleanup, make_home, wait_chain
+from tests.support.waiting import wait_until
 
 
 def spool_series(folder: Path, series: int, per_series: int, seed: int = 7) -> dict[str, list[str]]:
@@ -42,8 +40,8 @@ def pacs() -> Iterator[Pacs]:
     p.stop()
 
 
-def _serve(root: Path, pacs: Pacs, **nodes: Node) -> RunningService:
-    svc = start_service(root, nodes=nodes)
+def _serve(root: Path, pacs: Pacs, **nodes: Node) -> ServiceProcess:
+    svc = ServiceProcess.start(root, nodes=nodes)
     pacs.report_to = ("MODLINK", "127.0.0.1", svc.port)  # the N-EVENT-REPORT comes on a new association
     return svc
 
@@ -75,7 +73,7 @@ def test_exam_end_sends_the_exam_with_commitment(short_tmp: Path, pacs: Pacs) ->
             assert send["params"]["auto"] == "exam" and send["params"]["commit"] is True
             assert not other.received and other.store_calls == 0
         finally:
-            stop_service(svc)
+            svc.stop()
 
 
 def test_discontinued_exam_is_still_sent(short_tmp: Path, pacs: Pacs) -> None:
@@ -96,7 +94,7 @@ def test_discontinued_exam_is_still_sent(short_tmp: Path, pacs: Pacs) -> None:
         empty = svc.call("exam.start", patient_id="AUTO3", patient_name="No^Images")
         assert svc.call("exam.end", exam_id=empty["exam_id"], discontinue="110513")["jobs"] == []
     finally:
-        stop_service(svc)
+        svc.stop()
 
 
 def test_series_rule(short_tmp: Path, pacs: Pacs) -> None:
@@ -144,7 +142,7 @@ def test_series_rule(short_tmp: Path, pacs: Pacs) -> None:
         with pytest.raises(IpcError, match="completed at its end"):
             svc.call("exam.series_complete", exam_id=eid, series_uid=s3)
     finally:
-        stop_service(svc)
+        svc.stop()
 
 
 def test_auto_send_left_due_is_applied_at_the_next_start(short_tmp: Path, pacs: Pacs) -> None:

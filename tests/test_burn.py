@@ -9,7 +9,6 @@ every instance present once and equal to its archive source in its pixel data.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -20,8 +19,7 @@ from typing import Any, Iterator
 import pycdlib
 import pytest
 from pydicom import dcmread
-from pydicom.fileset import FileSet
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian
 
 import hw
 from modality_link.ipc import IpcClient
@@ -29,20 +27,13 @@ from modality_link.media import MediaOptions
 from modality_link.media.burn import burn_studies, iso_target
 from modality_link.media.iso import iso_path
 from sim.images import PatientSpec, write_study
-from tests.conftest import RunningService, require_tool, start_service, stop_service
-
-LEVEL1 = re.compile(r"^[A-Z0-9_]{1,8}$")
-
-
-@pytest.fixture(scope="module")
-def tools() -> dict[str, str]:
-    return {name: require_tool(name) for name in ("xorriso", "dciodvfy", "dcdirdmp")}
-
+from tests.support.discs import check_against_archive, check_disc
+from tests.support.service import ServiceProcess
 
 @pytest.fixture(scope="module")
 def svc(tools) -> Iterator[dict[str, Any]]:
     root = Path(tempfile.mkdtemp(prefix="mlb"))
-    service = start_service(root / "home")
+    service = ServiceProcess.start(root / "home")
     try:
         src = root / "src"
         write_study(src / "ct", modality="CT", images=6, seed=11, patient=PatientSpec("PID1", "DOE^JANE"))
@@ -59,50 +50,12 @@ def svc(tools) -> Iterator[dict[str, Any]]:
             sources[ds.SOPInstanceUID] = (f, ds.StudyInstanceUID)
         yield {"service": service, "root": root, "studies": studies, "sources": sources}
     finally:
-        stop_service(service)
+        service.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
-def check_disc(image: Path, out: Path, tools: dict[str, str]) -> dict[str, Path]:
-    """Extract `image` and check its file-set; return SOP Instance UID -> extracted file."""
-    proc = subprocess.run([tools["xorriso"], "-osirrox", "on", "-indev", str(image), "-extract", "/", str(out)],
-                          capture_output=True, text=True, encoding="latin-1")
-    assert proc.returncode == 0, proc.stderr
-    dicomdir = out / "DICOMDIR"
-    assert dicomdir.is_file()
-    for path in out.rglob("*"):
-        rel = path.relative_to(out)
-        assert len(rel.parts) <= 8
-        assert all(LEVEL1.match(p) or p in ("README.TXT", "INDEX.HTM") for p in rel.parts), rel
-    proc = subprocess.run([tools["dciodvfy"], str(dicomdir)], capture_output=True, text=True, encoding="latin-1")
-    text = proc.stdout + proc.stderr
-    assert "BasicDirectory" in text
-    assert not [line for line in text.splitlines() if line.startswith("Error")], text
-    proc = subprocess.run([tools["dcdirdmp"], str(dicomdir)], capture_output=True, text=True, encoding="latin-1")
-    listing = proc.stdout + proc.stderr
-    fs = FileSet(dicomdir)
-    found = {}
-    for inst in fs:
-        path = Path(inst.path)
-        assert path.is_file(), path
-        found[inst.SOPInstanceUID] = path
-    kinds = [line.strip().split(" ")[0] for line in listing.splitlines() if line.strip()]
-    assert kinds.count("IMAGE") == len(found) > 0, listing
-    assert listing.count("-> DICOM\\PAT") == len(found)
-    return found
-
-
-def check_against_archive(found: dict[str, Path], sources: dict[str, tuple[Path, str]]) -> None:
-    for uid, path in found.items():
-        out = dcmread(path)
-        src = dcmread(sources[uid][0])
-        assert out.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian  # STD-GEN-CD
-        assert out.SOPInstanceUID == src.SOPInstanceUID
-        assert out.PixelData == src.PixelData
-
-
 def test_burn_ct_and_mr_to_iso(svc, tools):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     root: Path = svc["root"]
     ct, mr = svc["studies"]["PID1"], svc["studies"]["PID2"]
     image = root / "export.iso"
@@ -120,7 +73,7 @@ def test_burn_ct_and_mr_to_iso(svc, tools):
 
 
 def test_burn_to_stdio_pseudo_drive(svc, tools):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     root: Path = svc["root"]
     disc = root / "stdio_disc.iso"
     disc.touch()  # empty file: a blank medium
@@ -139,7 +92,7 @@ def test_burn_to_stdio_pseudo_drive(svc, tools):
 
 
 def test_corrupted_disc_is_a_failure(svc):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     proc = service.cli("burn", svc["studies"]["PID2"], "--drive", "sim:corrupt", "--wait")
     assert proc.returncode == 1, proc.stdout
     assert "Verification failed" in proc.stderr
@@ -182,7 +135,7 @@ def test_flipped_byte_on_xorriso_disc_fails_verification(svc, tools, tmp_path):
 
 
 def test_spanning_with_insert_disc_over_ipc(svc, tools):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     root: Path = svc["root"]
     service.call("config.set", key="media.capacity_bytes", value="3000000")
     try:
@@ -234,7 +187,7 @@ def test_spanning_with_insert_disc_over_ipc(svc, tools):
 
 
 def test_spanned_iso_export_names(svc, tools):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     root: Path = svc["root"]
     service.call("config.set", key="media.capacity_bytes", value="3000000")
     try:
@@ -256,7 +209,7 @@ def test_spanned_iso_export_names(svc, tools):
 
 
 def test_drives_list_shows_configured_drives(svc, tmp_path):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     service.call("config.set", key="media.drives", value=f"sim:demo,stdio:{tmp_path / 'd.iso'}")
     try:
         proc = service.cli("drives", "--json")
@@ -271,7 +224,7 @@ def test_drives_list_shows_configured_drives(svc, tmp_path):
 
 
 def test_burn_errors(svc):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     proc = service.cli("burn", "1.2.3.4", "--iso", str(svc["root"] / "none.iso"))
     assert proc.returncode == 1 and "no study 1.2.3.4" in proc.stderr
     proc = service.cli("burn", svc["studies"]["PID1"], "--iso", "x.iso", "--drive", "sim:0")
@@ -281,7 +234,7 @@ def test_burn_errors(svc):
 
 
 def test_cli_wait_yes_answers_disc_prompts(svc):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     service.call("config.set", key="media.capacity_bytes", value="3000000")
     try:
         proc = service.cli("burn", svc["studies"]["PID3"], "--drive", "sim:span", "--wait", "--yes")

@@ -1,5 +1,6 @@
-"""Burns as persistent jobs (REQUIREMENTS L1, I11, I12): queued per drive, resumed after SIGKILL
-without burning a verified disc again, cancelled at safe points, discs shown while they run.
+"""Burns as persistent jobs (docs/design.md "Jobs and failures"): queued per drive, resumed
+after SIGKILL without burning a verified disc again, cancelled at safe points, discs shown while
+they run.
 
 Real service processes, a real SQLite job queue, discs written by xorriso to a ``stdio:``
 pseudo-drive or mastered as ISO files and read back (dciodvfy, pydicom); ``sim:slow`` is the
@@ -13,9 +14,8 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 from pydicom import dcmread
@@ -24,11 +24,14 @@ from modality_link.ipc import CONFLICT, IpcClient, IpcError
 from modality_link.media import MediaOptions
 from modality_link.media.burn import burn_studies, iso_part, iso_target
 from sim.images import PatientSpec, write_study
-from tests.conftest import RunningService, require_tool, start_service, stop_service
-from tests.test_burn import check_against_archive, check_disc
+from tests.support.discs import check_against_archive, check_disc
+from tests.support.service import ServiceProcess
+from tests.support.waiting import wait_until
 
 SPAN_CAPACITY = "3000000"  # the 10 x 512 x 512 CT study needs two or three discs
 FINAL = ("done", "failed", "cancelled")
+#: Seconds a burn may take to reach the state a test waits for, on a loaded machine.
+BURN_WAIT = 90.0
 
 #: name -> (patient id, write_study arguments)
 STUDIES = {
@@ -38,12 +41,7 @@ STUDIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tools() -> dict[str, str]:
-    return {name: require_tool(name) for name in ("xorriso", "dciodvfy", "dcdirdmp")}
-
-
-def import_studies(service: RunningService, root: Path, names: tuple[str, ...]) -> tuple[dict[str, str], dict]:
+def import_studies(service: ServiceProcess, root: Path, names: tuple[str, ...]) -> tuple[dict[str, str], dict]:
     """Import the named studies; return name -> Study Instance UID and the archive sources."""
     for name in names:
         pid, kwargs = STUDIES[name]
@@ -58,43 +56,33 @@ def import_studies(service: RunningService, root: Path, names: tuple[str, ...]) 
     return studies, sources
 
 
-def wait_until(fn: Callable[[], Any], what: str, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def status(service: RunningService, burn_id: int) -> dict[str, Any]:
+def status(service: ServiceProcess, burn_id: int) -> dict[str, Any]:
     return service.call("burn.status", id=burn_id)
 
 
-def ended(service: RunningService, burn_id: int) -> dict[str, Any]:
+def ended(service: ServiceProcess, burn_id: int) -> dict[str, Any]:
     """Wait for the burn to end (cancelled burns: until they have really stopped)."""
     def check() -> dict[str, Any] | None:
         st = status(service, burn_id)
         return st if st["state"] in FINAL and not st["stopping"] else None
-    return wait_until(check, f"burn {burn_id} to end")
+    return wait_until(check, BURN_WAIT, f"burn {burn_id} to end")
 
 
-def feed_discs(service: RunningService, burn_id: int, disc: Path, kept: list[Path]) -> dict[str, Any]:
+def feed_discs(service: ServiceProcess, burn_id: int, disc: Path, kept: list[Path]) -> dict[str, Any]:
     """Answer every insert-disc prompt of a burn to ``stdio:disc`` until it ends.
 
     "Ejecting" a disc moves the pseudo-drive's file to ``kept`` (in order); the drive then holds
     no medium, which xorriso treats as a blank one.
     """
-    while True:
+    def fed() -> dict[str, Any] | None:
         st = status(service, burn_id)
         if st["state"] in FINAL and not st["stopping"]:
             return st
         if st["waiting_for_disc"] is not None:
             eject(disc, kept)
             service.call("burn.disc_inserted", id=burn_id)
-        time.sleep(0.05)
+        return None
+    return wait_until(fed, 240, f"burn {burn_id} to end, every disc it asked for inserted")
 
 
 def eject(disc: Path, kept: list[Path]) -> None:
@@ -102,13 +90,13 @@ def eject(disc: Path, kept: list[Path]) -> None:
     disc.rename(kept[-1])
 
 
-def sigkill_and_restart(service: RunningService) -> RunningService:
+def sigkill_and_restart(service: ServiceProcess) -> ServiceProcess:
     os.kill(service.proc.pid, signal.SIGKILL)
     service.proc.wait(timeout=10)
-    return start_service(service.home.root)
+    return ServiceProcess.start(service.home.root)
 
 
-def leftovers(service: RunningService, *folders: Path) -> list[Path]:
+def leftovers(service: ServiceProcess, *folders: Path) -> list[Path]:
     """Temporary files of burns: staging folders and partly written images."""
     found = list((service.home.tmp_dir / "burn").glob("*"))
     for folder in folders:
@@ -130,7 +118,7 @@ def check_set(images: list[Path], out: Path, study: str, sources: dict, tools: d
 class EventLog:
     """Every event of a service, collected by a background reader."""
 
-    def __init__(self, service: RunningService) -> None:
+    def __init__(self, service: ServiceProcess) -> None:
         self._client = IpcClient(service.home.socket_path, timeout=None)
         self._client.call("events.subscribe")
         self.events: list[dict[str, Any]] = []
@@ -150,7 +138,7 @@ class EventLog:
         return [e for e in list(self.events) if e.get("id") == burn_id and e["type"] == kind]
 
     def done(self, burn_id: int) -> dict[str, Any]:
-        return wait_until(lambda: self.of(burn_id, "burn.done"), f"burn.done of {burn_id}")[0]
+        return wait_until(lambda: self.of(burn_id, "burn.done"), BURN_WAIT, f"burn.done of {burn_id}")[0]
 
     def close(self) -> None:
         import socket
@@ -164,14 +152,15 @@ class EventLog:
 
 def test_spanned_burn_resumes_after_sigkill_and_the_queued_burn_follows(short_tmp, tools):
     root = short_tmp
-    service = start_service(root / "home")
+    service = ServiceProcess.start(root / "home")
     try:
         studies, sources = import_studies(service, root, ("big", "small"))
         service.call("config.set", key="media.capacity_bytes", value=SPAN_CAPACITY)
         disc = root / "disc.iso"
         kept: list[Path] = []
         a = service.call("burn", study_uids=[studies["big"]], drive=f"stdio:{disc}")["id"]
-        st = wait_until(lambda: (s := status(service, a))["waiting_for_disc"] == 2 and s, "disc 2 prompt")
+        st = wait_until(lambda: (s := status(service, a))["waiting_for_disc"] == 2 and s, BURN_WAIT,
+                        "disc 2 prompt")
         # the discs are shown while the burn runs: disc 1 written and verified, the others planned
         assert st["state"] == "running" and st["started"] is not None and st["finished"] is None
         n = len(st["discs"])
@@ -199,7 +188,7 @@ def test_spanned_burn_resumes_after_sigkill_and_the_queued_burn_follows(short_tm
         assert "1 job(s) interrupted by an earlier stop queued again" in service.log()
         # the queued burn waited for the drive, which holds the last disc of the first burn:
         # it asks for a blank disc instead of failing
-        wait_until(lambda: status(service, b)["waiting_for_disc"] == 1, "burn 2 to ask for a blank disc")
+        wait_until(lambda: status(service, b)["waiting_for_disc"] == 1, BURN_WAIT, "burn 2 to ask for a blank disc")
         st_b = feed_discs(service, b, disc, kept)
         assert st_b["state"] == "done", st_b
         assert len(kept) == n
@@ -209,18 +198,18 @@ def test_spanned_burn_resumes_after_sigkill_and_the_queued_burn_follows(short_tm
         assert job["state"] == "done" and job["done"] == job["total"] == 10 and not job["failed_items"]
         assert not leftovers(service, root)
     finally:
-        stop_service(service)
+        service.stop()
 
 
 def test_burn_killed_during_a_write_burns_that_disc_again(short_tmp):
     root = short_tmp
-    service = start_service(root / "home")
+    service = ServiceProcess.start(root / "home")
     try:
         studies, _ = import_studies(service, root, ("slow",))
         service.call("config.set", key="media.drives", value="sim:slow")
         burn = service.call("burn", study_uids=[studies["slow"]], drive="sim:slow")["id"]
         st = wait_until(lambda: (s := status(service, burn))["discs"] and s["discs"][0]["state"] == "writing" and s,
-                        "the disc to be written")
+                        BURN_WAIT, "the disc to be written")
         assert st["state"] == "running"
         drives = {d["device"]: d for d in service.call("drives.list")}
         assert drives["sim:slow"]["busy"] is True
@@ -236,7 +225,7 @@ def test_burn_killed_during_a_write_burns_that_disc_again(short_tmp):
         assert not {d["device"]: d for d in service.call("drives.list")}["sim:slow"]["busy"]
         assert not leftovers(service)
     finally:
-        stop_service(service)
+        service.stop()
 
 
 # -- cancel, disc states ---------------------------------------------------------------------------
@@ -245,23 +234,24 @@ def test_burn_killed_during_a_write_burns_that_disc_again(short_tmp):
 @pytest.fixture(scope="module")
 def svc(tools) -> Iterator[dict[str, Any]]:
     root = Path(tempfile.mkdtemp(prefix="mlj"))
-    service = start_service(root / "home")
+    service = ServiceProcess.start(root / "home")
     events = EventLog(service)
     try:
         studies, sources = import_studies(service, root, ("big", "small", "slow"))
         yield {"service": service, "root": root, "studies": studies, "sources": sources, "events": events}
     finally:
         events.close()
-        stop_service(service)
+        service.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
 def test_cancel_a_queued_burn_and_one_being_written(svc):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     events: EventLog = svc["events"]
     a = service.call("burn", study_uids=[svc["studies"]["slow"]], drive="sim:slow")["id"]
     b = service.call("burn", study_uids=[svc["studies"]["small"]], drive="sim:slow")["id"]
-    wait_until(lambda: (s := status(service, a))["discs"] and s["discs"][0]["state"] == "writing", "the write")
+    wait_until(lambda: (s := status(service, a))["discs"] and s["discs"][0]["state"] == "writing", BURN_WAIT,
+               "the write")
     res = service.call("burn.cancel", id=a)  # being written: the write is finished first
     assert res["state"] == "cancelled" and res["stopping"] is True and res["finished"] is None
 
@@ -286,7 +276,7 @@ def test_cancel_a_queued_burn_and_one_being_written(svc):
 
 
 def test_cancel_while_waiting_for_a_disc_then_retry_resumes(svc, tools):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     events: EventLog = svc["events"]
     root: Path = svc["root"] / "cancel_wait"
     root.mkdir()
@@ -295,7 +285,7 @@ def test_cancel_while_waiting_for_a_disc_then_retry_resumes(svc, tools):
     service.call("config.set", key="media.capacity_bytes", value=SPAN_CAPACITY)
     try:
         burn = service.call("burn", study_uids=[svc["studies"]["big"]], drive=f"stdio:{disc}")["id"]
-        wait_until(lambda: status(service, burn)["waiting_for_disc"] == 2, "disc 2 prompt")
+        wait_until(lambda: status(service, burn)["waiting_for_disc"] == 2, BURN_WAIT, "disc 2 prompt")
         eject(disc, kept)
         proc = service.cli("burn", "--cancel", str(burn))
         assert proc.returncode == 0 and f"burn {burn}: cancelled" in proc.stdout, proc.stdout + proc.stderr
@@ -328,7 +318,7 @@ def test_cancel_while_waiting_for_a_disc_then_retry_resumes(svc, tools):
 
 
 def test_iso_export_shows_each_disc_state_and_leaves_no_temporary_file(svc, tools):
-    service: RunningService = svc["service"]
+    service: ServiceProcess = svc["service"]
     events: EventLog = svc["events"]
     image = svc["root"] / "small.iso"
     st = service.call("burn", study_uids=[svc["studies"]["small"]], iso=str(image), wait=True)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from modality_link.archive import encode_file_meta, read_header
+from modality_link.archive import read_header
+from modality_link.fileformat import encode_file_meta
 from modality_link.coercion import coerce_file
-from tests.corpus import CASES, Case
-from tests.test_corpus import assert_same_dataset
+from tests.support.corpus import CASES, Case, assert_same_dataset
 
 NEW_NAME = "Γιάννης^Ωμέγα"  # not Latin-1: the header is written again in ISO_IR 192
 

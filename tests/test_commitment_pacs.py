@@ -1,5 +1,6 @@
 """Storage SCU and Storage Commitment SCU against the simulated PACS in each quirk mode
-(REQUIREMENTS D4-D7, E2, E4-E10; §11 items 3-4). Real associations on loopback."""
+(PS3.4 Annex B and Annex J; the failures, retries and statuses of docs/design.md "Jobs and
+failures"). Real associations on loopback."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian
 
 from modality_link import config
-from modality_link.service import Service
 from sim.pacs import Pacs
-from tests.store_support import call, cleanup, generated_study, make_home, wait_chain
+from tests.support.instances import generated_study
+from tests.support.service import InProcessService, call, cleanup, make_home, wait_chain
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,7 @@ class Rig:
         self.home = make_home(ae_title="SIMPACS", port=self.pacs.port, **(node_kw or {}))
         cfg = config.load(self.home.config_path)
         self.pacs.report_to = (cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port)
-        self.service = Service(self.home)
-        self.service.start(log_to_stderr=False)
+        self.service = InProcessService(self.home)
         call(self.home, "archive.import", paths=[str(study_dir)])
         self.study = call(self.home, "studies.list")[0]["study_uid"]
 
@@ -69,13 +70,13 @@ def test_commitment_report_modes(rig, mode):
     assert len(r.pacs.received) == 10
     assert r.pacs.reports_sent[0][1] == mode
     assert r.nodes() == {"PACS": {"sent": 10, "committed": 10}}
-    # E1: N-ACTION contents
+    # the N-ACTION names every instance sent (PS3.4 J.3.2)
     action = r.pacs.actions[0]
     assert action.TransactionUID and len(action.ReferencedSOPSequence) == 10
 
 
 def test_report_later_than_same_association_wait(rig):
-    """E4/E5: the report comes after our same-association wait, on a new association."""
+    """The report comes after our same-association wait, on a new association (PS3.4 J.3.3)."""
     r = rig(node_kw={"commit_wait": 0.3}, commit_mode="same", commit_delay=1.0)
     job = r.send()
     assert job["state"] == "done", job
@@ -83,7 +84,7 @@ def test_report_later_than_same_association_wait(rig):
 
 
 def test_several_reports_on_one_association(rig, study_dir):
-    """E6: two transactions reported on one new association."""
+    """Two transactions reported on one new association."""
     r = rig(node_kw={"commit_wait": 0.0}, commit_mode="multi", multi_count=2)
     first = call(r.home, "send", study_uids=[r.study], node="PACS", commit=True)["job_id"]
     second = call(r.home, "send", study_uids=[r.study], node="PACS", commit=True)["job_id"]
@@ -93,7 +94,7 @@ def test_several_reports_on_one_association(rig, study_dir):
 
 
 def test_partial_failure_resent_and_recommitted(rig):
-    """E9: 2 of 10 fail -> those 2 resent, commitment asked again -> all committed."""
+    """2 of 10 fail -> those 2 resent, commitment asked again -> all committed."""
     r = rig(commit_mode="same", fail_commit=2, fail_commit_rounds=1)
     job = r.send()
     assert job["state"] == "done" and job["total"] == 2, job
@@ -112,7 +113,7 @@ def test_partial_failure_twice_raises_warning(rig):
 
 
 def test_never_reporting_times_out_and_retries(rig):
-    """E7: no report -> the N-ACTION is repeated commit_retries times, then the job fails."""
+    """No report -> the N-ACTION is repeated commit_retries times, then the job fails."""
     r = rig(node_kw={"commit_wait": 0.2, "commit_timeout": 0.5, "commit_retries": 2}, commit_mode="never")
     job = r.send()
     assert job["state"] == "failed" and "no commitment report" in job["last_error"], job
@@ -121,7 +122,7 @@ def test_never_reporting_times_out_and_retries(rig):
 
 
 def test_n_action_refused(rig):
-    """E10: N-ACTION-RSP != 0000 -> transaction failed, operator told."""
+    """N-ACTION-RSP != 0000 -> transaction failed, operator told."""
     r = rig(commit_mode="same", action_status=0x0110)
     job = r.send()
     assert job["state"] == "failed" and "0x0110" in job["last_error"]
@@ -138,7 +139,7 @@ def test_store_warning_statuses_count_as_stored(rig, status):
 
 @pytest.mark.parametrize("status", [0xA700, 0x0213])
 def test_retryable_failures_are_retried(rig, status):
-    """D5/D6: out of resources is retried after the interval; here the peer recovers."""
+    """Out of resources is retried after the interval; here the peer recovers."""
     r = rig(node_kw={"retries": 2}, store_status=lambda i, uid: status if i < 3 else 0)
     job = r.send(commit=False)
     assert job["state"] == "done" and job["attempts"] == 1, job
@@ -179,7 +180,7 @@ def test_failure_policy_stop(rig):
 
 
 def test_abort_mid_transfer_requeues(rig):
-    """D7: the peer aborts after 4 C-STOREs -> the job goes back to queued and completes."""
+    """The peer aborts after 4 C-STOREs -> the job goes back to queued and completes."""
     r = rig(abort_after=4)
     job = r.send()
     assert job["state"] == "done", job
@@ -195,7 +196,8 @@ def test_slow_acknowledgements(rig):
 
 
 def test_ile_only_peer_gets_converted_pixels_identical(rig, study_dir):
-    """A12: stored ELE, the peer accepts only ILE -> sent in ILE, pixel data identical."""
+    """Stored ELE, the peer accepts only ILE -> sent in ILE, pixel data identical
+    (docs/design.md "Identity and transfer syntaxes")."""
     r = rig(transfer_syntaxes=[ImplicitVRLittleEndian])
     job = r.send(commit=False)
     assert job["state"] == "done", job
@@ -217,11 +219,7 @@ def test_rejected_sop_class_fails_those_instances(rig):
 def test_cancel_and_retry(rig):
     r = rig(node_kw={"retries": 5, "retry_interval": 30.0}, store_status=0xA700)
     job_id = call(r.home, "send", study_uids=[r.study], node="PACS")["job_id"]
-    import time
-    for _ in range(100):
-        if call(r.home, "jobs.show", id=job_id)["attempts"] >= 1:
-            break
-        time.sleep(0.05)
+    wait_until(lambda: call(r.home, "jobs.show", id=job_id)["attempts"] >= 1, 30, "the first failed attempt")
     assert call(r.home, "jobs.cancel", id=job_id)["state"] == "cancelled"
     r.pacs.store_status = 0
     assert call(r.home, "jobs.retry", id=job_id)["state"] == "queued"
@@ -231,8 +229,7 @@ def test_cancel_and_retry(rig):
 def test_auto_send_exam_rule_on_import(study_dir):
     pacs = Pacs(commit_mode="same").start()
     home = make_home(ae_title="SIMPACS", port=pacs.port, auto_send="exam")
-    service = Service(home)
-    service.start(log_to_stderr=False)
+    service = InProcessService(home)
     try:
         res = call(home, "archive.import", paths=[str(study_dir)])
         assert len(res["jobs"]) == 1

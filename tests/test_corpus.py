@@ -1,6 +1,6 @@
 """pydicom's test corpus and DCMTK conversions through every path of the service.
 
-Each file of :mod:`tests.corpus` goes through the C-STORE receive of the disk server (its raw
+Each file of :mod:`tests.support.corpus` goes through the C-STORE receive of the disk server (its raw
 data set bytes, so broken files reach the service), ``archive.import``, a send to DCMTK
 ``storescp`` (which accepts uncompressed transfer syntaxes only, so compressed sources are
 converted), a send with Storage Commitment to Orthanc, and a burn to an ISO 9660 image checked
@@ -19,14 +19,11 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import pycdlib  # noqa: F401 (the ISO is read back by xorriso and pydicom below)
 import pytest
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -35,77 +32,18 @@ from modality_link import config
 from modality_link.config import Timeouts
 from modality_link.home import temporary_home
 from modality_link.net.servers import ARCHIVE_TRANSFER_SYNTAXES
-from modality_link.net.storage import c_store_rq, parse_command
+from modality_link.net.command import parse_command
+from modality_link.net.storage import c_store_rq
 from modality_link.net.upper_layer import Requestor
+from modality_link.home import free_port
 from modality_link.service import Service
-from tests.conftest import dataset_bytes, require_tool
-from tests.corpus import CASES, Case, corpus_files, made_cases
-from tests.store_support import call, cleanup, free_port, make_home, start_orthanc, start_storescp, wait_chain
+from tests.support.corpus import CASES, Case, assert_same_dataset, corpus_files, made_cases, read
+from tests.support.instances import dataset_bytes
+from tests.support.peers import start_orthanc, start_storescp
+from tests.support.service import InProcessService, call, cleanup, make_home, wait_chain
+from tests.support.tools import require_tool
 
 pytestmark = pytest.mark.interop
-
-#: Attributes that a decompression rightly changes (PS3.5 §8.2; PS3.3 C.7.6.3.1.2, C.7.6.1.1.5).
-CHANGED_BY_DECODING = {0x00280004, 0x00280006, 0x00282110, 0x00282112, 0x00282114, 0x7FE00010}
-#: Data Set Trailing Padding has no meaning and a receiver may drop it (PS3.10 7.2): DCMTK does.
-IGNORED = {0xFFFCFFFC}
-_SWAP = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
-
-
-# -- comparing what came out with what went in ---------------------------------------------------------
-
-
-def _value(elem: Any, big_endian: bool) -> Any:
-    width = _SWAP.get(elem.VR)
-    if width and isinstance(elem.value, (bytes, bytearray)) and len(elem.value) % width == 0:
-        return np.frombuffer(elem.value, f"{'>' if big_endian else '<'}u{width}").tolist()
-    return elem.value
-
-
-def assert_same_dataset(src: Dataset, out: Dataset, what: str, decoded: bool | None = False) -> None:
-    """Every attribute of `src` is in `out` with the same value (text compared decoded, binary
-    values compared as numbers whatever the byte order). The attributes that decompression
-    changes are left out; pixel data are compared byte for byte when the transfer syntax is the
-    same, as arrays when it is not or `decoded` is true, by their shape only when `decoded` is
-    None (a lossy source)."""
-    assert out.SOPInstanceUID == src.SOPInstanceUID, f"{what}: SOP Instance UID changed"
-    assert out.SOPClassUID == src.SOPClassUID, f"{what}: SOP Class UID changed"
-    src_be = not src.original_encoding[1] if src.original_encoding else False
-    out_be = not out.original_encoding[1] if out.original_encoding else False
-    for elem in src:
-        if elem.tag.group == 0x0002 or elem.tag.element == 0x0000 or elem.tag in CHANGED_BY_DECODING | IGNORED:
-            continue  # File Meta; group lengths (retired, PS3.5 7.2); what decoding changes
-        assert elem.tag in out, f"{what}: {elem.tag} {elem.keyword} missing"
-        mine = out[elem.tag]
-        if elem.VR == "SQ":
-            assert len(mine.value) == len(elem.value), f"{what}: {elem.keyword} items"
-            for a, b in zip(elem.value, mine.value):
-                assert_same_dataset_items(a, b, f"{what} > {elem.keyword}", src_be, out_be)
-            continue
-        assert _value(mine, out_be) == _value(elem, src_be), f"{what}: {elem.tag} {elem.keyword} differs"
-    if "PixelData" in src and decoded is None:  # lossy: decoded by another decoder, the same size
-        assert src.pixel_array.shape == out.pixel_array.shape, f"{what}: pixel data differ in shape"
-    elif "PixelData" in src:
-        if decoded or src.file_meta.TransferSyntaxUID != out.file_meta.TransferSyntaxUID:
-            assert np.array_equal(src.pixel_array, out.pixel_array), f"{what}: pixel data differ"
-        else:
-            assert out.PixelData == src.PixelData, f"{what}: pixel data differ"
-
-
-def assert_same_dataset_items(src: Dataset, out: Dataset, what: str, src_be: bool, out_be: bool) -> None:
-    for elem in src:
-        assert elem.tag in out, f"{what}: {elem.tag} {elem.keyword} missing"
-        mine = out[elem.tag]
-        if elem.VR == "SQ":
-            for a, b in zip(elem.value, mine.value):
-                assert_same_dataset_items(a, b, f"{what} > {elem.keyword}", src_be, out_be)
-            continue
-        assert _value(mine, out_be) == _value(elem, src_be), f"{what}: {elem.tag} {elem.keyword} differs"
-
-
-def read(path: Path) -> Dataset:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return dcmread(path, force=True)
 
 
 # -- fixtures ---------------------------------------------------------------------------------------------
@@ -146,7 +84,7 @@ def partitions(cases: list[Case]) -> list[list[Case]]:
 
 def test_every_corpus_file_has_a_line():
     listed = {c.name for c in CASES}
-    assert corpus_files() - listed == set(), "add a line to tests/corpus.py CASES"
+    assert corpus_files() - listed == set(), "add a line to tests/support/corpus.py CASES"
 
 
 # -- receive: raw data sets over a real association into the disk server ----------------------------------
@@ -155,10 +93,9 @@ def test_every_corpus_file_has_a_line():
 @pytest.fixture(scope="module")
 def receiver(work: Path) -> Iterator[tuple[Service, Any]]:
     home = make_home()
-    service = Service(home)
-    service.start(log_to_stderr=False)
-    yield service, home
-    service.stop()
+    svc = InProcessService(home)
+    yield svc.service, home
+    svc.stop()
     cleanup(home)
 
 
@@ -336,8 +273,7 @@ def partition(request, peers, all_cases) -> Iterator[dict[str, Any]]:
     })
     cfg = config.load(home.config_path)
     orthanc.allow(cfg.disk_server.ae_title, cfg.disk_server.port)
-    service = Service(home)
-    service.start(log_to_stderr=False)
+    service = InProcessService(home)
     try:
         result = call(home, "archive.import", paths=[str(c.path) for c in cases])
         yield {

@@ -15,15 +15,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from sim import images
-from tests.conftest import (
-    IN_CI,
-    RunningService,
-    dataset_bytes,
-    dcmtk_env,
-    require_tool,
-    start_service,
-    stop_service,
-)
+from tests.support.instances import dataset_bytes
+from tests.support.service import ServiceProcess
+from tests.support.tools import dcmtk_env, missing, require_tool
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +27,11 @@ def ct300(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return images.write_study(out, modality="CT", images=300, rows=512, columns=512, seed=7)
 
 
-def archived(svc: RunningService, sop_uid: str) -> list[Path]:
+def archived(svc: ServiceProcess, sop_uid: str) -> list[Path]:
     return list(svc.home.archive_dir.glob(f"*/*/{sop_uid}.dcm"))
 
 
-def test_storescu_300_ct_images_arrive_unchanged(service: RunningService, ct300: list[Path]) -> None:
+def test_storescu_300_ct_images_arrive_unchanged(service: ServiceProcess, ct300: list[Path]) -> None:
     storescu = require_tool("storescu")
     proc = subprocess.run(
         [storescu, "-aet", "CT_SCANNER", "-aec", "MODLINK", "127.0.0.1", str(service.port), *map(str, ct300)],
@@ -67,7 +62,7 @@ def test_storescu_300_ct_images_arrive_unchanged(service: RunningService, ct300:
 
 def test_echoscu_and_calling_ae_allow_list(short_tmp: Path) -> None:
     echoscu = require_tool("echoscu")
-    svc = start_service(short_tmp / "h", disk_server__allowed_calling_aets=["GOOD_SCU"])
+    svc = ServiceProcess.start(short_tmp / "h", disk_server__allowed_calling_aets=["GOOD_SCU"])
     try:
         ok = subprocess.run(
             [echoscu, "-aet", "GOOD_SCU", "-aec", "MODLINK", "127.0.0.1", str(svc.port)],
@@ -80,7 +75,8 @@ def test_echoscu_and_calling_ae_allow_list(short_tmp: Path) -> None:
         )
         assert bad.returncode != 0
         assert "Calling AE Title Not Recognized" in bad.stdout + bad.stderr
-        time.sleep(0.3)
+        wait_until(lambda: any("INTRUDER" in l and "refused" in l for l in svc.log().splitlines()), 10,
+                   "the refusal of INTRUDER in the log")
         lines = [l for l in svc.log().splitlines() if "refused" in l]
         assert any("INTRUDER" in l and "permanent" in l and "calling AE title not recognized" in l for l in lines)
         # A wrong called AE title is refused too (PS3.8 Table 9-21 reason 7).
@@ -91,10 +87,10 @@ def test_echoscu_and_calling_ae_allow_list(short_tmp: Path) -> None:
         assert wrong.returncode != 0
         assert "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr
     finally:
-        stop_service(svc)
+        svc.stop()
 
 
-def test_echoscu_without_allow_list(service: RunningService) -> None:
+def test_echoscu_without_allow_list(service: ServiceProcess) -> None:
     proc = subprocess.run(
         [require_tool("echoscu"), "-aet", "ANYONE", "-aec", "MODLINK", "127.0.0.1", str(service.port)],
         env=dcmtk_env(), capture_output=True, text=True, timeout=60,
@@ -118,14 +114,14 @@ def _send_raw_file(port: int, path: Path, sop_class: str, ts: str = ExplicitVRLi
     return int(rsp.Status)
 
 
-def _archive_consistent(svc: RunningService) -> None:
+def _archive_consistent(svc: ServiceProcess) -> None:
     files = {p.name[:-4] for p in svc.home.archive_dir.glob("*/*/*.dcm")}
     indexed = sum(s["instances"] for s in svc.studies())
     assert len(files) == indexed
     assert list((svc.home.archive_dir / ".tmp").glob("*")) == []
 
 
-def test_truncated_and_invalid_datasets_are_refused(service: RunningService, tmp_path: Path) -> None:
+def test_truncated_and_invalid_datasets_are_refused(service: ServiceProcess, tmp_path: Path) -> None:
     (good,) = images.write_study(tmp_path / "g", modality="CT", images=1, seed=3)
     data = good.read_bytes()
     truncated = tmp_path / "truncated.dcm"
@@ -150,7 +146,7 @@ def test_truncated_and_invalid_datasets_are_refused(service: RunningService, tmp
 
 
 def test_garbage_pdu_and_abort_do_not_disturb_a_parallel_association(
-    service: RunningService, tmp_path: Path
+    service: ServiceProcess, tmp_path: Path
 ) -> None:
     study = images.make_study("CT", images=30, seed=11)
     results: dict[str, object] = {}
@@ -223,7 +219,7 @@ def test_garbage_pdu_and_abort_do_not_disturb_a_parallel_association(
 
 
 def test_acceptor_limit_rejects_with_local_limit_exceeded(short_tmp: Path) -> None:
-    svc = start_service(short_tmp / "h", disk_server__max_associations=1)
+    svc = ServiceProcess.start(short_tmp / "h", disk_server__max_associations=1)
     try:
         ae = AE(ae_title="FIRST")
         ae.add_requested_context(Verification)
@@ -244,11 +240,11 @@ def test_acceptor_limit_rejects_with_local_limit_exceeded(short_tmp: Path) -> No
         assert proc.returncode == 0
         assert "local limit exceeded" in svc.log()
     finally:
-        stop_service(svc)
+        svc.stop()
 
 
 def test_reserve_below_watermark_answers_a700_and_alerts(short_tmp: Path) -> None:
-    svc = start_service(short_tmp / "h", archive__min_free_mb=10**9)
+    svc = ServiceProcess.start(short_tmp / "h", archive__min_free_mb=10**9)
     try:
         study = images.make_study("CT", images=2, seed=5)
         ae = AE(ae_title="SENDER")
@@ -263,7 +259,7 @@ def test_reserve_below_watermark_answers_a700_and_alerts(short_tmp: Path) -> Non
         assert st["archive"]["instances"] == 0
         assert "0xA700" in svc.log()
     finally:
-        stop_service(svc)
+        svc.stop()
 
 
 def test_really_full_file_system_answers_a700(short_tmp: Path) -> None:
@@ -273,11 +269,9 @@ def test_really_full_file_system_answers_a700(short_tmp: Path) -> None:
     archive.mkdir(parents=True)
     mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(archive)], capture_output=True)
     if mount.returncode != 0:
-        if IN_CI:
-            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {mount.stderr!r}")
-        pytest.skip("mounting a tmpfs needs root")
+        missing(f"mounting a tmpfs for the disk-full test needs root: {mount.stderr!r}")
     try:
-        svc = start_service(root, archive__min_free_mb=0)
+        svc = ServiceProcess.start(root, archive__min_free_mb=0)
         try:
             study = images.make_study("CT", images=30, rows=128, columns=128, seed=6)
             ae = AE(ae_title="SENDER")
@@ -293,6 +287,6 @@ def test_really_full_file_system_answers_a700(short_tmp: Path) -> None:
             _archive_consistent(svc)
             assert svc.alive()
         finally:
-            stop_service(svc)
+            svc.stop()
     finally:
         subprocess.run(["umount", str(archive)], check=False)

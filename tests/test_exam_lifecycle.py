@@ -8,9 +8,12 @@ import pytest
 from pydicom import dcmread
 
 from modality_link.config import Node
+from modality_link.home import free_port
 from modality_link.ipc import INVALID_PARAMS, IpcError
 from sim.ris import RIS
-from tests.exam_support import RunningService, cleanup, free_port, make_home, spool_images, wait_until
+from tests.support.instances import spool_images
+from tests.support.service import InProcessService, cleanup, exam_home
+from tests.support.waiting import wait_until
 
 
 def _ris_node(port: int, **kw) -> dict[str, Node]:
@@ -18,7 +21,7 @@ def _ris_node(port: int, **kw) -> dict[str, Node]:
                         worklist_date="", retry_interval=0.5, **kw)}
 
 
-def _sent(svc: RunningService, exam_id: int, n: int = 2) -> list[dict]:
+def _sent(svc: InProcessService, exam_id: int, n: int = 2) -> list[dict]:
     return wait_until(lambda: (r := svc.call("exam.show", exam_id=exam_id)["mpps"]) and
                       len(r) == n and all(m["state"] == "sent" for m in r) and r, 15, "MPPS sent")
 
@@ -26,8 +29,8 @@ def _sent(svc: RunningService, exam_id: int, n: int = 2) -> list[dict]:
 @pytest.mark.parametrize("mode", ["standard", "001", "mpps-assigns-uid"])
 def test_full_exam(mode: str, tmp_path: Path) -> None:
     with RIS(mode=mode) as ris:
-        home = make_home(_ris_node(ris.port, mpps_scp_assigns_uid=(mode == "mpps-assigns-uid")))
-        svc = RunningService(home)
+        home = exam_home(_ris_node(ris.port, mpps_scp_assigns_uid=(mode == "mpps-assigns-uid")))
+        svc = InProcessService(home)
         try:
             items = svc.call("worklist.query")["items"]
             assert [i["sps_id"] for i in items] == ["SPS0001", "SPS0002", "SPS0003"]
@@ -39,7 +42,7 @@ def test_full_exam(mode: str, tmp_path: Path) -> None:
             info = svc.call("exam.show", exam_id=ex["exam_id"])
             with pytest.raises(IpcError, match="already COMPLETED"):
                 svc.call("exam.end", exam_id=ex["exam_id"])
-            # B14: the archived image carries the worklist data
+            # the archived image carries the worklist data (the IHE Scheduled Workflow mapping)
             inst = svc.service.db.index.instance(added[0])
             ds = dcmread(home.archive_dir / inst.path)
             assert str(ds.PatientName) == "Müller^Jürgen" and ds.AccessionNumber == "ACC0001"
@@ -63,8 +66,8 @@ def test_full_exam(mode: str, tmp_path: Path) -> None:
 
 def test_discontinued_and_unscheduled(tmp_path: Path) -> None:
     with RIS(mode="001") as ris:
-        home = make_home(_ris_node(ris.port))
-        svc = RunningService(home)
+        home = exam_home(_ris_node(ris.port))
+        svc = InProcessService(home)
         try:
             ex = svc.call("exam.start", patient_id="EMERG1", patient_name="Doe^John")
             svc.call("exam.add_image", exam_id=ex["exam_id"], paths=spool_images(tmp_path / "s", 1))
@@ -102,8 +105,8 @@ def test_mode_001_refuses_incomplete_n_create() -> None:
 
 def test_ris_down_at_start_then_up_across_restart(tmp_path: Path) -> None:
     port = free_port()
-    home = make_home(_ris_node(port), connect=1.0)
-    svc = RunningService(home)
+    home = exam_home(_ris_node(port), connect=1.0)
+    svc = InProcessService(home)
     try:
         ex = svc.call("exam.start", patient_id="P9", patient_name="Down^Ris")
         svc.call("exam.add_image", exam_id=ex["exam_id"], paths=spool_images(tmp_path / "s", 2))
@@ -112,7 +115,7 @@ def test_ris_down_at_start_then_up_across_restart(tmp_path: Path) -> None:
     finally:
         svc.stop()
     # restart the service, then bring the RIS up: the queue is replayed in order, once
-    svc = RunningService(home)
+    svc = InProcessService(home)
     try:
         assert [m["state"] for m in svc.call("exam.show", exam_id=ex["exam_id"])["mpps"]] == ["queued", "queued"]
         with RIS(port=port) as ris:
@@ -134,8 +137,8 @@ def test_images_as_bytes_and_one_group(tmp_path: Path) -> None:
     is archived are the source's bytes."""
     import base64
 
-    home = make_home({})
-    svc = RunningService(home)
+    home = exam_home({})
+    svc = InProcessService(home)
     try:
         ex = svc.call("exam.start", patient_id="BYTES1", patient_name="Bytes^Bea")
         paths = spool_images(tmp_path / "s", 3)

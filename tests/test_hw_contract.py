@@ -10,7 +10,8 @@ import pytest
 
 import hw
 from hw.drive import CD_R, DVD_R
-from tests.hw_support import flip_byte, make_iso, require_xorriso
+from tests.support.discs import flip_byte, make_iso
+from tests.support.tools import require_tool
 
 
 @dataclass
@@ -18,11 +19,12 @@ class Backend:
     drive: hw.Drive
     corrupt: Callable[[int], None]
     write_once: bool  # a second write must raise MediaNotBlankError
+    readable: bool = True  # the medium can be read back as a file (readback_path)
 
 
 def _xorriso(tmp_path: Path) -> Backend:
     target = tmp_path / "pseudo-drive.iso"
-    drive = hw.XorrisoDrive(f"stdio:{target}", xorriso=require_xorriso())
+    drive = hw.XorrisoDrive(f"stdio:{target}", xorriso=require_tool("xorriso"))
     return Backend(drive, lambda offset: flip_byte(target, offset), write_once=True)
 
 
@@ -34,7 +36,7 @@ def _imagefile(tmp_path: Path) -> Backend:
 
 def _simulated(tmp_path: Path) -> Backend:
     drive = hw.SimulatedDrive()
-    return Backend(drive, drive.corrupt, write_once=True)
+    return Backend(drive, drive.corrupt, write_once=True, readable=False)
 
 
 BACKENDS = {"xorriso": _xorriso, "imagefile": _imagefile, "simulated": _simulated}
@@ -114,6 +116,44 @@ def test_eject(backend):
     backend.drive.eject()
 
 
+def test_readback_path(backend, image):
+    """Where a medium is a file, it holds the image after a write; otherwise there is none."""
+    drive = backend.drive
+    drive.write(image)
+    path = drive.readback_path
+    assert (path is not None) == backend.readable
+    if path is not None:
+        data = image.read_bytes()
+        assert path.read_bytes()[:len(data)] == data
+
+
+def test_disc_inserted(backend, image):
+    """After the technologist says a disc is in, the drive holds a medium."""
+    drive = backend.drive
+    drive.write(image)
+    drive.eject()
+    drive.disc_inserted()
+    assert drive.media().present
+
+
+# Opening a drive by its configured name ---------------------------------------
+
+
+def test_open_drive_by_name(tmp_path, image):
+    assert isinstance(hw.open_drive("/dev/sr0"), hw.XorrisoDrive)
+    pseudo = hw.open_drive(f"stdio:{tmp_path / 'disc.iso'}")
+    assert isinstance(pseudo, hw.XorrisoDrive) and pseudo.readback_path == tmp_path / "disc.iso"
+    sim = hw.open_drive("sim:bay")
+    assert isinstance(sim, hw.Drive) and sim.identity.device == "sim:bay" and sim.media().is_blank
+    corrupt = hw.open_drive("sim:corrupt")
+    corrupt.write(image)
+    assert not corrupt.verify(image).ok
+    slow = hw.open_drive("sim:slow")
+    assert isinstance(slow, hw.SimulatedDrive) and slow.bytes_per_second == hw.SIM_SLOW_BYTES_PER_SECOND
+    with pytest.raises(ValueError, match="unknown drive 'floppy'"):
+        hw.open_drive("floppy")
+
+
 # SimulatedDrive fault injection ---------------------------------------------
 
 
@@ -168,6 +208,16 @@ def test_simulated_eject_and_insert(image):
     assert drive.verify(image).ok
 
 
+def test_simulated_disc_inserted_is_blank(image):
+    """The simulated drive cannot sense a disc: told one is in, it holds a blank CD-R."""
+    drive = hw.SimulatedDrive()
+    drive.write(image)
+    drive.eject()
+    drive.disc_inserted()
+    media = drive.media()
+    assert media.is_blank and media.kind == CD_R
+
+
 def test_simulated_kinds_in_hint():
     drive = hw.SimulatedDrive(present=False, capabilities=frozenset({CD_R}))
     with pytest.raises(hw.NoMediaError, match="insert a blank CD-R."):
@@ -194,3 +244,14 @@ def test_imagefile_messages_name_the_file(tmp_path, image):
     drive = hw.ImageFileDrive(tmp_path / "export.iso")
     drive.write(image)
     assert "the export file" in drive.verify(image).message
+
+
+def test_drives_are_reached_through_the_protocol():
+    """Outside hw/ the service names no concrete drive class: it opens drives with
+    hw.open_drive (or hw.discover) and uses only the Drive protocol."""
+    root = Path(__file__).resolve().parents[1]
+    concrete = ("XorrisoDrive", "ImageFileDrive", "SimulatedDrive")
+    found = [f"{path.relative_to(root)}: {name}"
+             for package in ("modality_link", "sim") for path in sorted((root / package).rglob("*.py"))
+             for name in concrete if name in path.read_text(encoding="utf-8")]
+    assert not found, found

@@ -14,7 +14,8 @@ from hw.xorriso import (
     XorrisoDrive, classify_failure, kind_from_profile, media_from_toc,
     parse_check_media, parse_profiles, parse_progress, parse_toc,
 )
-from tests.hw_support import flip_byte, make_iso, require_xorriso
+from tests.support.discs import flip_byte, make_iso
+from tests.support.tools import require_tool
 
 # Captured output -------------------------------------------------------------
 
@@ -238,7 +239,7 @@ def test_error_mapping_default_class():
 
 @pytest.fixture
 def xorriso() -> str:
-    return require_xorriso()
+    return require_tool("xorriso")
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from modality_link.home import temporary_home
 from modality_link.ipc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -25,8 +24,9 @@ from modality_link.ipc import (
     IpcServer,
     NotRunning,
 )
-from modality_link.service import Service
-from tests.conftest import REPO, RunningService
+from tests.support import REPO
+from tests.support.service import InProcessService, ServiceProcess
+from tests.support.waiting import wait_until
 
 
 def _raw(path: Path, line: bytes) -> dict:
@@ -71,10 +71,7 @@ def test_events_reach_subscribers(server: IpcServer) -> None:
 
     t = threading.Thread(target=listen)
     t.start()
-    for _ in range(100):
-        if server._subscribers:
-            break
-        threading.Event().wait(0.02)
+    wait_until(lambda: server._subscribers, 10, "the subscription", interval=0.02)
     server.publish("job.progress", job=7, done=3, total=10)
     t.join(10)
     client.close()
@@ -107,7 +104,8 @@ def test_a_subscriber_that_left_is_dropped_quietly(short_tmp: Path, caplog, gone
             for n in range(3):
                 srv.publish("job.progress", job_id=n)
             assert [stay.next_event(5) for _ in range(3)] == [{"type": "job.progress", "job_id": n} for n in range(3)]
-            wait_for(lambda: handler not in srv._subscribers and len(srv._subscribers) == 1)
+            wait_until(lambda: handler not in srv._subscribers and len(srv._subscribers) == 1, 10,
+                       "the subscriber that left dropped", interval=0.01)
         assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
         # at most one debug line: a closed handler may be dropped before an event is written to it
         assert set(r.levelno for r in caplog.records if "client gone" in r.getMessage()) <= {logging.DEBUG}
@@ -116,13 +114,6 @@ def test_a_subscriber_that_left_is_dropped_quietly(short_tmp: Path, caplog, gone
         leaver.close()
         stay.close()
         srv.stop()
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_a_subscriber_that_stops_reading_is_dropped_never_waited_for(short_tmp: Path, caplog) -> None:
@@ -138,7 +129,7 @@ def test_a_subscriber_that_stops_reading_is_dropped_never_waited_for(short_tmp: 
     try:
         mute.sendall(b'{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}\n')
         reader.call("events.subscribe")
-        wait_for(lambda: len(srv._subscribers) == 2)
+        wait_until(lambda: len(srv._subscribers) == 2, 10, "two subscribers", interval=0.01)
         got: list[dict] = []
 
         def read_all() -> None:
@@ -154,10 +145,10 @@ def test_a_subscriber_that_stops_reading_is_dropped_never_waited_for(short_tmp: 
                 srv.publish("memory.stored", n=n, payload=payload)
                 slowest = max(slowest, time.monotonic() - started)
                 if n % 40 == 39:  # a reader that keeps up: its queue never holds more than 40
-                    wait_for(lambda: len(got) > n)
-            wait_for(lambda: len(got) == 2000)
+                    wait_until(lambda: len(got) > n, 10, f"event {n} read", interval=0.01)
+            wait_until(lambda: len(got) == 2000, 10, "2000 events read", interval=0.01)
             assert [e["n"] for e in got] == list(range(2000))
-            wait_for(lambda: len(srv._subscribers) == 1)
+            wait_until(lambda: len(srv._subscribers) == 1, 10, "the mute subscriber dropped", interval=0.01)
         assert slowest < 1, f"one publish took {slowest:.2f} s: it waited for a client"
         assert [r for r in caplog.records if "left 50 events unread; dropped" in r.getMessage()]
     finally:
@@ -209,7 +200,7 @@ def test_idle_connections_are_closed_and_their_number_capped(short_tmp: Path) ->
             socks.append(s)
         subscriber.sendall(b'{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}\n')
         partial.sendall(b'{"jsonrpc":"2.0","id":1,"meth')
-        wait_for(lambda: len(srv._connections) == 3)
+        wait_until(lambda: len(srv._connections) == 3, 10, "three connections", interval=0.01)
         extra = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         socks.append(extra)
         extra.connect(str(srv.path))
@@ -218,7 +209,7 @@ def test_idle_connections_are_closed_and_their_number_capped(short_tmp: Path) ->
         for s in (silent, partial):  # closed by the server: EOF
             s.settimeout(10)
             assert s.recv(100) == b""
-        wait_for(lambda: len(srv._connections) == 1)
+        wait_until(lambda: len(srv._connections) == 1, 10, "the idle connections closed", interval=0.01)
         assert IpcClient(srv.path, timeout=10).call("ping") == "pong"
         srv.publish("alert", code="x")
         reply = subscriber.makefile("rb")
@@ -243,7 +234,7 @@ def test_client_says_when_no_service_runs(short_tmp: Path) -> None:
         assert "modality-link serve" in proc.stderr
 
 
-def test_second_service_on_the_same_home_is_refused(service: RunningService) -> None:
+def test_second_service_on_the_same_home_is_refused(service: ServiceProcess) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "modality_link", "--home", str(service.home.root), "serve"],
         capture_output=True, text=True, timeout=60,
@@ -253,7 +244,7 @@ def test_second_service_on_the_same_home_is_refused(service: RunningService) -> 
     assert service.alive()
 
 
-def test_echo_reports_status_and_round_trip(service: RunningService) -> None:
+def test_echo_reports_status_and_round_trip(service: ServiceProcess) -> None:
     # The service echoes itself (its own disk server as a node) and a node where no one listens.
     assert service.cli("node", "add", "SELF", "--ae", "MODLINK", "--host", "127.0.0.1", "--port", str(service.port)).returncode == 0
     assert service.cli("node", "add", "DEAD", "--ae", "DEAD", "--host", "127.0.0.1", "--port", "9").returncode == 0
@@ -268,7 +259,7 @@ def test_echo_reports_status_and_round_trip(service: RunningService) -> None:
     assert unknown.returncode == 1 and "no such node" in unknown.stderr
 
 
-def test_import_files_and_folders(service: RunningService, tmp_path: Path) -> None:
+def test_import_files_and_folders(service: ServiceProcess, tmp_path: Path) -> None:
     from sim import images
 
     images.write_study(tmp_path / "a" / "deep", modality="CT", images=3, seed=1)
@@ -283,28 +274,22 @@ def test_import_files_and_folders(service: RunningService, tmp_path: Path) -> No
     assert sorted(s["modalities"] for s in studies) == ["CT", "MR"]
 
 
-def test_every_ipc_method_is_documented(short_tmp: Path) -> None:
+def test_every_ipc_method_is_documented(service_in_process: InProcessService) -> None:
     doc = (REPO / "docs" / "ipc.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^### `([a-z_.]+)`", doc, flags=re.M))
-    home = temporary_home(short_tmp)
-    service = Service(home)
-    service.start(log_to_stderr=False)
-    try:
-        methods = set(service.ipc.methods)
-    finally:
-        service.stop()
+    methods = set(service_in_process.service.ipc.methods)
     missing = methods - documented
     assert not missing, f"IPC methods missing from docs/ipc.md: {sorted(missing)}"
     stale = documented - methods
     assert not stale, f"docs/ipc.md documents methods that do not exist: {sorted(stale)}"
 
 
-def test_a_subscriber_that_stops_reading_does_not_stall_the_disk_server(service: RunningService, short_tmp: Path):
+def test_a_subscriber_that_stops_reading_does_not_stall_the_disk_server(service: ServiceProcess, short_tmp: Path):
     """The disk server publishes ``instance.stored`` for each image: a local client that
     subscribes and never reads must not hold up one C-STORE response (the socket's buffer
     holds some 900 such events; the images are more)."""
     from sim.images import write_study
-    from tests.conftest import dcmtk_env, require_tool
+    from tests.support.tools import dcmtk_env, require_tool
 
     files = write_study(short_tmp / "study", modality="CT", images=1200, rows=16, columns=16, seed=5)
     mute = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

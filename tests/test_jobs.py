@@ -1,4 +1,4 @@
-"""The job queue's persistence and the node settings it uses (DESIGN.md "Jobs")."""
+"""The job queue's persistence and the node settings it uses (docs/design.md "Jobs and failures")."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from modality_link import config
 from modality_link.config import ConfigError
 from modality_link.db import Database, Job
 from modality_link.jobs import FINAL_STATES, JobContext, JobQueue
-from tests.exam_support import wait_until
+from tests.support.waiting import wait_until
 
 
 def test_running_job_is_requeued_after_a_crash(tmp_path):

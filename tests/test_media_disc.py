@@ -17,16 +17,16 @@ from pydicom.uid import ExplicitVRLittleEndian, HangingProtocolStorage, JPEGBase
 
 import modality_link
 from modality_link.media import MediaError, MediaOptions, build_disc, build_media, plan_discs
-from modality_link.media.fileset import dataset_offset
+from modality_link.fileformat import dataset_offset
 
-from .media_fixtures import (
+from tests.support.instances import (
     ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
     RLELossless,
     make_instance,
     make_series,
-    tool,
 )
+from tests.support.tools import require_tool
 
 LEVEL1_DIR = re.compile(r"^[A-Z0-9_]{1,8}$")
 LEVEL1_FILE = re.compile(r"^[A-Z0-9_]{1,8}(\.[A-Z0-9_]{1,3})?$")
@@ -49,7 +49,7 @@ def disc(tmp_path_factory):
     assert len(results) == 1
     result = results[0]
     extracted = root / "x"
-    proc = subprocess.run([tool("xorriso"), "-osirrox", "on", "-indev", str(result.iso_path), "-extract", "/",
+    proc = subprocess.run([require_tool("xorriso"), "-osirrox", "on", "-indev", str(result.iso_path), "-extract", "/",
                            str(extracted)], capture_output=True, text=True, encoding="latin-1")
     assert proc.returncode == 0, proc.stderr
     return {"files": files, "result": result, "x": extracted, "options": options}
@@ -67,14 +67,14 @@ def test_layout_is_iso9660_level1(disc):
 
 
 def test_dciodvfy_has_no_errors(disc):
-    proc = subprocess.run([tool("dciodvfy"), str(disc["x"] / "DICOMDIR")], capture_output=True, text=True, encoding="latin-1")
+    proc = subprocess.run([require_tool("dciodvfy"), str(disc["x"] / "DICOMDIR")], capture_output=True, text=True, encoding="latin-1")
     out = proc.stdout + proc.stderr
     assert "BasicDirectory" in out
     assert not [line for line in out.splitlines() if line.startswith("Error")], out
 
 
 def test_dcdirdmp_lists_every_record(disc):
-    proc = subprocess.run([tool("dcdirdmp"), str(disc["x"] / "DICOMDIR")], capture_output=True, text=True, encoding="latin-1")
+    proc = subprocess.run([require_tool("dcdirdmp"), str(disc["x"] / "DICOMDIR")], capture_output=True, text=True, encoding="latin-1")
     out = proc.stdout + proc.stderr  # dcdirdmp writes the listing to stderr
     kinds = [line.strip().split(" ")[0] for line in out.splitlines() if line.strip()]
     assert kinds.count("PATIENT") == 3

@@ -28,10 +28,10 @@ from pydicom.uid import (
 from modality_link.archive import Archive
 from modality_link.media import MediaOptions
 from modality_link.media.burn import burn_studies
-from modality_link.media.fileset import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, dataset_offset, date_time_value
+from modality_link.fileformat import dataset_offset
+from modality_link.media.fileset import INSTANCE_KEYS, PATIENT_KEYS, SERIES_KEYS, STUDY_KEYS, date_time_value
 from modality_link.media.profiles import get_profile
-from tests.conftest import require_tool
-from tests.media_fixtures import make_instance
+from tests.support.instances import make_instance
 
 DATA = Path(os.path.dirname(pydicom.__file__)) / "data"
 TYPE1 = {
@@ -40,11 +40,6 @@ TYPE1 = {
     "SERIES": [k for k, t in SERIES_KEYS if t == 1],
     **{rtype: [k for k, t in keys if t == 1] for rtype, keys in INSTANCE_KEYS.items()},
 }
-
-
-@pytest.fixture(scope="module")
-def tools() -> dict[str, str]:
-    return {name: require_tool(name) for name in ("xorriso", "dciodvfy", "dcdirdmp")}
 
 
 def part10(src: Path, dest: Path) -> Path:

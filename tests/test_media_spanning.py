@@ -12,7 +12,8 @@ from pydicom.uid import generate_uid
 from modality_link.media import MediaError, MediaOptions, build_media, plan_discs
 from modality_link.media.options import disc_fileset_id
 
-from .media_fixtures import ImplicitVRLittleEndian, make_series, tool
+from tests.support.instances import ImplicitVRLittleEndian, make_series
+from tests.support.tools import require_tool
 
 CAPACITY = 3 * 1024 * 1024
 
@@ -37,7 +38,7 @@ def spanned(tmp_path_factory):
 
 
 def _extract(iso, dest):
-    proc = subprocess.run([tool("xorriso"), "-osirrox", "on", "-indev", str(iso), "-extract", "/", str(dest)],
+    proc = subprocess.run([require_tool("xorriso"), "-osirrox", "on", "-indev", str(iso), "-extract", "/", str(dest)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return dest
@@ -58,7 +59,7 @@ def test_each_disc_is_a_valid_fileset_and_instances_appear_once(spanned, tmp_pat
     seen = Counter()
     for result in spanned["results"]:
         x = _extract(result.iso_path, tmp_path / f"d{result.index}")
-        proc = subprocess.run([tool("dciodvfy"), str(x / "DICOMDIR")], capture_output=True, text=True,
+        proc = subprocess.run([require_tool("dciodvfy"), str(x / "DICOMDIR")], capture_output=True, text=True,
                               encoding="latin-1")
         errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
         assert not errors

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
-from .media_fixtures import ImplicitVRLittleEndian, make_series
+from tests.support.instances import ImplicitVRLittleEndian, make_series
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,8 +16,10 @@ from modality_link.db import InstanceRecord
 from modality_link.ipc import INVALID_PARAMS, NOT_FOUND, IpcClient, IpcError
 from modality_link.memory import CachedInstance, MemoryCache
 from sim import images
-from tests.acceptor_support import RELEASE_RQ, associate_rq, exchange, statuses, store_stream
-from tests.conftest import dataset_bytes, dcmtk_env, require_tool, start_service, stop_service
+from tests.support.acceptor import RELEASE_RQ, associate_rq, exchange, statuses, store_stream
+from tests.support.instances import dataset_bytes
+from tests.support.service import ServiceProcess
+from tests.support.tools import dcmtk_env, require_tool
 
 
 def _record(uid: str, study: str = "1.2.3", series: str = "1.2.3.4") -> InstanceRecord:
@@ -53,7 +55,7 @@ def _files(root: Path) -> set[Path]:
 
 
 def test_storescu_into_memory_server_keeps_nothing_on_disk(short_tmp: Path, ct20: list[Path]) -> None:
-    svc = start_service(short_tmp / "h")
+    svc = ServiceProcess.start(short_tmp / "h")
     try:
         status = svc.call("status")["listeners"]["memory_server"]
         assert status["running"] and status["ae_title"] == "MODLINK_MEM"
@@ -102,7 +104,7 @@ def test_storescu_into_memory_server_keeps_nothing_on_disk(short_tmp: Path, ct20
         assert svc.cli("memory", "clear", check=True).stdout.strip() == "cleared 20 instance(s)"
         assert svc.call("memory.list")["instances"] == 0
     finally:
-        stop_service(svc)
+        svc.stop()
 
 
 def test_fetch_errors(service) -> None:
@@ -134,7 +136,7 @@ def test_refused_data_sets_are_not_kept(service, ct20: list[Path], damage: str, 
 
 
 def test_budget_evicts_and_refuses_what_never_fits(short_tmp: Path) -> None:
-    svc = start_service(short_tmp / "h", memory_server__cache_mb=1)
+    svc = ServiceProcess.start(short_tmp / "h", memory_server__cache_mb=1)
     try:
         port = svc.call("status")["listeners"]["memory_server"]["port"]
         small = images.write_study(short_tmp / "small", modality="CT", images=5, rows=256, columns=256, seed=5)
@@ -163,4 +165,4 @@ def test_budget_evicts_and_refuses_what_never_fits(short_tmp: Path) -> None:
         assert "memory server" in svc.log() and "evicted" in svc.log()
         assert svc.call("studies.list") == []
     finally:
-        stop_service(svc)
+        svc.stop()

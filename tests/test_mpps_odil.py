@@ -7,30 +7,34 @@ import subprocess
 from pathlib import Path
 
 from modality_link.config import Node
+from modality_link.home import free_port
 from sim.ris import RIS
-from tests.exam_support import RunningService, cleanup, free_port, make_home, require_tool, spool_images, wait_port, wait_until
-
-HERE = Path(__file__).parent
+from tests.support.instances import spool_images
+from tests.support.peers import ODIL_MPPS_SCP
+from tests.support.service import InProcessService, cleanup, exam_home
+from tests.support.tools import missing, require_tool
+from tests.support.waiting import wait_port, wait_until
 
 
 def test_full_exam_against_odil(tmp_path: Path) -> None:
     python = require_tool("/usr/bin/python3")
-    if subprocess.run([python, "-c", "import odil"], capture_output=True).returncode != 0:
-        require_tool("/usr/lib/python3/dist-packages/odil/__init__.py")
+    odil = "/usr/lib/python3/dist-packages/odil/__init__.py"
+    if subprocess.run([python, "-c", "import odil"], capture_output=True).returncode != 0 and not Path(odil).is_file():
+        missing(f"python3-odil not installed ({odil})")
     port = free_port()
     out = tmp_path / "odil"
     out.mkdir()
-    proc = subprocess.Popen([python, str(HERE / "peers" / "odil_mpps_scp.py"), str(port), str(out)],
+    proc = subprocess.Popen([python, str(ODIL_MPPS_SCP), str(port), str(out)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         wait_port(port)
         with RIS() as ris:  # the worklist comes from the simulated RIS, the MPPS goes to odil
-            home = make_home({
+            home = exam_home({
                 "ris": Node(ae_title="RIS", host="127.0.0.1", port=ris.port, roles=["worklist"], worklist_date=""),
                 "odil": Node(ae_title="ODIL", host="127.0.0.1", port=port, roles=["mpps"], retry_interval=0.5),
             })
-            svc = RunningService(home)
+            svc = InProcessService(home)
             try:
                 svc.call("worklist.query")
                 ex = svc.call("exam.start", item="SPS0002")

@@ -7,7 +7,8 @@ import sqlite3
 
 from modality_link.config import Node
 from sim.ris import RIS
-from tests.exam_support import RunningService, cleanup, make_home, wait_until
+from tests.support.service import InProcessService, cleanup, exam_home
+from tests.support.waiting import wait_until
 
 
 def test_a_message_that_raises_fails_after_the_node_retries(caplog) -> None:
@@ -15,9 +16,9 @@ def test_a_message_that_raises_fails_after_the_node_retries(caplog) -> None:
     the exception's type and message, the traceback logged once; the next exam's MPPS is not
     held up behind it."""
     with RIS() as ris:
-        home = make_home({"ris": Node(ae_title="RIS", host="127.0.0.1", port=ris.port, roles=["mpps"],
+        home = exam_home({"ris": Node(ae_title="RIS", host="127.0.0.1", port=ris.port, roles=["mpps"],
                                       retries=2, retry_interval=0.5)})
-        svc = RunningService(home)
+        svc = InProcessService(home)
         try:
             svc.service.exams.stop_worker()  # queue both exams' N-CREATEs before one is sent
             broken = svc.call("exam.start", patient_id="P1", patient_name="Broken^Row")["exam_id"]

@@ -21,7 +21,8 @@ from modality_link.memory import MemoryCache
 from modality_link.net.memory_server import MemoryServer
 from modality_link.net.retrieve import QueryError, find, move
 from sim import images
-from tests.conftest import dcmtk_env, require_tool
+from tests.support.tools import dcmtk_env, require_tool
+from tests.support.waiting import wait_until
 
 TIMEOUTS = config.Timeouts(connect=5, acse=5, dimse=30, network=30)
 
@@ -55,12 +56,12 @@ AETable END
     def _wait_ready(self) -> None:
         """Until a C-ECHO succeeds (deadline 10 s). dcmqrscp forks a process per association (in
         its --single-process mode the Debian build crashes after the first one)."""
-        deadline = time.monotonic() + 10
-        while subprocess.run([require_tool("echoscu"), "-aec", "QRSCP", "127.0.0.1", str(self.port)],
-                             env=dcmtk_env(), capture_output=True).returncode != 0:
+        def echoes() -> bool:
             assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
-            assert time.monotonic() < deadline, "dcmqrscp did not start"
-            time.sleep(0.1)
+            return subprocess.run([require_tool("echoscu"), "-aec", "QRSCP", "127.0.0.1", str(self.port)],
+                                  env=dcmtk_env(), capture_output=True).returncode == 0
+
+        wait_until(echoes, 10, "dcmqrscp to answer a C-ECHO", interval=0.1)
 
     def store(self, files: list[Path]) -> None:
         proc = subprocess.run([require_tool("storescu"), "-aec", "QRSCP", "127.0.0.1", str(self.port),
@@ -129,7 +130,7 @@ def test_an_unknown_destination_is_the_scp_s_failure(qrscp) -> None:
     query.StudyInstanceUID = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     with pytest.raises(QueryError) as e:
         move(scp.node, "MODLINK", TIMEOUTS, "NOWHERE", query)
-    assert e.value.status == 0xA801 and "move destination unknown" in str(e.value)
+    assert e.value.status == 0xA801 and "Move destination unknown" in str(e.value)
 
 
 class StallingMoveScp:

@@ -1,7 +1,7 @@
 """The send association (modality_link.net.upper_layer) against real peers on loopback:
-kept open between jobs and released after idle (REQUIREMENTS D3), a peer that closes a kept
+kept open between jobs and released after idle (nodes.*.idle_release), a peer that closes a kept
 association, the peer's maximum PDU length (PS3.8 §9.3.5), rejection and negotiation reasons
-(PS3.8 Tables 9-18 and 9-21), and a peer that never answers (DIMSE timeout, A7)."""
+(PS3.8 Tables 9-18 and 9-21), and a peer that never answers (the DIMSE timeout)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from modality_link import config
 from modality_link.config import Timeouts
 from modality_link.net import storage, upper_layer
 from modality_link.net.association import AssociationFailed
-from modality_link.service import Service
+from modality_link.home import free_port
 from sim.pacs import Pacs
-from tests.store_support import (call, cleanup, free_port, generated_study, make_home, start_storescp,
-                                 wait_chain)
+from tests.support.instances import generated_study
+from tests.support.peers import start_storescp
+from tests.support.service import InProcessService, call, cleanup, make_home, wait_chain
+from tests.support.waiting import wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
@@ -51,8 +53,7 @@ class Station:
         for key, value in timeouts.items():
             setattr(cfg.timeouts, key, value)
         config.save(cfg, self.home.config_path)
-        self.service = Service(self.home)
-        self.service.start(log_to_stderr=False)
+        self.service = InProcessService(self.home)
         call(self.home, "archive.import", paths=[str(study_dir)])
         self.study = call(self.home, "studies.list")[0]["study_uid"]
 
@@ -80,30 +81,21 @@ def station(study_dir):
         s.close()
 
 
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_jobs_to_one_node_share_one_association(station):
-    """D3: the association stays open after a job; the next job to the node reuses it, and it
+    """The association stays open after a job; the next job to the node reuses it, and it
     is released (A-RELEASE, not aborted) when the service stops."""
     s = station({"idle_release": 30})
     assert s.send()["state"] == "done"
     assert s.send()["state"] == "done"
     assert s.pacs.associations == 1 and s.pacs.store_calls == 12 and s.pacs.max_open == 1
     s.service.stop()
-    assert wait_for(lambda: s.pacs.released == 1)
+    assert wait_until(lambda: s.pacs.released == 1, 5.0, "the association released")
 
 
 def test_idle_association_released_after_idle_release(station):
     s = station({"idle_release": 0.5})
     assert s.send()["state"] == "done"
-    assert wait_for(lambda: s.pacs.released == 1, 5.0)
+    assert wait_until(lambda: s.pacs.released == 1, 5.0, "the idle association released")
     assert s.send()["state"] == "done"
     assert s.pacs.associations == 2  # the first was released: a new one for the second job
 
@@ -111,7 +103,7 @@ def test_idle_association_released_after_idle_release(station):
 def test_idle_release_zero_releases_at_job_end(station):
     s = station({"idle_release": 0})
     assert s.send()["state"] == "done"
-    assert wait_for(lambda: s.pacs.released == 1, 2.0)
+    assert wait_until(lambda: s.pacs.released == 1, 2.0, "the association released at the job's end")
 
 
 def test_peer_closing_a_kept_association_costs_no_attempt(station):
@@ -136,7 +128,7 @@ def test_kept_association_dropped_at_first_use_is_replaced_without_an_attempt(st
 
 
 def test_rejected_sop_class_names_the_negotiation_reason(station):
-    """D4, PS3.8 Table 9-18: the instances fail with the reason the peer gave."""
+    """PS3.8 Table 9-18: the instances fail with the reason the peer gave."""
     s = station({"retries": 0}, Pacs(reject_sop_classes=(CT,)))
     job = s.send()
     assert job["state"] == "failed"
@@ -145,7 +137,7 @@ def test_rejected_sop_class_names_the_negotiation_reason(station):
 
 
 def test_silent_peer_hits_the_dimse_timeout(station):
-    """A7: no C-STORE response within the DIMSE timeout -> association aborted, job retried."""
+    """No C-STORE response within the DIMSE timeout -> association aborted, job retried."""
     s = station({"retries": 1, "retry_interval": 0.2}, Pacs(ack_delay=3.0), dimse=1.0)
     t = time.monotonic()
     job = s.send()
@@ -202,7 +194,7 @@ def test_peer_max_pdu_fragmentation_to_storescp(study_dir, max_pdu, streamed, mo
 
 
 def test_commit_job_releases_the_kept_send_association(station):
-    """A6 with D3: the node's limit of one association holds when the commitment job opens
+    """The node's limit of one association holds when the commitment job opens
     its own: the idle send association is released first."""
     s = station({"idle_release": 30, "roles": ["store", "commit"], "commit_wait": 5.0})
     job = call(s.home, "send", study_uids=[s.study], node="PACS", commit=True)

@@ -14,9 +14,10 @@ from pynetdicom.sop_class import Verification
 
 from modality_link import config
 from modality_link.config import Node
-from modality_link.home import Home, temporary_home
+from modality_link.home import Home
 from modality_link.net.association import associate, make_ae
-from modality_link.service import Service, setup_logging
+from modality_link.service import setup_logging
+from tests.support.service import InProcessService
 
 
 def test_demo_runs_end_to_end() -> None:
@@ -38,29 +39,24 @@ def _nodelay(sock: socket.socket) -> int:
     return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
-def test_tcp_nodelay_on_acceptor_and_requestor_sockets(short_tmp: Path) -> None:
-    home = temporary_home(short_tmp)
-    cfg = config.load(home.config_path)
-    service = Service(home)
-    service.start(log_to_stderr=False)
-    try:
-        ae = make_ae("TESTER", cfg.timeouts)
-        ae.add_requested_context(Verification)
-        node = Node(ae_title="MODLINK", host="127.0.0.1", port=cfg.disk_server.port)
-        with associate(ae, node) as assoc:
-            assert _nodelay(assoc.dul.socket.socket) == 1
-            (server_side,) = service.disk_server.acceptor.association_sockets()
-            assert _nodelay(server_side) == 1
-            assert assoc.send_c_echo().Status == 0
-        # A plain pynetdicom requestor (no handlers of ours) still gets NODELAY on our side.
-        plain = AE(ae_title="PLAIN")
-        plain.add_requested_context(Verification)
-        a2 = plain.associate("127.0.0.1", cfg.disk_server.port, ae_title="MODLINK")
+def test_tcp_nodelay_on_acceptor_and_requestor_sockets(service_in_process: InProcessService) -> None:
+    cfg = config.load(service_in_process.home.config_path)
+    service = service_in_process.service
+    ae = make_ae("TESTER", cfg.timeouts)
+    ae.add_requested_context(Verification)
+    node = Node(ae_title="MODLINK", host="127.0.0.1", port=cfg.disk_server.port)
+    with associate(ae, node) as assoc:
+        assert _nodelay(assoc.dul.socket.socket) == 1
         (server_side,) = service.disk_server.acceptor.association_sockets()
         assert _nodelay(server_side) == 1
-        a2.release()
-    finally:
-        service.stop()
+        assert assoc.send_c_echo().Status == 0
+    # A plain pynetdicom requestor (no handlers of ours) still gets NODELAY on our side.
+    plain = AE(ae_title="PLAIN")
+    plain.add_requested_context(Verification)
+    a2 = plain.associate("127.0.0.1", cfg.disk_server.port, ae_title="MODLINK")
+    (server_side,) = service.disk_server.acceptor.association_sockets()
+    assert _nodelay(server_side) == 1
+    a2.release()
 
 
 def test_log_rotates(short_tmp: Path) -> None:

@@ -1,7 +1,5 @@
 """Tests for sim.images, the synthetic CT/MR series generator."""
 
-import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -18,6 +16,7 @@ from sim.images import (
     make_study,
     write_study,
 )
+from tests.support.tools import require_tool
 
 DCIODVFY = "/usr/bin/dciodvfy"
 
@@ -159,13 +158,6 @@ def test_cli(tmp_path, capsys):
     assert {ds.Modality for ds in dss} == {"MR"}
 
 
-def _require_dciodvfy():
-    if shutil.which(DCIODVFY) is None:
-        if os.environ.get("CI") != "true":
-            pytest.skip("dciodvfy (dicom3tools) not installed")
-        pytest.fail("dciodvfy is required in CI")
-
-
 @pytest.mark.interop
 @pytest.mark.parametrize("modality, extra", [
     ("CT", {}),
@@ -174,7 +166,7 @@ def _require_dciodvfy():
     ("CT", {"patient": JAPANESE_PATIENT, "transfer_syntax": ImplicitVRLittleEndian}),
 ])
 def test_dciodvfy_no_errors(tmp_path, modality, extra):
-    _require_dciodvfy()
+    require_tool(DCIODVFY)
     kwargs = {"images": 2, "rows": 32, "columns": 32, "seed": 11, **extra}
     for path in write_study(tmp_path, modality=modality, **kwargs):
         proc = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)

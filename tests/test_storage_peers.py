@@ -5,25 +5,21 @@ service mid-send (the job resumes and completes after a restart)."""
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 
 from modality_link import config
-from modality_link.service import Service
+from modality_link.home import free_port
 from sim import images
-from tests.store_support import (call, cleanup, free_port, generated_study, make_home, start_orthanc, start_storescp,
-                                 wait_chain)
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.instances import generated_study
+from tests.support.peers import start_orthanc, start_storescp
+from tests.support.service import InProcessService, ServiceProcess, call, cleanup, make_home, wait_chain
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +42,7 @@ def test_300_ct_images_to_dcmtk_storescp(ct300):
     port = free_port()
     scp = start_storescp(out, port)
     home = make_home(ae_title="STORESCP", port=port, roles=["store"])
-    service = Service(home)
-    service.start(log_to_stderr=False)
+    service = InProcessService(home)
     try:
         call(home, "archive.import", paths=[str(ct300)])
         study = call(home, "studies.list")[0]["study_uid"]
@@ -71,8 +66,7 @@ def test_commitment_against_orthanc():
     home = make_home(ae_title="ORTHANC", port=orthanc.dicom_port, commit_wait=0.5, commit_timeout=30.0)
     cfg = config.load(home.config_path)
     orthanc.allow(cfg.disk_server.ae_title, cfg.disk_server.port)
-    service = Service(home)
-    service.start(log_to_stderr=False)
+    service = InProcessService(home)
     try:
         call(home, "archive.import", paths=[str(study_dir)])
         study = call(home, "studies.list")[0]["study_uid"]
@@ -91,35 +85,17 @@ def test_sigkill_mid_send_resumes(ct300):
     port = free_port()
     scp = start_storescp(out, port)
     home = make_home(ae_title="STORESCP", port=port, roles=["store"])
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-
-    def serve() -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", "modality_link", "--home", str(home.root), "serve"],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            if home.socket_path.exists():
-                try:
-                    call(home, "status")
-                    return p
-                except Exception:
-                    pass
-            time.sleep(0.05)
-        raise AssertionError("service did not start")
-
-    proc = serve()
+    proc = ServiceProcess(home).proc
     try:
         call(home, "archive.import", paths=[str(ct300)])
         study = call(home, "studies.list")[0]["study_uid"]
         job_id = call(home, "send", study_uids=[study], node="PACS")["job_id"]
-        for _ in range(400):
-            if call(home, "jobs.show", id=job_id)["done"] >= 60:
-                break
-            time.sleep(0.02)
+        wait_until(lambda: call(home, "jobs.show", id=job_id)["done"] >= 60, 60, "60 images sent", interval=0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         killed_at = len(list(out.iterdir()))
         assert killed_at < 300
-        proc = serve()
+        proc = ServiceProcess(home).proc
         job = wait_chain(home, job_id, 90)
         assert job["state"] == "done" and job["done"] == 300, job
         assert set(pixel_hashes(out)) == set(pixel_hashes(ct300))

@@ -1,4 +1,4 @@
-"""modality_link.transcode on its own: every variant of tests/transcode_support.VARIANTS (made by
+"""modality_link.transcode on its own: every variant of tests/support/transcode.VARIANTS (made by
 DCMTK from pydicom's CT_small.dcm / MR_small.dcm and a simulated CT) into every native syntax,
 and pydicom's whole test corpus round-tripped through every native syntax. Identity (SOP
 Instance UID and every attribute) and pixel data are compared with the source each time."""
@@ -16,8 +16,8 @@ from pydicom.uid import (UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndia
                          ImplicitVRLittleEndian)
 
 from modality_link import transcode
-from modality_link.media.fileset import encoded_file_meta
-from tests.transcode_support import PIXEL_MODULE, BY_NAME, TEST_FILES, VARIANTS, Cases, differences, make_cases, reread
+from modality_link.fileformat import encode_file_meta
+from tests.support.transcode import PIXEL_MODULE, BY_NAME, TEST_FILES, VARIANTS, Cases, differences, make_cases, reread
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory) -> Cases:
@@ -77,7 +77,7 @@ def test_corpus_round_trip_through_every_native_syntax(path: Path, tmp_path: Pat
         got = reread(there)
         assert got.get("SOPInstanceUID") == source.get("SOPInstanceUID")
         middle = tmp_path / "middle.dcm"
-        middle.write_bytes(encoded_file_meta("1.2.3", "1.2.3", target, "T") + there.data)
+        middle.write_bytes(encode_file_meta("1.2.3", "1.2.3", target, "T") + there.data)
         back = reread(transcode.transcode(middle, src_ts)) if target != src_ts else got
         assert differences(source, back) == [], (path.name, UID(target).name)
         if target.is_little_endian == src_ts.is_little_endian:
@@ -115,7 +115,7 @@ def test_big_endian_swaps_every_binary_vr(tmp_path):
     ds.add_new(0x0009101A, "OB", b"\x01\x02\x03")  # odd length: written padded, never swapped
     ds.add_new(0x0009101B, "UN", b"\x01\x02")
     src = tmp_path / "le.dcm"
-    src.write_bytes(encoded_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "T")
+    src.write_bytes(encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "T")
                     + transcode.encode(ds, ExplicitVRLittleEndian))
     big = transcode.transcode(src, ExplicitVRBigEndian).data
     assert bytes(range(8)) not in big  # every OW/OF/OL word reversed
@@ -125,7 +125,7 @@ def test_big_endian_swaps_every_binary_vr(tmp_path):
     assert b"\x00\x01\x12\x34" in big and b"\xff\xff\xff\xfb" in big  # US, SL re-encoded
     assert b"\x00\x10\x00\x20\x7f\xe0\x00\x10" in big  # AT: group, element
     back = tmp_path / "be.dcm"
-    back.write_bytes(encoded_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRBigEndian, "T") + big)
+    back.write_bytes(encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRBigEndian, "T") + big)
     for target in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
         got = reread(transcode.transcode(back, target))
         for tag in (0x00091011, 0x00091012, 0x00091013, 0x00091014, 0x00091015, 0x00091016, 0x00091017,

@@ -1,4 +1,4 @@
-"""Conversions end to end, against real peers: every case of tests/transcode_support (one line
+"""Conversions end to end, against real peers: every case of tests/support/transcode (one line
 of VARIANTS per conversion path, made by DCMTK dcmconv/dcmcjpeg/dcmcjpls/dcmcrle from pydicom's
 CT_small.dcm and MR_small.dcm and a simulated CT) is
 
@@ -28,13 +28,13 @@ from pydicom.uid import (UID, JPEG2000, DeflatedExplicitVRLittleEndian, Explicit
 
 from modality_link import config
 from modality_link.config import Timeouts
-from modality_link.home import temporary_home
+from modality_link.home import free_port, temporary_home
 from modality_link.media import MediaError, MediaOptions, build_disc, build_media, plan_discs
 from modality_link.net import storage, upper_layer
-from modality_link.service import Service
-from tests.conftest import dcmtk_env, require_tool
-from tests.store_support import call, cleanup, free_port, start_storescp, wait_chain
-from tests.transcode_support import DECODABLE, PIXEL_MODULE, Case, Cases, differences, make_cases
+from tests.support.peers import start_storescp
+from tests.support.service import InProcessService, call, cleanup, wait_chain
+from tests.support.tools import dcmtk_env, require_tool
+from tests.support.transcode import DECODABLE, PIXEL_MODULE, Case, Cases, differences, make_cases
 
 #: Node transfer-syntax lists -> the syntax storescp receives when the stored one is not in the
 #: list (the first of it) and the storescp options that make it accept that.
@@ -66,8 +66,7 @@ def sent(cases: Cases):
         nodes[name] = config.Node(ae_title="STORESCP", host="127.0.0.1", port=port, roles=["store"],
                                   transfer_syntaxes=list(syntaxes), retries=0, retry_interval=0.2)
     home = temporary_home(work / "home", nodes=nodes)
-    service = Service(home)
-    service.start(log_to_stderr=False)
+    service = InProcessService(home)
     try:
         imported = call(home, "archive.import", paths=[str(c.path) for c in cases.all])
         assert not imported.get("failed"), imported
@@ -161,40 +160,34 @@ def send_with_our_scu(files: list[Path], port: int, ae: str) -> None:
 
 @pytest.mark.interop
 @pytest.mark.parametrize("mode", ["storescu", "storescu -xd", "import"])
-def test_disk_server_and_import_store_every_syntax(cases: Cases, short_tmp: Path, mode: str):
+def test_disk_server_and_import_store_every_syntax(cases: Cases, service_in_process: InProcessService, mode: str):
     """DCMTK storescu sends each case in its own syntax (-xd: an uncompressed one deflated, the
     rest as they are); `import` takes the same files. Each stored file re-reads with the data set
     that was sent, under the same SOP Instance UID."""
-    home = temporary_home(short_tmp / "home")
-    service = Service(home)
-    service.start(log_to_stderr=False)
-    try:
-        files = [c.path for c in cases.all]
-        if mode == "import":
-            result = call(home, "archive.import", paths=[str(f) for f in files])
-            assert not result.get("failed"), result
+    home = service_in_process.home
+    files = [c.path for c in cases.all]
+    if mode == "import":
+        result = call(home, "archive.import", paths=[str(f) for f in files])
+        assert not result.get("failed"), result
+    else:
+        cfg = config.load(home.config_path)
+        left = send_with_storescu(files, cfg.disk_server.port, cfg.disk_server.ae_title, mode.endswith("-xd"))
+        send_with_our_scu(left, cfg.disk_server.port, cfg.disk_server.ae_title)
+    stored = {dcmread(f).SOPInstanceUID: f for f in home.archive_dir.rglob("*.dcm")}
+    for case in cases.all:
+        assert case.uid in stored, (mode, case.name)
+        got, source = dcmread(stored[case.uid]), dcmread(case.path)
+        src_ts = UID(source.file_meta.TransferSyntaxUID)
+        got_ts = UID(got.file_meta.TransferSyntaxUID)
+        if mode == "storescu -xd" and not src_ts.is_compressed:
+            assert got_ts == DeflatedExplicitVRLittleEndian, case.name
         else:
-            cfg = config.load(home.config_path)
-            left = send_with_storescu(files, cfg.disk_server.port, cfg.disk_server.ae_title, mode.endswith("-xd"))
-            send_with_our_scu(left, cfg.disk_server.port, cfg.disk_server.ae_title)
-        stored = {dcmread(f).SOPInstanceUID: f for f in home.archive_dir.rglob("*.dcm")}
-        for case in cases.all:
-            assert case.uid in stored, (mode, case.name)
-            got, source = dcmread(stored[case.uid]), dcmread(case.path)
-            src_ts = UID(source.file_meta.TransferSyntaxUID)
-            got_ts = UID(got.file_meta.TransferSyntaxUID)
-            if mode == "storescu -xd" and not src_ts.is_compressed:
-                assert got_ts == DeflatedExplicitVRLittleEndian, case.name
-            else:
-                assert got_ts == src_ts, (mode, case.name)
-            assert differences(source, got) == [], (mode, case.name)
-            if got_ts.is_little_endian == src_ts.is_little_endian:
-                assert got.PixelData == source.PixelData, (mode, case.name)
-            if not case.lossy:
-                assert np.array_equal(got.pixel_array, dcmread(case.plain).pixel_array), (mode, case.name)
-    finally:
-        service.stop()
-        cleanup(home)
+            assert got_ts == src_ts, (mode, case.name)
+        assert differences(source, got) == [], (mode, case.name)
+        if got_ts.is_little_endian == src_ts.is_little_endian:
+            assert got.PixelData == source.PixelData, (mode, case.name)
+        if not case.lossy:
+            assert np.array_equal(got.pixel_array, dcmread(case.plain).pixel_array), (mode, case.name)
 
 
 def test_burn_converts_to_explicit_little_endian_keeping_identity(cases: Cases, tmp_path: Path):

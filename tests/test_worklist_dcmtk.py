@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -11,8 +10,10 @@ from pydicom.charset import convert_encodings
 from pydicom.valuerep import PersonName
 
 from modality_link.config import Node, Timeouts
+from modality_link.home import free_port
 from modality_link.net.worklist import WorklistQuery, find_worklist
-from tests.exam_support import free_port, require_tool, wait_port
+from tests.support.tools import dcmtk_env, require_tool
+from tests.support.waiting import wait_port
 
 GERMAN = "Müller^Jürgen"
 JAPANESE = "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"
@@ -62,8 +63,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_names_decode_in_every_charset_mode(data_dir: Path, mode: str) -> None:
     exe = require_tool("/usr/bin/wlmscpfs")
     port = free_port()
-    env = dict(os.environ, TCP_NODELAY="1")
-    proc = subprocess.Popen([exe, "-q", mode, "-dfp", str(data_dir), str(port)], env=env)
+    proc = subprocess.Popen([exe, "-q", mode, "-dfp", str(data_dir), str(port)], env=dcmtk_env())
     try:
         wait_port(port)
         node = Node(ae_title="MODLINK", host="127.0.0.1", port=port, roles=["worklist"])

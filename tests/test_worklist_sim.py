@@ -80,7 +80,7 @@ def test_slow_peer_still_answers() -> None:
 
 
 def test_unreachable_peer() -> None:
-    from tests.exam_support import free_port
+    from modality_link.home import free_port
 
     node = Node(ae_title="RIS", host="127.0.0.1", port=free_port())
     with pytest.raises(WorklistError, match="association"):

@@ -45,10 +45,12 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pycdlib
 
 import hw
+from modality_link.fileformat import Part10Error
 from modality_link.media.disc import DiscResult, build_disc
 from modality_link.media.iso import iso_path as iso9660_path
 from modality_link.media.options import MediaError, MediaOptions
@@ -164,7 +166,7 @@ def check_files(medium: Path, result: DiscResult) -> list[str]:
                     out = _HashWriter()
                     name = "/".join(f.file_id)
                     try:
-                        iso.get_file_from_iso_fp(out, iso_path=iso9660_path(f.file_id))
+                        iso.get_file_from_iso_fp(cast(BinaryIO, out), iso_path=iso9660_path(f.file_id))
                     except pycdlib.pycdlibexception.PyCdlibException:
                         problems.append(f"{name} is missing")
                         continue
@@ -175,15 +177,6 @@ def check_files(medium: Path, result: DiscResult) -> list[str]:
     except OSError as exc:
         return [f"{medium} could not be read ({exc.strerror or exc})"]
     return problems
-
-
-def readback_path(drive: hw.Drive) -> Path | None:
-    """Where the medium of `drive` can be read as a file, if anywhere."""
-    if isinstance(drive, hw.XorrisoDrive):
-        return drive.readback_path
-    if isinstance(drive, hw.ImageFileDrive):
-        return drive.path
-    return None
 
 
 def iso_target(iso_out: Path, index: int, count: int) -> Path:
@@ -299,7 +292,7 @@ def burn_studies(
                 if not (ask_first and next_disc is not None):
                     raise
                 ask = True
-    except (MediaError, hw.DriveError) as exc:
+    except (MediaError, Part10Error, hw.DriveError) as exc:
         report.error = str(exc)
         LOGGER.error("burn: %s", exc)
         return report
@@ -352,7 +345,7 @@ def burn_studies(
             LOGGER.warning("burn: stopped at disc %d of %d", k, n)
             changed(disc, plan)
             return report
-        except (MediaError, hw.DriveError, OSError) as exc:
+        except (MediaError, Part10Error, hw.DriveError, OSError) as exc:
             disc.state = DISC_FAILED
             disc.message = str(exc)
             report.error = f"disc {k} of {n} failed: {exc}" if n > 1 else str(exc)
@@ -417,7 +410,7 @@ def _burn_one(drive: hw.Drive, image: Path, result: DiscResult, disc: DiscReport
         _eject(drive)
         raise hw.VerifyError(verdict.message, device=device, result=verdict)
     disc.medium_verified = True
-    medium = readback_path(drive)
+    medium = drive.readback_path
     if medium is not None:
         problems = check_files(medium, result)
         if problems:

@@ -18,7 +18,8 @@ from pathlib import Path
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from modality_link import transcode
-from modality_link.media.fileset import Instance, encoded_file_meta, instance_head
+from modality_link.fileformat import encode_file_meta
+from modality_link.media.fileset import Instance, instance_head
 from modality_link.media.options import MediaError
 from modality_link.media.profiles import COPY, Profile
 
@@ -54,6 +55,6 @@ def write_instance(inst: Instance, dest: Path, profile: Profile, source_ae_title
             f"{what} cannot be converted to Explicit VR Little Endian for profile {profile.name}: {exc}"
         ) from exc
     with open(dest, "wb") as out:
-        out.write(encoded_file_meta(inst.sop_class_uid, inst.sop_instance_uid, ExplicitVRLittleEndian,
-                                    source_ae_title))
+        out.write(encode_file_meta(inst.sop_class_uid, inst.sop_instance_uid, ExplicitVRLittleEndian,
+                                   source_ae_title))
         out.write(converted.data)

@@ -2,8 +2,8 @@
 
 The record tree is built with plain dicts (patient -> study -> series ->
 instances) and the record offsets are computed here in two passes, so that
-building a DICOMDIR is linear in the number of instances. pydicom is used
-only to encode each Directory Record item and the File Meta Information.
+building a DICOMDIR is linear in the number of instances. The File Meta
+Information of every file is encoded by :mod:`modality_link.fileformat`.
 
 Record Offsets (PS3.3 F.3.2.2) count bytes from the first byte of the file,
 i.e. from the first byte of the File Preamble, which PS3.10 §7.1 makes part
@@ -21,18 +21,20 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import BinaryIO
 
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence as PydicomSequence
 from pydicom.fileset import _FOUR_LEVEL_SOP_CLASSES, _SINGLE_LEVEL_SOP_CLASSES
 from pydicom.uid import UID, ExplicitVRLittleEndian, MediaStorageDirectoryStorage, generate_uid
 
-import modality_link
-from modality_link.media.header import LONG_VRS, Header, encode_element, read_header, tag_of, vr_of
+from modality_link.fileformat import (
+    MEDIA_STORAGE_SOP_CLASS_UID, MEDIA_STORAGE_SOP_INSTANCE_UID, TRANSFER_SYNTAX_UID, encode_element, encode_file_meta,
+    meta_value,
+)
+from modality_link.media.header import Header, read_header, tag_of, vr_of
 from modality_link.media.options import MediaError
 from modality_link.media.profiles import COPY, Profile, action_for, output_transfer_syntax
 from modality_link.net.charset import python_encodings
@@ -45,8 +47,6 @@ MAX_FILE_ID_COMPONENTS = 8
 MAX_COMPONENT_LENGTH = 8
 #: Top-level directory that holds the instances.
 DATA_DIRECTORY = "DICOM"
-
-PREAMBLE = b"\x00" * 128 + b"DICM"
 
 # Keys copied into each Directory Record: (keyword, record key type), PS3.3 F.5.
 # Type 1 must have a value (invented when the source lacks it, see :class:`Inventor`), type 2 is
@@ -156,7 +156,6 @@ _HEADER_KEYWORDS: list[str] = sorted(
     | {k for keys in INSTANCE_KEYS.values() for k, _ in keys}
 )
 _HEADER_TAGS: frozenset[int] = frozenset(tag_of(k) for k in _HEADER_KEYWORDS)
-_LONG_VRS = frozenset(v.encode() for v in LONG_VRS)  # explicit VRs with a 4-byte length
 _BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "AT"})  # a zero or 0x20 byte is a value
 #: Record types that are not placed under a SERIES (PS3.3 Table F.4-1): top-level records.
 SINGLE_LEVEL_RECORDS = frozenset(_SINGLE_LEVEL_SOP_CLASSES.values())
@@ -173,15 +172,16 @@ def record_type(sop_class_uid: str, modality: str = "", is_image: bool = False) 
     Single-level types (HANGING PROTOCOL, PALETTE, IMPLANT...) are returned as such; they have no
     place under a series (see :func:`read_instance`).
     """
-    if sop_class_uid in _SINGLE_LEVEL_SOP_CLASSES:
-        return _SINGLE_LEVEL_SOP_CLASSES[sop_class_uid]
+    uid = UID(sop_class_uid)
+    if uid in _SINGLE_LEVEL_SOP_CLASSES:
+        return _SINGLE_LEVEL_SOP_CLASSES[uid]
     if modality in ("RTINTENT", "RTSEGANN", "RTRAD", "RTRECORD"):
         return "RADIOTHERAPY"
     if modality == "PLAN":
         return "PLAN"
-    if sop_class_uid in _FOUR_LEVEL_SOP_CLASSES:
-        return _FOUR_LEVEL_SOP_CLASSES[sop_class_uid]
-    name = UID(sop_class_uid).name
+    if uid in _FOUR_LEVEL_SOP_CLASSES:
+        return _FOUR_LEVEL_SOP_CLASSES[uid]
+    name = uid.name
     rules = (
         (name.startswith("Encapsulated "), "ENCAP DOC"),
         (name.startswith("RT ") and name.endswith("Plan Storage"), "RT PLAN"),
@@ -234,72 +234,10 @@ class Instance:
         return self.header.integer("InstanceNumber")
 
 
-def dataset_offset(fp: BinaryIO) -> int:
-    """Return the offset of the data set in a Part-10 stream (PS3.10 §7.1).
-
-    Walks the (always Explicit VR Little Endian) File Meta elements from the
-    current position, which must be the start of the file.
-    """
-    head = fp.read(132)
-    if len(head) < 132 or head[128:132] != b"DICM":
-        raise MediaError("not a DICOM Part-10 file (no 'DICM' prefix after the preamble)")
-    pos = 132
-    while True:
-        hdr = fp.read(8)
-        if len(hdr) < 8 or hdr[0:2] != b"\x02\x00":
-            return pos
-        if hdr[4:6] in _LONG_VRS:
-            (length,) = struct.unpack("<L", fp.read(4))
-            pos += 12 + length
-        else:
-            (length,) = struct.unpack("<H", hdr[6:8])
-            pos += 8 + length
-        fp.seek(pos)
-
-
-def file_meta(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str
-) -> FileMetaDataset:
-    """File Meta Information (PS3.10 §7.1) naming this implementation."""
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(sop_class_uid)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
-    meta.TransferSyntaxUID = UID(transfer_syntax_uid)
-    meta.ImplementationClassUID = UID(modality_link.IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = modality_link.IMPLEMENTATION_VERSION_NAME
-    meta.SourceApplicationEntityTitle = source_ae_title
-    return meta
-
-
-def file_meta_bytes(meta: FileMetaDataset) -> bytes:
-    """Preamble, ``DICM`` prefix and the encoded File Meta elements (with group length)."""
-    return encoded_file_meta(
-        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID,
-        meta.get("SourceApplicationEntityTitle", ""),
-    )
-
-
-def encoded_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str) -> bytes:
-    """File Meta Information (PS3.10 §7.1) naming this implementation, encoded directly."""
-    body = b"".join(
-        (
-            encode_element(0x00020001, "OB", b"\x00\x01"),
-            encode_element(0x00020002, "UI", sop_class_uid.encode("ascii")),
-            encode_element(0x00020003, "UI", sop_instance_uid.encode("ascii")),
-            encode_element(0x00020010, "UI", transfer_syntax_uid.encode("ascii")),
-            encode_element(0x00020012, "UI", modality_link.IMPLEMENTATION_CLASS_UID.encode("ascii")),
-            encode_element(0x00020013, "SH", modality_link.IMPLEMENTATION_VERSION_NAME.encode("ascii")),
-            encode_element(0x00020016, "AE", source_ae_title.encode("ascii")) if source_ae_title else b"",
-        )
-    )
-    return PREAMBLE + encode_element(0x00020000, "UL", struct.pack("<L", len(body))) + body
-
-
 def instance_head(inst: Instance, profile: Profile, source_ae_title: str) -> bytes:
     """Bytes that replace the source File Meta when `inst` is copied as is."""
     ts = output_transfer_syntax(inst.transfer_syntax_uid, profile, inst.record_type == "IMAGE")
-    return encoded_file_meta(inst.sop_class_uid, inst.sop_instance_uid, ts, source_ae_title)
+    return encode_file_meta(inst.sop_class_uid, inst.sop_instance_uid, ts, source_ae_title)
 
 
 def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK") -> Instance | None:
@@ -315,9 +253,9 @@ def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK"
         offset, header_end, header = read_header(fp, _HEADER_TAGS)
         size = os.fstat(fp.fileno()).st_size
     meta = header.meta
-    ts = meta.get(0x00020010, b"").rstrip(b" \x00").decode("ascii", "replace")
-    sop_class = header.text("SOPClassUID") or meta.get(0x00020002, b"").rstrip(b" \x00").decode("ascii", "replace")
-    sop_instance = header.text("SOPInstanceUID") or meta.get(0x00020003, b"").rstrip(b" \x00").decode("ascii", "replace")
+    ts = meta_value(meta, TRANSFER_SYNTAX_UID)
+    sop_class = header.text("SOPClassUID") or meta_value(meta, MEDIA_STORAGE_SOP_CLASS_UID)
+    sop_instance = header.text("SOPInstanceUID") or meta_value(meta, MEDIA_STORAGE_SOP_INSTANCE_UID)
     if not ts or not sop_class or not sop_instance:
         raise MediaError(f"{path}: missing Transfer Syntax, SOP Class or SOP Instance UID")
     rtype = record_type(sop_class, header.text("Modality"), "Rows" in header)
@@ -329,7 +267,7 @@ def read_instance(path: Path, profile: Profile, source_ae_title: str = "MODLINK"
         return None
     action = action_for(ts, profile, rtype == "IMAGE")
     if action == COPY:
-        head = encoded_file_meta(sop_class, sop_instance, ts, source_ae_title)
+        head = encode_file_meta(sop_class, sop_instance, ts, source_ae_title)
         out_size = len(head) + size - offset
     else:
         out_size = _converted_size_bound(header, ts, offset, header_end, size)
@@ -354,12 +292,12 @@ def _converted_size_bound(header: Header, ts: str, offset: int, header_end: int,
     meta = 512
     if ts.is_deflated:  # the stream positions say nothing about the inflated size
         return meta + 16 * size + pixels
-    header = (header_end - offset) * 3 // 2 + 64
+    before_pixels = (header_end - offset) * 3 // 2 + 64
     rest = size - header_end  # Pixel Data element as stored and any trailing elements
     if ts.is_compressed:
-        return meta + header + pixels + 64
+        return meta + before_pixels + pixels + 64
     pixel_element = min(rest, pixels + 12)
-    return meta + header + pixel_element + 4 + (rest - pixel_element) * 3 // 2 + 64
+    return meta + before_pixels + pixel_element + 4 + (rest - pixel_element) * 3 // 2 + 64
 
 
 # ---------------------------------------------------------------------------
@@ -601,9 +539,9 @@ def _record(rtype: str, header: Header, keys: Sequence[tuple[str, int]], what: s
             continue
         if keyword in _FROM_LAST_ITEM and _FROM_LAST_ITEM[keyword] in header:
             items = header.get(_FROM_LAST_ITEM[keyword])
-            value = str(items[-1].get(keyword, "")) if items else ""
-            if value:
-                parts.append(encode_element(tag, vr_of(tag), value.encode("ascii")))
+            last = str(items[-1].get(keyword, "")) if items else ""
+            if last:
+                parts.append(encode_element(tag, vr_of(tag), last.encode("ascii")))
                 continue
         if key_type == 3:
             continue
@@ -682,7 +620,7 @@ def encode_dicomdir(
                     r_node.children.append(_Node(_instance_record(inst, file_ids[id(inst)], profile, charset,
                                                                   inventor)))
 
-    head = encoded_file_meta(MediaStorageDirectoryStorage, generate_uid(), ExplicitVRLittleEndian, source_ae_title)
+    head = encode_file_meta(MediaStorageDirectoryStorage, generate_uid(), ExplicitVRLittleEndian, source_ae_title)
 
     def root_dataset(first: int, last: int) -> bytes:
         return b"".join(

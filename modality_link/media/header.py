@@ -1,9 +1,10 @@
 """Lean reader of the header keys of a Part-10 file (PS3.10 §7, PS3.5 §7.1).
 
 Reading a few keys of thousands of files through ``pydicom.dcmread`` costs
-about a millisecond per file; this reader parses the File Meta and the data
-set elements of a Little Endian file directly from the first bytes of the
-file, up to the last key needed (never the Pixel Data), and keeps each key
+about a millisecond per file; this reader takes the File Meta from
+:func:`modality_link.fileformat.read_file_meta` and parses the data set
+elements of a Little Endian file directly from the bytes of the file, up to
+the last key needed (never the Pixel Data), and keeps each key
 as its complete Explicit VR Little Endian encoding, ready to be copied into a
 Directory Record. Explicit VR Big Endian, Deflated, or a key that is a
 Sequence in an Implicit VR file fall back to pydicom.
@@ -26,16 +27,15 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 from pydicom.valuerep import VR
 
-from modality_link.media.options import MediaError
+from modality_link.fileformat import (
+    LONG_VR_BYTES, SPACE_PADDED_VRS, TRANSFER_SYNTAX_UID, Part10Error, encode_element, is_regular_file_meta, meta_value,
+    read_file_meta,
+)
 from modality_link.net.charset import TEXT_VRS, charset_terms, decode_values, effective_terms, python_encodings
 
-LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
-_LONG_VR_BYTES = frozenset(v.encode() for v in LONG_VRS)
-_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _CHUNK = 16384
 
 
@@ -54,18 +54,6 @@ def tag_of(keyword: str) -> int:
 @lru_cache(maxsize=None)
 def vr_of(tag: int) -> str:
     return dictionary_VR(tag)
-
-
-def encode_element(tag: int, vr: str, value: bytes) -> bytes:
-    """One Explicit VR Little Endian element, `value` already encoded (padded here)."""
-    if len(value) % 2:
-        value += b" " if vr in _TEXT_VRS else b"\x00"
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
-    if vr in LONG_VRS:
-        return head + struct.pack("<HL", 0, len(value)) + value
-    if len(value) > 0xFFFF:
-        raise MediaError(f"value of ({tag >> 16:04X},{tag & 0xFFFF:04X}) too long for VR {vr}")
-    return head + struct.pack("<H", len(value)) + value
 
 
 @dataclass
@@ -115,7 +103,7 @@ class Header:
         elem = self.elements.get(tag)
         if elem is None:
             return None
-        return elem[12:] if elem[4:6] in _LONG_VR_BYTES else elem[8:]
+        return elem[12:] if elem[4:6] in LONG_VR_BYTES else elem[8:]
 
     def text(self, keyword: str) -> str:
         """Value of a text or UID key as str, trailing padding removed."""
@@ -157,25 +145,6 @@ class Header:
             self._cache.update(zip(todo, decode_values(raws, self.charset)))
 
 
-def _parse_meta(buf: bytes) -> tuple[int, dict[int, bytes]]:
-    if len(buf) < 132 or buf[128:132] != b"DICM":
-        raise MediaError("not a DICOM Part-10 file (no 'DICM' prefix after the preamble)")
-    pos, meta = 132, {}
-    while pos + 8 <= len(buf) and buf[pos : pos + 2] == b"\x02\x00":
-        (elem,) = struct.unpack_from("<H", buf, pos + 2)
-        if buf[pos + 4 : pos + 6] in _LONG_VR_BYTES:
-            (length,) = struct.unpack_from("<L", buf, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", buf, pos + 6)
-            start = pos + 8
-        meta[0x00020000 | elem] = buf[start : start + length]
-        pos = start + length
-    return pos, meta
-
-
-#: Every VR of PS3.5 6.2, as it appears in an Explicit VR element.
-VR_BYTES = frozenset(vr.value.encode("ascii") for vr in VR)
 _VR_NAME = {vr.value.encode("ascii"): vr.value for vr in VR}
 _IMPLICIT_HEAD = struct.Struct("<HHL")  # tag, value length (PS3.5 7.1.3)
 _EXPLICIT_HEAD = struct.Struct("<HH2sH")  # tag, VR, value length (PS3.5 7.1.2)
@@ -241,7 +210,7 @@ class _Reader:
             if self.strict:
                 raise _Fallback(f"VR {vr!r}")
             name = vr.decode("latin-1")
-        if vr in _LONG_VR_BYTES:
+        if vr in LONG_VR_BYTES:
             if at + 12 > len(self.buf):
                 self.need(pos + 12, pos)
                 at = pos - self.base
@@ -334,7 +303,9 @@ def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, siz
             elif tag in wanted:
                 header.elements[tag] = _kept(reader, tag, vr, pos, start, end, strict)
             if strict and length <= _DEFERRED and (vr in TEXT_VRS or vr == "SQ"):
-                (header.sequences if vr == "SQ" else header.texts).append(reader.span(start, end))
+                kept = header.sequences if vr == "SQ" else header.texts
+                if kept is not None:  # read_dataset gives the header a list of texts
+                    kept.append(reader.span(start, end))
         pos = end
     if strict and pos != size:
         raise _Fallback("truncated or trailing bytes")
@@ -356,35 +327,10 @@ def _kept(reader: _Reader, tag: int, vr: str | None, pos: int, start: int, end: 
 def _little_endian(meta: dict[int, bytes]) -> bool | None:
     """Implicit (True) or Explicit (False) VR Little Endian by the File Meta's transfer syntax;
     None for one the lean reader leaves to pydicom (Big Endian, Deflated, none)."""
-    ts = meta.get(0x00020010, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    ts = meta_value(meta, TRANSFER_SYNTAX_UID)
     if ts == "1.2.840.10008.1.2.2" or ts == "1.2.840.10008.1.2.1.99" or not ts:
         return None
     return ts == _IMPLICIT_LE
-
-
-#: VRs of the File Meta Information elements after its group length (PS3.10 Table 7.1-1).
-_META_VRS = frozenset({b"OB", b"UI", b"SH", b"AE", b"UR"})
-
-
-def _regular_meta(buf: bytes, end: int, meta: dict[int, bytes]) -> bool:
-    """True if the File Meta Information ending at `end` is as PS3.10 7.1 has it: its group
-    length (0002,0000) first and right, tags ascending, each VR the table's, a Transfer Syntax
-    UID the walk can read. Ours always is; another is left to pydicom (which reads the group
-    its own way)."""
-    if buf[132:140] != b"\x02\x00\x00\x00UL\x04\x00" or 144 + struct.unpack_from("<L", buf, 140)[0] != end:
-        return False
-    pos, previous = 144, 0
-    while pos < end:
-        group, elem = struct.unpack_from("<HH", buf, pos)
-        vr = buf[pos + 4 : pos + 6]
-        if group != 2 or elem <= previous or vr not in _META_VRS:
-            return False
-        previous = elem
-        if vr == b"OB" or vr == b"UR":
-            pos += 12 + struct.unpack_from("<L", buf, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", buf, pos + 6)[0]
-    return pos == end and _walkable_syntax(meta.get(0x00020010, b""))
 
 
 @lru_cache(maxsize=64)
@@ -405,18 +351,19 @@ def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
     what is wrong. A data set that is walked ends exactly at the end of the file.
     """
     size = os.fstat(fp.fileno()).st_size
-    buf = fp.read(_CHUNK)
     try:
-        offset, meta = _parse_meta(buf)
+        offset, meta, buf = read_file_meta(fp)
         implicit = _little_endian(meta)
-        if implicit is None or offset >= size or not _regular_meta(buf, offset, meta):
+        # a File Meta that is not as PS3.10 7.1 has it is left to pydicom, which reads it its own way
+        if implicit is None or offset >= size or not is_regular_file_meta(buf, offset) \
+                or not _walkable_syntax(meta.get(TRANSFER_SYNTAX_UID, b"")):
             return None
-    except (MediaError, struct.error):
+    except (Part10Error, struct.error):
         return None
     header = Header(meta=meta, texts=[], sequences=[])
     try:
         _walk(_Reader(fp, buf, implicit, strict=True), offset, frozenset(wanted), header, size)
-    except (_Fallback, struct.error, MediaError, RecursionError):
+    except (_Fallback, struct.error, Part10Error, RecursionError):
         return None
     return header
 
@@ -424,11 +371,11 @@ def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
 def read_header(fp: BinaryIO, wanted: Iterable[int]) -> tuple[int, int, Header]:
     """Read the keys `wanted` (tags) from the Part-10 stream `fp` (at its start).
 
-    Returns (offset of the data set, offset where reading stopped, header).
+    Returns (offset of the data set, offset where reading stopped, header). Raises
+    :class:`modality_link.fileformat.Part10Error` for a file that is not a DICOM File.
     """
     wanted = frozenset(wanted)
-    buf = fp.read(_CHUNK)
-    offset, meta = _parse_meta(buf)
+    offset, meta, buf = read_file_meta(fp)
     header = Header(meta=meta)
     try:
         implicit = _little_endian(meta)
@@ -443,7 +390,7 @@ def read_header(fp: BinaryIO, wanted: Iterable[int]) -> tuple[int, int, Header]:
         for tag in sorted(t for t in ds.keys() if t in wanted):
             raw = ds.get_item(tag)
             vr = raw.VR or vr_of(tag)
-            if vr in _TEXT_VRS and isinstance(raw.value, bytes):  # text is not byte-swapped: keep its encoding
+            if vr in SPACE_PADDED_VRS and isinstance(raw.value, bytes):  # text is not byte-swapped: keep its encoding
                 header.elements[int(tag)] = encode_element(int(tag), vr, raw.value)
                 continue
             out = DicomBytesIO()

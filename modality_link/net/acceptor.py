@@ -50,13 +50,10 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.config import Listener, Timeouts
 from modality_link.net.association import REJECT_REASONS, REJECT_RESULTS, describe_abort
-from modality_link.net.storage import (
-    _command_element,
-    _padded,
-    c_store_command,
-    move_originator_elements,
-    parse_command,
-)
+from modality_link.fileformat import padded
+from modality_link.net.command import encode_command, parse_command
+from modality_link.net.status import PROCESSING_FAILURE, SUCCESS, UNRECOGNIZED_OPERATION
+from modality_link.net.storage import c_store_command, move_originator_elements
 from modality_link.net.upper_layer import (
     A_ABORT_TYPE,
     A_ASSOCIATE_RQ_TYPE,
@@ -64,11 +61,11 @@ from modality_link.net.upper_layer import (
     A_RELEASE_RQ_TYPE,
     APPLICATION_CONTEXT,
     P_DATA_TF_TYPE,
+    PDU_HEADER,
+    PDV_HEADER,
     UNLIMITED_PDU,
     AssociationLost,
-    Requestor,
-    _PDU_HEADER,
-    _PDV_HEADER,
+    p_data_tf,
 )
 
 LOG = logging.getLogger("modality_link.net.acceptor")
@@ -90,8 +87,6 @@ UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 1, 2, 6
 #: Command Field values, PS3.7 Annex E.
 C_STORE_RQ, C_GET_RQ, C_FIND_RQ, C_MOVE_RQ, C_ECHO_RQ = 0x0001, 0x0010, 0x0020, 0x0021, 0x0030
 N_EVENT_REPORT_RQ, C_CANCEL_RQ, C_STORE_RSP = 0x0100, 0x0FFF, 0x8001
-#: Statuses, PS3.7 Annex C.
-STATUS_SUCCESS, STATUS_PROCESSING_FAILURE, STATUS_UNRECOGNIZED_OPERATION = 0x0000, 0x0110, 0x0211
 NO_DATA_SET = 0x0101  # Command Data Set Type (0000,0800), PS3.7 §9.3 / §10.3
 
 
@@ -488,10 +483,10 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
 
 def _abort_pdu(source: int, reason: int) -> bytes:
     """A-ABORT (PS3.8 §9.3.8): source 0 service user, 2 service provider."""
-    return _PDU_HEADER.pack(A_ABORT_TYPE, 0, 4) + bytes([0, 0, source, reason if source == 2 else 0])
+    return PDU_HEADER.pack(A_ABORT_TYPE, 0, 4) + bytes([0, 0, source, reason if source == 2 else 0])
 
 
-_RELEASE_RP = _PDU_HEADER.pack(A_RELEASE_RP_TYPE, 0, 4) + b"\x00" * 4
+_RELEASE_RP = PDU_HEADER.pack(A_RELEASE_RP_TYPE, 0, 4) + b"\x00" * 4
 
 
 class _Reader:
@@ -514,9 +509,9 @@ class _Reader:
         if self.pos == self.end:
             self.pos = self.end = 0
         elif self.end == len(self.buf):
-            left = bytes(self.view[self.pos:self.end])
-            self.buf[:len(left)] = left
-            self.pos, self.end = 0, len(left)
+            unread = bytes(self.view[self.pos:self.end])
+            self.buf[:len(unread)] = unread
+            self.pos, self.end = 0, len(unread)
         try:
             n = self.sock.recv_into(self.view[self.end:])
         except (ConnectionError, OSError) as exc:
@@ -612,7 +607,7 @@ class _Association:
         """Read the first PDU within ARTIM; it must be an A-ASSOCIATE-RQ of bounded size."""
         self.reader.deadline = time.monotonic() + self.acceptor.timeouts.artim
         header = self.reader.exact(6)
-        kind, _, length = _PDU_HEADER.unpack(header)
+        kind, _, length = PDU_HEADER.unpack(header)
         if kind not in _KNOWN_PDUS:
             raise _Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{kind:02X} where an A-ASSOCIATE-RQ belongs")
         if kind != A_ASSOCIATE_RQ_TYPE:
@@ -656,11 +651,11 @@ class _Association:
     def _negotiate(self, rq: A_ASSOCIATE) -> bytes:
         """The A-ASSOCIATE-AC: contexts and roles by pynetdicom's acceptor negotiation."""
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
-                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None}
         results, role_items = negotiate_as_acceptor(
             rq.presentation_context_definition_list, self.acceptor._contexts, roles or None)
         for cx in results:
-            if cx.result == 0:
+            if cx.result == 0 and cx.context_id is not None:
                 self.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                 if cx.as_scu:
                     self.reversed_roles.add(int(cx.context_id))
@@ -713,7 +708,7 @@ class _Association:
         self.sink: DataSetSink | None = None
         try:
             while True:
-                kind, _, length = _PDU_HEADER.unpack(self.reader.exact(6))
+                kind, _, length = PDU_HEADER.unpack(self.reader.exact(6))
                 if kind == P_DATA_TF_TYPE:
                     if max_pdu and length > max_pdu:
                         raise _Abort(INVALID_PARAMETER, f"P-DATA-TF of {length} bytes, above the negotiated "
@@ -733,7 +728,7 @@ class _Association:
                     body = self._small_body(length)
                     pdu = A_ABORT_RQ()
                     try:
-                        pdu.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+                        pdu.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
                         why = describe_abort(pdu.to_primitive())
                     except Exception:
                         why = "aborted"
@@ -772,7 +767,7 @@ class _Association:
         while left > 0:
             if left < 6:
                 raise _Abort(INVALID_PARAMETER, "P-DATA-TF with a truncated PDV item")
-            item_length, context_id, control = _PDV_HEADER.unpack(self.reader.exact(6))
+            item_length, context_id, control = PDV_HEADER.unpack(self.reader.exact(6))
             value = item_length - 2
             if item_length < 2 or item_length + 4 > left:
                 raise _Abort(INVALID_PARAMETER, f"PDV item of {item_length} bytes in a P-DATA-TF of {length}")
@@ -839,7 +834,7 @@ class _Association:
         reply = Reply(self, request)
         if isinstance(data, _Refused):
             exc = data.error
-            status = getattr(exc, "status", STATUS_PROCESSING_FAILURE)
+            status = getattr(exc, "status", PROCESSING_FAILURE)
             LOG.error("%s: request 0x%04X of %s from %s failed with status 0x%04X: %s", self.name,
                       request.command_field, request.affected_sop_instance[:64], self.peer, status, exc)
             reply(status, str(exc))
@@ -848,7 +843,7 @@ class _Association:
         if handler is None:
             LOG.warning("%s: %s sent command 0x%04X on %s: unrecognized operation (0x0211)",
                         self.name, self.peer, request.command_field, request.abstract_syntax)
-            reply(STATUS_UNRECOGNIZED_OPERATION, "unrecognized operation")
+            reply(UNRECOGNIZED_OPERATION, "unrecognized operation")
             return
         self.busy = reply
         try:
@@ -866,7 +861,7 @@ class _Association:
     def _read_pdu_while_busy(self) -> None:
         """Read one PDU while a handler runs (network timeout): a P-DATA-TF whose commands go to
         the handler's :class:`Reply`; an A-ABORT or a lost connection ends the association."""
-        kind, _, length = _PDU_HEADER.unpack(self.reader.exact(6))
+        kind, _, length = PDU_HEADER.unpack(self.reader.exact(6))
         max_pdu = self.acceptor.listener.max_pdu
         if kind == P_DATA_TF_TYPE:
             if max_pdu and length > max_pdu:
@@ -887,33 +882,31 @@ class _Association:
         """A request command set and its data set, as P-DATA-TF PDUs (PS3.8 §9.3.5)."""
         limit = max(self.peer_max_pdu or UNLIMITED_PDU, MIN_PEER_PDU) - 6
         parts: list = []
-        Requestor._frame(parts, context_id, memoryview(command), 0x01, limit)
-        Requestor._frame(parts, context_id, memoryview(dataset), 0x00, limit)
+        p_data_tf(parts, context_id, memoryview(command), 0x01, limit)
+        p_data_tf(parts, context_id, memoryview(dataset), 0x00, limit)
         self.sock.sendall(b"".join(parts))
 
     def _respond(self, request: Request, status: int, comment: str, extra: dict[int, bytes],
                  dataset: bytes | None) -> None:
         """A response command set (PS3.7 §9.3, §10.3) and its data set, if any."""
         elements = {
-            0x0002: _even(request.command.get(0x0002) or _padded(request.abstract_syntax)),
+            0x0002: padded(request.command.get(0x0002) or request.abstract_syntax.encode("ascii"), "UI"),
             0x0100: struct.pack("<H", (request.command_field or 0) | 0x8000),
             0x0120: struct.pack("<H", request.message_id),
             0x0800: struct.pack("<H", NO_DATA_SET if dataset is None else 0x0000),
             0x0900: struct.pack("<H", status),
         }
-        if comment and status != STATUS_SUCCESS:
-            text = comment[:64].encode("ascii", "replace")
-            elements[0x0902] = text + b" " if len(text) % 2 else text
+        if comment and status != SUCCESS:
+            elements[0x0902] = padded(comment[:64].encode("ascii", "replace"), "LO")  # Error Comment
         if request.command.get(0x1000):
-            elements[0x1000] = _even(request.command[0x1000])
+            elements[0x1000] = padded(request.command[0x1000], "UI")
         elements.update(extra)
-        body = b"".join(_command_element(e, v) for e, v in sorted(elements.items()))
-        command = _command_element(0x0000, struct.pack("<L", len(body))) + body
+        command = encode_command(elements)
         limit = max(self.peer_max_pdu or UNLIMITED_PDU, MIN_PEER_PDU) - 6
         parts: list = []
-        Requestor._frame(parts, request.context_id, memoryview(command), 0x01, limit)
+        p_data_tf(parts, request.context_id, memoryview(command), 0x01, limit)
         if dataset is not None:
-            Requestor._frame(parts, request.context_id, memoryview(dataset), 0x00, limit)
+            p_data_tf(parts, request.context_id, memoryview(dataset), 0x00, limit)
         self.sock.sendall(b"".join(parts))
 
     # -- release and abort -------------------------------------------------------------------------
@@ -952,11 +945,6 @@ class _Refused:
 
     def discard(self) -> None:
         pass
-
-
-def _even(raw: bytes) -> bytes:
-    """A UI value as received, padded to even length (PS3.5 §6.2: trailing NUL)."""
-    return raw + b"\x00" if len(raw) % 2 else raw
 
 
 def _shutdown_write(sock: socket.socket) -> None:

@@ -28,6 +28,9 @@ from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 
 from modality_link.net.acceptor import DataSetSink, InMemory, Reply, Request
+from modality_link.net.status import (
+    COMMITMENT, INVALID_ARGUMENT_VALUE, NO_SUCH_EVENT_TYPE, PROCESSING_FAILURE, SUCCESS,
+)
 
 LOG = logging.getLogger("modality_link.net.commitment")
 
@@ -35,21 +38,6 @@ STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 ACTION_REQUEST = 1  # PS3.4 Table J.3-1
 EVENT_SUCCESS, EVENT_FAILURES = 1, 2  # PS3.4 Table J.3-2
-
-#: PS3.4 J.3.3.1.1 Failure Reason values.
-FAILURE_REASONS = {
-    0x0110: "processing failure",
-    0x0112: "no such object instance",
-    0x0213: "resource limitation",
-    0x0122: "referenced SOP class not supported",
-    0x0119: "class / instance conflict",
-    0x0131: "duplicate transaction UID",
-}
-#: PS3.7 Annex C statuses we answer an N-EVENT-REPORT with.
-STATUS_SUCCESS = 0x0000
-STATUS_PROCESSING_FAILURE = 0x0110
-STATUS_INVALID_ARGUMENT = 0x0115
-STATUS_NO_SUCH_EVENT_TYPE = 0x0113
 
 
 @dataclass
@@ -66,7 +54,7 @@ class Report:
         for _, _, r in self.failed:
             reasons[r] = reasons.get(r, 0) + 1
         return ", ".join(
-            f"{n} x 0x{r:04X} {FAILURE_REASONS.get(r, 'failure')}" for r, n in sorted(reasons.items())
+            f"{n} x 0x{r:04X} {COMMITMENT.text(r)}" for r, n in sorted(reasons.items())
         )
 
 
@@ -100,14 +88,14 @@ def action_dataset(transaction_uid: str, refs: Sequence[tuple[str, str]]) -> Dat
 def parse_report(event_type: int | None, info: Dataset | None, calling_ae: str = "") -> Report:
     """Decode the Event Information of an N-EVENT-REPORT, or raise :class:`ReportError`."""
     if event_type not in (EVENT_SUCCESS, EVENT_FAILURES):
-        raise ReportError(STATUS_NO_SUCH_EVENT_TYPE, f"unknown Event Type ID {event_type}")
+        raise ReportError(NO_SUCH_EVENT_TYPE, f"unknown Event Type ID {event_type}")
     if info is None or not info.get("TransactionUID"):
-        raise ReportError(STATUS_INVALID_ARGUMENT, "the report has no Transaction UID (0008,1195)")
+        raise ReportError(INVALID_ARGUMENT_VALUE, "the report has no Transaction UID (0008,1195)")
     rep = Report(str(info.TransactionUID), calling_ae=calling_ae)
     for item in info.get("ReferencedSOPSequence", []):
         rep.committed.append((str(item.get("ReferencedSOPClassUID", "")), str(item.ReferencedSOPInstanceUID)))
     for item in info.get("FailedSOPSequence", []):
-        reason = int(item.get("FailureReason", STATUS_PROCESSING_FAILURE))
+        reason = int(item.get("FailureReason", PROCESSING_FAILURE))
         rep.failed.append(
             (str(item.get("ReferencedSOPClassUID", "")), str(item.ReferencedSOPInstanceUID), reason)
         )
@@ -122,7 +110,7 @@ def answer_report(sop_class: str, event_type: int | None, info: Dataset | None, 
     """
     if sop_class != STORAGE_COMMITMENT_PUSH:
         LOG.error("N-EVENT-REPORT for SOP class %s refused", sop_class)
-        return STATUS_PROCESSING_FAILURE
+        return PROCESSING_FAILURE
     try:
         rep = parse_report(event_type, info, calling)
         on_report(rep)
@@ -131,8 +119,8 @@ def answer_report(sop_class: str, event_type: int | None, info: Dataset | None, 
         return exc.status
     except Exception:
         LOG.exception("N-EVENT-REPORT from %s: processing failure", calling)
-        return STATUS_PROCESSING_FAILURE
-    return STATUS_SUCCESS
+        return PROCESSING_FAILURE
+    return SUCCESS
 
 
 def report_handler(on_report: Callable[[Report], None]) -> Callable[[evt.Event], tuple[int, None]]:
@@ -167,7 +155,7 @@ class ReportHandler:
                 info = decode(BytesIO(raw), ts.is_implicit_VR, ts.is_little_endian, ts.is_deflated)
             except Exception as exc:
                 LOG.error("N-EVENT-REPORT from %s: Event Information cannot be decoded: %s", request.peer, exc)
-                reply(STATUS_INVALID_ARGUMENT, "the Event Information cannot be decoded", None, None)
+                reply(INVALID_ARGUMENT_VALUE, "the Event Information cannot be decoded", None, None)
                 return
         status = answer_report(request.affected_sop_class, request.event_type, info,
                                request.peer.calling_ae, self.on_report)

@@ -10,6 +10,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, associate, make_ae
+from modality_link.net.status import SUCCESS
 
 
 @dataclass
@@ -35,6 +36,6 @@ def echo(name: str, node: Node, calling_ae: str, timeouts: Timeouts) -> EchoResu
     rtt = (time.perf_counter() - start) * 1000
     if status is None:
         return EchoResult(name, False, None, rtt, "no C-ECHO response (timeout or abort)")
-    ok = status == 0x0000
+    ok = status == SUCCESS
     msg = "success" if ok else f"C-ECHO failed with status 0x{status:04X}"
     return EchoResult(name, ok, status, rtt, msg)

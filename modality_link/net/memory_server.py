@@ -18,30 +18,19 @@ from typing import BinaryIO, Callable
 
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from modality_link.archive import (
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_OUT_OF_RESOURCES,
-    ArchiveError,
-    CannotUnderstand,
-    encode_file_meta,
-    validate_received,
-)
+from modality_link.archive import ArchiveError, CannotUnderstand, validate_received
 from modality_link.config import Listener, Timeouts
+from modality_link.fileformat import encode_file_meta
 from modality_link.memory import CachedInstance, MemoryCache
 from modality_link.net.acceptor import C_ECHO_RQ, C_STORE_RQ, Acceptor, DataSetSink, Reply, Request, Service
-from modality_link.net.servers import (
-    ARCHIVE_TRANSFER_SYNTAXES,
-    DECODED_TRANSFER_SYNTAXES,
-    STATUS_PROCESSING_FAILURE,
-    VERIFICATION,
-    EchoHandler,
-)
+from modality_link.net.servers import ARCHIVE_TRANSFER_SYNTAXES, DECODED_TRANSFER_SYNTAXES, VERIFICATION, EchoHandler
+from modality_link.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
 
 LOG = logging.getLogger("modality_link.net.memory_server")
 
 
 class OutOfMemory(ArchiveError):
-    status = STATUS_OUT_OF_RESOURCES
+    status = OUT_OF_RESOURCES
 
 
 class IncomingMemoryInstance:
@@ -106,7 +95,7 @@ class MemoryStoreHandler:
         server = self.server
         uid = request.affected_sop_instance
         if not isinstance(data, IncomingMemoryInstance):
-            reply(STATUS_CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None, None)
+            reply(CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None, None)
             return
         try:
             item = data.finish()
@@ -117,7 +106,7 @@ class MemoryStoreHandler:
             return
         except Exception as exc:  # an unexpected fault: answer, log, keep the association
             LOG.exception("memory server: C-STORE of %s from %s failed with status 0x0110", uid[:64], request.peer)
-            reply(STATUS_PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
+            reply(PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
             return
         evicted = server.cache.put(item)
         if evicted:
@@ -125,7 +114,7 @@ class MemoryStoreHandler:
                      len(evicted), uid[:64])
         with server._count_lock:
             server.stored += 1
-        reply(0x0000, "", None, None)
+        reply(SUCCESS, "", None, None)
         if server.on_stored is not None:
             server.on_stored(item)
 

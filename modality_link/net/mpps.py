@@ -31,6 +31,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, associate, make_ae
 from modality_link.net.charset import charset_for
+from modality_link.net.status import MPPS, Category
 
 LOG = logging.getLogger("modality_link.net.mpps")
 
@@ -63,30 +64,9 @@ DISCONTINUATION_REASONS: dict[str, str] = {
     "110516": "Equipment change",
 }
 
-#: Status meanings for N-CREATE / N-SET (PS3.7 C.4, PS3.4 F.7.2.1.2 / F.8.2.1.2).
-STATUS_TEXT = {
-    0x0000: "success",
-    0x0105: "no such attribute",
-    0x0106: "invalid attribute value",
-    0x0107: "attribute list error",
-    0x0110: "processing failure",
-    0x0111: "duplicate SOP instance",
-    0x0112: "no such SOP instance",
-    0x0116: "attribute value out of range",
-    0x0117: "invalid object instance",
-    0x0118: "no such SOP class",
-    0x0119: "class-instance conflict",
-    0x0120: "missing attribute",
-    0x0121: "missing attribute value",
-    0x0122: "SOP class not supported",
-    0x0124: "not authorized",
-    0x0210: "duplicate invocation",
-    0x0211: "unrecognized operation",
-    0x0212: "mistyped argument",
-    0x0213: "resource limitation",
-    0xA700: "out of resources",
-    0xC310: "performed procedure step object may no longer be updated",
-}
+#: What an SCP answers when it did what was asked: success and the warnings of the MPPS status
+#: table (0001, 0107, 0116; PS3.4 F.7.2.1.2, F.8.2.1.2). A code below 0x0100 counts as done too.
+_DONE = MPPS.codes(Category.SUCCESS, Category.WARNING)
 
 
 class MppsError(Exception):
@@ -295,14 +275,18 @@ def build_n_set(
     return ds
 
 
+def _refused(status: int) -> bool:
+    """True if the SCP did not do what was asked (see :data:`_DONE`)."""
+    return status not in _DONE and status >= 0x0100
+
+
 def _status_error(what: str, target: str, status_ds: Dataset) -> MppsError:
     status = int(status_ds.Status)
-    text = STATUS_TEXT.get(status, "failed")
     comment = status_ds.get("ErrorComment", "")
     return MppsError(
-        f"MPPS {what} to {target} failed with status 0x{status:04X} ({text})"
+        f"MPPS {what} to {target} failed with status 0x{status:04X} ({MPPS.text(status)})"
         + (f": {comment}" if comment else ""),
-        retryable=status in (0xA700, 0x0213),
+        retryable=MPPS.is_retryable(status),
         status=status,
     )
 
@@ -329,7 +313,7 @@ def send_n_create(
         raise MppsError(f"MPPS N-CREATE: {exc}", retryable=True) from None
     if "Status" not in status_ds:
         raise MppsError(f"MPPS N-CREATE to {target}: no response (timeout or abort)", retryable=True)
-    if int(status_ds.Status) not in (0x0000, 0x0001, 0x0107, 0x0116) and int(status_ds.Status) >= 0x0100:
+    if _refused(int(status_ds.Status)):
         raise _status_error("N-CREATE", target, status_ds)
     uid = sop_instance_uid or seen.get("uid")
     if not uid:
@@ -354,7 +338,7 @@ def send_n_set(node: Node, calling_ae: str, timeouts: Timeouts, attrs: Dataset, 
     if "Status" not in status_ds:
         raise MppsError(f"MPPS N-SET to {target}: no response (timeout or abort)", retryable=True)
     status = int(status_ds.Status)
-    if status not in (0x0000, 0x0001, 0x0107, 0x0116) and status >= 0x0100:
+    if _refused(status):
         raise _status_error("N-SET", target, status_ds)
     LOG.info("MPPS N-SET %s to %s: 0x%04X", sop_instance_uid, target, status)
     return status

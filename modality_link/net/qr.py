@@ -40,6 +40,19 @@ from modality_link.db import InstanceRow
 from modality_link.net.acceptor import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, DataSetSink, InMemory, Reply, Request, Service
 from modality_link.net.association import AssociationFailed
 from modality_link.net.charset import repair_charset, text_of
+from modality_link.net.status import (
+    CANCEL,
+    IDENTIFIER_MISMATCH,
+    MISSING_UNIQUE_KEYS,
+    MOVE_DESTINATION_UNKNOWN,
+    OUT_OF_RESOURCES,
+    PENDING,
+    PENDING_WARNING,
+    SOME_SUB_OPERATIONS_FAILED,
+    SUB_OPERATIONS_IMPOSSIBLE,
+    SUCCESS,
+    UNABLE_TO_PROCESS,
+)
 from modality_link.net.storage import Instance, Outcome, Ready, build_contexts, classify, prepare, store_instances
 from modality_link.net.upper_layer import AssociationLost, Requestor
 
@@ -53,12 +66,6 @@ STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 PATIENT_ROOT = (PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET)
-
-#: Statuses, PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4.
-SUCCESS, CANCEL, PENDING, PENDING_UNSUPPORTED = 0x0000, 0xFE00, 0xFF00, 0xFF01
-OUT_OF_RESOURCES, SUB_OPERATIONS_IMPOSSIBLE, MOVE_DESTINATION_UNKNOWN = 0xA700, 0xA702, 0xA801
-IDENTIFIER_MISMATCH, UNABLE_TO_PROCESS, MISSING_UNIQUE_KEYS = 0xA900, 0xC000, 0xC001
-SOME_FAILED = 0xB000
 
 #: Transfer syntaxes of the Q/R contexts: identifiers are decoded, so native ones only.
 QR_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", ImplicitVRLittleEndian, ExplicitVRBigEndian]
@@ -462,7 +469,7 @@ class FindHandler:
             query = Query.parse(request.abstract_syntax, ds, combined)
             rows = self.qr.archive.db.index.qr_entities(query.level, query.scope)
             answers = query.answers(rows, self.qr.listener.ae_title)
-            pending = PENDING_UNSUPPORTED if query.unsupported else PENDING
+            pending = PENDING_WARNING if query.unsupported else PENDING
             count = 0
             for identifier in answers:
                 if reply.cancelled():
@@ -528,7 +535,7 @@ class SubOperations:
         elif not self.completed and not self.warning:
             status = SUB_OPERATIONS_IMPOSSIBLE
         else:
-            status = SOME_FAILED
+            status = SOME_SUB_OPERATIONS_FAILED
         identifier = None
         if self.failed_uids:
             ds = Dataset()

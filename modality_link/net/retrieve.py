@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, associate, make_ae
+from modality_link.net import status
 from modality_link.net.charset import repair_charset
 
 LOG = logging.getLogger("modality_link.net.retrieve")
@@ -31,7 +32,7 @@ MODELS = {
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 #: Seconds to wait for the final response after our C-CANCEL-RQ before aborting.
 CANCEL_GRACE = 10.0
-PENDING = (0xFF00, 0xFF01)
+PENDING = (status.PENDING, status.PENDING_WARNING)
 
 
 class QueryError(Exception):
@@ -43,29 +44,11 @@ class QueryError(Exception):
         self.status = status
 
 
-def _status_text(status: int) -> str:
-    if status == 0xA701:
-        return "out of resources: unable to calculate number of matches"
-    if status == 0xA702:
-        return "out of resources: unable to perform sub-operations"
-    if status == 0xA801:
-        return "move destination unknown"
-    if status == 0xA900:
-        return "identifier does not match SOP class"
-    if 0xC000 <= status <= 0xCFFF:
-        return "unable to process"
-    if status == 0xB000:
-        return "sub-operations complete: one or more failures"
-    if status == 0xFE00:
-        return "cancelled"
-    return "failed"
-
-
-def _failure(target: str, what: str, status_ds: Dataset) -> QueryError:
-    status = int(status_ds.Status)
+def _failure(target: str, what: str, status_ds: Dataset, service: status.Service) -> QueryError:
+    code = int(status_ds.Status)
     comment = str(status_ds.get("ErrorComment", "") or "")
-    return QueryError(f"{what} at {target} failed with status 0x{status:04X} ({_status_text(status)})"
-                      + (f": {comment}" if comment else ""), status)
+    return QueryError(f"{what} at {target} failed with status 0x{code:04X} ({service.text(code)})"
+                      + (f": {comment}" if comment else ""), code)
 
 
 def find(node: Node, calling_ae: str, timeouts: Timeouts, identifier: Dataset, model: str = "study",
@@ -84,16 +67,16 @@ def find(node: Node, calling_ae: str, timeouts: Timeouts, identifier: Dataset, m
                 if "Status" not in status_ds:
                     raise QueryError(f"query at {target}: no response within the DIMSE timeout "
                                      f"({len(matches)} match(es) received)")
-                status = int(status_ds.Status)
-                if status in PENDING:
+                code = int(status_ds.Status)
+                if code in PENDING:
                     if ident is not None and not cancelled:
                         matches.append(repair_charset(ident))
                         if limit and len(matches) >= limit:
                             assoc.send_c_cancel(1, query_model=find_uid)
                             cancelled = True
                     continue
-                if status not in (0x0000, 0xFE00):
-                    raise _failure(target, "query", status_ds)
+                if code not in (status.SUCCESS, status.CANCEL):
+                    raise _failure(target, "query", status_ds, status.QR_FIND)
                 break
     except AssociationFailed as exc:
         raise QueryError(f"query failed: {exc}") from None
@@ -199,15 +182,15 @@ def move(node: Node, calling_ae: str, timeouts: Timeouts, destination_ae: str, i
     if final is None:
         raise QueryError(f"retrieve from {target}: no final response")
     status_ds, ident = final
-    status = int(status_ds.Status)
+    code = int(status_ds.Status)
     failed_uids: list[str] = []
     if ident is not None and "FailedSOPInstanceUIDList" in ident:
         value = ident.FailedSOPInstanceUIDList
         failed_uids = [str(u) for u in (value if isinstance(value, (list, tuple)) or
                                         type(value).__name__ == "MultiValue" else [value]) if u]
-    if status not in (0x0000, 0xB000, 0xFE00) and not (0xB000 <= status <= 0xBFFF):
-        raise _failure(target, "retrieve", status_ds)
-    result = MoveResult(status, progress, failed_uids, why[0] if why else "",
+    if status.category(code) not in (status.Category.SUCCESS, status.Category.WARNING, status.Category.CANCEL):
+        raise _failure(target, "retrieve", status_ds, status.QR_MOVE)
+    result = MoveResult(code, progress, failed_uids, why[0] if why else "",
                         str(status_ds.get("ErrorComment", "") or ""))
-    LOG.info("retrieve from %s to %s: status 0x%04X, %s", target, destination_ae, status, result.message)
+    LOG.info("retrieve from %s to %s: status 0x%04X, %s", target, destination_ae, code, result.message)
     return result

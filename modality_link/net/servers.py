@@ -31,7 +31,7 @@ from pydicom.uid import (
 )
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from modality_link.archive import STATUS_CANNOT_UNDERSTAND, Archive, ArchiveError, IncomingInstance
+from modality_link.archive import Archive, ArchiveError, IncomingInstance
 from modality_link.config import Listener, Timeouts
 from modality_link.db import InstanceRecord
 from modality_link.net.acceptor import (
@@ -46,6 +46,7 @@ from modality_link.net.acceptor import (
     Service,
 )
 from modality_link.net.commitment import STORAGE_COMMITMENT_PUSH, Report, ReportHandler
+from modality_link.net.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, SUCCESS
 
 LOG = logging.getLogger("modality_link.net.servers")
 
@@ -67,7 +68,6 @@ ARCHIVE_TRANSFER_SYNTAXES = [
     RLELossless,
 ]
 
-STATUS_PROCESSING_FAILURE = 0x0110
 #: Transfer syntaxes of services whose data sets we decode (PS3.5 §10.1-10.3, A.5).
 DECODED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
@@ -82,7 +82,7 @@ class EchoHandler:
         return Discard()
 
     def handle(self, request: Request, data: DataSetSink | None, reply: Reply) -> None:
-        reply(0x0000, "", None, None)
+        reply(SUCCESS, "", None, None)
 
 
 class StoreHandler:
@@ -100,7 +100,7 @@ class StoreHandler:
         server = self.server
         uid = request.affected_sop_instance
         if not isinstance(data, IncomingInstance):  # a C-STORE-RQ announcing no data set
-            reply(STATUS_CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None, None)
+            reply(CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None, None)
             return
         try:
             rec = data.finish()
@@ -112,12 +112,12 @@ class StoreHandler:
         except Exception as exc:  # an unexpected fault: answer, log, keep the association
             LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", server.name, uid[:64],
                           request.peer)
-            reply(STATUS_PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
+            reply(PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
             return
         server.archive.index_later(rec, server.on_stored)
         with server._count_lock:
             server.stored += 1
-        reply(0x0000, "", None, None)
+        reply(SUCCESS, "", None, None)
 
 
 class StorageServer:

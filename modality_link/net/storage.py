@@ -1,17 +1,18 @@
 """Storage SCU: many C-STOREs on one association (PS3.4 Annex B, PS3.7 §9.1.1).
 
 - presentation contexts are built from the SOP classes of the instances to send and the
-  destination's transfer-syntax list (REQUIREMENTS A10, D4), one context per (SOP class,
-  transfer syntax) pair so that the peer can accept each syntax we may send natively;
+  destination's transfer-syntax list (the node's ``transfer_syntaxes``), one context per (SOP
+  class, transfer syntax) pair so that the peer can accept each syntax we may send natively;
 - a file whose stored transfer syntax was accepted is sent as its bytes on disk, never decoded;
   otherwise it is converted in memory by :func:`modality_link.transcode.transcode` to an accepted
   native syntax (ILE, ELE, EBE, Deflated; compressed to uncompressed), keeping its SOP Instance
   UID and every attribute; a lossy source is sent decompressed with Lossy Image Compression
   (0028,2110) "01", and its outcome is a warning that says so (docs/design.md, "Identity and
   transfer syntaxes");
-- every response status is classified by the matrix of REQUIREMENTS D5 (PS3.4 B.2.3);
+- every response status is classified by :func:`classify` (PS3.4 B.2.3; what is retried:
+  docs/design.md "Jobs and failures");
 - an association stays open after its job for the next job to the same node, and is released
-  after ``idle_release`` seconds without work (D3).
+  after ``idle_release`` seconds without work (docs/design.md "Sending and commitment").
 
 The association itself is :class:`modality_link.net.upper_layer.Requestor`, not pynetdicom's
 (the module docstring there says why).
@@ -29,21 +30,16 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from pydicom.uid import UID
-from pynetdicom.status import STATUS_UNKNOWN, STATUS_WARNING, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from modality_link import transcode
 from modality_link.config import Timeouts
-from modality_link.media.fileset import dataset_offset
-from modality_link.media.options import MediaError
+from modality_link.fileformat import Part10Error, dataset_offset, padded
+from modality_link.net.command import encode_command, parse_command
+from modality_link.net.status import STORAGE, SUCCESS, Category, category
 from modality_link.net.upper_layer import AssociationLost, Requestor
 
 LOG = logging.getLogger("modality_link.net.storage")
 
-#: C-STORE failures that may succeed on a later attempt: the peer lacks something now, nothing
-#: is wrong with the request (docs/design.md "Jobs and failures"): PS3.4 B.2.3 A7xx "Refused:
-#: Out of Resources"; PS3.7 Annex C 0x0110 "Processing Failure", 0x0210 "Duplicate Invocation",
-#: 0x0213 "Resource Limitation". Every other failure gets the same answer when sent again.
-RETRYABLE_STATUSES = frozenset({0x0110, 0x0210, 0x0213, *range(0xA700, 0xA800)})
 MAX_CONTEXTS = 128  # PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255
 #: Files up to this size are read whole and sent from memory; larger ones are streamed.
 IN_MEMORY = 32 << 20
@@ -51,32 +47,29 @@ IN_MEMORY = 32 << 20
 
 @dataclass
 class Outcome:
-    """The result of one C-STORE, classified (REQUIREMENTS D5)."""
+    """The result of one C-STORE, classified (docs/design.md "Jobs and failures")."""
 
     state: str  # done | warning | failed
     status: int | None
     detail: str = ""
-    #: A failure that may succeed on a later attempt (:data:`RETRYABLE_STATUSES`).
+    #: A failure that may succeed on a later attempt (:meth:`modality_link.net.status.Service.is_retryable`).
     retryable: bool = False
 
 
 def classify(status: int) -> Outcome:
     """Map a C-STORE status (PS3.4 B.2.3 Table B.2-1, PS3.7 Annex C) onto an :class:`Outcome`.
 
-    The category and meaning come from pynetdicom's copy of those tables: a warning (0001,
-    0107, 0116, Bxxx such as B000, B006, B007) means the instance was stored; a failure is
-    retryable only if it is in :data:`RETRYABLE_STATUSES`; a status in no table is a failure
-    that is not retried.
+    Category, meaning and retry come from :data:`modality_link.net.status.STORAGE`: a warning
+    (0001, 0107, 0116, Bxxx such as B000, B006, B007) means the instance was stored; a failure
+    is retryable only for the few statuses that blame the peer's state, not the request; a
+    status in no table is a failure that is not retried.
     """
-    if status == 0x0000:
+    if status == SUCCESS:
         return Outcome("done", status)
-    category = code_to_category(status)
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(status, ("", ""))[1] or category
-    if category == STATUS_WARNING:
+    meaning = STORAGE.text(status)
+    if category(status) == Category.WARNING:
         return Outcome("warning", status, f"warning 0x{status:04X}: {meaning}")
-    if category == STATUS_UNKNOWN:
-        meaning = "a status PS3.4 B.2.3 and PS3.7 Annex C do not define"
-    return Outcome("failed", status, f"failed 0x{status:04X}: {meaning}", status in RETRYABLE_STATUSES)
+    return Outcome("failed", status, f"failed 0x{status:04X}: {meaning}", STORAGE.is_retryable(status))
 
 
 @dataclass
@@ -119,17 +112,15 @@ def c_store_rq(message_id: int, sop_class: str, sop_instance: str) -> bytes:
 def c_store_command(message_id: int, sop_class: str, sop_instance: str, extra: dict[int, bytes]) -> bytes:
     """A C-STORE-RQ command set with `extra` elements {element: value}, e.g. the Move Originator
     of a C-MOVE or C-GET sub-operation (PS3.7 Table 9.3-1)."""
-    elements = {
-        0x0002: _padded(sop_class),
+    return encode_command({
+        0x0002: padded(sop_class.encode("ascii"), "UI"),
         0x0100: struct.pack("<H", 0x0001),  # Command Field: C-STORE-RQ
         0x0110: struct.pack("<H", message_id),
         0x0700: struct.pack("<H", 0x0000),  # Priority: medium
         0x0800: struct.pack("<H", 0x0000),  # a data set follows
-        0x1000: _padded(sop_instance),
+        0x1000: padded(sop_instance.encode("ascii"), "UI"),
         **extra,
-    }
-    body = b"".join(_command_element(e, v) for e, v in sorted(elements.items()))
-    return _command_element(0x0000, struct.pack("<L", len(body))) + body
+    })
 
 
 def move_originator_elements(move_originator: tuple[str, int] | None) -> dict[int, bytes]:
@@ -140,29 +131,9 @@ def move_originator_elements(move_originator: tuple[str, int] | None) -> dict[in
     return {0x1030: title.encode("ascii", "replace").ljust(16), 0x1031: struct.pack("<H", message_id)}
 
 
-def _padded(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _command_element(element: int, value: bytes) -> bytes:
-    return struct.pack("<HHL", 0x0000, element, len(value)) + value
-
-
-def parse_command(data: bytes) -> dict[int, bytes]:
-    """{element number: value} of a group 0000 command set in Implicit VR Little Endian."""
-    out, pos = {}, 0
-    while pos + 8 <= len(data):
-        group, element, length = struct.unpack_from("<HHL", data, pos)
-        if group != 0x0000:
-            raise AssociationLost(f"malformed command set (group {group:04X} at byte {pos})")
-        out[element] = data[pos + 8:pos + 8 + length]
-        pos += 8 + length
-    return out
-
-
 class AssociationPool:
-    """Send associations kept open between jobs to the same destination (REQUIREMENTS D3).
+    """Send associations kept open between jobs to the same destination (docs/design.md "Sending
+    and commitment").
 
     :meth:`acquire` hands out an idle association of the node that was opened with the same
     settings and proposed every (SOP class, transfer syntax) the job needs, if the peer has not
@@ -307,7 +278,7 @@ def prepare(inst: Instance, contexts: Sequence[tuple[int, str]], rejected: Calla
                 data += b"\x00"  # them) gets a pad byte: DCMTK's storescp refuses an odd PDV
             return Ready(context_id, memoryview(data))
         return Ready(context_id, fp, size - start)
-    except (OSError, MediaError, struct.error) as exc:
+    except (OSError, Part10Error, struct.error) as exc:
         fp.close()
         return Outcome("failed", None, f"not sent: cannot read {inst.path.name}: {exc}")
 
@@ -341,9 +312,9 @@ def store_instances(
 
     A file whose transfer syntax was accepted goes out as its bytes on disk after the File
     Meta Information, never decoded; the next file is read while the peer stores the current
-    one. `on_result` returns False to stop the batch (failure policy "stop", D6). The C-STORE-RQs
-    of a C-MOVE name its `move_originator` (AE title, Message ID; PS3.7 Table 9.3-1). Raises
-    :class:`AssociationLost` when the association is aborted or the connection lost (D7).
+    one. `on_result` returns False to stop the batch (the node's failure policy "stop"). The
+    C-STORE-RQs of a C-MOVE name its `move_originator` (AE title, Message ID; PS3.7 Table 9.3-1).
+    Raises :class:`AssociationLost` when the association is aborted or the connection lost.
     """
     accepted = assoc.accepted()
     queue = ((inst, prepare(inst, accepted.get(inst.sop_class_uid, []),

@@ -43,11 +43,26 @@ UNLIMITED_PDU = 1 << 20
 #: Bytes read from a file at a time when a data set is streamed rather than read whole.
 STREAM_BLOCK = 4 << 20
 _IOV_MAX = 1024  # buffers per sendmsg() call (Linux UIO_MAXIOV)
-_PDU_HEADER = struct.Struct(">BBL")
-_PDV_HEADER = struct.Struct(">LBB")
-_RELEASE_RQ = _PDU_HEADER.pack(A_RELEASE_RQ_TYPE, 0, 4) + b"\x00" * 4
-_RELEASE_RP = _PDU_HEADER.pack(A_RELEASE_RP_TYPE, 0, 4) + b"\x00" * 4
-_ABORT = _PDU_HEADER.pack(A_ABORT_TYPE, 0, 4) + b"\x00\x00\x00\x00"  # service user, no reason
+#: PDU header: type, reserved, length (PS3.8 §9.3.1).
+PDU_HEADER = struct.Struct(">BBL")
+#: PDV item header: item length, presentation context ID, message control header (PS3.8 §9.3.5.1, E.2).
+PDV_HEADER = struct.Struct(">LBB")
+_RELEASE_RQ = PDU_HEADER.pack(A_RELEASE_RQ_TYPE, 0, 4) + b"\x00" * 4
+_RELEASE_RP = PDU_HEADER.pack(A_RELEASE_RP_TYPE, 0, 4) + b"\x00" * 4
+_ABORT = PDU_HEADER.pack(A_ABORT_TYPE, 0, 4) + b"\x00\x00\x00\x00"  # service user, no reason
+
+
+def p_data_tf(parts: list, context_id: int, data: memoryview, control: int, limit: int, final: bool = True) -> None:
+    """Append to `parts` the P-DATA-TF PDUs that carry `data` (PS3.8 §9.3.5, Annex E): one PDV
+    of at most `limit` bytes each, `control` 0x01 for a command, 0x00 for a data set; bit 1 of
+    the message control header marks the last fragment when `final`."""
+    n = len(data)
+    for start in range(0, max(n, 1), limit):
+        chunk = data[start:start + limit]
+        last = 0x02 if final and start + limit >= n else 0x00
+        parts.append(PDU_HEADER.pack(P_DATA_TF_TYPE, 0, len(chunk) + 6))
+        parts.append(PDV_HEADER.pack(len(chunk) + 2, context_id, control | last))
+        parts.append(chunk)
 
 
 class AssociationLost(Exception):
@@ -111,7 +126,7 @@ class Requestor:
             raise self._failed(why) from None
         if kind == A_ASSOCIATE_AC_TYPE:
             pdu = A_ASSOCIATE_AC()
-            pdu.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+            pdu.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
             prim = pdu.to_primitive()
             names = dict(self._numbered())
             for cx in prim.presentation_context_definition_results_list:
@@ -127,7 +142,7 @@ class Requestor:
         self.close()
         if kind == A_ASSOCIATE_RJ_TYPE:
             rj = A_ASSOCIATE_RJ()
-            rj.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+            rj.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
             raise self._failed(describe_reject(rj.to_primitive()))
         raise self._failed(f"unexpected answer (PDU type 0x{kind:02X}) to the A-ASSOCIATE-RQ")
 
@@ -192,12 +207,12 @@ class Requestor:
         assert self.sock is not None
         limit = (self.peer_max_pdu or UNLIMITED_PDU) - 6  # PDV item header: length, ID, control
         parts: list[bytes | memoryview] = []
-        self._frame(parts, context_id, memoryview(command), 0x01, limit)
+        p_data_tf(parts, context_id, memoryview(command), 0x01, limit)
         try:
             self.sock.settimeout(self.timeouts.network)
             if dataset is None or isinstance(dataset, (bytes, bytearray, memoryview)):
                 if dataset is not None:
-                    self._frame(parts, context_id, memoryview(dataset), 0x00, limit)
+                    p_data_tf(parts, context_id, memoryview(dataset), 0x00, limit)
                 self._send_vectored(parts)
                 return
             self._send_vectored(parts)
@@ -211,23 +226,11 @@ class Requestor:
                                           f"association aborted")
                 left -= len(chunk)
                 parts = []
-                self._frame(parts, context_id, memoryview(chunk), 0x00, limit, final=left == 0)
+                p_data_tf(parts, context_id, memoryview(chunk), 0x00, limit, final=left == 0)
                 self._send_vectored(parts)
         except OSError as exc:
             self.close()
             raise AssociationLost(self._lost_reason(exc)) from None
-
-    @staticmethod
-    def _frame(parts: list, context_id: int, data: memoryview, control: int, limit: int,
-               final: bool = True) -> None:
-        """One P-DATA-TF per fragment; bit 1 of the message control header marks the last."""
-        n = len(data)
-        for start in range(0, max(n, 1), limit):
-            chunk = data[start:start + limit]
-            last = 0x02 if final and start + limit >= n else 0x00
-            parts.append(_PDU_HEADER.pack(P_DATA_TF_TYPE, 0, len(chunk) + 6))
-            parts.append(_PDV_HEADER.pack(len(chunk) + 2, context_id, control | last))
-            parts.append(chunk)
 
     def _send_vectored(self, parts: list) -> None:
         """sendall() for a list of buffers, without joining them into one copy (sendmsg)."""
@@ -261,14 +264,14 @@ class Requestor:
             if kind == A_ABORT_TYPE:
                 self.close()
                 pdu = A_ABORT_RQ()
-                pdu.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+                pdu.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
                 raise AssociationLost(describe_abort(pdu.to_primitive()))
             if kind != P_DATA_TF_TYPE:
                 self.abort()
                 raise AssociationLost(f"unexpected PDU type 0x{kind:02X} from {self.peer}; association aborted")
             pos = 0
             while pos + 6 <= len(body):
-                length, _cid, control = _PDV_HEADER.unpack_from(body, pos)
+                length, _cid, control = PDV_HEADER.unpack_from(body, pos)
                 if control & 0x01:
                     command += body[pos + 6:pos + 4 + length]
                     if control & 0x02:
@@ -277,7 +280,7 @@ class Requestor:
 
     def _read_pdu(self) -> tuple[int, bytes]:
         header = self._read_exactly(6)
-        kind, _, length = _PDU_HEADER.unpack(header)
+        kind, _, length = PDU_HEADER.unpack(header)
         return kind, self._read_exactly(length)
 
     def _read_exactly(self, n: int) -> bytes:

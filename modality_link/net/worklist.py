@@ -28,19 +28,9 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, associate, make_ae
 from modality_link.net.charset import repair_charset
+from modality_link.net.status import CANCEL, PENDING, PENDING_WARNING, SUCCESS, WORKLIST
 
 LOG = logging.getLogger("modality_link.net.worklist")
-
-#: PS3.4 K.4.1.1.4 C-FIND statuses for MWL.
-STATUS_TEXT = {
-    0x0000: "success",
-    0xFF00: "pending",
-    0xFF01: "pending (optional keys not supported)",
-    0xFE00: "cancelled",
-    0xA700: "refused: out of resources",
-    0xA900: "failed: identifier does not match SOP class",
-    0x0122: "refused: SOP class not supported",
-}
 
 #: Return keys at the top level of the identifier: what a CT console asks for and what a PACS's
 #: worklist server returns (docs/design.md "Worklist").
@@ -213,7 +203,7 @@ def find_worklist(
                         f"worklist query to {target} failed: {why} ({len(result.items)} item(s) received)"
                     )
                 status = int(status_ds.Status)
-                if status in (0xFF00, 0xFF01):
+                if status in (PENDING, PENDING_WARNING):
                     if ident is not None and not cancelled:
                         try:
                             result.items.append(repair_charset(ident, default_charset))
@@ -227,12 +217,12 @@ def find_worklist(
             if status is None:
                 raise WorklistError(f"worklist query to {target} failed: no response")
             result.status = status
-            if status == 0x0000:
+            if status == SUCCESS:
                 result.message = f"{len(result.items)} item(s)"
                 if cancelled:  # the SCP finished before it saw our C-CANCEL
                     result.partial = True
                     result.message += f" (limit {query.limit} reached)"
-            elif status == 0xFE00:
+            elif status == CANCEL:
                 result.partial = True
                 result.message = (
                     f"{len(result.items)} item(s): the response limit of {query.limit} was reached "
@@ -241,12 +231,9 @@ def find_worklist(
                     else f"{len(result.items)} item(s): the query was cancelled by the peer"
                 )
             else:
-                text = STATUS_TEXT.get(status) or (
-                    "failed: unable to process" if 0xC000 <= status <= 0xCFFF else "failed"
-                )
                 comment = status_ds.get("ErrorComment", "")
                 raise WorklistError(
-                    f"worklist query to {target} failed with status 0x{status:04X} ({text})"
+                    f"worklist query to {target} failed with status 0x{status:04X} ({WORKLIST.text(status)})"
                     + (f": {comment}" if comment else "")
                 )
     except AssociationFailed as exc:

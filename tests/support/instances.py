@@ -1,13 +1,15 @@
-"""Small synthetic CT/MR instances for the media tests (no dependency on sim/)."""
+"""DICOM files for the tests: small synthetic CT/MR instances made here (for the media tests,
+independent of sim/), simulated studies from sim.images, and the data set bytes of a file."""
 
 from __future__ import annotations
 
-import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
-import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
@@ -122,21 +124,41 @@ def make_series(
     ]
 
 
-def tool(name: str) -> str:
-    """Absolute path of a Debian tool; fails in CI (CI=true), skips elsewhere."""
-    path = f"/usr/bin/{name}"
-    if not os.access(path, os.X_OK):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{path} is required in CI")
-        pytest.skip(f"{path} not installed")
-    return path
+def spool_images(folder: Path, count: int = 3, seed: int = 1) -> list[str]:
+    """`count` simulated CT images (sim.images) written to `folder`, as the acquisition spools them."""
+    from sim import images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(images.make_study("CT", images=count, seed=seed)):
+        p = folder / f"img{i}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(str(p))
+    return paths
 
 
-def have(name: str) -> bool:
-    return shutil.which(name, path="/usr/bin") is not None
+@contextmanager
+def generated_study(**kw: Any) -> Iterator[Path]:
+    """A temporary folder holding a study from :func:`sim.images.write_study` (its keywords)."""
+    from sim import images
+
+    d = Path(tempfile.mkdtemp(prefix="mlimg"))
+    try:
+        images.write_study(d, **kw)
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes of a PS3.10 file after its File Meta group."""
+    data = path.read_bytes()
+    assert data[128:132] == b"DICM"
+    group_length = int.from_bytes(data[140:144], "little")
+    return data[144 + group_length:]
 
 
 __all__ = [
     "ExplicitVRBigEndian", "ExplicitVRLittleEndian", "ImplicitVRLittleEndian", "JPEGBaseline8Bit",
-    "RLELossless", "make_instance", "make_series", "tool",
+    "RLELossless", "dataset_bytes", "generated_study", "make_instance", "make_series", "spool_images",
 ]

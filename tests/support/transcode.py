@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000, JPEG2000Lossless
 
-from modality_link.media.fileset import encoded_file_meta
+from modality_link.fileformat import encode_file_meta
 from modality_link.transcode import Converted
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -138,7 +138,7 @@ def make_cases(out: Path, variants: tuple[Variant, ...] = VARIANTS, ct_size: int
 
 
 def reread(out: Converted) -> Dataset:
-    head = encoded_file_meta("1.2.3", "1.2.3", out.transfer_syntax, "TEST")
+    head = encode_file_meta("1.2.3", "1.2.3", out.transfer_syntax, "TEST")
     return dcmread(io.BytesIO(head + out.data))
 
 

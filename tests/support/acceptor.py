@@ -18,7 +18,7 @@ from modality_link.db import Database
 from modality_link.home import free_port
 from modality_link.net.servers import StorageServer
 from modality_link.net.storage import c_store_rq
-from modality_link.net.upper_layer import Requestor
+from modality_link.net.upper_layer import Requestor, p_data_tf
 
 
 @dataclass
@@ -81,7 +81,7 @@ def associate_rq(calling: str = "FUZZER", called: str = "MODLINK", max_pdu: int 
 def p_data(context_id: int, data: bytes, command: bool, fragment: int = 4096) -> bytes:
     """P-DATA-TF PDUs carrying `data` as command or data set fragments (PS3.8 §9.3.5, E.2)."""
     parts: list = []
-    Requestor._frame(parts, context_id, memoryview(data), 0x01 if command else 0x00, fragment)
+    p_data_tf(parts, context_id, memoryview(data), 0x01 if command else 0x00, fragment)
     return b"".join(bytes(p) for p in parts)
 
 
