@@ -291,8 +291,8 @@ class Query:
         for upper in levels[:depth]:  # hierarchical: one value in each unique key above
             value = _single(ds, UNIQUE[upper])
             if value is None:
-                raise QueryError(UNABLE_TO_PROCESS, f"relational queries are not supported: {UNIQUE[upper]} must "
-                                                    f"hold one value at level {query.level} (PS3.4 C.4.1.2.1)")
+                raise QueryError(UNABLE_TO_PROCESS, f"relational query: no single {UNIQUE[upper]} value "
+                                                    "(PS3.4 C.4.1.2.1)")
             query.scope[UNIQUE[upper]] = [value]
         values: dict[str, str] = {}
         for elem in ds:
@@ -304,8 +304,8 @@ class Query:
                 query.unsupported.append(keyword or str(elem.tag))
                 continue
             if levels.index(level) > depth:
-                raise QueryError(IDENTIFIER_MISMATCH, f"relational queries are not supported: {keyword} is a "
-                                                      f"{level} key below level {query.level} (PS3.4 C.4.1.3.1)")
+                raise QueryError(IDENTIFIER_MISMATCH, f"relational query: {keyword} is a {level} key "
+                                                      "(PS3.4 C.4.1.3.1)")
             query.keys.append(keyword)
             if keyword == REQUEST_ATTRIBUTES:
                 query._request_sequence(elem.value)
@@ -418,8 +418,7 @@ def retrieve_scope(sop_class: str, ds: Dataset) -> dict[str, list[str]]:
             single = _single(ds, key)
             values = [single] if single else []
         if not values:
-            raise QueryError(MISSING_UNIQUE_KEYS, f"unable to process: missing unique key {key} for level "
-                                                  f"{level} (PS3.4 C.4.2.2.1)")
+            raise QueryError(MISSING_UNIQUE_KEYS, f"missing unique key {key} (PS3.4 C.4.2.2.1)")
         scope[key] = values
     return scope
 
@@ -480,6 +479,7 @@ class FindHandler:
                 count += 1
         except Exception as exc:
             failure = _failure("C-FIND", request, exc)
+            LOG.warning("C-FIND from %s refused (0x%04X): %s", request.peer, failure.status, failure)
             reply(failure.status, str(failure))
             return
         LOG.info("C-FIND %s level from %s: %d match(es)", query.level, request.peer, count)

@@ -1,0 +1,287 @@
+"""The disk server's Query/Retrieve SCP (net/qr.py, PS3.4 Annex C) against DCMTK findscu,
+movescu and getscu, and pynetdicom where DCMTK cannot ask (Extended Negotiation): every answer
+compared with what the index holds."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from modality_link import config
+from modality_link.archive import Archive
+from modality_link.db import Database
+from modality_link.home import free_port
+from modality_link.net.charset import text_of
+from modality_link.net.servers import StorageServer
+from sim import images
+from tests.support.instances import dataset_bytes
+from tests.support.peers import start_storescp
+from tests.support.tools import dcmtk_env, require_tool
+from tests.support.waiting import wait_until
+
+TIMEOUTS = config.Timeouts(connect=5, acse=5, dimse=30, network=30, artim=5)
+CHARSETS = Path(pydicom.__file__).parent / "data" / "charset_files"
+STUDY_A, STUDY_B = "1.2.826.0.1.3680043.10.543.1", "1.2.826.0.1.3680043.10.543.2"
+
+
+@dataclass
+class Archived:
+    """The disk server on an archive of a few studies; `files` by SOP Instance UID."""
+
+    archive: Archive
+    server: StorageServer
+    nodes: dict[str, config.Node]
+    files: dict[str, Path]
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+def _study(out: Path, study_uid: str, patient: tuple[str, str], date: str, time: str, modality: str,
+           series: list[int], seed: int, requests: list[tuple[str, str]] = ()) -> list[Path]:
+    paths = []
+    for n, count in enumerate(series):
+        for path in images.write_study(out / f"{seed}-{n}", modality=modality, images=count, rows=16, columns=16,
+                                       seed=seed * 10 + n):
+            ds = dcmread(path)
+            ds.PatientName, ds.PatientID = patient
+            ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study_uid, date, time
+            ds.SeriesInstanceUID = f"{study_uid}.{n + 1}"
+            ds.SeriesNumber = n + 1
+            ds.AccessionNumber = f"ACC{seed}"
+            ds.StudyID = f"S{seed}"
+            ds.SeriesDate, ds.SeriesTime = date, time
+            ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = date, time
+            items = []
+            for rp, sps in requests:
+                item = Dataset()
+                item.RequestedProcedureID, item.ScheduledProcedureStepID = rp, sps
+                items.append(item)
+            if items:
+                ds.RequestAttributesSequence = items
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
+    tmp = tmp_path_factory.mktemp("qr")
+    files = [
+        *_study(tmp / "a", STUDY_A, ("Doe^John", "P1"), "20240110", "083000", "CT", [3, 2], 1,
+                [("RP1", "SPS1"), ("RP1", "SPS2")]),
+        *_study(tmp / "b", STUDY_B, ("Smith^Anna", "P2"), "20240215", "143000", "MR", [2], 2, [("RP2", "SPS3")]),
+        CHARSETS / "chrH31.dcm", CHARSETS / "chrGreek.dcm", CHARSETS / "chrX1.dcm",
+    ]
+    root = tmp / "archive"
+    (root / ".tmp").mkdir(parents=True)
+    archive = Archive(root, Database(tmp / "db.sqlite"), min_free_mb=0)
+    stored = {}
+    for path, rec in archive.import_paths(files):
+        assert not isinstance(rec, Exception), f"{path}: {rec}"
+        stored[rec.sop_instance_uid] = root / rec.path
+    nodes: dict[str, config.Node] = {}
+    listener = config.Listener(ae_title="MODLINK", port=free_port(), bind_address="127.0.0.1")
+    server = StorageServer(listener, TIMEOUTS, archive, nodes=lambda: nodes)
+    server.start()
+    yield Archived(archive, server, nodes, stored)
+    server.stop()
+    assert server.acceptor.faults == 0
+
+
+def findscu(port: int, model: str, *keys: str, out: Path, files: tuple[str, ...] = (),
+            extra: tuple[str, ...] = ()) -> tuple[list[Dataset], str]:
+    """findscu -P/-S with `keys` (and query `files`); the responses it extracted, and its log."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("rsp*.dcm"):
+        old.unlink()
+    args = [require_tool("findscu"), "-v", model, "-aec", "MODLINK", "-X", "-od", str(out), *extra]
+    for key in keys:
+        args += ["-k", key]
+    proc = subprocess.run([*args, "127.0.0.1", str(port), *files], env=dcmtk_env(), capture_output=True,
+                          text=True, errors="replace", timeout=60)
+    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))], proc.stdout + proc.stderr
+
+
+def index_rows(a: Archived, level: str, **scope: list[str]) -> list[dict]:
+    return a.archive.db.index.qr_entities(level, dict(scope))
+
+
+def uids(responses: list[Dataset], keyword: str) -> list[str]:
+    return [str(r.get(keyword, "")) for r in responses]
+
+
+# -- C-FIND ------------------------------------------------------------------------------------------
+
+
+def test_study_root_study_level_single_wildcard_range_universal(archived: Archived, tmp_path: Path) -> None:
+    keys = ("QueryRetrieveLevel=STUDY", "StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "StudyTime",
+            "AccessionNumber", "StudyID", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+            "NumberOfStudyRelatedInstances")
+    # universal: every study, each as the index holds it
+    found, log = findscu(archived.port, "-S", *keys, out=tmp_path)
+    rows = {r["StudyInstanceUID"]: r for r in index_rows(archived, "STUDY")}
+    assert sorted(uids(found, "StudyInstanceUID")) == sorted(rows), log
+    for ds in found:
+        row = rows[ds.StudyInstanceUID]
+        for keyword in ("PatientID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID"):
+            assert str(ds.get(keyword, "")) == row[keyword], keyword
+        assert str(ds.PatientName) == row["PatientName"]
+        assert int(ds.NumberOfStudyRelatedSeries) == row["NumberOfStudyRelatedSeries"]
+        assert int(ds.NumberOfStudyRelatedInstances) == row["NumberOfStudyRelatedInstances"]
+        assert text_of(ds.ModalitiesInStudy) == row["ModalitiesInStudy"]
+    a = next(ds for ds in found if ds.StudyInstanceUID == STUDY_A)
+    assert (a.NumberOfStudyRelatedSeries, a.NumberOfStudyRelatedInstances, a.ModalitiesInStudy) == (2, 5, "CT")
+    assert a.QueryRetrieveLevel == "STUDY" and a.RetrieveAETitle == "MODLINK"
+    assert "SpecificCharacterSet" not in a  # all ASCII
+    # single value, case-insensitive wildcard on the name, date range, time range
+    for key, expected in [("PatientID=P2", [STUDY_B]), ("PatientName=doe*", [STUDY_A]),
+                          ("PatientName=?MITH^ANNA", [STUDY_B]), ("StudyDate=20240101-20240131", [STUDY_A]),
+                          ("StudyDate=20240201-", [STUDY_B]), ("StudyDate=-20240110", [STUDY_A]),
+                          ("StudyTime=1400-1500", [STUDY_B]), ("AccessionNumber=ACC*", [STUDY_A, STUDY_B]),
+                          ("ModalitiesInStudy=MR", [STUDY_B]), ("StudyID=S1", [STUDY_A])]:
+        found, log = findscu(archived.port, "-S", *keys, key, out=tmp_path)
+        assert sorted(uids(found, "StudyInstanceUID")) == sorted(expected), (key, log)
+    # list of UIDs (C.2.2.2.2)
+    found, _ = findscu(archived.port, "-S", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY_A}\\{STUDY_B}\\1.2.3",
+                       out=tmp_path)
+    assert sorted(uids(found, "StudyInstanceUID")) == [STUDY_A, STUDY_B]
+
+
+def test_patient_root_at_each_level(archived: Archived, tmp_path: Path) -> None:
+    found, log = findscu(archived.port, "-P", "QueryRetrieveLevel=PATIENT", "PatientID", "PatientName",
+                         "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedInstances", out=tmp_path)
+    rows = {r["PatientID"]: r for r in index_rows(archived, "PATIENT")}
+    assert sorted(uids(found, "PatientID")) == sorted(rows), log
+    p1 = next(ds for ds in found if ds.PatientID == "P1")
+    assert (str(p1.PatientName), p1.NumberOfPatientRelatedStudies, p1.NumberOfPatientRelatedInstances) == \
+        ("Doe^John", 1, 5)
+    found, log = findscu(archived.port, "-P", "QueryRetrieveLevel=STUDY", "PatientID=P1", "StudyInstanceUID",
+                         "StudyDate", out=tmp_path)
+    assert uids(found, "StudyInstanceUID") == [STUDY_A], log
+    found, log = findscu(archived.port, "-P", "QueryRetrieveLevel=SERIES", "PatientID=P1",
+                         f"StudyInstanceUID={STUDY_A}", "SeriesInstanceUID", "Modality", "SeriesNumber",
+                         "NumberOfSeriesRelatedInstances", out=tmp_path)
+    assert uids(found, "SeriesInstanceUID") == [f"{STUDY_A}.1", f"{STUDY_A}.2"], log
+    assert [ds.NumberOfSeriesRelatedInstances for ds in found] == [3, 2]
+    found, log = findscu(archived.port, "-P", "QueryRetrieveLevel=IMAGE", "PatientID=P1",
+                         f"StudyInstanceUID={STUDY_A}", f"SeriesInstanceUID={STUDY_A}.1", "SOPInstanceUID",
+                         "InstanceNumber", "Rows", "ImageType", "SOPClassUID", "PatientComments", out=tmp_path)
+    images_ = index_rows(archived, "IMAGE", SeriesInstanceUID=[f"{STUDY_A}.1"])
+    assert uids(found, "SOPInstanceUID") == [r["SOPInstanceUID"] for r in images_], log
+    for ds, row in zip(found, images_):
+        assert (str(ds.InstanceNumber), str(ds.Rows), "\\".join(ds.ImageType), ds.SOPClassUID) == \
+            (row["InstanceNumber"], row["Rows"], row["ImageType"], row["SOPClassUID"])
+        assert "PatientComments" not in ds  # an unsupported key is not returned
+    assert "Pending: WarningUnsupportedOptionalKeys" in log, log  # 0xFF01
+
+
+def test_series_level_keys_and_request_attributes(archived: Archived, tmp_path: Path) -> None:
+    base = ("QueryRetrieveLevel=SERIES", f"StudyInstanceUID={STUDY_A}", "SeriesInstanceUID", "Modality",
+            "SeriesDate", "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime")
+    found, log = findscu(archived.port, "-S", *base, "RequestAttributesSequence[0].RequestedProcedureID",
+                         "RequestAttributesSequence[0].ScheduledProcedureStepID", out=tmp_path)
+    assert len(found) == 2, log
+    assert [(i.RequestedProcedureID, i.ScheduledProcedureStepID) for i in found[0].RequestAttributesSequence] == \
+        [("RP1", "SPS1"), ("RP1", "SPS2")]
+    assert found[0].PerformedProcedureStepStartDate == "20240110"
+    # matched one item level deep: the items that match are returned
+    found, log = findscu(archived.port, "-S", *base, "RequestAttributesSequence[0].ScheduledProcedureStepID=SPS2",
+                         out=tmp_path)
+    assert len(found) == 2, log
+    assert [i.ScheduledProcedureStepID for i in found[0].RequestAttributesSequence] == ["SPS2"]
+    found, _ = findscu(archived.port, "-S", *base, "RequestAttributesSequence[0].RequestedProcedureID=RP9",
+                       out=tmp_path)
+    assert found == []
+    found, _ = findscu(archived.port, "-S", *base, "PerformedProcedureStepStartTime=0800-0900", out=tmp_path)
+    assert len(found) == 2
+    found, _ = findscu(archived.port, "-S", *base, "PerformedProcedureStepStartTime=0900-", out=tmp_path)
+    assert found == []
+
+
+def test_relational_queries_are_refused(archived: Archived, tmp_path: Path) -> None:
+    """PS3.4 C.4.1.3.1: hierarchical only; the Error Comment (0000,0902) says why (findscu -d)."""
+    # a key below the level
+    found, log = findscu(archived.port, "-S", "QueryRetrieveLevel=STUDY", "StudyInstanceUID", "Modality=CT",
+                         out=tmp_path, extra=("-d",))
+    assert found == [] and "0xa900: Error: Data Set does not match SOP Class" in log, log
+    assert "[relational query: Modality is a SERIES key (PS3.4 C.4.1.3.1)]" in log, log
+    # no unique key of the level above, or a wildcard in it
+    for keys in (["SeriesInstanceUID"], ["StudyInstanceUID=1.2*", "SeriesInstanceUID"]):
+        found, log = findscu(archived.port, "-S", "QueryRetrieveLevel=SERIES", *keys, out=tmp_path, extra=("-d",))
+        assert found == [] and "DIMSE Status                  : 0xc000" in log, log
+        assert "[relational query: no single StudyInstanceUID value" in log, log
+    # the study root model has no PATIENT level
+    found, log = findscu(archived.port, "-S", "QueryRetrieveLevel=PATIENT", "PatientID", out=tmp_path)
+    assert found == [] and "DataSetDoesNotMatchSOPClass" in log, log
+
+
+@pytest.mark.parametrize("file, charset, name", [
+    ("chrH31.dcm", "ISO 2022 IR 87", "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    ("chrGreek.dcm", "ISO_IR 126", "Διονυσιος"),
+])
+def test_a_name_query_in_its_own_character_set(archived: Archived, tmp_path: Path, file: str, charset: str,
+                                               name: str) -> None:
+    expected = dcmread(CHARSETS / file, stop_before_pixels=True)
+    assert str(expected.PatientName) == name
+    ideographic = name.split("=")[1] if "=" in name else name
+    query = tmp_path / "query.dcm"
+    ds = Dataset()
+    ds.SpecificCharacterSet = ["", charset] if "2022" in charset else charset
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientName = ideographic[:2] + "*"
+    ds.StudyInstanceUID = ""
+    ds.save_as(query, implicit_vr=False, little_endian=True)
+    found, log = findscu(archived.port, "-S", out=tmp_path / "out", files=(str(query),))
+    assert uids(found, "StudyInstanceUID") == [expected.StudyInstanceUID], log
+    assert found[0].SpecificCharacterSet == "ISO_IR 192"
+    assert str(found[0].PatientName) == name
+    # and the Latin name of the Japanese patient, case-insensitively
+    if "=" in name:
+        found, log = findscu(archived.port, "-S", "QueryRetrieveLevel=STUDY", "PatientName=YAMADA*",
+                             "StudyInstanceUID", out=tmp_path / "out")
+        assert uids(found, "StudyInstanceUID") == [expected.StudyInstanceUID], log
+
+
+def test_combined_date_time_range_when_negotiated(archived: Archived) -> None:
+    """PS3.4 C.2.2.2.5.1: with Extended Negotiation, 20240110-20240216 and 0800-1200 are one
+    range from 2024-01-10 08:00 to 2024-02-16 12:00 (study B, 2024-02-15 14:30, is inside);
+    without it, the date and the time match apart (14:30 is not within 08:00-12:00)."""
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    query.StudyDate = "20240110-20240216"
+    query.StudyTime = "0800-1200"
+
+    def ask(combined: bool | None) -> list[str]:
+        ae = AE(ae_title="FINDSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        negotiation = []
+        if combined is not None:
+            item = SOPClassExtendedNegotiation()
+            item.sop_class_uid = StudyRootQueryRetrieveInformationModelFind
+            item.service_class_application_information = b"\x01\x01" if combined else b"\x00\x00"
+            negotiation.append(item)
+        assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK", ext_neg=negotiation)
+        assert assoc.is_established
+        try:
+            return [str(ds.StudyInstanceUID) for _, ds in
+                    assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind) if ds is not None]
+        finally:
+            assoc.release()
+
+    assert ask(None) == [STUDY_A]
+    assert ask(False) == [STUDY_A]
+    assert ask(True) == [STUDY_A, STUDY_B]
