@@ -4,8 +4,9 @@ compared with what the index holds."""
 
 from __future__ import annotations
 
+import re
 import subprocess
-import threading
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,15 @@ import pydicom
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE, build_role, evt
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from modality_link import config
 from modality_link.archive import Archive
@@ -28,11 +35,11 @@ from sim import images
 from tests.support.instances import dataset_bytes
 from tests.support.peers import start_storescp
 from tests.support.tools import dcmtk_env, require_tool
-from tests.support.waiting import wait_until
+from tests.support.waiting import wait_port
 
 TIMEOUTS = config.Timeouts(connect=5, acse=5, dimse=30, network=30, artim=5)
 CHARSETS = Path(pydicom.__file__).parent / "data" / "charset_files"
-STUDY_A, STUDY_B = "1.2.826.0.1.3680043.10.543.1", "1.2.826.0.1.3680043.10.543.2"
+STUDY_A, STUDY_B, STUDY_C = (f"1.2.826.0.1.3680043.10.543.{n}" for n in (1, 2, 3))
 
 
 @dataclass
@@ -83,6 +90,7 @@ def archived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archived]:
         *_study(tmp / "a", STUDY_A, ("Doe^John", "P1"), "20240110", "083000", "CT", [3, 2], 1,
                 [("RP1", "SPS1"), ("RP1", "SPS2")]),
         *_study(tmp / "b", STUDY_B, ("Smith^Anna", "P2"), "20240215", "143000", "MR", [2], 2, [("RP2", "SPS3")]),
+        *_study(tmp / "c", STUDY_C, ("Many^Images", "P3"), "20230101", "120000", "CT", [300], 3),
         CHARSETS / "chrH31.dcm", CHARSETS / "chrGreek.dcm", CHARSETS / "chrX1.dcm",
     ]
     root = tmp / "archive"
@@ -149,8 +157,8 @@ def test_study_root_study_level_single_wildcard_range_universal(archived: Archiv
     # single value, case-insensitive wildcard on the name, date range, time range
     for key, expected in [("PatientID=P2", [STUDY_B]), ("PatientName=doe*", [STUDY_A]),
                           ("PatientName=?MITH^ANNA", [STUDY_B]), ("StudyDate=20240101-20240131", [STUDY_A]),
-                          ("StudyDate=20240201-", [STUDY_B]), ("StudyDate=-20240110", [STUDY_A]),
-                          ("StudyTime=1400-1500", [STUDY_B]), ("AccessionNumber=ACC*", [STUDY_A, STUDY_B]),
+                          ("StudyDate=20240201-", [STUDY_B]), ("StudyDate=-20240110", [STUDY_A, STUDY_C]),
+                          ("StudyTime=1400-1500", [STUDY_B]), ("AccessionNumber=ACC?", [STUDY_A, STUDY_B, STUDY_C]),
                           ("ModalitiesInStudy=MR", [STUDY_B]), ("StudyID=S1", [STUDY_A])]:
         found, log = findscu(archived.port, "-S", *keys, key, out=tmp_path)
         assert sorted(uids(found, "StudyInstanceUID")) == sorted(expected), (key, log)
@@ -285,3 +293,156 @@ def test_combined_date_time_range_when_negotiated(archived: Archived) -> None:
     assert ask(None) == [STUDY_A]
     assert ask(False) == [STUDY_A]
     assert ask(True) == [STUDY_A, STUDY_B]
+
+
+def test_cancel_after_the_first_responses(archived: Archived, tmp_path: Path) -> None:
+    """findscu --cancel 3 on a 300-image series at IMAGE level: 0xFE00 long before the end
+    (a few more pending responses may precede it, PS3.4 C.4.1.3.1)."""
+    keys = ("QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={STUDY_C}", f"SeriesInstanceUID={STUDY_C}.1",
+            "SOPInstanceUID", "InstanceNumber")
+    found, log = findscu(archived.port, "-S", *keys, out=tmp_path)
+    assert len(found) == 300, log[-500:]
+    found, log = findscu(archived.port, "-S", *keys, out=tmp_path, extra=("--cancel", "3"))
+    assert "Received Final Find Response (Cancel: MatchingTerminatedDueToCancelRequest)" in log, log[-800:]
+    assert 3 <= len(found) < 300
+
+
+# -- C-MOVE and C-GET ----------------------------------------------------------------------------------
+
+
+def movescu(port: int, destination: str, *keys: str, model: str = "-S") -> str:
+    args = [require_tool("movescu"), "-d", model, "-aet", "MOVESCU", "-aec", "MODLINK", "-aem", destination]
+    for key in keys:
+        args += ["-k", key]
+    proc = subprocess.run([*args, "127.0.0.1", str(port)], env=dcmtk_env(), capture_output=True, text=True,
+                          errors="replace", timeout=120)
+    return proc.stdout + proc.stderr
+
+
+def test_movescu_to_a_configured_storescp(archived: Archived, tmp_path: Path) -> None:
+    port = free_port()
+    proc = start_storescp(tmp_path, port)
+    archived.nodes["STORE"] = config.Node(ae_title="STORESCP", host="127.0.0.1", port=port, roles=["store"])
+    try:
+        log = movescu(archived.port, "STORESCP", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY_A}")
+        assert "DIMSE Status                  : 0x0000: Success" in log, log[-1500:]
+        assert re.search(r"Completed Suboperations +: 5", log), log[-1500:]
+        expected = [r.sop_instance_uid for r in archived.archive.db.index.study_instances(STUDY_A)]
+        received = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in tmp_path.glob("*.*")
+                    if p.is_file()}
+        assert sorted(received) == sorted(expected)
+        for uid, path in received.items():
+            assert dataset_bytes(path) == dataset_bytes(archived.files[uid]), uid
+        # the patient root model at SERIES level: one series
+        for p in list(tmp_path.glob("*.*")):
+            p.unlink()
+        log = movescu(archived.port, "STORESCP", "QueryRetrieveLevel=SERIES", "PatientID=P1",
+                      f"StudyInstanceUID={STUDY_A}", f"SeriesInstanceUID={STUDY_A}.2", model="-P")
+        assert re.search(r"Completed Suboperations +: 2", log), log[-1500:]
+        assert len([p for p in tmp_path.glob("*.*") if p.is_file()]) == 2
+    finally:
+        del archived.nodes["STORE"]
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_move_refusals(archived: Archived) -> None:
+    log = movescu(archived.port, "NOBODY", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY_A}")
+    assert "0xa801" in log and "[move destination 'NOBODY' is not a configured node]" in log, log[-1500:]
+    log = movescu(archived.port, "NOBODY", "QueryRetrieveLevel=SERIES", f"SeriesInstanceUID={STUDY_A}.1")
+    assert "0xc001" in log and "missing unique key StudyInstanceUID" in log, log[-1500:]
+
+
+#: A Storage SCP that dies (os._exit, as a kill would) when the `n`-th C-STORE arrives, before answering it.
+_DYING_SCP = """
+import os, sys
+from pynetdicom import AE, evt, AllStoragePresentationContexts
+seen = []
+def on_store(event):
+    seen.append(1)
+    if len(seen) == int(sys.argv[2]):
+        os._exit(1)
+    return 0x0000
+ae = AE(ae_title="DYING")
+ae.supported_contexts = AllStoragePresentationContexts
+ae.start_server(("127.0.0.1", int(sys.argv[1])), evt_handlers=[(evt.EVT_C_STORE, on_store)])
+"""
+
+
+@pytest.mark.parametrize("dies_at, final, completed", [(3, 0xB000, 2), (1, 0xA702, 0)])
+def test_a_destination_killed_mid_move(archived: Archived, dies_at: int, final: int, completed: int) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _DYING_SCP, str(port), str(dies_at)])
+    archived.nodes["DYING"] = config.Node(ae_title="DYING", host="127.0.0.1", port=port, roles=["store"])
+    try:
+        wait_port(port)
+        ae = AE(ae_title="MOVESCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK")
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = STUDY_A
+        try:
+            responses = list(assoc.send_c_move(query, "DYING", StudyRootQueryRetrieveInformationModelMove))
+        finally:
+            assoc.release()
+        status, identifier = responses[-1]
+        pending = [s for s, _ in responses[:-1]]
+        assert status.Status == final
+        assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations,
+                status.NumberOfWarningSuboperations) == (completed, 5 - completed, 0)
+        assert [s.NumberOfCompletedSuboperations for s in pending] == list(range(1, completed + 1))
+        expected = [r.sop_instance_uid for r in archived.archive.db.index.study_instances(STUDY_A)]
+        assert list(identifier.FailedSOPInstanceUIDList) == expected[completed:]
+    finally:
+        del archived.nodes["DYING"]
+        proc.kill()
+        proc.wait(10)
+
+
+def test_getscu_retrieves_a_study(archived: Archived, tmp_path: Path) -> None:
+    proc = subprocess.run([require_tool("getscu"), "-v", "-S", "-aec", "MODLINK", "-od", str(tmp_path),
+                           "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={STUDY_B}",
+                           "127.0.0.1", str(archived.port)], env=dcmtk_env(), capture_output=True, text=True,
+                          errors="replace", timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Received C-GET Response (Success)" in log, log[-1500:]
+    assert "Number of Completed Suboperations : 2" in log, log[-1500:]
+    received = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in tmp_path.iterdir()}
+    expected = [r.sop_instance_uid for r in archived.archive.db.index.study_instances(STUDY_B)]
+    assert sorted(received) == sorted(expected)
+    for uid, path in received.items():  # getscu writes what it received again (sequences of
+        got, sent = dcmread(path), dcmread(archived.files[uid])  # undefined length): equal data sets
+        assert got == sent and got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID, uid
+
+
+def test_c_get_converts_to_the_accepted_transfer_syntax(archived: Archived) -> None:
+    """The requestor accepts CT only in Implicit VR Little Endian: each image is converted
+    (PS3.4 C.4.3.3); MR it takes in no syntax, so those sub-operations fail."""
+    received: list[Dataset] = []
+
+    def on_store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = STUDY_A
+    try:
+        status, _ = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))[-1]
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000 and status.NumberOfCompletedSuboperations == 5
+    assert {ds.file_meta.TransferSyntaxUID for ds in received} == {ImplicitVRLittleEndian}
+    for ds in received:
+        original = dcmread(archived.files[ds.SOPInstanceUID])
+        assert ds.PixelData == original.PixelData and ds.PatientName == original.PatientName
