@@ -34,6 +34,7 @@ from modality_link.net.servers import StorageServer
 from sim import images
 from tests.support.instances import dataset_bytes
 from tests.support.peers import start_storescp
+from tests.support.service import ServiceProcess
 from tests.support.tools import dcmtk_env, require_tool
 from tests.support.waiting import wait_port
 
@@ -446,3 +447,53 @@ def test_c_get_converts_to_the_accepted_transfer_syntax(archived: Archived) -> N
     for ds in received:
         original = dcmread(archived.files[ds.SOPInstanceUID])
         assert ds.PixelData == original.PixelData and ds.PatientName == original.PatientName
+
+
+# -- the index behind it --------------------------------------------------------------------------------
+
+
+def test_reconcile_reads_again_rows_indexed_before_the_query_keys(archive: Archive, tmp_path: Path) -> None:
+    """Rows of an index from before schema version 5 have no optional keys: the start's
+    reconcile() reads their files again, and then the keys are answered."""
+    import sqlite3
+
+    files = _study(tmp_path / "src", STUDY_A, ("Doe^John", "P1"), "20240110", "083000", "CT", [2], 1, [("RP1", "S1")])
+    for path, rec in archive.import_paths(files):
+        assert not isinstance(rec, Exception), rec
+    db = sqlite3.connect(archive.db.path)
+    with db:
+        db.execute("UPDATE instances SET attributes=NULL")
+        db.execute("UPDATE series SET attributes=NULL")
+    db.close()
+    assert len(archive.db.index.paths_without_keys()) == 2
+    assert archive.reconcile() == 0  # nothing was unindexed
+    assert archive.db.index.paths_without_keys() == []
+    (series,) = archive.db.index.qr_entities("SERIES", {"StudyInstanceUID": [STUDY_A]})
+    assert (series["SeriesDate"], series["RequestAttributesSequence"]) == ("20240110", [("RP1", "S1")])
+    assert {row["Rows"] for row in archive.db.index.qr_entities("IMAGE", {})} == {"16"}
+
+
+def test_the_service_answers_and_moves_to_its_nodes(short_tmp: Path) -> None:
+    """`modality-link serve`: what storescu sent is found by findscu and moved by movescu to a
+    node of the configuration."""
+    files = _study(short_tmp / "src", STUDY_B, ("Smith^Anna", "P2"), "20240215", "143000", "MR", [3], 2)
+    dest_port = free_port()
+    out = short_tmp / "received"
+    out.mkdir()
+    storescp = start_storescp(out, dest_port)
+    nodes = {"VIEWER": config.Node(ae_title="STORESCP", host="127.0.0.1", port=dest_port, roles=["store"])}
+    svc = ServiceProcess.start(short_tmp / "home", nodes=nodes)
+    try:
+        sent = subprocess.run([require_tool("storescu"), "-aec", "MODLINK", "127.0.0.1", str(svc.port),
+                               *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+        assert sent.returncode == 0, sent.stderr
+        found, log = findscu(svc.port, "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={STUDY_B}",
+                             "SeriesInstanceUID", "NumberOfSeriesRelatedInstances", out=short_tmp / "find")
+        assert [(ds.SeriesInstanceUID, ds.NumberOfSeriesRelatedInstances) for ds in found] == [(f"{STUDY_B}.1", 3)], log
+        log = movescu(svc.port, "STORESCP", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY_B}")
+        assert re.search(r"Completed Suboperations +: 3", log), log[-1500:]
+        assert sorted(dataset_bytes(p) for p in out.iterdir()) == sorted(dataset_bytes(p) for p in files)
+    finally:
+        svc.stop()
+        storescp.terminate()
+        storescp.wait(10)

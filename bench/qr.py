@@ -1,0 +1,170 @@
+"""Query/Retrieve SCP benchmark: C-FIND at study level against our disk server and Orthanc, both
+holding the same studies of one small image each (10 000 by default), each query timed with DCMTK
+findscu (its start included, the same for both).
+
+Queries: a patient-name wildcard (about one study in twenty), a study-date range (about one in
+ten) and a universal query returning every study; the runs alternate Orthanc / ours and the
+ratio ours / Orthanc is taken run by run, its median printed. Also the time to the first pending
+response of the universal query (pynetdicom as the SCU). Targets: every ratio <= 1.0, the first
+response within 100 ms (docs/design.md "Query/Retrieve SCP").
+Usage: python bench/qr.py [--studies 10000] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydicom import dcmread  # noqa: E402
+from pynetdicom import AE  # noqa: E402
+
+from bench.receive import ENV, serving, wait_port  # noqa: E402
+from modality_link.home import free_port  # noqa: E402
+from modality_link.ipc import IpcClient  # noqa: E402
+
+FINDSCU, STORESCU, ORTHANC = "/usr/bin/findscu", "/usr/bin/storescu", "/usr/sbin/Orthanc"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+SURNAMES = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILSON", "DAVIES", "EVANS", "THOMAS", "JOHNSON", "ROBERTS",
+            "WALKER", "WRIGHT", "ROBINSON", "THOMPSON", "WHITE", "HUGHES", "EDWARDS", "GREEN", "HALL", "WOOD"]
+QUERIES = {
+    "name wildcard": ["PatientName=SMITH*"],
+    "date range": ["StudyDate=20200101-20201231"],
+    "universal": [],
+}
+
+
+def make_studies(out: Path, count: int) -> None:
+    """`count` studies of one 8x8 CT image, patients named after SURNAMES, dates over ten years."""
+    from sim import images
+
+    (template,) = images.write_study(out / "template", modality="CT", images=1, rows=8, columns=8, seed=1)
+    ds = dcmread(template)
+    root = "1.2.826.0.1.3680043.10.543.9"
+    for i in range(count):
+        ds.PatientName = f"{SURNAMES[i % len(SURNAMES)]}^PATIENT{i}"
+        ds.PatientID = f"ID{i // 2}"
+        ds.StudyInstanceUID = f"{root}.{i}"
+        ds.SeriesInstanceUID = f"{root}.{i}.1"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{root}.{i}.1.1"
+        ds.StudyDate = f"{2015 + i % 10}{1 + i % 12:02d}{1 + i % 28:02d}"
+        ds.AccessionNumber = f"A{i}"
+        ds.save_as(out / f"{i}.dcm", enforce_file_format=True)
+    shutil.rmtree(out / "template")
+
+
+def store(folder: Path, port: int, called: str) -> None:
+    subprocess.run([STORESCU, "-aec", called, "+sd", "+r", "127.0.0.1", str(port), str(folder)], env=ENV,
+                   check=True, capture_output=True)
+
+
+def findscu(port: int, called: str, keys: list[str]) -> tuple[float, int]:
+    """(seconds, number of matches) of one findscu run."""
+    args = [FINDSCU, "-v", "-S", "-aec", called, "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+            "-k", "PatientName", "-k", "StudyDate", "-k", "PatientID", "-k", "AccessionNumber"]
+    for key in keys:
+        args += ["-k", key]
+    t0 = time.perf_counter()
+    proc = subprocess.run([*args, "127.0.0.1", str(port)], env=ENV, capture_output=True, text=True, errors="replace")
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-500:])
+    return seconds, (proc.stdout + proc.stderr).count("Received Find Response")
+
+
+def first_response(port: int, called: str) -> float:
+    """Seconds from the C-FIND-RQ of the universal study query to its first pending response."""
+    from pydicom.dataset import Dataset
+
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ""
+    query.PatientName = ""
+    try:
+        t0 = time.perf_counter()
+        responses = assoc.send_c_find(query, STUDY_ROOT_FIND)
+        next(responses)
+        seconds = time.perf_counter() - t0
+        for _ in responses:
+            pass
+    finally:
+        assoc.release()
+    return seconds
+
+
+class Orthanc:
+    def __init__(self, work: Path) -> None:
+        self.port, http = free_port(), free_port()
+        work.mkdir(parents=True)
+        (work / "orthanc.json").write_text(json.dumps({
+            "Name": "mlbench", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+            "DicomAet": "ORTHANC", "DicomPort": self.port, "HttpPort": http, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowFind": True,
+            "DicomAlwaysAllowStore": True, "LimitFindResults": 0, "LimitFindInstances": 0, "Plugins": [],
+        }))
+        self.proc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], cwd=work,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--studies", type=int, default=10000)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mlbench"))
+    try:
+        make_studies(work / "studies", args.studies)
+        orthanc = Orthanc(work / "orthanc")
+        port = free_port()
+        with serving(port) as (home, _proc):
+            try:
+                t0 = time.perf_counter()
+                store(work / "studies", port, "MODLINK")
+                ours_load = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                store(work / "studies", orthanc.port, "ORTHANC")
+                orthanc_load = time.perf_counter() - t0
+                with IpcClient(home / "ipc.sock") as client:
+                    held = client.call("status")["archive"]["instances"]
+                assert held == args.studies, held
+                print(f"{args.studies} studies stored: ours {ours_load:.1f} s, Orthanc {orthanc_load:.1f} s")
+                for name, keys in QUERIES.items():
+                    ratios, mine, theirs = [], [], []
+                    for _ in range(args.runs):
+                        t, t_count = findscu(orthanc.port, "ORTHANC", keys)
+                        o, o_count = findscu(port, "MODLINK", keys)
+                        assert o_count == t_count, (name, o_count, t_count)
+                        theirs.append(t)
+                        mine.append(o)
+                        ratios.append(o / t)
+                    print(f"{name} ({o_count} matches): Orthanc {statistics.median(theirs):.3f} s, ours "
+                          f"{statistics.median(mine):.3f} s, ratio {statistics.median(ratios):.2f} (target <= 1.0)")
+                firsts = [first_response(port, "MODLINK") for _ in range(args.runs)]
+                theirs_first = [first_response(orthanc.port, "ORTHANC") for _ in range(args.runs)]
+                print(f"universal query, first response: ours {statistics.median(firsts) * 1000:.0f} ms "
+                      f"(target <= 100 ms), Orthanc {statistics.median(theirs_first) * 1000:.0f} ms")
+            finally:
+                orthanc.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
