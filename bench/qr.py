@@ -51,7 +51,7 @@ def make_studies(out: Path, count: int) -> None:
     root = "1.2.826.0.1.3680043.10.543.9"
     for i in range(count):
         ds.PatientName = f"{SURNAMES[i % len(SURNAMES)]}^PATIENT{i}"
-        ds.PatientID = f"ID{i // 2}"
+        ds.PatientID = f"ID{i}"
         ds.StudyInstanceUID = f"{root}.{i}"
         ds.SeriesInstanceUID = f"{root}.{i}.1"
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{root}.{i}.1.1"
@@ -77,7 +77,7 @@ def findscu(port: int, called: str, keys: list[str]) -> tuple[float, int]:
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-500:])
-    return seconds, (proc.stdout + proc.stderr).count("Received Find Response")
+    return seconds, (proc.stdout + proc.stderr).count("Find Response: ")
 
 
 def first_response(port: int, called: str) -> float:

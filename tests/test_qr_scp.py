@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
 from pynetdicom.sop_class import (
@@ -497,3 +497,43 @@ def test_the_service_answers_and_moves_to_its_nodes(short_tmp: Path) -> None:
         svc.stop()
         storescp.terminate()
         storescp.wait(10)
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_answers_in_each_transfer_syntax(archived: Archived, syntax: str) -> None:
+    """The identifiers are written element by element (IdentifierWriter): pydicom reads them back
+    as the index holds them in each native syntax, sequences and binary values included."""
+    ae = AE(ae_title="FINDSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, syntax)
+    assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK")
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = STUDY_A
+    query.SeriesInstanceUID = f"{STUDY_A}.1"
+    query.SOPInstanceUID = ""
+    query.Rows = None
+    query.ImageType = ""
+    query.PatientName = ""
+    query.InstanceNumber = ""
+    series = Dataset()
+    series.QueryRetrieveLevel = "SERIES"
+    series.StudyInstanceUID = STUDY_A
+    series.SeriesInstanceUID = ""
+    series.RequestAttributesSequence = [Dataset()]
+    series.RequestAttributesSequence[0].ScheduledProcedureStepID = ""
+    series.RequestAttributesSequence[0].RequestedProcedureID = ""
+    try:
+        images_ = [ds for status, ds in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+                   if status.Status in (0xFF00, 0xFF01)]
+        found = [ds for status, ds in assoc.send_c_find(series, StudyRootQueryRetrieveInformationModelFind)
+                 if status.Status in (0xFF00, 0xFF01)]
+    finally:
+        assoc.release()
+    rows = index_rows(archived, "IMAGE", SeriesInstanceUID=[f"{STUDY_A}.1"])
+    assert [(ds.SOPInstanceUID, ds.Rows, list(ds.ImageType), str(ds.PatientName), str(ds.InstanceNumber))
+            for ds in images_] == \
+        [(r["SOPInstanceUID"], int(r["Rows"]), r["ImageType"].split("\\"), r["PatientName"], r["InstanceNumber"])
+         for r in rows]
+    assert [[(i.RequestedProcedureID, i.ScheduledProcedureStepID) for i in ds.RequestAttributesSequence]
+            for ds in found] == [[("RP1", "SPS1"), ("RP1", "SPS2")]] * 2

@@ -169,16 +169,20 @@ class Index:
                WHERE i.attributes IS NULL OR se.attributes IS NULL""")
         return [r[0] for r in rows]
 
-    def qr_entities(self, level: str, scope: dict[str, list[str]]) -> list[dict[str, Any]]:
+    def qr_entities(self, level: str, scope: dict[str, list[str]], counts: bool = True) -> list[dict[str, Any]]:
         """The entities of a Query/Retrieve level (PATIENT, STUDY, SERIES or IMAGE; PS3.4 C.6)
         with their keys and those of the levels above, by DICOM keyword; the optional keys of the
         series and the image as :meth:`add` stored them ("RequestAttributesSequence" a list of
         (Requested Procedure ID, Scheduled Procedure Step ID)); the computed keys (Number of
-        ... Related ..., Modalities in Study). `scope` restricts unique keys (PatientID,
-        StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) to the values listed."""
-        select, order = _QR_LEVELS[level]
+        ... Related ..., Modalities in Study; left out with `counts` false). `scope` restricts
+        unique keys (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) to the
+        values listed."""
+        counted, plain, group, order = _QR_LEVELS[level]
+        select = counted if counts else plain
+        if not counts and level != "PATIENT":
+            group = ""  # one row per entity already
         where, args = _scope(scope)
-        rows = self._conn.query(f"{select} {where} {order}", args)
+        rows = self._conn.query(f"{select} {where} {group} {order}", args)
         out = []
         for row in rows:
             keys = dict(row)
@@ -248,7 +252,8 @@ _SERIES_KEYS = f"""{_STUDY_KEYS}, se.series_uid AS SeriesInstanceUID, se.modalit
 _IMAGE_KEYS = f"""{_SERIES_KEYS}, i.sop_instance_uid AS SOPInstanceUID, i.sop_class_uid AS SOPClassUID,
     i.instance_number AS InstanceNumber, COALESCE(i.attributes, '') AS image_attributes"""
 _STUDIES = "FROM studies s JOIN patients p ON p.pk=s.patient_pk"
-#: Per level: the SELECT of :meth:`Index.qr_entities` (its WHERE follows) and its ORDER BY.
+#: Per level: the SELECTs of :meth:`Index.qr_entities` with and without the computed keys (the
+#: WHERE follows), the GROUP BY of the first and the ORDER BY.
 _QR_LEVELS = {
     "PATIENT": (
         f"""SELECT {_PATIENT_KEYS}, COUNT(DISTINCT s.study_uid) AS NumberOfPatientRelatedStudies,
@@ -256,28 +261,31 @@ _QR_LEVELS = {
               COUNT(i.sop_instance_uid) AS NumberOfPatientRelatedInstances
             {_STUDIES} JOIN series se ON se.study_uid=s.study_uid
             JOIN instances i ON i.series_uid=se.series_uid""",
-        "GROUP BY p.pk ORDER BY p.patient_name, p.patient_id",
+        f"SELECT {_PATIENT_KEYS} {_STUDIES}",
+        "GROUP BY p.pk", "ORDER BY p.patient_name, p.patient_id",
     ),
     "STUDY": (
-        f"""SELECT {_STUDY_KEYS},
-              (SELECT COUNT(*) FROM series x WHERE x.study_uid=s.study_uid) AS NumberOfStudyRelatedSeries,
-              (SELECT COUNT(*) FROM series x JOIN instances y ON y.series_uid=x.series_uid
-                 WHERE x.study_uid=s.study_uid) AS NumberOfStudyRelatedInstances,
-              (SELECT GROUP_CONCAT(DISTINCT x.modality) FROM series x WHERE x.study_uid=s.study_uid)
-                 AS ModalitiesInStudy
-            {_STUDIES}""",
-        "ORDER BY s.study_date, s.study_time, s.study_uid",
+        f"""SELECT {_STUDY_KEYS}, COUNT(DISTINCT se.series_uid) AS NumberOfStudyRelatedSeries,
+              COUNT(i.sop_instance_uid) AS NumberOfStudyRelatedInstances,
+              GROUP_CONCAT(DISTINCT se.modality) AS ModalitiesInStudy
+            {_STUDIES} LEFT JOIN series se ON se.study_uid=s.study_uid
+            LEFT JOIN instances i ON i.series_uid=se.series_uid""",
+        f"SELECT {_STUDY_KEYS} {_STUDIES}",
+        "GROUP BY s.study_uid", "ORDER BY s.study_date, s.study_time, s.study_uid",
     ),
     "SERIES": (
-        f"""SELECT {_SERIES_KEYS},
-              (SELECT COUNT(*) FROM instances y WHERE y.series_uid=se.series_uid) AS NumberOfSeriesRelatedInstances
-            {_STUDIES} JOIN series se ON se.study_uid=s.study_uid""",
-        "ORDER BY s.study_uid, CAST(se.series_number AS INTEGER), se.series_uid",
+        f"""SELECT {_SERIES_KEYS}, COUNT(i.sop_instance_uid) AS NumberOfSeriesRelatedInstances
+            {_STUDIES} JOIN series se ON se.study_uid=s.study_uid
+            LEFT JOIN instances i ON i.series_uid=se.series_uid""",
+        f"SELECT {_SERIES_KEYS} {_STUDIES} JOIN series se ON se.study_uid=s.study_uid",
+        "GROUP BY se.series_uid", "ORDER BY s.study_uid, CAST(se.series_number AS INTEGER), se.series_uid",
     ),
     "IMAGE": (
         f"""SELECT {_IMAGE_KEYS} {_STUDIES} JOIN series se ON se.study_uid=s.study_uid
             JOIN instances i ON i.series_uid=se.series_uid""",
-        "ORDER BY se.series_uid, CAST(i.instance_number AS INTEGER), i.sop_instance_uid",
+        f"""SELECT {_IMAGE_KEYS} {_STUDIES} JOIN series se ON se.study_uid=s.study_uid
+            JOIN instances i ON i.series_uid=se.series_uid""",
+        "", "ORDER BY se.series_uid, CAST(i.instance_number AS INTEGER), i.sop_instance_uid",
     ),
 }
 #: The unique key of each level (PS3.4 C.6.1.1, C.6.2.1) and its column.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -37,6 +38,7 @@ from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 from modality_link.archive import IMAGE_KEYS, REQUEST_ATTRIBUTES, REQUEST_KEYS, SERIES_KEYS, Archive
 from modality_link.config import Listener, Node, Timeouts
 from modality_link.db import InstanceRow
+from modality_link.media.header import tag_of, vr_of
 from modality_link.net.acceptor import C_FIND_RQ, C_GET_RQ, C_MOVE_RQ, DataSetSink, InMemory, Reply, Request, Service
 from modality_link.net.association import AssociationFailed
 from modality_link.net.charset import repair_charset, text_of
@@ -102,7 +104,6 @@ _NOT_KEYS = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAE
 _DATE_TIME_PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"), ("ContentDate", "ContentTime"),
                     ("InstanceCreationDate", "InstanceCreationTime"),
                     ("PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime"))
-_ASCII_VRS = frozenset({"US", "UL", "SS", "SL", "IS", "DS", "FL", "FD"})
 
 
 class QueryError(Exception):
@@ -326,6 +327,11 @@ class Query:
                 query.matches.append((keyword, match))
         return query
 
+    @property
+    def counts(self) -> bool:
+        """Whether a computed key is requested (else the index need not count)."""
+        return any(k in COMPUTED or k == "ModalitiesInStudy" for k in self.keys)
+
     def _request_sequence(self, items: Sequence[Dataset]) -> None:
         """Sequence matching one item level deep (C.2.2.2.6): the first item's keys."""
         item = items[0] if items else Dataset()
@@ -348,8 +354,13 @@ class Query:
         found = [item for item in items if all(m(item[i]) for i, m in self.request_matches)]
         return found or None
 
-    def answers(self, rows: list[dict[str, Any]], retrieve_ae: str) -> Iterator[Dataset]:
-        """The response identifiers of the matching entities (PS3.4 C.4.1.2.2, C.4.1.3.1)."""
+    def answers(self, rows: list[dict[str, Any]], retrieve_ae: str, transfer_syntax: str) -> Iterator[bytes]:
+        """The response identifiers of the matching entities (PS3.4 C.4.1.2.2, C.4.1.3.1),
+        encoded in `transfer_syntax`."""
+        writer = IdentifierWriter(transfer_syntax)
+        request_tags = sorted((tag_of(k), k) for k in self.request_keys)
+        keys = sorted((tag_of(k), k) for k in {*self.keys, "QueryRetrieveLevel", "RetrieveAETitle"})
+        fixed = {"QueryRetrieveLevel": self.level, "RetrieveAETitle": retrieve_ae}
         for row in rows:
             if not all(m(row.get(k)) for k, m in self.matches):
                 continue
@@ -358,46 +369,70 @@ class Query:
             requests = self.matching_requests(row) if REQUEST_ATTRIBUTES in self.keys else []
             if requests is None:
                 continue
-            yield self._identifier(row, requests, retrieve_ae)
-
-    def _identifier(self, row: dict[str, Any], requests: list[tuple[str, str]], retrieve_ae: str) -> Dataset:
-        ds = Dataset()
-        texts = []
-        for keyword in self.keys:
-            if keyword == REQUEST_ATTRIBUTES:
-                items = []
-                for item in requests:
-                    it = Dataset()
-                    for key in self.request_keys:
-                        setattr(it, key, item[REQUEST_KEYS.index(key)])
-                        texts.append(item[REQUEST_KEYS.index(key)])
-                    items.append(it)
-                setattr(ds, keyword, items)
-                continue
-            value = row.get(keyword)
-            if value is None or value == "":
-                setattr(ds, keyword, None)
-                continue
-            if dictionary_VR(keyword) in _ASCII_VRS and isinstance(value, str):
-                values = [int(v) if dictionary_VR(keyword) in ("US", "UL", "SS", "SL") else v
-                          for v in value.split("\\")]
-                setattr(ds, keyword, values if len(values) > 1 else values[0])
-                continue
-            setattr(ds, keyword, value)
-            texts.append(str(value))
-        ds.QueryRetrieveLevel = self.level
-        ds.RetrieveAETitle = retrieve_ae
-        if not all(t.isascii() for t in texts):
-            ds.SpecificCharacterSet = "ISO_IR 192"  # PS3.5 6.1.2.3: UTF-8, any Unicode value
-        return _sorted(ds)
+            values: list[tuple[int, str, Any]] = []
+            for tag, keyword in keys:
+                if keyword == REQUEST_ATTRIBUTES:
+                    items = [[(t, k, item[REQUEST_KEYS.index(k)]) for t, k in request_tags] for item in requests]
+                    values.append((tag, keyword, items))
+                else:
+                    values.append((tag, keyword, fixed.get(keyword, row.get(keyword))))
+            yield writer.identifier(values)
 
 
-def _sorted(ds: Dataset) -> Dataset:
-    """`ds` with its elements in ascending tag order (PS3.5 7.1) whatever order they were set in."""
-    out = Dataset()
-    for tag in sorted(ds.keys()):
-        out.add(ds[tag])
-    return out
+class IdentifierWriter:
+    """Encodes response identifiers (PS3.5 7.1) in a native transfer syntax, element by element:
+    answering thousands of matches through pydicom's writer would cost more than the query.
+    Text goes out as ASCII when it is, else in UTF-8 under Specific Character Set ISO_IR 192."""
+
+    def __init__(self, transfer_syntax: str) -> None:
+        self.explicit = transfer_syntax != ImplicitVRLittleEndian
+        self.order = ">" if transfer_syntax == ExplicitVRBigEndian else "<"
+
+    def identifier(self, values: Sequence[tuple[int, str, Any]]) -> bytes:
+        """`values` (tag, keyword, value) in ascending tag order; None or "" is a zero-length
+        value, a list of items (each such a list) a sequence."""
+        ascii_only = all(_is_ascii(v) for _, _, v in values)
+        body = b"".join(self._element(tag, keyword, value) for tag, keyword, value in values)
+        if ascii_only:
+            return body
+        return self._element(0x00080005, "SpecificCharacterSet", "ISO_IR 192") + body
+
+    def _element(self, tag: int, keyword: str, value: Any) -> bytes:
+        vr = vr_of(tag)
+        if vr == "SQ":
+            items = b"".join(self._header(0xFFFEE000, "", len(item)) + item for item in
+                             (b"".join(self._element(t, k, v) for t, k, v in elements) for elements in value or []))
+            return self._header(tag, vr, len(items)) + items
+        if value is None or value == "":
+            raw = b""
+        elif vr in _BINARY_VRS:
+            raw = b"".join(struct.pack(self.order + _BINARY_VRS[vr], int(v)) for v in str(value).split("\\"))
+        else:
+            raw = str(value).encode("utf-8")
+            if len(raw) % 2:
+                raw += b"\x00" if vr == "UI" else b" "
+        return self._header(tag, vr, len(raw)) + raw
+
+    def _header(self, tag: int, vr: str, length: int) -> bytes:
+        group, element = tag >> 16, tag & 0xFFFF
+        o = self.order
+        if not self.explicit or group == 0xFFFE:
+            return struct.pack(o + "HHL", group, element, length)
+        if vr in _LONG_VRS:
+            return struct.pack(o + "HH2sHL", group, element, vr.encode(), 0, length)
+        return struct.pack(o + "HH2sH", group, element, vr.encode(), length)
+
+
+_BINARY_VRS = {"US": "H", "UL": "L", "SS": "h", "SL": "l"}
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+
+
+def _is_ascii(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.isascii()
+    if isinstance(value, list):
+        return all(_is_ascii(v) for item in value for _, _, v in item)
+    return True
 
 
 def retrieve_scope(sop_class: str, ds: Dataset) -> dict[str, list[str]]:
@@ -466,8 +501,8 @@ class FindHandler:
             ds = decode_identifier(bytes(data.data), request.transfer_syntax)
             combined = reply.extended_negotiation()[1:2] == b"\x01"  # PS3.4 C.5.1.1, byte 2
             query = Query.parse(request.abstract_syntax, ds, combined)
-            rows = self.qr.archive.db.index.qr_entities(query.level, query.scope)
-            answers = query.answers(rows, self.qr.listener.ae_title)
+            rows = self.qr.archive.db.index.qr_entities(query.level, query.scope, query.counts)
+            answers = query.answers(rows, self.qr.listener.ae_title, request.transfer_syntax)
             pending = PENDING_WARNING if query.unsupported else PENDING
             count = 0
             for identifier in answers:
@@ -475,7 +510,7 @@ class FindHandler:
                     LOG.info("C-FIND from %s cancelled after %d match(es)", request.peer, count)
                     reply(CANCEL)
                     return
-                reply(pending, "", None, encode_identifier(identifier, request.transfer_syntax))
+                reply(pending, "", None, identifier)
                 count += 1
         except Exception as exc:
             failure = _failure("C-FIND", request, exc)
