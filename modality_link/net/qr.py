@@ -30,9 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from modality_link.archive import IMAGE_KEYS, REQUEST_ATTRIBUTES, REQUEST_KEYS, SERIES_KEYS, Archive
@@ -127,14 +125,6 @@ def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:
         return repair_charset(ds)
     except Exception as exc:  # a data set pydicom cannot read
         raise QueryError(UNABLE_TO_PROCESS, f"the identifier cannot be read: {exc}") from None
-
-
-def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
-    fp = DicomBytesIO()
-    fp.is_little_endian = transfer_syntax != ExplicitVRBigEndian
-    fp.is_implicit_VR = transfer_syntax == ImplicitVRLittleEndian
-    write_dataset(fp, ds)
-    return fp.getvalue()
 
 
 def _level(ds: Dataset, model: str) -> str:
@@ -573,9 +563,8 @@ class SubOperations:
             status = SOME_SUB_OPERATIONS_FAILED
         identifier = None
         if self.failed_uids:
-            ds = Dataset()
-            ds.FailedSOPInstanceUIDList = self.failed_uids
-            identifier = encode_identifier(ds, self.transfer_syntax)
+            identifier = IdentifierWriter(self.transfer_syntax).identifier(
+                [(tag_of("FailedSOPInstanceUIDList"), "FailedSOPInstanceUIDList", "\\".join(self.failed_uids))])
         self.reply(status, comment, self._counts(cancelled), identifier)
 
 
