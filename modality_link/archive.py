@@ -219,18 +219,49 @@ REQUEST_KEYS = ("RequestedProcedureID", "ScheduledProcedureStepID")
 _INDEXED_TAGS = frozenset(tag_of(k) for k in ("SpecificCharacterSet", *(k for _, k in _INDEXED_TEXT),
                                               *(k for _, k, _ in _INDEXED_UIDS), *SERIES_KEYS, *IMAGE_KEYS,
                                               REQUEST_ATTRIBUTES))
-#: VRs whose values pydicom converts by the byte order (PS3.5 7.3): read from the data set as
-#: pydicom decoded them, not from their raw bytes.
-_BINARY_VRS = frozenset({"US", "UL", "SS", "SL", "FL", "FD", "AT", "SV", "UV"})
+#: How the optional keys are read: text in the default repertoire only (PS3.5 6.1.2.3) is
+#: taken as ASCII without pydicom, binary values are unpacked; the rest is decoded in the data
+#: set's character set like the columns above.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+_BINARY_VRS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
+_OPTIONAL_VRS = {keyword: dictionary_VR(keyword) for keyword in (*SERIES_KEYS, *IMAGE_KEYS)}
+_DECODED_OPTIONAL = frozenset(tag_of(k) for k, vr in _OPTIONAL_VRS.items()
+                              if vr not in _ASCII_VRS and vr not in _BINARY_VRS)
+#: What :func:`lean_record` has pydicom decode: the columns, the UIDs and the optional text.
+_DECODED_TAGS = _INDEXED_TAGS - {tag_of(k) for k in _OPTIONAL_VRS} | _DECODED_OPTIONAL
 
 
-def _keys_of(get: Callable[[str], object], keywords: Sequence[str]) -> dict[str, str]:
-    """{keyword: text} of the `keywords` present (`get` returns None for an absent one)."""
+def _ascii_text(raw: bytes) -> str:
+    """An ASCII value as the index keeps it: each value without leading and trailing spaces
+    (and NUL padding), values joined by backslashes."""
+    return "\\".join(v.strip(" \x00") for v in raw.decode("ascii", "replace").split("\\"))
+
+
+def _binary_text(raw: bytes, vr: str, order: str) -> str:
+    code = _BINARY_VRS[vr]
+    count = len(raw) // struct.calcsize(code)
+    return "\\".join(str(v) for v in struct.unpack(f"{order}{count}{code}", raw[:count * struct.calcsize(code)]))
+
+
+def _keys_of(keywords: Sequence[str], raw: Callable[[str], bytes | str | None], decoded: Callable[[str], object],
+             order: str = "<") -> dict[str, str]:
+    """{keyword: text} of the optional `keywords` present: `raw` gives an element's value bytes
+    in byte `order` (None when absent; text when pydicom converted it already), `decoded` its
+    value decoded in the data set's character set."""
     out = {}
     for keyword in keywords:
-        value = get(keyword)
-        if value is not None:
-            out[keyword] = text_of(value)
+        value = raw(keyword)
+        if value is None:
+            continue
+        vr = _OPTIONAL_VRS[keyword]
+        if isinstance(value, str):
+            out[keyword] = value if vr in _BINARY_VRS else _ascii_text(value.encode("ascii", "replace"))
+        elif vr in _ASCII_VRS:
+            out[keyword] = _ascii_text(value)
+        elif vr in _BINARY_VRS:
+            out[keyword] = _binary_text(value, vr, order)
+        else:
+            out[keyword] = text_of(decoded(keyword))
     return out
 
 
@@ -259,7 +290,7 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         header = read_dataset(fp, _INDEXED_TAGS)
     if header is None:
         return None
-    header.decode(_INDEXED_TAGS)
+    header.decode(_DECODED_TAGS)
     values: dict[str, Any] = {}  # InstanceRecord's fields
     for name, keyword, meta_keyword in _INDEXED_UIDS:
         uid = header.get(keyword)
@@ -280,8 +311,8 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         size=0,
         charset=text_of(header.get("SpecificCharacterSet")),
         source_ae=source_ae,
-        series_keys=_keys_of(header.get, SERIES_KEYS),
-        image_keys=_keys_of(header.get, IMAGE_KEYS),
+        series_keys=_keys_of(SERIES_KEYS, lambda k: header.raw(tag_of(k)), header.get),
+        image_keys=_keys_of(IMAGE_KEYS, lambda k: header.raw(tag_of(k)), header.get),
         requests=_requests(_kept_sequence(sequence, transfer_syntax == ImplicitVRLittleEndian), header.charset)
         if sequence is not None else [],
     )
@@ -297,14 +328,13 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
     charset = _text(ds, "SpecificCharacterSet")
     terms = dataset_charset(ds)
 
-    def get(keyword: str) -> object:
+    def raw(keyword: str) -> bytes | str | None:
         elem = ds.get_item(keyword)
         if elem is None:
             return None
-        if elem.VR in _BINARY_VRS or (elem.VR is None and dictionary_VR(elem.tag) in _BINARY_VRS):
-            return ds[keyword].value
-        return decoded_text(ds, keyword, terms)
+        return elem.value if isinstance(elem.value, bytes) else text_of(elem.value)  # raw, or converted
 
+    order = "<" if ds.original_encoding[1] in (None, True) else ">"
     texts: dict[str, Any] = {name: decoded_text(ds, keyword, terms) for name, keyword in _INDEXED_TEXT}
     return InstanceRecord(
         sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
@@ -317,8 +347,8 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         charset=charset,
         **texts,
         source_ae=source_ae,
-        series_keys=_keys_of(get, SERIES_KEYS),
-        image_keys=_keys_of(get, IMAGE_KEYS),
+        series_keys=_keys_of(SERIES_KEYS, raw, lambda k: decoded_text(ds, k, terms), order),
+        image_keys=_keys_of(IMAGE_KEYS, raw, lambda k: decoded_text(ds, k, terms), order),
         requests=_requests(ds.get(REQUEST_ATTRIBUTES), terms),
     )
 
