@@ -67,7 +67,7 @@ def test_unexpected_exception_fails_the_job_after_its_attempts(tmp_path, caplog)
     cfg = config.Config()
     cfg.nodes["PACS"] = config.Node(ae_title="PACS", retries=2, retry_interval=0.05)
     alerts: list[tuple] = []
-    queue = JobQueue(Database(tmp_path / "i.sqlite"), tmp_path, lambda: cfg,
+    queue = JobQueue(Database(tmp_path / "i.sqlite"), lambda: cfg,
                      alert=lambda *a, **k: alerts.append(a))
     calls: list[int] = []
 
