@@ -41,8 +41,8 @@ from pydicom.uid import generate_uid
 
 from modality_link import config
 from modality_link.archive import Archive, ArchiveError, check_file_meta, read_header, record_from_dataset
-from modality_link.coercion import PIXEL_DATA, Coerced, coerce_file
 from modality_link.autosend import AutoSend
+from modality_link.coercion import PIXEL_DATA, Coerced, coerce_file
 from modality_link.db import Database, Exam, ExamObject, InstanceRecord
 from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound
 from modality_link.mpps_outbox import CREATE, SET, MppsOutbox
