@@ -1,4 +1,4 @@
-"""`modality-link`: the command line (a contract: see shared/DESIGN.md "The command line").
+"""`modality-link`: the command line (a contract: docs/design.md "The command line").
 
 `serve` runs the service; every other command except `config`, `node` and `demo` is a thin
 client of the running service over IPC. `config` and `node` edit the config file (so that a

@@ -2,7 +2,8 @@
 
 Every value a service engineer may set lives here with its default and its rule. A value that
 breaks a rule is refused with a sentence naming the key and the rule (:class:`ConfigError`), and
-the file on disk is never changed by a refused edit.
+the file on disk is never changed by a refused edit. Why each default is what it is:
+docs/design.md "Configuration defaults".
 
 AE titles follow PS3.5 §6.2 (VR AE): at most 16 characters of the default character repertoire,
 no backslash, no control characters, not all spaces.
@@ -20,7 +21,7 @@ from typing import Any
 
 from modality_link.home import CONFIG_FILE  # noqa: F401 (the home folder layout owns the name)
 ROLES = ("worklist", "mpps", "store", "commit", "qr")
-#: Transfer syntaxes a node may be configured to receive (PS3.5 §10, REQUIREMENTS §8).
+#: Transfer syntaxes a node may be configured to receive (PS3.5 §10; UIDs from PS3.6 Annex A).
 KNOWN_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
     "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
@@ -67,7 +68,8 @@ def _check_range(key: str, value: Any, low: float, high: float, kind: type = int
 
 
 def _check_max_pdu(key: str, value: Any) -> int:
-    """PS3.8 D.3.3.1: 0 means unlimited; otherwise at least 2048 (seed 003's minimum)."""
+    """0 means unlimited (PS3.8 D.1); otherwise at least 2048 (docs/design.md "Configuration
+    defaults")."""
     if isinstance(value, bool) or not isinstance(value, int) or not (
         value == 0 or 2048 <= value <= 0xFFFFFFFF
     ):
@@ -102,7 +104,7 @@ class Listener:
     port: int = 11112
     bind_address: str = ""
     enabled: bool = True
-    #: Maximum PDU length we receive (PS3.8 D.3.3.1); 0 is unlimited.
+    #: Maximum PDU length we receive (PS3.8 D.1); 0 is unlimited.
     max_pdu: int = 1048576
     #: Acceptor limit: associations beyond it get A-ASSOCIATE-RJ transient, reason 2.
     max_associations: int = 100
@@ -148,7 +150,7 @@ class MemoryServer(Listener):
 
 @dataclass
 class Timeouts:
-    """Timeouts in seconds (REQUIREMENTS §12; PS3.8 §9.1.5 ARTIM)."""
+    """Timeouts in seconds (defaults: docs/design.md "Configuration defaults")."""
 
     connect: float = 30.0
     acse: float = 30.0
@@ -216,7 +218,7 @@ class Media:
 
 @dataclass
 class Node:
-    """A remote DICOM node (REQUIREMENTS K2)."""
+    """A remote DICOM node: its address, its roles and how we talk to it."""
 
     ae_title: str = ""
     host: str = "127.0.0.1"
@@ -224,7 +226,7 @@ class Node:
     roles: list[str] = field(default_factory=lambda: ["store"])
     #: Max PDU we announce when we are the requestor; 0 is unlimited.
     max_pdu: int = 262144
-    #: Worklist query defaults (REQUIREMENTS B3): Scheduled Station AE Title ("" = ours,
+    #: Worklist query defaults (docs/design.md "Worklist"): Scheduled Station AE Title ("" = ours,
     #: "*" = any), SPS Start Date ("today", YYYYMMDD[-YYYYMMDD], "" = any), Modality ("" = ours,
     #: "*" = any), and the response limit after which the query is cancelled (0 = none).
     worklist_station_aet: str = ""
@@ -233,26 +235,27 @@ class Node:
     response_limit: int = 200
     #: MPPS: let the SCP assign the SOP Instance UID (N-CREATE without one, PS3.7 10.1.5).
     mpps_scp_assigns_uid: bool = False
-    #: Transfer syntaxes proposed when sending, in order (REQUIREMENTS A10): ELE, ILE by default.
+    #: Transfer syntaxes proposed when sending, in order: ELE, ILE by default.
     transfer_syntaxes: list[str] = field(
         default_factory=lambda: ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
     )
-    #: Simultaneous associations we open to this node (REQUIREMENTS A6).
+    #: Simultaneous associations we open to this node.
     max_associations: int = 1
-    #: Seconds a send association stays open after its job, for the next job to the same node
-    #: (REQUIREMENTS D3, §12: 60 s); 0 releases it when the job ends.
+    #: Seconds a send association stays open after its job, for the next job to the same node;
+    #: 0 releases it when the job ends.
     idle_release: float = 60.0
     #: Send jobs: attempts after the first, and the first wait in seconds (doubled each time).
     retries: int = 3
     retry_interval: float = 30.0
-    #: On a failed C-STORE: "stop" the batch, or "continue" with the next instance (D6).
+    #: On a failed C-STORE: "stop" the batch, or "continue" with the next instance.
     failure_policy: str = "continue"
-    #: Storage Commitment: seconds to wait for the N-EVENT-REPORT on the N-ACTION's association
-    #: (E4; 0 releases at once), seconds to wait for a report at all, N-ACTION retries (E7).
+    #: Storage Commitment (docs/design.md "Storage Commitment"): seconds to wait for the
+    #: N-EVENT-REPORT on the N-ACTION's association (0 releases at once), seconds to wait for a
+    #: report at all, N-ACTION retries.
     commit_wait: float = 60.0
     commit_timeout: float = 600.0
     commit_retries: int = 3
-    #: Send automatically: "none", every completed "exam", or every completed "series" (D2).
+    #: Send automatically: "none", every completed "exam", or every completed "series".
     auto_send: str = "none"
 
     def validate(self, prefix: str) -> None:
@@ -332,7 +335,7 @@ class Config:
                 raise ConfigError(f"nodes.{name}: duplicate node name (also {seen[name.lower()]!r})")
             seen[name.lower()] = name
             node.validate(f"nodes.{name}")
-        used = {}
+        used: dict[int, str] = {}
         for key in ("disk_server", "memory_server"):
             lst: Listener = getattr(self, key)
             if lst.enabled and lst.port in used:

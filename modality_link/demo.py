@@ -6,8 +6,9 @@
    reporting on a new association with role selection) are configured as nodes; the PACS node
    has ``auto_send = "exam"``.
 3. One exam: worklist query → exam start (MPPS N-CREATE) → images → exam end (N-SET). No `send`
-   is asked for: the exam end queues the auto-send to the PACS (REQUIREMENTS D2), and Storage
-   Commitment follows once every instance is stored (E2). The demo prints what the RIS and the
+   is asked for: the exam end queues the auto-send to the PACS (the node's ``auto_send`` rule),
+   and Storage Commitment follows once every instance is stored (docs/design.md "Storage
+   Commitment"). The demo prints what the RIS and the
    PACS received and what the PACS committed.
 """
 

@@ -318,8 +318,8 @@ class IpcServer:
             return None if is_notification else _Handler._error(req_id, err)
         except Exception as exc:  # a bug: report it, keep serving
             LOG.exception("ipc: %s raised", method)
-            err = IpcError(INTERNAL_ERROR, f"internal error in {method}: {exc}")
-            return None if is_notification else _Handler._error(req_id, err)
+            internal = IpcError(INTERNAL_ERROR, f"internal error in {method}: {exc}")
+            return None if is_notification else _Handler._error(req_id, internal)
         return None if is_notification else {"jsonrpc": "2.0", "id": req_id, "result": result}
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -21,10 +21,14 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, cast
 
 import pycdlib
 
 from modality_link.media.options import MediaError
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 SECTOR = 2048
 _D_CHARS = re.compile(r"^[A-Z0-9_]{1,8}$")
@@ -71,9 +75,10 @@ class LazyFile(io.RawIOBase):
         self._pos = pos
         return pos
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
         return len(data)
 
     def read(self, size: int | None = -1) -> bytes:
@@ -88,9 +93,9 @@ class LazyFile(io.RawIOBase):
         if self._pos < nhead:
             out = self.head[self._pos : min(nhead, self._pos + size)]
         rest = size - len(out)
-        if rest:
+        if rest and self.path is not None:  # (without a path the content is `head` alone)
             if self._fp is None:
-                self._fp = open(self.path, "rb")  # type: ignore[arg-type]
+                self._fp = open(self.path, "rb")
             src = self.offset + self._pos + len(out) - nhead
             if self._fp.tell() != src:
                 self._fp.seek(src)
@@ -185,7 +190,8 @@ def write_iso(
                 if parent not in made:
                     iso.add_directory("/" + "/".join(parent))
                     made.add(parent)
-            iso.add_fp(f.content, f.content.length, iso_path=iso_path(f.components))
+            # pycdlib annotates BinaryIO; it only reads, seeks and tells
+            iso.add_fp(cast(BinaryIO, f.content), f.content.length, iso_path=iso_path(f.components))
 
         def cb(done: int, total: int, opaque: object) -> None:
             if progress is not None:

@@ -2,7 +2,7 @@
 
 - every AE carries our Implementation Class UID and Version Name (PS3.7 D.3.3.2);
 - every DICOM socket, requestor or acceptor, gets TCP_NODELAY when it opens;
-- the timeouts of the config map onto pynetdicom's (REQUIREMENTS §12);
+- the timeouts of the config map onto pynetdicom's (docs/design.md "Configuration defaults");
 - a failed set-up becomes one sentence that names the peer and the reason:
   - no TCP connection: "connection refused", "timed out", "host unreachable" (the errno);
   - connected, but no A-ASSOCIATE-AC/RJ within the ACSE timeout (PS3.8 §9.1.5, ARTIM);
@@ -110,7 +110,7 @@ def set_tcp_nodelay(event: evt.Event) -> None:
 
 
 #: Handlers every association of ours binds.
-COMMON_HANDLERS: list[tuple[Any, Any]] = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
+COMMON_HANDLERS: list[evt.EventHandlerType] = [(evt.EVT_CONN_OPEN, set_tcp_nodelay)]
 
 
 def make_ae(ae_title: str, timeouts: Timeouts, max_pdu: int = 0) -> AE:
@@ -127,18 +127,22 @@ def make_ae(ae_title: str, timeouts: Timeouts, max_pdu: int = 0) -> AE:
 
 
 def describe_reject(primitive: A_ASSOCIATE) -> str:
-    result = REJECT_RESULTS.get(primitive.result, f"result {primitive.result}")
-    reason = REJECT_REASONS.get(
-        (primitive.result_source, primitive.diagnostic),
-        f"source {primitive.result_source}, reason {primitive.diagnostic}",
-    )
-    return f"rejected ({result}): {reason}"
+    """An A-ASSOCIATE-RJ in words: its result, source and reason (PS3.8 Table 9-21)."""
+    result, source, diagnostic = primitive.result, primitive.result_source, primitive.diagnostic
+    result_text = REJECT_RESULTS[result] if result in REJECT_RESULTS else f"result {result}"
+    if source is not None and diagnostic is not None and (source, diagnostic) in REJECT_REASONS:
+        reason = REJECT_REASONS[(source, diagnostic)]
+    else:
+        reason = f"source {source}, reason {diagnostic}"
+    return f"rejected ({result_text}): {reason}"
 
 
 def describe_abort(primitive: A_ABORT | A_P_ABORT) -> str:
+    """An A-ABORT or A-P-ABORT in words: who aborted (PS3.8 Table 9-26)."""
     if isinstance(primitive, A_P_ABORT):
         return f"aborted by the network provider ({primitive.provider_reason})"
-    source = ABORT_SOURCES.get(primitive.abort_source, str(primitive.abort_source))
+    src = primitive.abort_source
+    source = ABORT_SOURCES[src] if src in ABORT_SOURCES else str(src)
     return f"aborted by the {source}"
 
 
@@ -191,7 +195,7 @@ def associate(
     node: Node,
     *,
     ext_neg: Sequence[Any] | None = None,
-    evt_handlers: Sequence[tuple[Any, Any]] = (),
+    evt_handlers: Sequence[evt.EventHandlerType] = (),
 ) -> Iterator[Association]:
     """Open an association to `node`, yield it, and release it afterwards.
 
@@ -202,7 +206,7 @@ def associate(
     seen: dict[str, Any] = {}
 
     def on_acse(event: evt.Event) -> None:
-        prim = event.primitive
+        prim = getattr(event, "primitive", None)  # set from the event's keyword arguments
         if isinstance(prim, A_ASSOCIATE) and prim.result is not None:
             seen["accept" if prim.result == 0 else "reject"] = prim
         elif isinstance(prim, (A_ABORT, A_P_ABORT)):
@@ -211,7 +215,9 @@ def associate(
     def on_open(event: evt.Event) -> None:
         seen["connected"] = True
 
-    handlers = [*COMMON_HANDLERS, (evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), *evt_handlers]
+    handlers: list[evt.EventHandlerType] = [
+        *COMMON_HANDLERS, (evt.EVT_CONN_OPEN, on_open), (evt.EVT_ACSE_RECV, on_acse), *evt_handlers,
+    ]
     target = f"{node.ae_title}@{node.host}:{node.port}"
     started = time.monotonic()
     assoc = ae.associate(

@@ -1,12 +1,13 @@
 """Specific Character Set (0008,0005) on the way in: tolerant decoding (PS3.3 C.12.1.1.2, PS3.5 §6.1).
 
-Peers write (0008,0005) wrongly or not at all (REQUIREMENTS B8, B9, seed 001 "ISO_IR100"). Before
+Peers write (0008,0005) wrongly or not at all (a PACS's worklist server writes "ISO_IR100"). Before
 pydicom decodes a received dataset, :func:`repair_charset` rewrites known misspellings to the
 defined terms, and fills in a missing value by looking at the raw bytes of the text elements:
 ISO 2022 escape sequences mean Japanese (ISO 2022 IR 13 / IR 87), valid UTF-8 means ISO_IR 192,
 anything else uses the node's default (ISO_IR 100 unless configured otherwise).
 
-On the way out we write ISO_IR 100 when the values fit Latin-1, else ISO_IR 192 (DESIGN.md).
+On the way out we write ISO_IR 100 when the values fit Latin-1, else ISO_IR 192 (docs/design.md
+"Character sets").
 
 This module is the one place that turns encoded text into Unicode (docs/design.md "Character
 sets"): the media reader, the DICOMDIR writer, the PDI files, the archive index and the worklist
@@ -91,7 +92,7 @@ def _raw_text(ds: Dataset) -> tuple[list[bytes], list[bytes]]:
     return text, seqs
 
 
-def guess_charset(raw: list[bytes], default: str = "ISO_IR 100", seqs: list[bytes] = ()) -> str:
+def guess_charset(raw: Sequence[bytes], default: str = "ISO_IR 100", seqs: Sequence[bytes] = ()) -> str:
     """Guess (0008,0005) from raw text bytes when a peer sent none."""
     blob = b"".join(raw)
     if any(esc in b for b in (blob, *seqs) for esc in (b"\x1b$B", b"\x1b(J", b"\x1b)I")):
@@ -105,7 +106,7 @@ def guess_charset(raw: list[bytes], default: str = "ISO_IR 100", seqs: list[byte
         return default
 
 
-def charset_terms(value: object) -> list[str]:
+def charset_terms(value: str | bytes | Iterable[Any] | None) -> list[str]:
     """The defined terms of a (0008,0005) value (str with backslashes, list, bytes or None), each
     normalised by :func:`normalise_term`; ``[]`` when absent or empty (PS3.3 C.12.1.1.2)."""
     if value is None:
@@ -171,7 +172,7 @@ def decode_values(elements: Sequence[tuple[int, str, bytes]], terms: Sequence[st
     return values
 
 
-def text_of(value: object) -> str:
+def text_of(value: Any) -> str:
     """A decoded value as one str: multiple values joined by a backslash, None as ""."""
     if value is None:
         return ""
@@ -214,7 +215,7 @@ def repair_charset(ds: Dataset, default: str = "ISO_IR 100") -> Dataset:
 
 
 def charset_for(values: list[str]) -> str:
-    """ISO_IR 100 when every value fits Latin-1, else ISO_IR 192 (DESIGN.md)."""
+    """ISO_IR 100 when every value fits Latin-1, else ISO_IR 192 (docs/design.md "Character sets")."""
     try:
         for v in values:
             v.encode("latin-1")

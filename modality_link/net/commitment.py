@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, generate_uid
@@ -86,7 +86,8 @@ def new_transaction_uid() -> str:
 
 
 def action_dataset(transaction_uid: str, refs: Sequence[tuple[str, str]]) -> Dataset:
-    """The N-ACTION Action Information (PS3.4 Table J.3-1); no Storage Media File-Set (E11)."""
+    """The N-ACTION Action Information (PS3.4 Table J.3-1), without the optional Storage Media
+    File-Set ID and UID (docs/design.md "Storage Commitment")."""
     ds = Dataset()
     ds.TransactionUID = transaction_uid
     items = []
@@ -120,7 +121,7 @@ def answer_report(sop_class: str, event_type: int | None, info: Dataset | None, 
                   on_report: Callable[[Report], None]) -> int:
     """Decode an N-EVENT-REPORT-RQ, hand the report to `on_report`, return our status.
 
-    `on_report` raises :class:`ReportError` to answer with a failure status (E10).
+    `on_report` raises :class:`ReportError` to answer with a failure status (PS3.7 Annex C).
     """
     if sop_class != STORAGE_COMMITMENT_PUSH:
         LOG.error("N-EVENT-REPORT for SOP class %s refused", sop_class)
@@ -143,8 +144,7 @@ def report_handler(on_report: Callable[[Report], None]) -> Callable[[evt.Event],
     def handle(event: evt.Event) -> tuple[int, None]:
         calling = event.assoc.requestor.ae_title.strip() if not event.assoc.is_requestor else (
             event.assoc.acceptor.ae_title.strip())
-        req = event.request
-        assert isinstance(req, N_EVENT_REPORT)  # the handler of EVT_N_EVENT_REPORT only
+        req = cast(N_EVENT_REPORT, event.request)  # the request of an EVT_N_EVENT_REPORT
         info = event.event_information if str(req.AffectedSOPClassUID) == STORAGE_COMMITMENT_PUSH else None
         return answer_report(str(req.AffectedSOPClassUID), req.EventTypeID, info, calling, on_report), None
 
@@ -193,7 +193,8 @@ def request(assoc: Association, transaction_uid: str, refs: Sequence[tuple[str, 
 
 
 class ReportWaiter:
-    """Waits on a requestor association for the report of given transactions (E4)."""
+    """Waits on a requestor association for the report of given transactions (the report on
+    the N-ACTION's own association, PS3.4 J.3.3)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from pynetdicom.sop_class import Verification
+# pynetdicom makes its SOP class names when it is imported: mypy cannot see them
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, associate, make_ae

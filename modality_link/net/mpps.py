@@ -1,11 +1,13 @@
 """Modality Performed Procedure Step SOP Class - SCU (PS3.4 Annex F; modules PS3.3 C.4.13, C.4.14).
 
-- N-CREATE at exam start, PPS Status "IN PROGRESS", with every attribute of REQUIREMENTS C2
-  (seed 001 refuses with 0x0121 when one is missing; PS3.4 F.7.2.1 type table): PPS End Date/Time
-  and the Performed Series Sequence are sent zero-length.
-- N-SET at exam end: Performed Series Sequence referencing every object (C3), PPS End Date/Time,
+- N-CREATE at exam start, PPS Status "IN PROGRESS", with every attribute that a CT console sends
+  or that a PACS's MPPS server requires (it refuses with 0x0121 when one is missing; PS3.4
+  F.7.2.1 type table): PPS End Date/Time and the Performed Series Sequence are sent zero-length.
+- N-SET at exam end: Performed Series Sequence referencing every object, PPS End Date/Time,
   final state COMPLETED or DISCONTINUED; DISCONTINUED carries a CID 9300 code in the PPS
-  Discontinuation Reason Code Sequence (0040,0281) (C5). Nothing is sent after a final state (C4).
+  Discontinuation Reason Code Sequence (0040,0281). Nothing is sent after a final state.
+
+Why these contents: docs/design.md "MPPS".
 - When the N-CREATE names no Affected SOP Instance UID, the SCP assigns one in its response
   (PS3.7 10.1.5.1.2) and the caller uses it for the N-SET.
 
@@ -23,7 +25,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import evt
-from pynetdicom.sop_class import ModalityPerformedProcedureStep
+# pynetdicom makes its SOP class names when it is imported: mypy cannot see them
+from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, associate, make_ae
@@ -32,7 +35,8 @@ from modality_link.net.charset import charset_for
 LOG = logging.getLogger("modality_link.net.mpps")
 
 MPPS_SOP_CLASS = "1.2.840.10008.3.1.2.3.3"
-#: Retired SOP classes that seeds 001 and 003 put in the reference sequences (REQUIREMENTS §8).
+#: Retired SOP classes (PS3.3 C.4.14) that a CT console and a PACS's worklist server put in the
+#: reference sequences (docs/design.md "MPPS").
 DETACHED_PATIENT = "1.2.840.10008.3.1.2.1.1"
 DETACHED_STUDY = "1.2.840.10008.3.1.2.3.1"
 
@@ -161,8 +165,8 @@ def _text(ds: Dataset | None, keyword: str) -> str:
 
 
 def scheduled_step_attributes(step: ProcedureStep) -> Dataset:
-    """One item of (0040,0270) (PS3.3 C.4.14 Table C.4-14); unscheduled: IHE SWF case with
-    only the Study Instance UID and zero-length others (REQUIREMENTS B15)."""
+    """One item of (0040,0270) (PS3.3 C.4.14 Table C.4-14); an unscheduled exam gets the IHE
+    Scheduled Workflow unscheduled case: only the Study Instance UID, the others zero-length."""
     item = step.item
     sps = item.ScheduledProcedureStepSequence[0] if item is not None and item.get("ScheduledProcedureStepSequence") else None
     s = Dataset()
@@ -187,7 +191,7 @@ def scheduled_step_attributes(step: ProcedureStep) -> Dataset:
 
 
 def build_n_create(step: ProcedureStep) -> Dataset:
-    """The N-CREATE attribute list (PS3.4 F.7.2.1 Table F.7.2-1; REQUIREMENTS C2)."""
+    """The N-CREATE attribute list (PS3.4 F.7.2.1 Table F.7.2-1; docs/design.md "MPPS")."""
     item = step.item
     ds = Dataset()
     names = [step.patient_name, step.description, step.station_name, step.location]

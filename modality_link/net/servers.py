@@ -49,7 +49,8 @@ from modality_link.net.commitment import STORAGE_COMMITMENT_PUSH, Report, Report
 
 LOG = logging.getLogger("modality_link.net.servers")
 
-#: Transfer syntaxes the archive accepts, in our order of preference (REQUIREMENTS A11).
+#: Transfer syntaxes the archive accepts, in our order of preference (docs/design.md
+#: "Configuration defaults").
 ARCHIVE_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -140,7 +141,7 @@ class StorageServer:
         self._count_lock = threading.Lock()
         services = [
             Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
-            Service([cx.abstract_syntax for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
+            Service([str(cx.abstract_syntax) for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
                     {C_STORE_RQ: StoreHandler(self)}),
         ]
         if on_report is not None:  # Storage Commitment reports on a new association (PS3.4 J.3.3)

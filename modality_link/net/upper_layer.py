@@ -51,7 +51,8 @@ _ABORT = _PDU_HEADER.pack(A_ABORT_TYPE, 0, 4) + b"\x00\x00\x00\x00"  # service u
 
 
 class AssociationLost(Exception):
-    """The association was aborted or the connection lost while it was in use (REQUIREMENTS D7)."""
+    """The association was aborted or the connection lost while it was in use (PS3.8 §7.3-7.4);
+    the send job is tried again later."""
 
 
 @dataclass
@@ -80,7 +81,7 @@ class Requestor:
     contexts: list[Context] = field(default_factory=list)
     peer_max_pdu: int = 0
     sock: socket.socket | None = field(default=None, repr=False)
-    #: True once it was kept open after a job and handed to another (REQUIREMENTS D3).
+    #: True once it was kept open after a job and handed to another (``idle_release``).
     reused: bool = False
     _message_id: int = 0
 
@@ -114,17 +115,20 @@ class Requestor:
             prim = pdu.to_primitive()
             names = dict(self._numbered())
             for cx in prim.presentation_context_definition_results_list:
-                ts = str(cx.transfer_syntax[0]) if cx.result == 0 and cx.transfer_syntax else None
-                self.contexts.append(Context(cx.context_id, names.get(cx.context_id, ""), ts, cx.result))
+                cid, result = cx.context_id, cx.result
+                if cid is None or result is None:  # pynetdicom decodes both from every item
+                    continue
+                ts = str(cx.transfer_syntax[0]) if result == 0 and cx.transfer_syntax else None
+                self.contexts.append(Context(cid, names.get(cid, ""), ts, result))
             self.peer_max_pdu = prim.maximum_length_received or 0
             LOG.debug("association to %s accepted: %d of %d context(s)", self.peer,
                       len(self.accepted()), len(self.contexts))
             return self
         self.close()
         if kind == A_ASSOCIATE_RJ_TYPE:
-            pdu = A_ASSOCIATE_RJ()
-            pdu.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
-            raise self._failed(describe_reject(pdu.to_primitive()))
+            rj = A_ASSOCIATE_RJ()
+            rj.decode(_PDU_HEADER.pack(kind, 0, len(body)) + body)
+            raise self._failed(describe_reject(rj.to_primitive()))
         raise self._failed(f"unexpected answer (PDU type 0x{kind:02X}) to the A-ASSOCIATE-RQ")
 
     def _numbered(self) -> list[tuple[int, str]]:

@@ -1,7 +1,8 @@
 """Modality Worklist Information Model - FIND SCU (PS3.4 Annex K; module PS3.3 C.4.10).
 
-The query identifier (PS3.4 K.6.1.2) asks for every return key REQUIREMENTS B5 lists, each
-zero-length (universal matching), because some SCPs (seed 001) return only the keys requested.
+The query identifier (PS3.4 K.6.1.2) asks for every return key below, each zero-length
+(universal matching), because some worklist servers return only the keys requested
+(docs/design.md "Worklist").
 Matching keys (PS3.4 C.2.2.2): single value, wildcard (``*``, ``?``), range (``A-B`` on dates and
 times) and universal (zero-length). The Scheduled Procedure Step Sequence (0040,0100) carries the
 station, date and modality keys as one item (sequence matching, PS3.4 C.2.2.2.6).
@@ -21,7 +22,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pynetdicom.sop_class import ModalityWorklistInformationFind
+# pynetdicom makes its SOP class names when it is imported: mypy cannot see them
+from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import AssociationFailed, associate, make_ae
@@ -40,7 +42,8 @@ STATUS_TEXT = {
     0x0122: "refused: SOP class not supported",
 }
 
-#: Return keys at the top level of the identifier (REQUIREMENTS B5: 003 T3-T10 ∪ 001 T95).
+#: Return keys at the top level of the identifier: what a CT console asks for and what a PACS's
+#: worklist server returns (docs/design.md "Worklist").
 TOP_KEYS = [
     # Patient Identification / Demographic / Medical (C.2.2, C.2.3, C.2.4)
     ("PatientName", "PN"), ("PatientID", "LO"), ("IssuerOfPatientID", "LO"),
@@ -101,7 +104,7 @@ class WorklistQuery:
     limit: int = 0
     #: Specific Character Set of the request; "" sends none (default repertoire).
     charset: str = "ISO_IR 192"
-    #: (0008,0201) Timezone Offset From UTC, e.g. "+0100"; "" sends none (REQUIREMENTS B7).
+    #: (0008,0201) Timezone Offset From UTC, e.g. "+0100"; "" sends none (PS3.3 C.12.1).
     timezone_offset: str = ""
 
 
@@ -154,7 +157,8 @@ def _empty(ds: Dataset, keyword: str, vr: str) -> None:
 
 
 def build_identifier(q: WorklistQuery) -> Dataset:
-    """The C-FIND identifier for `q` with every return key of REQUIREMENTS B5 (PS3.4 K.6.1.2)."""
+    """The C-FIND identifier for `q` with every return key of :data:`TOP_KEYS` and
+    :data:`SPS_KEYS` (PS3.4 K.6.1.2)."""
     ds = Dataset()
     if q.charset:
         ds.SpecificCharacterSet = q.charset
@@ -254,7 +258,8 @@ def find_worklist(
 
 
 def item_summary(item: Dataset) -> dict[str, Any]:
-    """The fields an operator picks an item by (REQUIREMENTS B13: 'Examination ID' = SPS ID)."""
+    """The fields an operator picks an item by; ``sps_id`` is what a CT console's screen calls
+    the Examination ID (docs/design.md "Worklist")."""
     sps = item.ScheduledProcedureStepSequence[0] if item.get("ScheduledProcedureStepSequence") else Dataset()
     return {
         "sps_id": str(sps.get("ScheduledProcedureStepID", "") or ""),

@@ -1,0 +1,177 @@
+"""The Query/Retrieve SCU (net/retrieve.py) against DCMTK dcmqrscp, a real Q/R SCP, moving into
+our memory server in this process; and its C-MOVE watchdog against an SCP that stalls."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelMove
+
+from modality_link import config
+from modality_link.home import free_port
+from modality_link.memory import MemoryCache
+from modality_link.net.memory_server import MemoryServer
+from modality_link.net.retrieve import QueryError, find, move
+from sim import images
+from tests.conftest import dcmtk_env, require_tool
+
+TIMEOUTS = config.Timeouts(connect=5, acse=5, dimse=30, network=30)
+
+
+class Qrscp:
+    """DCMTK dcmqrscp on a free port, its storage area in `root`, our AEs in its host table."""
+
+    def __init__(self, root: Path, destinations: dict[str, int]) -> None:
+        self.port = free_port()
+        db = root / "db"
+        db.mkdir(parents=True)
+        hosts = "\n".join(f"dest{i} = ({aet}, 127.0.0.1, {port})" for i, (aet, port) in enumerate(destinations.items()))
+        cfg = root / "dcmqrscp.cfg"
+        cfg.write_text(f"""NetworkTCPPort = {self.port}
+MaxPDUSize = 65536
+MaxAssociations = 16
+HostTable BEGIN
+{hosts}
+HostTable END
+VendorTable BEGIN
+VendorTable END
+AETable BEGIN
+QRSCP {db} RW (200, 1024mb) ANY
+AETable END
+""")
+        self.proc = subprocess.Popen([require_tool("dcmqrscp"), "-c", str(cfg)],
+                                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait_ready()
+        self.node = config.Node(ae_title="QRSCP", host="127.0.0.1", port=self.port, roles=["query"])
+
+    def _wait_ready(self) -> None:
+        """Until a C-ECHO succeeds (deadline 10 s). dcmqrscp forks a process per association (in
+        its --single-process mode the Debian build crashes after the first one)."""
+        deadline = time.monotonic() + 10
+        while subprocess.run([require_tool("echoscu"), "-aec", "QRSCP", "127.0.0.1", str(self.port)],
+                             env=dcmtk_env(), capture_output=True).returncode != 0:
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            assert time.monotonic() < deadline, "dcmqrscp did not start"
+            time.sleep(0.1)
+
+    def store(self, files: list[Path]) -> None:
+        proc = subprocess.run([require_tool("storescu"), "-aec", "QRSCP", "127.0.0.1", str(self.port),
+                               *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def memory_server() -> Iterator[MemoryServer]:
+    lst = config.MemoryServer(port=free_port(), bind_address="127.0.0.1")
+    server = MemoryServer(lst, TIMEOUTS, MemoryCache(64 << 20))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def qrscp(tmp_path: Path, memory_server: MemoryServer) -> Iterator[tuple[Qrscp, list[Path]]]:
+    files = images.write_study(tmp_path / "prior", modality="CT", images=6, rows=128, columns=128, seed=11)
+    scp = Qrscp(tmp_path / "qr", {"MODLINK_MEM": memory_server.port})
+    try:
+        scp.store(files)
+        yield scp, files
+    finally:
+        scp.stop()
+
+
+def _study_query(**keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    for k in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "AccessionNumber"):
+        setattr(ds, k, keys.get(k, ""))
+    return ds
+
+
+def test_find_then_move_a_prior_into_the_memory_server(qrscp, memory_server: MemoryServer) -> None:
+    scp, files = qrscp
+    src = dcmread(files[0], stop_before_pixels=True)
+    (match,) = find(scp.node, "MODLINK", TIMEOUTS, _study_query(PatientID=src.PatientID))
+    assert match.StudyInstanceUID == src.StudyInstanceUID and match.PatientName == src.PatientName
+    seen = []
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = src.StudyInstanceUID
+    result = move(scp.node, "MODLINK", TIMEOUTS, "MODLINK_MEM", query,
+                  on_progress=lambda p: seen.append((p.remaining, p.completed)))
+    assert result.status == 0x0000, result
+    assert (result.progress.completed, result.progress.failed) == (6, 0)
+    assert seen and seen[-1][1] <= 6, "pending responses reported progress"
+    cache = memory_server.cache
+    assert len(cache) == 6
+    for f in files:
+        sop = dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        item = cache.get(sop)
+        assert item is not None and item.record.study_uid == src.StudyInstanceUID
+
+
+def test_an_unknown_destination_is_the_scp_s_failure(qrscp) -> None:
+    scp, files = qrscp
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    with pytest.raises(QueryError) as e:
+        move(scp.node, "MODLINK", TIMEOUTS, "NOWHERE", query)
+    assert e.value.status == 0xA801 and "move destination unknown" in str(e.value)
+
+
+class StallingMoveScp:
+    """A pynetdicom Q/R SCP whose C-MOVE announces 3 sub-operations and then never goes on,
+    until it is cancelled."""
+
+    def __init__(self, destination_port: int) -> None:
+        self.cancelled = threading.Event()
+        ae = AE(ae_title="STALL")
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(CTImageStorage)
+        self.port = free_port()
+
+        def on_move(event: evt.Event):
+            yield "127.0.0.1", destination_port  # associated to, but no sub-operation is started
+            yield 3
+            while not event.is_cancelled:
+                time.sleep(0.05)
+            self.cancelled.set()
+            yield 0xFE00, None
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                      evt_handlers=[(evt.EVT_C_MOVE, on_move)])
+        self.node = config.Node(ae_title="STALL", host="127.0.0.1", port=self.port)
+
+
+def test_a_stalled_move_is_cancelled_after_move_timeout(memory_server: MemoryServer) -> None:
+    scp = StallingMoveScp(memory_server.port)
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        started = time.monotonic()
+        result = move(scp.node, "MODLINK", TIMEOUTS, "MODLINK_MEM", query, move_timeout=1.0)
+        assert result.status == 0xFE00 and scp.cancelled.is_set()
+        assert "no response for 1 s (move_timeout)" in result.cancelled
+        assert time.monotonic() - started < 10
+        scp.cancelled.clear()
+        asked = time.monotonic()  # the operator stops the job half a second in
+        result = move(scp.node, "MODLINK", TIMEOUTS, "MODLINK_MEM", query, move_timeout=60,
+                      should_stop=lambda: time.monotonic() - asked > 0.5)
+        assert scp.cancelled.is_set()
+        assert result.status == 0xFE00 and result.cancelled == "stopped by the operator"
+    finally:
+        scp.server.shutdown()
