@@ -91,8 +91,10 @@ class Sending:
         job_id = job.id
         self.db.jobs.reset_items(job_id)  # failed items get another chance in this attempt
         pending = [it.item for it in self.db.jobs.items(job_id, "pending")]
-        instances = [storage.Instance(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax, self.archive_root / r.path)
-                     for r in archived(self.db, job_id, pending)]
+        instances = [
+            storage.Instance(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax, self.archive_root / r.path)
+            for r in archived(self.db, job_id, pending)
+        ]
         counts = {"done": job.total - len(instances), "failed": 0, "retryable": 0}
         total = job.total
         if instances:

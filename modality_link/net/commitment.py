@@ -258,7 +258,9 @@ def request_commitment(
         got_here.set()
         return handler(event)
 
-    handlers = [(evt.EVT_N_EVENT_REPORT, on_event_report), (evt.EVT_DIMSE_SENT, on_sent)]
+    handlers: list[evt.EventHandlerType] = [
+        (evt.EVT_N_EVENT_REPORT, on_event_report), (evt.EVT_DIMSE_SENT, on_sent),
+    ]
     with associate(ae, node, evt_handlers=handlers) as assoc:
         status = request(assoc, transaction_uid, refs)
         if status != STATUS_SUCCESS:
