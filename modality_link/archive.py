@@ -535,7 +535,7 @@ class Archive:
             part.unlink(missing_ok=True)
         known = self.db.index.paths()
         added = 0
-        # rows indexed before the Query/Retrieve keys were (schema version 5) are read again
+        # rows indexed before the Query/Retrieve keys were (schema version 6) are read again
         stale = set(self.db.index.paths_without_keys())
         for f in self.root.glob("*/*/*.dcm"):
             rel = f.relative_to(self.root).as_posix()

@@ -453,7 +453,7 @@ def test_c_get_converts_to_the_accepted_transfer_syntax(archived: Archived) -> N
 
 
 def test_reconcile_reads_again_rows_indexed_before_the_query_keys(archive: Archive, tmp_path: Path) -> None:
-    """Rows of an index from before schema version 5 have no optional keys: the start's
+    """Rows of an index from before schema version 6 have no optional keys: the start's
     reconcile() reads their files again, and then the keys are answered."""
     import sqlite3
 
