@@ -32,9 +32,10 @@ from modality_link.home import free_port
 from modality_link.net.charset import text_of
 from modality_link.net.servers import StorageServer
 from sim import images
-from tests.support.instances import dataset_bytes
+from sim.ris import RIS
+from tests.support.instances import dataset_bytes, spool_images
 from tests.support.peers import start_storescp
-from tests.support.service import ServiceProcess
+from tests.support.service import InProcessService, ServiceProcess, cleanup, exam_home
 from tests.support.tools import dcmtk_env, require_tool
 from tests.support.waiting import wait_port
 
@@ -537,3 +538,23 @@ def test_answers_in_each_transfer_syntax(archived: Archived, syntax: str) -> Non
          for r in rows]
     assert [[(i.RequestedProcedureID, i.ScheduledProcedureStepID) for i in ds.RequestAttributesSequence]
             for ds in found] == [[("RP1", "SPS1"), ("RP1", "SPS2")]] * 2
+
+
+def test_exam_add_indexes_the_request_attributes(tmp_path: Path) -> None:
+    """An image completed with the worklist item by `exam add` is found by its Requested
+    Procedure and Scheduled Procedure Step IDs (PS3.4 C.6.2.1.3: Request Attributes Sequence)."""
+    with RIS() as ris:
+        home = exam_home({"ris": config.Node(ae_title="RIS", host="127.0.0.1", port=ris.port,
+                                             roles=["worklist", "mpps"], worklist_date="")})
+        svc = InProcessService(home)
+        try:
+            (item, *_) = svc.call("worklist.query")["items"]
+            ex = svc.call("exam.start", item=item["sps_id"])
+            added = svc.call("exam.add_image", exam_id=ex["exam_id"], paths=spool_images(tmp_path / "s", 2))["added"]
+            index = svc.service.db.index
+            (series,) = index.qr_entities("SERIES", {"StudyInstanceUID": [item["study_uid"]]})
+            assert series["RequestAttributesSequence"] == [("RP0001", "SPS0001")]
+            assert sorted(r["SOPInstanceUID"] for r in index.qr_entities("IMAGE", {})) == sorted(added)
+        finally:
+            svc.stop()
+            cleanup(home)
