@@ -631,9 +631,13 @@ class MoveHandler(_Retrieve):
         try:
             store_instances(assoc, instances, on_result, reply.cancelled,
                             move_originator=(request.peer.calling_ae, request.message_id))
-        except AssociationLost as exc:
+        except Exception as exc:  # AssociationLost, or a fault (logged): what was not sent failed
             comment = f"the association to {destination} was lost: {exc}"
-            LOG.warning("C-MOVE from %s: %s", request.peer, comment)
+            if isinstance(exc, AssociationLost):
+                LOG.warning("C-MOVE from %s: %s", request.peer, comment)
+            else:
+                comment = f"sub-operations stopped: {exc}"
+                LOG.exception("C-MOVE from %s to %s failed", request.peer, destination)
             counts.fail_rest([i.sop_instance_uid for i in instances if i.sop_instance_uid not in sent])
         finally:
             if assoc.is_open:
