@@ -5,7 +5,7 @@ findscu (its start included, the same for both).
 Queries: a patient-name wildcard (about one study in twenty), a study-date range (about one in
 ten) and a universal query returning every study; the runs alternate Orthanc / ours and the
 ratio ours / Orthanc is taken run by run, its median printed. Also the time to the first pending
-response of the universal query (pynetdicom as the SCU). Targets: every ratio <= 1.0, the first
+response of the universal query. Targets: every ratio <= 1.0, the first
 response within 100 ms (docs/design.md "Query/Retrieve SCP").
 Usage: python bench/qr.py [--studies 10000] [--runs 3]
 """
@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pydicom import dcmread  # noqa: E402
-from pynetdicom import AE  # noqa: E402
 
 from bench.receive import ENV, serving, wait_port  # noqa: E402
 from modality_link.home import free_port  # noqa: E402
@@ -81,23 +81,35 @@ def findscu(port: int, called: str, keys: list[str]) -> tuple[float, int]:
 
 
 def first_response(port: int, called: str) -> float:
-    """Seconds from the C-FIND-RQ of the universal study query to its first pending response."""
+    """Seconds from the C-FIND-RQ of the universal study query to its first pending response,
+    measured with our own lean requestor (net/upper_layer.py: no SCU-side machinery to wait for)."""
     from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
 
-    ae = AE(ae_title="BENCH")
-    ae.add_requested_context(STUDY_ROOT_FIND)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    from modality_link.config import Timeouts
+    from modality_link.net.command import encode_command, parse_command
+    from modality_link.net.upper_layer import Requestor
+
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = ""
     query.PatientName = ""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, query)
+    assoc = Requestor("127.0.0.1", port, "BENCH", called, [(STUDY_ROOT_FIND, ["1.2.840.10008.1.2.1"])],
+                      Timeouts(), 0).open()
+    uid = STUDY_ROOT_FIND.encode() + (b"\0" if len(STUDY_ROOT_FIND) % 2 else b"")
+    command = encode_command({0x0002: uid, 0x0100: struct.pack("<H", 0x0020), 0x0110: struct.pack("<H", 1),
+                              0x0700: struct.pack("<H", 0), 0x0800: struct.pack("<H", 0)})
     try:
         t0 = time.perf_counter()
-        responses = assoc.send_c_find(query, STUDY_ROOT_FIND)
-        next(responses)
+        assoc.send_message(1, command, fp.getvalue())
+        status = struct.unpack("<H", parse_command(assoc.receive_command(60))[0x0900])[0]
         seconds = time.perf_counter() - t0
-        for _ in responses:
-            pass
+        while status in (0xFF00, 0xFF01):
+            status = struct.unpack("<H", parse_command(assoc.receive_command(60))[0x0900])[0]
     finally:
         assoc.release()
     return seconds

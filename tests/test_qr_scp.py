@@ -126,7 +126,7 @@ def findscu(port: int, model: str, *keys: str, out: Path, files: tuple[str, ...]
 
 
 def index_rows(a: Archived, level: str, **scope: list[str]) -> list[dict]:
-    return a.archive.db.index.qr_entities(level, dict(scope))
+    return list(a.archive.db.index.qr_entities(level, dict(scope)))
 
 
 def uids(responses: list[Dataset], keyword: str) -> list[str]:

@@ -6,7 +6,7 @@ import json
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from modality_link.db.connection import Connection
 
@@ -118,11 +118,11 @@ class Index:
                 "SELECT path, series_uid FROM instances WHERE sop_instance_uid=?", (rec.sop_instance_uid,)
             ).fetchone()
             c.execute(
-                """INSERT INTO patients(patient_key, patient_id, patient_name, birth_date, sex)
-                   VALUES (?,?,?,?,?)
+                """INSERT INTO patients(patient_key, patient_id, patient_name, birth_date, sex, name_folded)
+                   VALUES (?,?,?,?,?,?)
                    ON CONFLICT(patient_key) DO UPDATE SET patient_name=excluded.patient_name,
-                     birth_date=excluded.birth_date, sex=excluded.sex""",
-                (key, rec.patient_id, rec.patient_name, rec.birth_date, rec.sex),
+                     birth_date=excluded.birth_date, sex=excluded.sex, name_folded=excluded.name_folded""",
+                (key, rec.patient_id, rec.patient_name, rec.birth_date, rec.sex, rec.patient_name.casefold()),
             )
             pk = c.execute("SELECT pk FROM patients WHERE patient_key=?", (key,)).fetchone()[0]
             c.execute(
@@ -169,21 +169,24 @@ class Index:
                WHERE i.attributes IS NULL OR se.attributes IS NULL""")
         return [r[0] for r in rows]
 
-    def qr_entities(self, level: str, scope: dict[str, list[str]], counts: bool = True) -> list[dict[str, Any]]:
+    def qr_entities(self, level: str, scope: dict[str, list[str]], counts: bool = True,
+                    contains: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
         """The entities of a Query/Retrieve level (PATIENT, STUDY, SERIES or IMAGE; PS3.4 C.6)
         with their keys and those of the levels above, by DICOM keyword; the optional keys of the
         series and the image as :meth:`add` stored them ("RequestAttributesSequence" a list of
         (Requested Procedure ID, Scheduled Procedure Step ID)); the computed keys (Number of
         ... Related ..., Modalities in Study; left out with `counts` false). `scope` restricts
         unique keys (PatientID, StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID) to the
-        values listed."""
+        values listed; `contains` ({keyword: text}) keeps only entities whose value of that key
+        has the text in it (Patient's Name case-folded), where the key is a column: a cheap
+        preselection for the caller's matching. The rows are read at once, converted as they
+        are taken."""
         counted, plain, group, order = _QR_LEVELS[level]
         select = counted if counts else plain
         if not counts and level != "PATIENT":
             group = ""  # one row per entity already
-        where, args = _scope(scope)
+        where, args = _scope(scope, contains or {})
         rows = self._conn.query(f"{select} {where} {group} {order}", args)
-        out = []
         for row in rows:
             keys = dict(row)
             series = keys.pop("series_attributes", None)
@@ -196,13 +199,12 @@ class Index:
                 keys.update(json.loads(image or "{}"))
             if "ModalitiesInStudy" in keys:
                 keys["ModalitiesInStudy"] = "\\".join(sorted(filter(None, (keys["ModalitiesInStudy"] or "").split(","))))
-            out.append(keys)
-        return out
+            yield keys
 
     def qr_instances(self, scope: dict[str, list[str]]) -> list[InstanceRow]:
         """The instances below the entities that `scope` (as for :meth:`qr_entities`) selects,
         by study, series number and instance number: what a C-MOVE or C-GET sends."""
-        where, args = _scope(scope)
+        where, args = _scope(scope, {})
         rows = self._conn.query(
             f"""{_INSTANCE} JOIN studies s ON s.study_uid=se.study_uid JOIN patients p ON p.pk=s.patient_pk
                 {where} ORDER BY s.study_date, s.study_uid, CAST(se.series_number AS INTEGER), se.series_uid,
@@ -293,12 +295,27 @@ _UNIQUE_COLUMNS = {"PatientID": "p.patient_id", "StudyInstanceUID": "s.study_uid
                    "SeriesInstanceUID": "se.series_uid", "SOPInstanceUID": "i.sop_instance_uid"}
 
 
-def _scope(scope: dict[str, list[str]]) -> tuple[str, list[str]]:
-    """The WHERE clause that restricts unique keys to the values listed."""
+#: The columns :meth:`Index.qr_entities` preselects on (`contains`); Patient's Name by its
+#: case-folded copy (NULL in rows from before it, which are kept).
+_CONTAINS_COLUMNS = {
+    "PatientName": "COALESCE(instr(p.name_folded, ?), 1)", "PatientID": "instr(p.patient_id, ?)",
+    "AccessionNumber": "instr(s.accession, ?)", "StudyID": "instr(s.study_id, ?)",
+    "StudyDescription": "instr(s.description, ?)", "Modality": "instr(se.modality, ?)",
+    "SeriesDescription": "instr(se.description, ?)", "BodyPartExamined": "instr(se.body_part, ?)",
+}
+
+
+def _scope(scope: dict[str, list[str]], contains: dict[str, str]) -> tuple[str, list[str]]:
+    """The WHERE clause that restricts unique keys to the values listed and the columns of
+    `contains` to values with that text in them."""
     terms, args = [], []
     for keyword, values in scope.items():
         terms.append(f"{_UNIQUE_COLUMNS[keyword]} IN ({','.join('?' * len(values))})")
         args += values
+    for keyword, text in contains.items():
+        if keyword in _CONTAINS_COLUMNS:
+            terms.append(f"{_CONTAINS_COLUMNS[keyword]} > 0")
+            args.append(text)
     return ("WHERE " + " AND ".join(terms)) if terms else "", args
 
 

@@ -237,8 +237,10 @@ MIGRATIONS = [
     # SCP"): JSON, the series' {"keys": {keyword: text}, "requests": [[Requested Procedure ID,
     # Scheduled Procedure Step ID] of each Request Attributes Sequence item]} and the image's
     # {keyword: text}. NULL: indexed before this version; Archive.reconcile() reads those files
-    # again. Indexes for the keys queries filter on.
+    # again. Patient's Name case-folded (Unicode), which a C-FIND preselects on. Indexes for the
+    # keys queries filter on.
     """
+    ALTER TABLE patients ADD COLUMN name_folded TEXT;
     ALTER TABLE series ADD COLUMN attributes TEXT;
     ALTER TABLE instances ADD COLUMN attributes TEXT;
     CREATE INDEX patients_id ON patients(patient_id);

@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
@@ -255,6 +255,17 @@ def matcher(keyword: str, query: str) -> Match | None:
     return _any_value([_wildcard(v.strip()) for v in query.split("\\")])
 
 
+def literal(keyword: str, query: str) -> str:
+    """The longest run of the query value without wildcards that every matching value has in
+    it (case-folded for a Person Name, :func:`_name_groups`); "" when there is none to rely on
+    (UIDs, dates and times, lists of values)."""
+    vr = dictionary_VR(keyword)
+    if vr in ("UI", "DA", "TM") or "\\" in query:
+        return ""
+    parts = _name_groups(query) if vr == "PN" else [query.strip()]
+    return max((run for part in parts for run in re.split(r"[*?]", part)), key=len, default="")
+
+
 @dataclass
 class Query:
     """A C-FIND identifier checked against its model (PS3.4 C.4.1.2.1, C.4.1.3.1)."""
@@ -272,6 +283,8 @@ class Query:
     request_matches: list[tuple[int, Match]] = field(default_factory=list)
     #: Keys the identifier has that we do not support (PS3.4 C.2.2.1.3): pending 0xFF01.
     unsupported: list[str] = field(default_factory=list)
+    #: Text every match has in the value of a key (:func:`literal`), for the index to preselect.
+    contains: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, sop_class: str, ds: Dataset, combined_date_time: bool = False) -> "Query":
@@ -315,6 +328,9 @@ class Query:
             match = matcher(keyword, value)
             if match is not None:
                 query.matches.append((keyword, match))
+                text = literal(keyword, value)
+                if text:
+                    query.contains[keyword] = text
         return query
 
     @property
@@ -344,7 +360,7 @@ class Query:
         found = [item for item in items if all(m(item[i]) for i, m in self.request_matches)]
         return found or None
 
-    def answers(self, rows: list[dict[str, Any]], retrieve_ae: str, transfer_syntax: str) -> Iterator[bytes]:
+    def answers(self, rows: Iterable[dict[str, Any]], retrieve_ae: str, transfer_syntax: str) -> Iterator[bytes]:
         """The response identifiers of the matching entities (PS3.4 C.4.1.2.2, C.4.1.3.1),
         encoded in `transfer_syntax`."""
         writer = IdentifierWriter(transfer_syntax)
@@ -491,7 +507,7 @@ class FindHandler:
             ds = decode_identifier(bytes(data.data), request.transfer_syntax)
             combined = reply.extended_negotiation()[1:2] == b"\x01"  # PS3.4 C.5.1.1, byte 2
             query = Query.parse(request.abstract_syntax, ds, combined)
-            rows = self.qr.archive.db.index.qr_entities(query.level, query.scope, query.counts)
+            rows = self.qr.archive.db.index.qr_entities(query.level, query.scope, query.counts, query.contains)
             answers = query.answers(rows, self.qr.listener.ae_title, request.transfer_syntax)
             pending = PENDING_WARNING if query.unsupported else PENDING
             count = 0
