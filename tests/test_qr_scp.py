@@ -139,7 +139,7 @@ def uids(responses: list[Dataset], keyword: str) -> list[str]:
 def test_study_root_study_level_single_wildcard_range_universal(archived: Archived, tmp_path: Path) -> None:
     keys = ("QueryRetrieveLevel=STUDY", "StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "StudyTime",
             "AccessionNumber", "StudyID", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
-            "NumberOfStudyRelatedInstances")
+            "NumberOfStudyRelatedInstances", "InstanceAvailability")
     # universal: every study, each as the index holds it
     found, log = findscu(archived.port, "-S", *keys, out=tmp_path)
     rows = {r["StudyInstanceUID"]: r for r in index_rows(archived, "STUDY")}
@@ -154,7 +154,7 @@ def test_study_root_study_level_single_wildcard_range_universal(archived: Archiv
         assert text_of(ds.ModalitiesInStudy) == row["ModalitiesInStudy"]
     a = next(ds for ds in found if ds.StudyInstanceUID == STUDY_A)
     assert (a.NumberOfStudyRelatedSeries, a.NumberOfStudyRelatedInstances, a.ModalitiesInStudy) == (2, 5, "CT")
-    assert a.QueryRetrieveLevel == "STUDY" and a.RetrieveAETitle == "MODLINK"
+    assert a.QueryRetrieveLevel == "STUDY" and a.RetrieveAETitle == "MODLINK" and a.InstanceAvailability == "ONLINE"
     assert "SpecificCharacterSet" not in a  # all ASCII
     # single value, case-insensitive wildcard on the name, date range, time range
     for key, expected in [("PatientID=P2", [STUDY_B]), ("PatientName=doe*", [STUDY_A]),

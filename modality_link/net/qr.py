@@ -302,6 +302,8 @@ class Query:
         for elem in ds:
             keyword = elem.keyword
             if keyword in _NOT_KEYS:
+                if keyword == "InstanceAvailability":  # returned when asked for (PS3.4 C.4.1.1.3.2)
+                    query.keys.append(keyword)
                 continue
             level = _LEVEL_OF[model].get(keyword)
             if level is None:
@@ -366,7 +368,7 @@ class Query:
         writer = IdentifierWriter(transfer_syntax)
         request_tags = sorted((tag_of(k), k) for k in self.request_keys)
         keys = sorted((tag_of(k), k) for k in {*self.keys, "QueryRetrieveLevel", "RetrieveAETitle"})
-        fixed = {"QueryRetrieveLevel": self.level, "RetrieveAETitle": retrieve_ae}
+        fixed = {"QueryRetrieveLevel": self.level, "RetrieveAETitle": retrieve_ae, "InstanceAvailability": "ONLINE"}
         for row in rows:
             if not all(m(row.get(k)) for k, m in self.matches):
                 continue
