@@ -558,3 +558,57 @@ def test_exam_add_indexes_the_request_attributes(tmp_path: Path) -> None:
         finally:
             svc.stop()
             cleanup(home)
+
+
+def test_c_move_and_c_get_cancelled(archived: Archived, tmp_path: Path) -> None:
+    """A C-CANCEL-RQ stops the sub-operations of a 300-image C-MOVE and C-GET: 0xFE00 with the
+    counts so far and the remaining count (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
+    port = free_port()
+    proc = start_storescp(tmp_path, port)
+    archived.nodes["STORE"] = config.Node(ae_title="STORESCP", host="127.0.0.1", port=port, roles=["store"])
+    query = Dataset()
+    query.QueryRetrieveLevel = "SERIES"
+    query.StudyInstanceUID = STUDY_C
+    query.SeriesInstanceUID = f"{STUDY_C}.1"
+    try:
+        ae = AE(ae_title="MOVESCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK")
+        try:
+            responses = []
+            for status, _ in assoc.send_c_move(query, "STORESCP", StudyRootQueryRetrieveInformationModelMove,
+                                               msg_id=9):
+                responses.append(status)
+                if len(responses) == 1:
+                    assoc.send_c_cancel(9, query_model=StudyRootQueryRetrieveInformationModelMove)
+        finally:
+            assoc.release()
+    finally:
+        del archived.nodes["STORE"]
+        proc.terminate()
+        proc.wait(10)
+    final = responses[-1]
+    assert final.Status == 0xFE00
+    done = final.NumberOfCompletedSuboperations
+    assert 1 <= done < 300 and final.NumberOfRemainingSuboperations == 300 - done
+    # C-GET: the requestor cancels from its C-STORE handler, after the second image
+    stored: list[int] = []
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(1)
+        if len(stored) == 2:
+            event.assoc.send_c_cancel(11, query_model=StudyRootQueryRetrieveInformationModelGet)
+        return 0x0000
+
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK",
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        final = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet, msg_id=11))[-1][0]
+    finally:
+        assoc.release()
+    assert final.Status == 0xFE00
+    assert 2 <= final.NumberOfCompletedSuboperations < 300
+    assert final.NumberOfRemainingSuboperations == 300 - final.NumberOfCompletedSuboperations
