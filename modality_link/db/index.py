@@ -108,7 +108,7 @@ class Index:
         with synchronous=NORMAL (survives a process crash, not a power cut): for rows that
         `Archive.reconcile` rebuilds from their files.
         """
-        r = asdict(rec) | {
+        r = vars(rec) | {  # (asdict would copy the dicts of keys deeply, for nothing)
             "series_attributes": json.dumps({"keys": rec.series_keys, "requests": rec.requests}),
             "image_attributes": json.dumps(rec.image_keys),
         }
