@@ -547,6 +547,9 @@ class Archive:
                 rec.source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", ""))
                 if self.path_for(rec) != rel:
                     raise DatasetMismatch("file name does not match its UIDs")
+                indexed = self.db.index.instance(rec.sop_instance_uid) if rel in stale else None
+                if indexed is not None:  # read again for its keys: it keeps when it came, and from whom
+                    rec.received_at, rec.source_ae = indexed.received_at, indexed.source_ae
                 self._index(rec)
                 added += rel not in known
             except ArchiveError as exc:

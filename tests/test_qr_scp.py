@@ -467,7 +467,9 @@ def test_reconcile_reads_again_rows_indexed_before_the_query_keys(archive: Archi
         db.execute("UPDATE series SET attributes=NULL")
     db.close()
     assert len(archive.db.index.paths_without_keys()) == 2
+    before = {r.sop_instance_uid: r for r in archive.db.index.study_instances(STUDY_A)}
     assert archive.reconcile() == 0  # nothing was unindexed
+    assert {r.sop_instance_uid: r for r in archive.db.index.study_instances(STUDY_A)} == before
     assert archive.db.index.paths_without_keys() == []
     (series,) = archive.db.index.qr_entities("SERIES", {"StudyInstanceUID": [STUDY_A]})
     assert (series["SeriesDate"], series["RequestAttributesSequence"]) == ("20240110", [("RP1", "S1")])
