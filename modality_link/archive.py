@@ -224,17 +224,22 @@ _INDEXED_TAGS = frozenset(tag_of(k) for k in ("SpecificCharacterSet", *(k for _,
 #: set's character set like the columns above.
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
 _BINARY_VRS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
-_OPTIONAL_VRS = {keyword: dictionary_VR(keyword) for keyword in (*SERIES_KEYS, *IMAGE_KEYS)}
-_DECODED_OPTIONAL = frozenset(tag_of(k) for k, vr in _OPTIONAL_VRS.items()
+#: (keyword, tag, VR) of the optional keys of each level.
+_SERIES_OPTIONAL = [(k, tag_of(k), dictionary_VR(k)) for k in SERIES_KEYS]
+_IMAGE_OPTIONAL = [(k, tag_of(k), dictionary_VR(k)) for k in IMAGE_KEYS]
+_DECODED_OPTIONAL = frozenset(tag for _, tag, vr in (*_SERIES_OPTIONAL, *_IMAGE_OPTIONAL)
                               if vr not in _ASCII_VRS and vr not in _BINARY_VRS)
 #: What :func:`lean_record` has pydicom decode: the columns, the UIDs and the optional text.
-_DECODED_TAGS = _INDEXED_TAGS - {tag_of(k) for k in _OPTIONAL_VRS} | _DECODED_OPTIONAL
+_DECODED_TAGS = (_INDEXED_TAGS - {tag for _, tag, _ in (*_SERIES_OPTIONAL, *_IMAGE_OPTIONAL)}) | _DECODED_OPTIONAL
 
 
 def _ascii_text(raw: bytes) -> str:
     """An ASCII value as the index keeps it: each value without leading and trailing spaces
     (and NUL padding), values joined by backslashes."""
-    return "\\".join(v.strip(" \x00") for v in raw.decode("ascii", "replace").split("\\"))
+    text = raw.decode("ascii", "replace")
+    if "\\" not in text:
+        return text.strip(" \x00")
+    return "\\".join(v.strip(" \x00") for v in text.split("\\"))
 
 
 def _binary_text(raw: bytes, vr: str, order: str) -> str:
@@ -243,17 +248,16 @@ def _binary_text(raw: bytes, vr: str, order: str) -> str:
     return "\\".join(str(v) for v in struct.unpack(f"{order}{count}{code}", raw[:count * struct.calcsize(code)]))
 
 
-def _keys_of(keywords: Sequence[str], raw: Callable[[str], bytes | str | None], decoded: Callable[[str], object],
-             order: str = "<") -> dict[str, str]:
-    """{keyword: text} of the optional `keywords` present: `raw` gives an element's value bytes
-    in byte `order` (None when absent; text when pydicom converted it already), `decoded` its
-    value decoded in the data set's character set."""
+def _keys_of(keys: Sequence[tuple[str, int, str]], raw: Callable[[int], bytes | str | None],
+             decoded: Callable[[str], object], order: str = "<") -> dict[str, str]:
+    """{keyword: text} of the optional `keys` (keyword, tag, VR) present: `raw` gives an
+    element's value bytes in byte `order` (None when absent; text when pydicom converted it
+    already), `decoded` its value decoded in the data set's character set."""
     out = {}
-    for keyword in keywords:
-        value = raw(keyword)
+    for keyword, tag, vr in keys:
+        value = raw(tag)
         if value is None:
             continue
-        vr = _OPTIONAL_VRS[keyword]
         if isinstance(value, str):
             out[keyword] = value if vr in _BINARY_VRS else _ascii_text(value.encode("ascii", "replace"))
         elif vr in _ASCII_VRS:
@@ -311,8 +315,8 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         size=0,
         charset=text_of(header.get("SpecificCharacterSet")),
         source_ae=source_ae,
-        series_keys=_keys_of(SERIES_KEYS, lambda k: header.raw(tag_of(k)), header.get),
-        image_keys=_keys_of(IMAGE_KEYS, lambda k: header.raw(tag_of(k)), header.get),
+        series_keys=_keys_of(_SERIES_OPTIONAL, header.raw, header.get),
+        image_keys=_keys_of(_IMAGE_OPTIONAL, header.raw, header.get),
         requests=_requests(_kept_sequence(sequence, transfer_syntax == ImplicitVRLittleEndian), header.charset)
         if sequence is not None else [],
     )
@@ -328,8 +332,8 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
     charset = _text(ds, "SpecificCharacterSet")
     terms = dataset_charset(ds)
 
-    def raw(keyword: str) -> bytes | str | None:
-        elem = ds.get_item(keyword)
+    def raw(tag: int) -> bytes | str | None:
+        elem = ds.get_item(tag)
         if elem is None:
             return None
         return elem.value if isinstance(elem.value, bytes) else text_of(elem.value)  # raw, or converted
@@ -347,8 +351,8 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         charset=charset,
         **texts,
         source_ae=source_ae,
-        series_keys=_keys_of(SERIES_KEYS, raw, lambda k: decoded_text(ds, k, terms), order),
-        image_keys=_keys_of(IMAGE_KEYS, raw, lambda k: decoded_text(ds, k, terms), order),
+        series_keys=_keys_of(_SERIES_OPTIONAL, raw, lambda k: decoded_text(ds, k, terms), order),
+        image_keys=_keys_of(_IMAGE_OPTIONAL, raw, lambda k: decoded_text(ds, k, terms), order),
         requests=_requests(ds.get(REQUEST_ATTRIBUTES), terms),
     )
 
