@@ -614,3 +614,47 @@ def test_c_move_and_c_get_cancelled(archived: Archived, tmp_path: Path) -> None:
     assert final.Status == 0xFE00
     assert 2 <= final.NumberOfCompletedSuboperations < 300
     assert final.NumberOfRemainingSuboperations == 300 - final.NumberOfCompletedSuboperations
+
+
+def test_retrieve_levels_and_sub_operations_that_cannot_be_done(archived: Archived) -> None:
+    """C-GET at PATIENT level (Patient Root) and at IMAGE level with a list of SOP Instance UIDs;
+    instances of a SOP class the requestor took no SCP role for fail (0xA702 when none is left,
+    with the Failed SOP Instance UID List)."""
+    from pynetdicom.sop_class import MRImageStorage, PatientRootQueryRetrieveInformationModelGet
+
+    def get(query: Dataset, model: str, storage: str) -> tuple[Dataset, Dataset | None, list[str]]:
+        received: list[str] = []
+
+        def on_store(event: evt.Event) -> int:
+            received.append(event.request.AffectedSOPInstanceUID)
+            return 0x0000
+
+        ae = AE(ae_title="GETSCU")
+        ae.add_requested_context(model)
+        ae.add_requested_context(storage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK",
+                             ext_neg=[build_role(storage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            status, identifier = list(assoc.send_c_get(query, model))[-1]
+        finally:
+            assoc.release()
+        return status, identifier, received
+
+    mr = [r.sop_instance_uid for r in archived.archive.db.index.study_instances(STUDY_B)]
+    patient = Dataset()
+    patient.QueryRetrieveLevel = "PATIENT"
+    patient.PatientID = "P2"
+    status, _, received = get(patient, PatientRootQueryRetrieveInformationModelGet, MRImageStorage)
+    assert status.Status == 0x0000 and sorted(received) == sorted(mr)
+    ct = [r.sop_instance_uid for r in archived.archive.db.index.study_instances(STUDY_A)]
+    image = Dataset()
+    image.QueryRetrieveLevel = "IMAGE"
+    image.StudyInstanceUID = STUDY_A
+    image.SeriesInstanceUID = f"{STUDY_A}.1"
+    image.SOPInstanceUID = ct[:2]
+    status, _, received = get(image, StudyRootQueryRetrieveInformationModelGet, CTImageStorage)
+    assert status.Status == 0x0000 and sorted(received) == sorted(ct[:2])
+    status, identifier, received = get(image, StudyRootQueryRetrieveInformationModelGet, MRImageStorage)
+    assert status.Status == 0xA702 and received == []
+    assert (status.NumberOfCompletedSuboperations, status.NumberOfFailedSuboperations) == (0, 2)
+    assert sorted(identifier.FailedSOPInstanceUIDList) == sorted(ct[:2])
