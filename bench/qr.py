@@ -1,13 +1,14 @@
-"""Query/Retrieve SCP benchmark: C-FIND at study level against our disk server and Orthanc, both
-holding the same studies of one small image each (10 000 by default), each query timed with DCMTK
-findscu (its start included, the same for both).
+"""Query/Retrieve SCP benchmark: C-FIND at study level against our disk server and Orthanc (and
+DCMTK dcmqrscp up to the 500 studies it keeps), all holding the same studies of one small image
+each (10 000 by default), each query timed with DCMTK findscu (its start included, the same for
+all).
 
 Queries: a patient-name wildcard (about one study in twenty), a study-date range (about one in
-ten) and a universal query returning every study; the runs alternate Orthanc / ours and the
-ratio ours / Orthanc is taken run by run, its median printed. Also the time to the first pending
+ten) and a universal query returning every study; the runs alternate ours / the others and the
+ratio ours / theirs is taken run by run, its median printed. Also the time to the first pending
 response of the universal query. Targets: every ratio <= 1.0, the first
 response within 100 ms (docs/design.md "Query/Retrieve SCP").
-Usage: python bench/qr.py [--studies 10000] [--runs 3]
+Usage: python bench/qr.py [--studies 10000] [--runs 3]   (--studies 500: with dcmqrscp)
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pydicom import dcmread  # noqa: E402
+from pydicom.uid import UID  # noqa: E402
 
 from bench.receive import ENV, serving, wait_port  # noqa: E402
 from modality_link.home import free_port  # noqa: E402
 from modality_link.ipc import IpcClient  # noqa: E402
 
 FINDSCU, STORESCU, ORTHANC = "/usr/bin/findscu", "/usr/bin/storescu", "/usr/sbin/Orthanc"
+DCMQRSCP = "/usr/bin/dcmqrscp"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 SURNAMES = ["SMITH", "JONES", "TAYLOR", "BROWN", "WILSON", "DAVIES", "EVANS", "THOMAS", "JOHNSON", "ROBERTS",
             "WALKER", "WRIGHT", "ROBINSON", "THOMPSON", "WHITE", "HUGHES", "EDWARDS", "GREEN", "HALL", "WOOD"]
@@ -54,7 +57,7 @@ def make_studies(out: Path, count: int) -> None:
         ds.PatientID = f"ID{i}"
         ds.StudyInstanceUID = f"{root}.{i}"
         ds.SeriesInstanceUID = f"{root}.{i}.1"
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{root}.{i}.1.1"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(f"{root}.{i}.1.1")
         ds.StudyDate = f"{2015 + i % 10}{1 + i % 12:02d}{1 + i % 28:02d}"
         ds.AccessionNumber = f"A{i}"
         ds.save_as(out / f"{i}.dcm", enforce_file_format=True)
@@ -134,6 +137,52 @@ class Orthanc:
         self.proc.wait()
 
 
+class DcmQrScp:
+    """DCMTK dcmqrscp (AE QRSCP), its storage area in `work`: it keeps at most 500 studies per
+    area, so it takes part only up to that many."""
+
+    def __init__(self, work: Path) -> None:
+        self.port = free_port()
+        (work / "db").mkdir(parents=True)
+        (work / "dcmqrscp.cfg").write_text(f"""NetworkTCPPort = {self.port}
+MaxPDUSize = 65536
+MaxAssociations = 16
+HostTable BEGIN
+HostTable END
+VendorTable BEGIN
+VendorTable END
+AETable BEGIN
+QRSCP {work / "db"} RW (500, 1024mb) ANY
+AETable END
+""")
+        self.proc = subprocess.Popen([DCMQRSCP, "-c", str(work / "dcmqrscp.cfg")], env=ENV,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def compare(name: str, keys: list[str], peers: dict[str, tuple[int, str]], port: int, runs: int) -> None:
+    """Time the query against each peer and ours, alternately; print the medians and ratios."""
+    times: dict[str, list[float]] = {peer: [] for peer in peers}
+    mine: list[float] = []
+    ratios: dict[str, list[float]] = {peer: [] for peer in peers}
+    count = 0
+    for _ in range(runs):
+        o, count = findscu(port, "MODLINK", keys)
+        mine.append(o)
+        for peer, (peer_port, aet) in peers.items():
+            t, t_count = findscu(peer_port, aet, keys)
+            assert t_count == count, (name, peer, t_count, count)
+            times[peer].append(t)
+            ratios[peer].append(o / t)
+    against = ", ".join(f"{peer} {statistics.median(times[peer]):.3f} s (ratio {statistics.median(ratios[peer]):.2f})"
+                        for peer in peers)
+    print(f"{name} ({count} matches): ours {statistics.median(mine):.3f} s; {against} (target <= 1.0)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--studies", type=int, default=10000)
@@ -143,36 +192,30 @@ def main() -> int:
     try:
         make_studies(work / "studies", args.studies)
         orthanc = Orthanc(work / "orthanc")
+        qrscp = DcmQrScp(work / "dcmqrscp") if args.studies <= 500 else None
         port = free_port()
         with serving(port) as (home, _proc):
             try:
-                t0 = time.perf_counter()
-                store(work / "studies", port, "MODLINK")
-                ours_load = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                store(work / "studies", orthanc.port, "ORTHANC")
-                orthanc_load = time.perf_counter() - t0
+                peers = {"Orthanc": (orthanc.port, "ORTHANC")}
+                if qrscp is not None:
+                    peers["dcmqrscp"] = (qrscp.port, "QRSCP")
+                for name, (peer_port, aet) in [("ours", (port, "MODLINK")), *peers.items()]:
+                    t0 = time.perf_counter()
+                    store(work / "studies", peer_port, aet)
+                    print(f"{args.studies} studies stored into {name}: {time.perf_counter() - t0:.1f} s")
                 with IpcClient(home / "ipc.sock") as client:
                     held = client.call("status")["archive"]["instances"]
                 assert held == args.studies, held
-                print(f"{args.studies} studies stored: ours {ours_load:.1f} s, Orthanc {orthanc_load:.1f} s")
                 for name, keys in QUERIES.items():
-                    ratios, mine, theirs = [], [], []
-                    for _ in range(args.runs):
-                        t, t_count = findscu(orthanc.port, "ORTHANC", keys)
-                        o, o_count = findscu(port, "MODLINK", keys)
-                        assert o_count == t_count, (name, o_count, t_count)
-                        theirs.append(t)
-                        mine.append(o)
-                        ratios.append(o / t)
-                    print(f"{name} ({o_count} matches): Orthanc {statistics.median(theirs):.3f} s, ours "
-                          f"{statistics.median(mine):.3f} s, ratio {statistics.median(ratios):.2f} (target <= 1.0)")
-                firsts = [first_response(port, "MODLINK") for _ in range(args.runs)]
-                theirs_first = [first_response(orthanc.port, "ORTHANC") for _ in range(args.runs)]
-                print(f"universal query, first response: ours {statistics.median(firsts) * 1000:.0f} ms "
-                      f"(target <= 100 ms), Orthanc {statistics.median(theirs_first) * 1000:.0f} ms")
+                    compare(name, keys, peers, port, args.runs)
+                for name, (peer_port, aet) in [("ours", (port, "MODLINK")), *peers.items()]:
+                    firsts = [first_response(peer_port, aet) for _ in range(args.runs)]
+                    print(f"universal query, first response: {name} {statistics.median(firsts) * 1000:.0f} ms"
+                          + (" (target <= 100 ms)" if name == "ours" else ""))
             finally:
                 orthanc.stop()
+                if qrscp is not None:
+                    qrscp.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
