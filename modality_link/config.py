@@ -171,9 +171,22 @@ class Archive:
 
     #: Free space (MiB) to keep on the archive's file system; below it C-STORE answers A700.
     min_free_mb: int = 512
+    #: The most the archive may hold (MiB); 0: no quota, only the file system's free space counts.
+    quota_mb: int = 0
+    #: Disk clean-up (docs/design.md "Disk clean-up"): above `cleanup_high` percent of the quota
+    #: (or of the file system) used, delete least recently used studies that are safe to delete
+    #: until `cleanup_low` percent is reached.
+    cleanup_high: int = 90
+    cleanup_low: int = 75
 
     def validate(self, prefix: str) -> None:
         _check_range(f"{prefix}.min_free_mb", self.min_free_mb, 0, 10**9)
+        _check_range(f"{prefix}.quota_mb", self.quota_mb, 0, 10**9)
+        _check_range(f"{prefix}.cleanup_high", self.cleanup_high, 1, 100)
+        _check_range(f"{prefix}.cleanup_low", self.cleanup_low, 0, 99)
+        if self.cleanup_low >= self.cleanup_high:
+            raise ConfigError(f"{prefix}.cleanup_low: must be below cleanup_high ({self.cleanup_high}), "
+                              f"not {self.cleanup_low}")
 
 
 @dataclass
@@ -255,6 +268,9 @@ class Node:
     commit_wait: float = 60.0
     commit_timeout: float = 600.0
     commit_retries: int = 3
+    #: Retrieve (C-MOVE from this node): seconds without any response after which the move is
+    #: cancelled (C-CANCEL-RQ, PS3.7 9.3.4.3) and the attempt fails.
+    move_timeout: float = 600.0
     #: Send automatically: "none", every completed "exam", or every completed "series".
     auto_send: str = "none"
 
@@ -302,6 +318,7 @@ class Node:
             )
         _check_range(f"{prefix}.commit_wait", self.commit_wait, 0, 3600, float)
         _check_range(f"{prefix}.commit_timeout", self.commit_timeout, 0.1, 7 * 86400, float)
+        _check_range(f"{prefix}.move_timeout", self.move_timeout, 1, 86400, float)
         _check_range(f"{prefix}.commit_retries", self.commit_retries, 0, 1000)
         if self.auto_send not in AUTO_SEND_RULES:
             raise ConfigError(
