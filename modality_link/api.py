@@ -168,7 +168,7 @@ class Api:
         """Import files or folders; the auto-send rule "exam" takes each imported study as a
         complete exam (docs/design.md "Jobs and failures")."""
         svc = self.service
-        assert svc.archive is not None and svc.jobs is not None
+        assert svc.archive is not None and svc.autosend is not None
         if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
             raise Invalid("archive.import: give a list of file or folder paths")
         missing = [p for p in paths if not Path(p).exists()]
@@ -186,7 +186,7 @@ class Api:
                 svc.on_stored(result)
         jobs = []
         for study in studies:
-            jobs += svc.jobs.on_exam_complete(study)
+            jobs += svc.autosend.on_exam_complete(study)
         return {"imported": imported, "failed": failed, "jobs": jobs}
 
     # -- memory server ----------------------------------------------------------------------------
@@ -226,11 +226,11 @@ class Api:
     # -- jobs -----------------------------------------------------------------------------------
 
     def send(self, study_uids: list[str], node: str, commit: bool = False) -> dict[str, Any]:
-        jobs = self.service.jobs
-        assert jobs is not None
+        sending = self.service.sending
+        assert sending is not None
         if not isinstance(study_uids, list) or not study_uids or not isinstance(node, str):
             raise Invalid("send: give study_uids (a list) and node (a name)")
-        return {"job_id": jobs.submit_send(study_uids, node, bool(commit))}
+        return {"job_id": sending.submit(study_uids, node, bool(commit))}
 
     def jobs_list(self) -> list[dict[str, Any]]:
         assert self.service.jobs is not None

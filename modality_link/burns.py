@@ -89,6 +89,7 @@ class Burns:
     def __init__(
         self,
         jobs: JobQueue,
+        archive_root: Path,
         media: Callable[[], Media],
         source_ae_title: Callable[[], str],
         staging_dir: Path,
@@ -97,6 +98,7 @@ class Burns:
     ) -> None:
         self._jobs = jobs
         self._db: Database = jobs.db
+        self._archive_root = Path(archive_root)
         self._media = media
         self._source_ae_title = source_ae_title
         self._staging_dir = Path(staging_dir)
@@ -330,7 +332,7 @@ class Burns:
             if row is None:
                 missing.append(it.item)
                 continue
-            path = self._jobs.archive_root / row.path
+            path = self._archive_root / row.path
             files.append(path)
             uid_of[str(path)] = it.item
         if missing:

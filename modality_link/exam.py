@@ -14,19 +14,10 @@
   yet declared complete are completed then, and the auto-send rules apply: "series" to each of
   those series, "exam" to the exam's instances.
 
-Why a discontinued exam is still sent, how the rules are recorded and resumed, and how the MPPS
-messages leave: docs/design.md "Exams, MPPS and auto-send".
-
-The rules are applied through two callbacks (`on_series_complete`, `on_exam_complete`) that the
-service wires to the job queue. Each application is recorded in the database (the series'
-and the exam's "queued" marks) after its jobs are queued; :meth:`ExamManager.resume_auto_send`
-applies, at start-up, what a stop or a failed callback left undone.
-
-MPPS messages are never sent from the caller's thread: they are rows of an ordered outbox that
-a worker thread sends oldest first, retrying with a doubling backoff when the SCP cannot be
-reached, across restarts too. A message the SCP refuses (e.g. 0x0121) is marked failed, the
-operator is alerted, and the exam's later messages are not sent (an N-SET without its N-CREATE
-is meaningless).
+The auto-send rules are applied by :mod:`modality_link.autosend`, the MPPS messages leave
+through :mod:`modality_link.mpps_outbox`, never from the caller's thread. Why a discontinued
+exam is still sent, and how the rules and the messages survive a stop: docs/design.md "Exams,
+MPPS and auto-send".
 """
 
 from __future__ import annotations
@@ -50,9 +41,11 @@ from pydicom.uid import generate_uid
 
 from modality_link import config
 from modality_link.archive import Archive, ArchiveError, check_file_meta, read_header, record_from_dataset
+from modality_link.autosend import AutoSend
 from modality_link.coercion import PIXEL_DATA, Coerced, coerce_file
-from modality_link.db import Database, Exam, ExamObject, InstanceRecord, MppsMessage
+from modality_link.db import Database, Exam, ExamObject, InstanceRecord
 from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound
+from modality_link.mpps_outbox import CREATE, SET, MppsOutbox
 from modality_link.net import mpps
 from modality_link.net.charset import charset_for
 from modality_link.net.worklist import WorklistQuery, find_worklist, item_summary, resolve_date
@@ -77,12 +70,6 @@ NON_IMAGE_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
     "1.2.840.10008.5.1.4.1.1.66",     # Raw Data
 }
-
-
-#: ``on_series_complete(series_uid)``: apply the auto-send rule "series"; the queued job ids.
-SeriesHook = Callable[[str], list[int]]
-#: ``on_exam_complete(study_uid, sop_instance_uids)``: apply the rule "exam"; the queued job ids.
-ExamHook = Callable[[str, list[str]], list[int]]
 
 
 def _json(ds: Dataset) -> str:
@@ -198,7 +185,7 @@ def _exam_object(rec: InstanceRecord, ds: Dataset, is_image: bool) -> ExamObject
 
 
 class ExamManager:
-    """Exams, the kept worklist and the MPPS outbox of one service."""
+    """The exams and the kept worklist of one service."""
 
     def __init__(
         self,
@@ -206,24 +193,19 @@ class ExamManager:
         archive: Archive,
         get_config: Callable[[], config.Config],
         tmp_dir: Path,
-        alert: Callable[[str, str], None],
         publish: Callable[..., None],
-        on_series_complete: SeriesHook | None = None,
-        on_exam_complete: ExamHook | None = None,
+        outbox: MppsOutbox,
+        auto_send: AutoSend,
     ) -> None:
         self.db = db
         self.archive = archive
         self.get_config = get_config
         self.tmp_dir = tmp_dir
-        self.alert = alert
         self.publish = publish
-        self.on_series_complete = on_series_complete
-        self.on_exam_complete = on_exam_complete
+        self.outbox = outbox
+        self.auto_send = auto_send
         #: Serialises state changes of exams and series (add_image, series_complete, end).
         self._lock = threading.RLock()
-        self._wake = threading.Event()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- worklist -------------------------------------------------------------------------------
 
@@ -344,8 +326,7 @@ class ExamManager:
                 patient_name=str(ds.get("PatientName", "") or ""), patient_id=str(ds.get("PatientID", "") or ""),
                 birth_date=str(ds.get("PatientBirthDate", "") or ""), sex=str(ds.get("PatientSex", "") or ""),
             )
-            self.db.exams.outbox_add(exam_id, "create", mpps_node, _json(mpps.build_n_create(step)))
-            self._wake.set()
+            self.outbox.add(exam_id, mpps_node, CREATE, _json(mpps.build_n_create(step)))
         self.publish("exam.state", exam_id=exam_id, state=mpps.IN_PROGRESS)
         LOG.info("exam %d started (%s), study %s", exam_id, f"SPS {item}" if item else "unscheduled", study_uid)
         return self.exam_info(exam_id)
@@ -370,7 +351,7 @@ class ExamManager:
                 {"series_uid": se.series_uid, "instances": se.instances, "complete": se.completed_at is not None}
                 for se in self.db.exams.series(exam.id)
             ],
-            "mpps": [m.to_dict() for m in self.db.exams.outbox(exam.id)],
+            "mpps": self.outbox.messages(exam),
         }
 
     def add_image(self, exam_id: Any, paths: list[str] | None = None, data: list[str] | None = None) -> dict[str, Any]:
@@ -474,49 +455,10 @@ class ExamManager:
             if series_uid not in series:
                 raise NotFound(f"exam {exam.id} has no image of series {series_uid}")
             newly = self.db.exams.complete_series(exam.id, series_uid)
-            jobs = self._apply_rules(exam.id)
+            jobs = self.auto_send.apply(exam.id)
         LOG.info("exam %d: series %s complete%s", exam.id, series_uid, "" if newly else " (again)")
         return {"exam_id": exam.id, "series_uid": series_uid, "instances": series[series_uid].instances,
                 "already_complete": not newly, "jobs": jobs}
-
-    def _apply_rules(self, exam_id: int) -> list[int]:
-        """Apply the auto-send rules still due for this exam: "series" to its completed series
-        not yet queued, "exam" once it has ended. A failing callback is logged and alerted, and
-        what it should have done stays due for :meth:`resume_auto_send`."""
-        jobs: list[int] = []
-        exam = self._exam(exam_id)
-        for se in self.db.exams.series(exam_id):
-            if se.completed_at is None or se.queued_at is not None:
-                continue
-            try:
-                jobs += self.on_series_complete(se.series_uid) if self.on_series_complete else []
-            except Exception as exc:
-                LOG.exception("exam %d: auto-send of series %s", exam_id, se.series_uid)
-                self.alert("auto-send-failed", f"exam {exam_id}: series {se.series_uid} not queued: {exc}")
-                continue
-            self.db.exams.series_queued(exam_id, se.series_uid)
-        if exam.ended_at is not None and exam.auto_queued_at is None:
-            uids = [o.sop_instance_uid for o in self.db.exams.objects(exam_id)]
-            try:
-                jobs += self.on_exam_complete(exam.study_uid, uids) if self.on_exam_complete and uids else []
-            except Exception as exc:
-                LOG.exception("exam %d: auto-send of the exam", exam_id)
-                self.alert("auto-send-failed", f"exam {exam_id}: study {exam.study_uid} not queued: {exc}")
-            else:
-                self.db.exams.auto_queued(exam_id)
-        return jobs
-
-    def resume_auto_send(self) -> list[int]:
-        """At start-up: apply the auto-send rules that an earlier run left due (see the module
-        docstring); the queued job ids."""
-        series, exams = self.db.exams.auto_send_due()
-        jobs: list[int] = []
-        with self._lock:
-            for exam_id in dict.fromkeys([e for e, _ in series] + exams):
-                jobs += self._apply_rules(exam_id)
-        if jobs:
-            LOG.warning("auto-send: %d job(s) queued that an earlier run left due", len(jobs))
-        return jobs
 
     def end(self, exam_id: Any, discontinue: str | None = None) -> dict[str, Any]:
         """Close the exam: queue the final MPPS N-SET, complete its open series and apply the
@@ -549,104 +491,11 @@ class ExamManager:
                 objs, datetime.datetime.fromtimestamp(now), final,
                 cfg.disk_server.ae_title, discontinue, charset,
             )
-            self.db.exams.outbox_add(exam.id, "set", exam.mpps_node, _json(ds))
-            self._wake.set()
+            self.outbox.add(exam.id, exam.mpps_node, SET, _json(ds))
         self.db.exams.end(exam.id, final, now, discontinue or "")
         for se in self.db.exams.series(exam.id):
             self.db.exams.complete_series(exam.id, se.series_uid)
         self.publish("exam.state", exam_id=exam.id, state=final)
         LOG.info("exam %d ended %s", exam.id, final)
-        jobs = self._apply_rules(exam.id)
+        jobs = self.auto_send.apply(exam.id)
         return {**self.exam_info(exam.id), "jobs": jobs}
-
-    # -- the MPPS outbox ------------------------------------------------------------------------
-
-    def start_worker(self) -> None:
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="mpps-outbox", daemon=True)
-        self._thread.start()
-
-    def stop_worker(self) -> None:
-        self._stopping.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                delay = self.send_due()
-            except Exception:  # never let the worker die
-                LOG.exception("MPPS outbox worker")
-                delay = 5.0
-            self._wake.wait(timeout=delay)
-            self._wake.clear()
-
-    def send_due(self) -> float:
-        """Send queued messages oldest first; return how long to wait before looking again."""
-        while not self._stopping.is_set():
-            row = self.db.exams.outbox_head()
-            if row is None:
-                return 60.0
-            wait = row.next_attempt - time.time()
-            if wait > 0:
-                return wait
-            self._send(row)
-        return 0.0
-
-    def _send(self, row: MppsMessage) -> None:
-        cfg = self.get_config()
-        exam = self._exam(row.exam_id)
-        node = cfg.nodes.get(row.node)
-        attempts = row.attempts + 1
-        if node is None:
-            self._retry(row, attempts, f"node {row.node!r} is no longer configured", 60.0)
-            return
-        try:
-            ds = _from_json(row.dataset_json)
-            if row.kind == "create":
-                uid = mpps.send_n_create(node, cfg.station.ae_title, cfg.timeouts, ds, exam.mpps_uid or None)
-                if uid != exam.mpps_uid:
-                    self.db.exams.set_mpps_uid(exam.id, uid)
-            else:
-                if not exam.mpps_uid:
-                    raise mpps.MppsError("N-SET before the MPPS SOP Instance UID is known", retryable=True)
-                mpps.send_n_set(node, cfg.station.ae_title, cfg.timeouts, ds, exam.mpps_uid)
-        except mpps.MppsError as exc:
-            if exc.retryable:
-                self._retry(row, attempts, str(exc), node.retry_interval)
-            else:
-                self._give_up(row, attempts, str(exc))
-            return
-        except Exception as exc:  # a bug: the node's retries, then the message fails (not the outbox)
-            error = f"{type(exc).__name__}: {exc}"
-            if error != row.last_error:  # the traceback once, not at every attempt
-                LOG.exception("MPPS %s of exam %d: unexpected error", row.kind, exam.id)
-            if attempts <= node.retries:
-                self._retry(row, attempts, error, node.retry_interval)
-            else:
-                self._give_up(row, attempts, error)
-            return
-        self.db.exams.outbox_sent(row.id, attempts)
-        self.publish("mpps.sent", exam_id=exam.id, kind=row.kind)
-
-    def _give_up(self, row: MppsMessage, attempts: int, error: str) -> None:
-        """The message failed for good; without its N-CREATE the exam's N-SET cannot follow."""
-        exam_id = row.exam_id
-        self.db.exams.outbox_failed(row.id, attempts, error)
-        if row.kind == "create":
-            self.db.exams.outbox_fail_exam(exam_id, f"not sent: the N-CREATE failed ({error})")
-        self.alert("mpps-refused", f"exam {exam_id}: {error}")
-        self.publish("mpps.failed", exam_id=exam_id, kind=row.kind, error=error)
-
-    def _retry(self, row: MppsMessage, attempts: int, error: str, longest: float) -> None:
-        delay = min(longest, 0.5 * 2 ** (attempts - 1))
-        LOG.warning("MPPS %s of exam %d: attempt %d failed (%s); retry in %.1f s",
-                    row.kind, row.exam_id, attempts, error, delay)
-        self.db.exams.outbox_retry(row.id, attempts, error, time.time() + delay)
-        if attempts == 3:
-            self.alert("mpps-unreachable", f"exam {row.exam_id}: MPPS {row.kind} not delivered yet: {error}")

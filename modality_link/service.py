@@ -20,15 +20,19 @@ from typing import Any
 from modality_link import __version__, config
 from modality_link.api import Api
 from modality_link.archive import Archive
+from modality_link.autosend import AutoSend
 from modality_link.burns import Burns
 from modality_link.db import Database, InstanceRecord
 from modality_link.exam import ExamManager
 from modality_link.home import Home
 from modality_link.ipc import IpcServer
 from modality_link.jobs import JobQueue
+from modality_link.mpps_outbox import MppsOutbox
 from modality_link.memory import CachedInstance, MemoryCache
 from modality_link.net.memory_server import MemoryServer
 from modality_link.net.servers import StorageServer
+from modality_link.sending import Sending
+from modality_link.storage_commitment import StorageCommitment
 
 LOG = logging.getLogger("modality_link.service")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -79,6 +83,10 @@ class Service:
         self.ipc: IpcServer | None = None
         self.exams: ExamManager | None = None
         self.jobs: JobQueue | None = None
+        self.sending: Sending | None = None
+        self.commitment: StorageCommitment | None = None
+        self.mpps: MppsOutbox | None = None
+        self.autosend: AutoSend | None = None
         self.started_at = 0.0
         self._stop = threading.Event()
         self._lock_file: Any = None
@@ -96,11 +104,14 @@ class Service:
         found = self.archive.reconcile()
         if found:
             LOG.warning("archive: indexed %d file(s) left unindexed by an earlier stop", found)
-        self.jobs = JobQueue(
-            self.db, self.home.archive_dir, lambda: self.config, self.publish, self.alert
-        )
-        self.burns = Burns(  # registers the "burn" job kind before the workers start
+        # the job kinds register with the queue before its workers start
+        self.jobs = JobQueue(self.db, lambda: self.config, self.publish, self.alert)
+        self.sending = Sending(self.jobs, self.home.archive_dir, lambda: self.config)
+        self.commitment = StorageCommitment(self.jobs, self.sending, lambda: self.config, self.alert)
+        self.mpps = MppsOutbox(self.db, lambda: self.config, self.alert, self.publish)
+        self.burns = Burns(
             self.jobs,
+            self.home.archive_dir,
             lambda: self.config.media,
             lambda: self.config.station.ae_title,
             self.home.tmp_dir / "burn",
@@ -108,12 +119,11 @@ class Service:
             self.alert,
         )
         self._start_servers()
-        self.exams = ExamManager(
-            self.db, self.archive, lambda: self.config, self.home.tmp_dir, self.alert, self.publish,
-            on_series_complete=self.jobs.on_series_complete, on_exam_complete=self.jobs.on_exam_complete,
-        )
-        self.exams.resume_auto_send()
-        self.exams.start_worker()
+        self.autosend = AutoSend(self.db, self.sending, lambda: self.config, self.alert)
+        self.exams = ExamManager(self.db, self.archive, lambda: self.config, self.home.tmp_dir, self.publish,
+                                 self.mpps, self.autosend)
+        self.autosend.resume()
+        self.mpps.start()
         self.ipc = IpcServer(self.home.socket_path, Api(self).methods())
         self.ipc.start()
         self.jobs.start()
@@ -134,7 +144,7 @@ class Service:
         if self.config.disk_server.enabled:
             self.disk_server = StorageServer(
                 self.config.disk_server, self.config.timeouts, self.archive, self.on_stored,
-                on_report=self.jobs.handle_report if self.jobs is not None else None,
+                on_report=self.commitment.handle_report if self.commitment is not None else None,
             )
             self.disk_server.start()
         if self.config.memory_server.enabled:
@@ -154,12 +164,16 @@ class Service:
         if self.jobs is not None:
             self.jobs.stop()
             self.jobs = None
+        if self.sending is not None:
+            self.sending.close()
+            self.sending = None
+        if self.mpps is not None:
+            self.mpps.stop()
+            self.mpps = None
         if self.ipc is not None:
             self.ipc.stop()
             self.ipc = None
-        if self.exams is not None:
-            self.exams.stop_worker()
-            self.exams = None
+        self.exams = None
         self._stop_servers()
         if self.db is not None:
             self.db.close()

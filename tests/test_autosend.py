@@ -154,7 +154,7 @@ def test_auto_send_left_due_is_applied_at_the_next_start(short_tmp: Path, pacs: 
         def broken(study_uid: str, uids: list[str]) -> list[int]:
             raise RuntimeError("database is locked")
 
-        svc.service.exams.on_exam_complete = broken
+        svc.service.autosend.on_exam_complete = broken
         exam = svc.call("exam.start", patient_id="AUTO5", patient_name="Crash^Between")
         (paths,) = spool_series(short_tmp / "spool", series=1, per_series=3).values()
         added = svc.call("exam.add_image", exam_id=exam["exam_id"], paths=paths)["added"]

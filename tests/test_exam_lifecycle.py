@@ -119,7 +119,7 @@ def test_ris_down_at_start_then_up_across_restart(tmp_path: Path) -> None:
     try:
         assert [m["state"] for m in svc.call("exam.show", exam_id=ex["exam_id"])["mpps"]] == ["queued", "queued"]
         with RIS(port=port) as ris:
-            svc.service.exams.wake()
+            svc.service.mpps.wake()
             _sent(svc, ex["exam_id"])
             wait_until(lambda: len(ris.mpps_messages) == 2, 5, "two messages")
             import time

@@ -9,7 +9,7 @@ import pytest
 from modality_link import config
 from modality_link.config import ConfigError
 from modality_link.db import Database, Job
-from modality_link.jobs import FINAL_STATES, JobContext, JobQueue
+from modality_link.jobs import FINAL_STATES, JobContext, JobQueue, Retry
 from tests.support.waiting import wait_until
 
 
@@ -67,7 +67,7 @@ def test_unexpected_exception_fails_the_job_after_its_attempts(tmp_path, caplog)
     cfg = config.Config()
     cfg.nodes["PACS"] = config.Node(ae_title="PACS", retries=2, retry_interval=0.05)
     alerts: list[tuple] = []
-    queue = JobQueue(Database(tmp_path / "i.sqlite"), tmp_path, lambda: cfg,
+    queue = JobQueue(Database(tmp_path / "i.sqlite"), lambda: cfg,
                      alert=lambda *a, **k: alerts.append(a))
     calls: list[int] = []
 
@@ -89,3 +89,40 @@ def test_unexpected_exception_fails_the_job_after_its_attempts(tmp_path, caplog)
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1 and "unexpected error" in tracebacks[0].getMessage()
     assert [a[0] for a in alerts] == ["job-failed"] and "KeyError" in alerts[0][1]
+
+
+def test_a_job_waits_for_the_job_it_comes_after(tmp_path):
+    """after_id: the N-SET of an exam is not claimed while its N-CREATE has not ended."""
+    db = Database(tmp_path / "i.sqlite")
+    first = db.mpps_jobs.add("mpps", "RIS", [], {}, 1)
+    second = db.mpps_jobs.add("mpps", "RIS", [], {}, 1, after_id=first)
+    assert db.mpps_jobs.claim({}, {"RIS": 2}).id == first
+    assert db.mpps_jobs.claim({}, {"RIS": 2}) is None
+    assert db.mpps_jobs.next_due() is None  # nothing may start: no busy wait for the second
+    db.mpps_jobs.end(first, "failed")
+    assert db.mpps_jobs.claim({}, {"RIS": 2}).id == second
+    assert db.jobs.latest() == []  # the MPPS queue has tables of its own
+
+
+def test_retry_forever_outlasts_max_attempts(tmp_path):
+    """A peer that cannot be reached yet (Retry(forever=True)) is tried again past the node's
+    retries, with the back-off; the job ends done once an attempt succeeds."""
+    cfg = config.Config()
+    cfg.nodes["RIS"] = config.Node(ae_title="RIS", retries=0, retry_interval=0.01)
+    queue = JobQueue(Database(tmp_path / "i.sqlite"), lambda: cfg)
+    calls: list[int] = []
+
+    def unreachable(job: Job, ctx: JobContext) -> None:
+        calls.append(job.attempts)
+        if len(calls) < 4:
+            raise Retry("connection refused", forever=True)
+
+    queue.register("flaky", unreachable)
+    queue.start()
+    try:
+        job_id = queue.submit("flaky", "RIS", [])
+        job = wait_until(lambda: (j := queue.show(job_id))["state"] in FINAL_STATES and j, 15, "the job's end")
+    finally:
+        queue.stop()
+    assert job["state"] == "done" and job["max_attempts"] == 1 and job["attempts"] == 3, job
+    assert calls == [0, 1, 2, 3]

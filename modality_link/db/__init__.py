@@ -5,8 +5,9 @@ Everything the service persists lives in one SQLite file in WAL mode, over one c
 writes its tables and hands out typed rows (frozen dataclasses):
 
 - :mod:`.index`: the archive index (patients, studies, series, instances);
-- :mod:`.jobs`: the job queue, the per-node sent/committed state, commitment transactions;
-- :mod:`.exams`: the kept worklist, exams, their objects and series, the MPPS outbox;
+- :mod:`.jobs`: the job queues (send, commit and burn jobs; MPPS messages), the per-node
+  sent/committed state, commitment transactions;
+- :mod:`.exams`: the kept worklist, exams, their objects and series;
 - :mod:`.alerts`: what the operator must be told.
 """
 
@@ -16,14 +17,14 @@ from pathlib import Path
 
 from modality_link.db.alerts import Alert, Alerts
 from modality_link.db.connection import Connection
-from modality_link.db.exams import Exam, ExamObject, Exams, ExamSeries, MppsMessage, WorklistItem
+from modality_link.db.exams import Exam, ExamObject, Exams, ExamSeries, WorklistItem
 from modality_link.db.index import Index, InstanceRecord, InstanceRow, StudyRow
 from modality_link.db.jobs import FINAL_STATES, CommitTransaction, Job, JobItem, Jobs
 from modality_link.db.schema import migrate
 
 __all__ = [
     "Alert", "CommitTransaction", "Database", "Exam", "ExamObject", "ExamSeries", "FINAL_STATES",
-    "InstanceRecord", "InstanceRow", "Job", "JobItem", "MppsMessage", "StudyRow", "WorklistItem",
+    "InstanceRecord", "InstanceRow", "Job", "JobItem", "Jobs", "StudyRow", "WorklistItem",
 ]
 
 
@@ -36,6 +37,7 @@ class Database:
         migrate(self._conn)
         self.index = Index(self._conn)
         self.jobs = Jobs(self._conn)
+        self.mpps_jobs = Jobs(self._conn, "mpps_jobs", "mpps_job_items")
         self.exams = Exams(self._conn)
         self.alerts = Alerts(self._conn)
 

@@ -1,15 +1,15 @@
-"""Exams: the kept worklist items, exams with their objects and series, and the MPPS outbox.
+"""Exams: the kept worklist items, exams with their objects and series.
 
 An exam is one Performed Procedure Step (PS3.4 Annex F): started from a worklist item (PS3.4
 Annex K) or unscheduled, its acquired objects listed for the final N-SET (PS3.3 C.4.14), its
 series marked complete for the auto-send rules (docs/design.md "Exams, MPPS and auto-send").
+Its MPPS messages are jobs (`modality_link.mpps_outbox`); the exam names them.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import astuple, dataclass, fields
-from typing import Any
 
 from modality_link.db.connection import Connection
 
@@ -39,6 +39,8 @@ class Exam:
     ended_at: float | None
     reason: str  # the discontinuation reason (CID 9300), '' otherwise
     auto_queued_at: float | None  # when the auto-send rule "exam" was applied
+    mpps_create_job: int | None  # the jobs that send its MPPS N-CREATE and N-SET
+    mpps_set_job: int | None
 
 
 @dataclass(frozen=True)
@@ -65,35 +67,11 @@ class ExamSeries:
     queued_at: float | None  # the auto-send rule "series" applied
 
 
-@dataclass(frozen=True)
-class MppsMessage:
-    """An MPPS N-CREATE or N-SET of the outbox (PS3.4 F.7.2)."""
-
-    id: int  # the order messages are sent in
-    exam_id: int
-    kind: str  # create | set
-    node: str
-    dataset_json: str
-    state: str  # queued | sent | failed
-    attempts: int
-    next_attempt: float
-    last_error: str
-    created_at: float
-    sent_at: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The message as ``exam.show`` lists it (docs/ipc.md), without its data set."""
-        return {"id": self.id, "exam_id": self.exam_id, "kind": self.kind, "node": self.node,
-                "state": self.state, "attempts": self.attempts, "next_attempt": self.next_attempt,
-                "last_error": self.last_error, "created_at": self.created_at, "sent_at": self.sent_at}
-
-
 def _columns(cls: type) -> str:
     return ", ".join(f.name for f in fields(cls))
 
 
 _EXAM = f"SELECT {_columns(Exam)} FROM exams"
-_OUTBOX = f"SELECT {_columns(MppsMessage)} FROM mpps_outbox"
 
 
 class Exams:
@@ -134,6 +112,11 @@ class Exams:
     def set_mpps_uid(self, exam_id: int, mpps_uid: str) -> None:
         """The MPPS SOP Instance UID, once the SCP assigned it in the N-CREATE response."""
         self._conn.execute("UPDATE exams SET mpps_uid=? WHERE id=?", (mpps_uid, exam_id))
+
+    def set_mpps_job(self, exam_id: int, message: str, job_id: int) -> None:
+        """The job that sends the exam's MPPS N-CREATE (`message` "create") or N-SET ("set")."""
+        column = {"create": "mpps_create_job", "set": "mpps_set_job"}[message]
+        self._conn.execute(f"UPDATE exams SET {column}=? WHERE id=?", (job_id, exam_id))
 
     def end(self, exam_id: int, state: str, ended_at: float, reason: str = "") -> None:
         """The exam's final state (COMPLETED or DISCONTINUED with its CID 9300 `reason`)."""
@@ -204,40 +187,3 @@ class Exams:
             )
         ]
         return series, exams
-
-    # -- the MPPS outbox ------------------------------------------------------------------------
-
-    def outbox_add(self, exam_id: int, kind: str, node: str, dataset_json: str) -> int:
-        now = time.time()
-        cur = self._conn.execute(
-            """INSERT INTO mpps_outbox(exam_id, kind, node, dataset_json, state, next_attempt, created_at)
-               VALUES (?,?,?,?, 'queued', ?, ?)""",
-            (exam_id, kind, node, dataset_json, now, now),
-        )
-        return int(cur.lastrowid or 0)
-
-    def outbox_head(self) -> MppsMessage | None:
-        """The oldest queued message: messages leave in the order they were queued."""
-        row = self._conn.one(f"{_OUTBOX} WHERE state='queued' ORDER BY id LIMIT 1")
-        return MppsMessage(**row) if row is not None else None
-
-    def outbox_sent(self, message_id: int, attempts: int) -> None:
-        self._conn.execute("UPDATE mpps_outbox SET state='sent', attempts=?, sent_at=?, last_error='' WHERE id=?",
-                           (attempts, time.time(), message_id))
-
-    def outbox_failed(self, message_id: int, attempts: int, error: str) -> None:
-        self._conn.execute("UPDATE mpps_outbox SET state='failed', attempts=?, last_error=? WHERE id=?",
-                           (attempts, error, message_id))
-
-    def outbox_retry(self, message_id: int, attempts: int, error: str, at: float) -> None:
-        self._conn.execute("UPDATE mpps_outbox SET attempts=?, last_error=?, next_attempt=? WHERE id=?",
-                           (attempts, error, at, message_id))
-
-    def outbox_fail_exam(self, exam_id: int, error: str) -> None:
-        """Give up the queued messages of an exam whose N-CREATE was refused."""
-        self._conn.execute("UPDATE mpps_outbox SET state='failed', last_error=? WHERE exam_id=? AND state='queued'",
-                           (error, exam_id))
-
-    def outbox(self, exam_id: int) -> list[MppsMessage]:
-        """The exam's MPPS messages in the order they were queued."""
-        return [MppsMessage(**r) for r in self._conn.query(f"{_OUTBOX} WHERE exam_id=? ORDER BY id", (exam_id,))]

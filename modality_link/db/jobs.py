@@ -1,9 +1,11 @@
-"""The job queue's rows: jobs and their items, the per-node sent and committed state of each
+"""The job queues' rows: jobs and their items, the per-node sent and committed state of each
 instance, and Storage Commitment transactions (PS3.4 J.3).
 
 A job has a kind, a node (its destination, or a drive), items and a state: queued -> running ->
 done | failed | cancelled. What the states mean and when they change is the queue's business
-(`modality_link.jobs`); this module only reads and writes them.
+(`modality_link.jobs`); this module only reads and writes them. Two queues have the same
+columns in their own tables: ``jobs``/``job_items`` (send, commit, burn) and
+``mpps_jobs``/``mpps_job_items`` (the MPPS messages, `modality_link.mpps_outbox`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Job:
     state: str
     params: dict[str, Any]
     parent_id: int | None  # the job that queued this one
+    after_id: int | None  # the job that must end before this one starts
     attempts: int
     max_attempts: int
     next_attempt_at: float
@@ -76,15 +79,6 @@ class CommitTransaction:
     reported_at: float | None
 
 
-_JOB = (
-    "SELECT j.id, j.kind, j.node, j.state, j.params, j.parent_id, j.attempts, j.max_attempts, "
-    "j.next_attempt_at, j.last_error, j.detail, j.created_at, j.updated_at, "
-    "(SELECT COUNT(*) FROM job_items WHERE job_id=j.id) AS total, "
-    "(SELECT COUNT(*) FROM job_items WHERE job_id=j.id AND state IN ('done','warning')) AS done, "
-    "(SELECT COUNT(*) FROM job_items WHERE job_id=j.id AND state='warning') AS warnings, "
-    "(SELECT COUNT(*) FROM job_items WHERE job_id=j.id AND state='failed') AS failed "
-    "FROM jobs j"
-)
 
 
 def _job(row: Any) -> Job:
@@ -96,33 +90,51 @@ def _marks(values: Sequence[Any]) -> str:
 
 
 class Jobs:
-    """Jobs, their items, the per-node instance state and commitment transactions."""
+    """Jobs and their items in the tables `jobs` and `items`; the per-node instance state and
+    commitment transactions (of the send and commit jobs)."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, jobs: str = "jobs", items: str = "job_items") -> None:
+        assert (jobs, items) in (("jobs", "job_items"), ("mpps_jobs", "mpps_job_items")), (jobs, items)
         self._conn = conn
+        self._jobs = jobs
+        self._items = items
+        self._select = (
+            "SELECT j.id, j.kind, j.node, j.state, j.params, j.parent_id, j.after_id, j.attempts, j.max_attempts, "
+            "j.next_attempt_at, j.last_error, j.detail, j.created_at, j.updated_at, "
+            f"(SELECT COUNT(*) FROM {items} WHERE job_id=j.id) AS total, "
+            f"(SELECT COUNT(*) FROM {items} WHERE job_id=j.id AND state IN ('done','warning')) AS done, "
+            f"(SELECT COUNT(*) FROM {items} WHERE job_id=j.id AND state='warning') AS warnings, "
+            f"(SELECT COUNT(*) FROM {items} WHERE job_id=j.id AND state='failed') AS failed "
+            f"FROM {jobs} j"
+        )
+        #: A queued job that may start: the job it comes after, if any, has ended.
+        self._ready = (
+            f"j.state='queued' AND (j.after_id IS NULL OR NOT EXISTS (SELECT 1 FROM {jobs} a "
+            "WHERE a.id=j.after_id AND a.state NOT IN ('done','failed','cancelled')))"
+        )
 
     # -- jobs -----------------------------------------------------------------------------------
 
     def add(self, kind: str, node: str, items: list[str], params: dict[str, Any], max_attempts: int,
-            parent_id: int | None = None, detail: str = "") -> int:
+            parent_id: int | None = None, detail: str = "", after_id: int | None = None) -> int:
         """Insert a queued job with its items; return its id."""
         now = time.time()
         with self._conn.transaction() as c:
             cur = c.execute(
-                """INSERT INTO jobs(kind, node, state, params, parent_id, max_attempts,
-                     next_attempt_at, detail, created_at, updated_at)
-                   VALUES (?,?,'queued',?,?,?,?,?,?,?)""",
-                (kind, node, json.dumps(params), parent_id, max_attempts, now, detail, now, now),
+                f"""INSERT INTO {self._jobs}(kind, node, state, params, parent_id, after_id, max_attempts,
+                      next_attempt_at, detail, created_at, updated_at)
+                    VALUES (?,?,'queued',?,?,?,?,?,?,?,?)""",
+                (kind, node, json.dumps(params), parent_id, after_id, max_attempts, now, detail, now, now),
             )
             job_id = int(cur.lastrowid or 0)
             c.executemany(
-                "INSERT OR IGNORE INTO job_items(job_id, seq, item) VALUES (?,?,?)",
+                f"INSERT OR IGNORE INTO {self._items}(job_id, seq, item) VALUES (?,?,?)",
                 [(job_id, i, item) for i, item in enumerate(items)],
             )
         return job_id
 
     def get(self, job_id: int) -> Job | None:
-        row = self._conn.one(f"{_JOB} WHERE id=?", (job_id,))
+        row = self._conn.one(f"{self._select} WHERE id=?", (job_id,))
         return _job(row) if row is not None else None
 
     def latest(self, limit: int = 200, kind: str | None = None, states: tuple[str, ...] = (),
@@ -140,34 +152,34 @@ class Jobs:
             where.append("node=?")
             args.append(node)
         cond = f"WHERE {' AND '.join(where)} " if where else ""
-        return [_job(r) for r in self._conn.query(f"{_JOB} {cond}ORDER BY id DESC LIMIT ?", (*args, limit))]
+        return [_job(r) for r in self._conn.query(f"{self._select} {cond}ORDER BY id DESC LIMIT ?", (*args, limit))]
 
     def children(self, job_id: int) -> list[int]:
         """The ids of the jobs this one queued, oldest first."""
-        return [r[0] for r in self._conn.query("SELECT id FROM jobs WHERE parent_id=? ORDER BY id", (job_id,))]
+        return [r[0] for r in self._conn.query(f"SELECT id FROM {self._jobs} WHERE parent_id=? ORDER BY id", (job_id,))]
 
     def requeue_running(self) -> int:
         """At start-up: a job left 'running' by a crash goes back to 'queued'; how many did."""
-        cur = self._conn.execute("UPDATE jobs SET state='queued', updated_at=? WHERE state='running'", (time.time(),))
+        cur = self._conn.execute(f"UPDATE {self._jobs} SET state='queued', updated_at=? WHERE state='running'",
+                                 (time.time(),))
         return cur.rowcount
 
     def claim(self, busy: dict[str, int], limits: dict[str, int]) -> Job | None:
         """Mark the oldest due queued job whose node is below its limit (1 for a node without
-        one) as running; return it."""
+        one) and whose `after_id` job has ended as running; return it."""
         now = time.time()
         with self._conn.transaction() as c:
-            rows = c.execute(
-                f"{_JOB} WHERE state='queued' AND next_attempt_at<=? ORDER BY next_attempt_at, id", (now,)
-            ).fetchall()
+            rows = c.execute(f"{self._select} WHERE {self._ready} AND next_attempt_at<=? "
+                             "ORDER BY next_attempt_at, id", (now,)).fetchall()
             for r in rows:
                 if busy.get(r["node"], 0) < limits.get(r["node"], 1):
-                    c.execute("UPDATE jobs SET state='running', updated_at=? WHERE id=?", (now, r["id"]))
+                    c.execute(f"UPDATE {self._jobs} SET state='running', updated_at=? WHERE id=?", (now, r["id"]))
                     return replace(_job(r), state="running")
         return None
 
     def next_due(self) -> float | None:
-        """When the next queued job is due (None: nothing queued)."""
-        row = self._conn.one("SELECT MIN(next_attempt_at) FROM jobs WHERE state='queued'")
+        """When the next queued job that may start is due (None: none)."""
+        row = self._conn.one(f"SELECT MIN(next_attempt_at) FROM {self._jobs} j WHERE {self._ready}")
         return row[0] if row is not None else None
 
     def requeue(self, job_id: int, detail: str, *, at: float | None = None, attempts: int | None = None,
@@ -199,7 +211,7 @@ class Jobs:
         if "params" in values:
             values["params"] = json.dumps(values["params"])
         values["updated_at"] = time.time()
-        sql = f"UPDATE jobs SET {', '.join(f'{k}=?' for k in values)} WHERE id=?"
+        sql = f"UPDATE {self._jobs} SET {', '.join(f'{k}=?' for k in values)} WHERE id=?"
         args: list[Any] = [*values.values(), job_id]
         if only_if is not None:
             sql += " AND state=?"
@@ -210,7 +222,7 @@ class Jobs:
 
     def items(self, job_id: int, state: str | None = None) -> list[JobItem]:
         """The items of a job in the order they were queued; only those in `state` if given."""
-        sql = "SELECT item, state, status, detail FROM job_items WHERE job_id=?"
+        sql = f"SELECT item, state, status, detail FROM {self._items} WHERE job_id=?"
         args: tuple[Any, ...] = (job_id,)
         if state is not None:
             sql += " AND state=?"
@@ -219,7 +231,7 @@ class Jobs:
 
     def set_item(self, job_id: int, item: str, state: str, status: int | None = None, detail: str = "") -> None:
         self._conn.execute(
-            "UPDATE job_items SET state=?, status=?, detail=? WHERE job_id=? AND item=?",
+            f"UPDATE {self._items} SET state=?, status=?, detail=? WHERE job_id=? AND item=?",
             (state, status, detail, job_id, item),
         )
 
@@ -227,14 +239,15 @@ class Jobs:
         """Set the state of many items of a job in one transaction (a disc of a burn)."""
         with self._conn.transaction() as c:
             c.executemany(
-                "UPDATE job_items SET state=?, status=NULL, detail=? WHERE job_id=? AND item=?",
+                f"UPDATE {self._items} SET state=?, status=NULL, detail=? WHERE job_id=? AND item=?",
                 [(state, detail, job_id, item) for item in items],
             )
 
     def reset_items(self, job_id: int, states: tuple[str, ...] = ("failed",)) -> None:
         """Items in `states` become pending again (a retry sends them once more)."""
         self._conn.execute(
-            f"UPDATE job_items SET state='pending', status=NULL, detail='' WHERE job_id=? AND state IN ({_marks(states)})",
+            f"UPDATE {self._items} SET state='pending', status=NULL, detail='' "
+            f"WHERE job_id=? AND state IN ({_marks(states)})",
             (job_id, *states),
         )
 
@@ -249,7 +262,7 @@ class Jobs:
         """
         with self._conn.transaction(durable=False) as c:
             c.execute(
-                "UPDATE job_items SET state=?, status=?, detail=? WHERE job_id=? AND item=?",
+                f"UPDATE {self._items} SET state=?, status=?, detail=? WHERE job_id=? AND item=?",
                 (state, status, detail, job_id, uid),
             )
             c.execute(

@@ -9,8 +9,11 @@ Storage Commitment transactions (PS3.4 J.3), worklist items, exams and their MPP
 them all. A migration never changes after it shipped: a change is a new one at the end.
 
 Job kinds share the ``jobs``/``job_items`` tables: ``send`` and ``commit`` (node = a configured
-node, items = SOP Instance UIDs) and ``burn`` (node = ``drive:DEV`` or ``iso:PATH``, items = the
-SOP Instance UIDs to write, params = the burn's options and its discs).
+node, items = SOP Instance UIDs), ``burn`` (node = ``drive:DEV`` or ``iso:PATH``, items = the
+SOP Instance UIDs to write, params = the burn's options and its discs). The MPPS messages are
+jobs of kind ``mpps`` in tables of their own with the same columns, ``mpps_jobs``/
+``mpps_job_items`` (node = the MPPS node, no items, params = the exam, the message, create or
+set, and its data set in the DICOM JSON model).
 """
 
 from __future__ import annotations
@@ -179,6 +182,56 @@ MIGRATIONS = [
     );
     ALTER TABLE exams ADD COLUMN auto_queued_at REAL;  -- rule "exam" applied (NULL: still to do)
     UPDATE exams SET auto_queued_at = ended_at WHERE ended_at IS NOT NULL;
+    """,
+    # version 5: the MPPS messages become a job queue of their own (modality_link.mpps_outbox):
+    # the columns of jobs and job_items, in their own tables, so that their ids are not those of
+    # the send, commit and burn jobs that jobs.list shows; a job may wait for another to end
+    # (after_id: an N-SET for its N-CREATE). Every outbox row moves, with its id, its state
+    # (queued, sent -> done, failed), attempts (a sent row counted its successful attempt, a job
+    # does not), error and times; max_attempts 4 is the default node's retries + 1 (it bounds
+    # only unforeseen errors: an SCP that cannot be reached is tried until it answers).
+    """
+    ALTER TABLE jobs ADD COLUMN after_id INTEGER REFERENCES jobs(id);
+    CREATE TABLE mpps_jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,                     -- mpps
+        node TEXT NOT NULL,                     -- the MPPS node
+        state TEXT NOT NULL,                    -- queued | running | done | failed | cancelled
+        params TEXT NOT NULL DEFAULT '{}',      -- JSON: exam_id, message (create | set), dataset
+        parent_id INTEGER REFERENCES mpps_jobs(id),
+        after_id INTEGER REFERENCES mpps_jobs(id),  -- the job that must end before this one starts
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        next_attempt_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        detail TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX mpps_jobs_state ON mpps_jobs(state, next_attempt_at);
+    CREATE TABLE mpps_job_items (
+        job_id INTEGER NOT NULL REFERENCES mpps_jobs(id),
+        seq INTEGER NOT NULL,
+        item TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        status INTEGER,
+        detail TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (job_id, item)
+    );
+    ALTER TABLE exams ADD COLUMN mpps_create_job INTEGER REFERENCES mpps_jobs(id);  -- its N-CREATE
+    ALTER TABLE exams ADD COLUMN mpps_set_job INTEGER REFERENCES mpps_jobs(id);     -- its N-SET
+    INSERT INTO mpps_jobs(id, kind, node, state, params, attempts, max_attempts, next_attempt_at, last_error,
+                          created_at, updated_at)
+        SELECT id, 'mpps', node, CASE state WHEN 'sent' THEN 'done' ELSE state END,
+               json_object('exam_id', exam_id, 'message', kind, 'dataset', dataset_json),
+               CASE state WHEN 'sent' THEN MAX(attempts - 1, 0) ELSE attempts END, 4, next_attempt,
+               last_error, created_at, COALESCE(sent_at, created_at)
+        FROM mpps_outbox;
+    UPDATE exams SET
+        mpps_create_job = (SELECT MAX(o.id) FROM mpps_outbox o WHERE o.exam_id = exams.id AND o.kind = 'create'),
+        mpps_set_job = (SELECT MAX(o.id) FROM mpps_outbox o WHERE o.exam_id = exams.id AND o.kind = 'set');
+    UPDATE mpps_jobs SET after_id = (SELECT e.mpps_create_job FROM exams e WHERE e.mpps_set_job = mpps_jobs.id);
+    DROP TABLE mpps_outbox;
     """,
 ]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Callable, Sequence, cast
@@ -27,7 +28,9 @@ from pynetdicom import Association, evt
 from pynetdicom.dimse_primitives import N_EVENT_REPORT
 from pynetdicom.dsutils import decode
 
+from modality_link.config import Node, Timeouts
 from modality_link.net.acceptor import DataSetSink, InMemory, Reply, Request
+from modality_link.net.association import associate, make_ae
 from modality_link.net.status import (
     COMMITMENT, INVALID_ARGUMENT_VALUE, NO_SUCH_EVENT_TYPE, PROCESSING_FAILURE, SUCCESS,
 )
@@ -196,3 +199,66 @@ class ReportWaiter:
             return self._cond.wait_for(
                 lambda: transaction_uid in self._seen or not assoc.is_established, timeout
             ) and transaction_uid in self._seen
+
+
+class Refused(Exception):
+    """The SCP answered the N-ACTION with a failure status (PS3.4 J.3.2, PS3.7 Annex C)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"N-ACTION status 0x{status:04X}")
+        self.status = status
+
+
+def request_commitment(
+    node: Node,
+    calling_ae: str,
+    timeouts: Timeouts,
+    transaction_uid: str,
+    refs: Sequence[tuple[str, str]],
+    on_report: Callable[[Report], None],
+    waiter: ReportWaiter,
+    wait: float,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Ask `node` to commit `refs` (SOP Class, SOP Instance UIDs) under `transaction_uid` and keep
+    the association open up to `wait` seconds for the report (PS3.4 J.3.2, J.3.3).
+
+    The association proposes Storage Commitment Push as SCU. An N-EVENT-REPORT that comes on it
+    goes to `on_report` and is answered there; `waiter` ends the wait as soon as the report of
+    this transaction arrived, on this association or on another one. When it came on this one,
+    our N-EVENT-REPORT-RSP has left before the association is released. Raises
+    :class:`~modality_link.net.association.AssociationFailed` (its subclass
+    ``NoContextAccepted`` when the node does not offer Storage Commitment), ConnectionError when
+    no N-ACTION response came, :class:`Refused` for a failure status (the association is then
+    aborted: the SCP will not report on a request it refused).
+    """
+    ae = make_ae(calling_ae, timeouts, node.max_pdu)
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+    handler = report_handler(on_report)
+    answered = threading.Event()  # our N-EVENT-REPORT-RSP left: safe to release
+    got_here = threading.Event()  # a report came on this association
+
+    def on_sent(event: evt.Event) -> None:
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            answered.set()
+
+    def on_event_report(event: evt.Event) -> tuple[int, None]:
+        got_here.set()
+        return handler(event)
+
+    handlers: list[evt.EventHandlerType] = [
+        (evt.EVT_N_EVENT_REPORT, on_event_report), (evt.EVT_DIMSE_SENT, on_sent),
+    ]
+    with associate(ae, node, evt_handlers=handlers) as assoc:
+        status = request(assoc, transaction_uid, refs)
+        if status != SUCCESS:
+            assoc.abort()
+            raise Refused(status)
+        LOG.info("commitment of %d instance(s) requested from %s, transaction %s",
+                 len(refs), node.ae_title, transaction_uid)
+        end = time.monotonic() + wait
+        while time.monotonic() < end and assoc.is_established and not should_stop():
+            if waiter.wait(transaction_uid, min(0.2, end - time.monotonic()), assoc):
+                if got_here.is_set():
+                    answered.wait(5.0)
+                break

@@ -12,7 +12,7 @@ Why these contents: docs/design.md "MPPS".
   (PS3.7 10.1.5.1.2) and the caller uses it for the N-SET.
 
 This module builds the datasets and sends one message; ordering, persistence and retries are
-the outbox's (``modality_link.exam``).
+the outbox's (``modality_link.mpps_outbox``).
 """
 
 from __future__ import annotations
