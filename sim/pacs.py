@@ -307,9 +307,13 @@ class Pacs:
         yield destination
         yield len(instances)
         for n, ds in enumerate(instances, start=1):
-            if self.move_delay:
-                time.sleep(self.move_delay)
-            if event.is_cancelled:
+            # pynetdicom's event.is_cancelled answers True once per C-CANCEL-RQ: asked once a round
+            ready = time.monotonic() + self.move_delay
+            cancelled = event.is_cancelled
+            while not cancelled and time.monotonic() < ready:
+                time.sleep(min(0.05, self.move_delay))
+                cancelled = event.is_cancelled
+            if cancelled:
                 yield 0xFE00, None
                 return
             if self.move_fail_every and n % self.move_fail_every == 0:
