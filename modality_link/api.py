@@ -18,12 +18,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+
 from modality_link import __version__, config
 from modality_link.config import ConfigError
 from modality_link.db import InstanceRecord
 from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound, RequestError
 from modality_link.ipc import CONFIG_INVALID, CONFLICT, DICOM_FAILURE, INVALID_PARAMS, NOT_FOUND, IpcError
+from modality_link.net import retrieve
 from modality_link.net.echo import echo
+from modality_link.retrieving import STUDY_KEYS
 
 if TYPE_CHECKING:
     from modality_link.service import Service
@@ -108,6 +113,8 @@ class Api:
             "memory.list": self.memory_list,
             "memory.fetch": self.memory_fetch,
             "memory.clear": self.memory_clear,
+            "query": self.query,
+            "retrieve": self.retrieve,
             "worklist.query": exams.query_worklist,
             "exam.start": exams.start,
             "exam.add_image": exams.add_image,
@@ -222,6 +229,46 @@ class Api:
 
     def memory_clear(self) -> dict[str, Any]:
         return {"cleared": self.service.memory.clear()}
+
+    # -- Query/Retrieve SCU -------------------------------------------------------------------------
+
+    def query(self, node: str, level: str = "STUDY", keys: dict[str, str] | None = None,
+              model: str = "study") -> list[dict[str, Any]]:
+        """C-FIND at `node`: matches in the DICOM JSON model (PS3.18 F.2). `keys` are keywords
+        with their matching values ("" asks for the attribute to be returned)."""
+        retrieving = self.service.retrieving
+        assert retrieving is not None
+        level = level.upper() if isinstance(level, str) else level
+        if level not in retrieve.LEVELS:
+            raise Invalid(f"query: level is one of {', '.join(retrieve.LEVELS).lower()}, not {level!r}")
+        if model not in retrieve.MODELS:
+            raise Invalid(f"query: model is study or patient, not {model!r}")
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = level
+        defaults = {"PATIENT": ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"),
+                    "STUDY": STUDY_KEYS,
+                    "SERIES": ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber",
+                               "SeriesDescription", "NumberOfSeriesRelatedInstances"),
+                    "IMAGE": ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
+                              "InstanceNumber")}[level]
+        wanted = {k: "" for k in defaults} | dict(keys or {})
+        for keyword, value in wanted.items():
+            if not isinstance(keyword, str) or not isinstance(value, str) or tag_for_keyword(keyword) is None:
+                raise Invalid(f"query: {keyword!r} is not a DICOM keyword with a text value")
+            setattr(identifier, keyword, value)
+        try:
+            cfg = self.service.config
+            matches = retrieve.find(retrieving.node(node), cfg.station.ae_title, cfg.timeouts, identifier, model)
+        except retrieve.QueryError as exc:
+            raise DicomFailure(str(exc), exc.status) from None
+        return [m.to_json_dict() for m in matches]
+
+    def retrieve(self, node: str, study_uid: str | None = None, patient_id: str | None = None,
+                 to: str = "memory") -> dict[str, Any]:
+        """Queue the retrieve of a prior study (or a patient's studies) from `node`."""
+        retrieving = self.service.retrieving
+        assert retrieving is not None
+        return {"job_id": retrieving.submit(node, study_uid, patient_id, to)}
 
     # -- jobs -----------------------------------------------------------------------------------
 

@@ -275,6 +275,37 @@ def cmd_send(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if job["state"] == "done" else EXIT_FAILED
 
 
+def cmd_query(args: argparse.Namespace, home: Home) -> int:
+    keys = {}
+    for kv in args.key or []:
+        keyword, sep, value = kv.partition("=")
+        if not sep:
+            print(f"modality-link: -k {kv}: give KEYWORD=VALUE (an empty value returns the attribute)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        keys[keyword] = value
+    matches = _call(home, "query", node=args.node, level=args.level, keys=keys, model=args.model)
+    if args.json:
+        _out(matches)
+        return EXIT_OK
+    from pydicom.dataset import Dataset
+
+    for m in matches:
+        ds = Dataset.from_json(m)
+        print("  ".join(f"{e.keyword}={e.value}" for e in ds if e.keyword != "QueryRetrieveLevel"))
+    print(f"{len(matches)} match(es)")
+    return EXIT_OK
+
+
+def cmd_retrieve(args: argparse.Namespace, home: Home) -> int:
+    res = _call(home, "retrieve", node=args.node, study_uid=args.study, patient_id=args.patient_id, to=args.to)
+    print(f"job {res['job_id']} queued")
+    if not args.wait:
+        return EXIT_OK
+    job = _wait_job(home, res["job_id"])
+    return EXIT_OK if job["state"] == "done" else EXIT_FAILED
+
+
 def _job_line(j: dict[str, Any]) -> str:
     extra = f" ({j['last_error']})" if j["last_error"] else (f" ({j['detail']})" if j["detail"] else "")
     return (
@@ -511,6 +542,25 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--commit", action="store_true", help="ask for Storage Commitment afterwards")
     se.add_argument("--wait", action="store_true", help="show progress; exit 0 only on success")
     se.set_defaults(func=cmd_send)
+
+    q = sub.add_parser("query", help="browse a remote archive (C-FIND at a node with the qr role)")
+    q.add_argument("--from", dest="node", required=True, help="the node to ask")
+    q.add_argument("--level", choices=["patient", "study", "series", "image"], default="study")
+    q.add_argument("--model", choices=["study", "patient"], default="study", help="Q/R information model")
+    q.add_argument("-k", "--key", action="append", metavar="KEYWORD=VALUE",
+                   help="a matching key, e.g. PatientName=DOE* or StudyDate=20240101-; repeatable")
+    q.add_argument("--json", action="store_true", help="the matches in the DICOM JSON model")
+    q.set_defaults(func=cmd_query)
+
+    rt = sub.add_parser("retrieve", help="load a prior study from a node (C-MOVE) into the memory server "
+                                         "or the archive")
+    rt.add_argument("--from", dest="node", required=True, help="the node to retrieve from (role qr)")
+    what = rt.add_mutually_exclusive_group(required=True)
+    what.add_argument("--study", help="a Study Instance UID")
+    what.add_argument("--patient-id", help="every study of this Patient ID")
+    rt.add_argument("--to", choices=["memory", "archive"], default="memory")
+    rt.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    rt.set_defaults(func=cmd_retrieve)
 
     jl = sub.add_parser("jobs", help="list the job queue")
     jl.add_argument("--json", action="store_true")

@@ -255,6 +255,9 @@ class Node:
     commit_wait: float = 60.0
     commit_timeout: float = 600.0
     commit_retries: int = 3
+    #: Retrieve (C-MOVE from this node): seconds without any response after which the move is
+    #: cancelled (C-CANCEL-RQ, PS3.7 9.3.4.3) and the attempt fails.
+    move_timeout: float = 600.0
     #: Send automatically: "none", every completed "exam", or every completed "series".
     auto_send: str = "none"
 
@@ -302,6 +305,7 @@ class Node:
             )
         _check_range(f"{prefix}.commit_wait", self.commit_wait, 0, 3600, float)
         _check_range(f"{prefix}.commit_timeout", self.commit_timeout, 0.1, 7 * 86400, float)
+        _check_range(f"{prefix}.move_timeout", self.move_timeout, 1, 86400, float)
         _check_range(f"{prefix}.commit_retries", self.commit_retries, 0, 1000)
         if self.auto_send not in AUTO_SEND_RULES:
             raise ConfigError(

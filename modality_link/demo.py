@@ -8,8 +8,10 @@
 3. One exam: worklist query → exam start (MPPS N-CREATE) → images → exam end (N-SET). No `send`
    is asked for: the exam end queues the auto-send to the PACS (the node's ``auto_send`` rule),
    and Storage Commitment follows once every instance is stored (docs/design.md "Storage
-   Commitment"). The demo prints what the RIS and the
-   PACS received and what the PACS committed.
+   Commitment"). Before the exam, the patient's prior study is loaded from the PACS into the
+   memory server for comparison (C-FIND, then C-MOVE: docs/design.md "Loading priors"). The demo
+   prints what the RIS and the PACS received, what the PACS committed and what the memory server
+   holds.
 """
 
 from __future__ import annotations
@@ -39,18 +41,20 @@ def _demo_exam(home: Home, root: Path, images: int) -> bool:
 
     cfg = config.load(home.config_path)
     pacs = Pacs(ae_title="SIMPACS", commit_mode="new-role",
-                report_to=(cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port))
+                report_to=(cfg.disk_server.ae_title, "127.0.0.1", cfg.disk_server.port),
+                move_destinations={cfg.memory_server.ae_title: ("127.0.0.1", cfg.memory_server.port)})
     with RIS() as ris, pacs:
         cfg.nodes["ris"] = config.Node(ae_title="RIS", host="127.0.0.1", port=ris.port,
                                        roles=["worklist", "mpps"], retry_interval=1.0)
         cfg.nodes["PACS"] = config.Node(ae_title="SIMPACS", host="127.0.0.1", port=pacs.port,
-                                        roles=["store", "commit"], auto_send="exam", commit_wait=1.0)
+                                        roles=["store", "commit", "qr"], auto_send="exam", commit_wait=1.0)
         config.save(cfg, home.config_path)
         with IpcClient(home.socket_path) as client:
             client.call("config.reload")
             items = client.call("worklist.query")["items"]
             print(f"demo: worklist has {len(items)} item(s): "
                   + ", ".join(f"{i['sps_id']} {i['patient_name']}" for i in items))
+            prior_ok = _demo_prior(client, pacs, items[0], root)
             exam = client.call("exam.start", item=items[0]["sps_id"])
             spool = root / "spool"
             spool.mkdir()
@@ -79,8 +83,27 @@ def _demo_exam(home: Home, root: Path, images: int) -> bool:
         states = [(m["kind"], m["status"]) for m in ris.mpps_messages]
         print(f"demo: exam {exam['exam_id']} of {items[0]['patient_name']}: RIS received MPPS {states}")
     committed = last.get("kind") == "commit" and last.get("state") == "done"
-    return (states == [("create", 0), ("set", 0)] and committed
+    return (states == [("create", 0), ("set", 0)] and committed and prior_ok
             and received == counts["committed"] == len(added) == images)
+
+
+def _demo_prior(client: IpcClient, pacs: Any, item: dict[str, Any], root: Path) -> bool:
+    """The PACS holds a prior study of the worklist patient; load it into the memory server."""
+    from sim import images as sim_images
+
+    patient = sim_images.PatientSpec(item["patient_id"], item["patient_name"])
+    prior = sim_images.write_study(root / "prior", modality="CT", images=5, patient=patient, seed=7)
+    pacs.preload(prior)
+    job = client.call("retrieve", node="PACS", patient_id=item["patient_id"], to="memory")["job_id"]
+    try:
+        client.follow_job(job, _print_end, timeout=60)
+    except TimeoutError as exc:
+        print(f"demo: {exc}")
+    held = client.call("memory.list")
+    for st in held["studies"]:
+        print(f"demo: memory server holds the prior study {st['study_uid']} of {st['patient_name']}: "
+              f"{st['instances']} instances")
+    return held["instances"] == len(prior)
 
 
 def run_demo(images: int = 20, keep: bool = False) -> int:

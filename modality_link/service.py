@@ -32,6 +32,7 @@ from modality_link.memory import CachedInstance, MemoryCache
 from modality_link.net.memory_server import MemoryServer
 from modality_link.net.servers import StorageServer
 from modality_link.sending import Sending
+from modality_link.retrieving import Retrieving
 from modality_link.storage_commitment import StorageCommitment
 
 LOG = logging.getLogger("modality_link.service")
@@ -85,6 +86,7 @@ class Service:
         self.jobs: JobQueue | None = None
         self.sending: Sending | None = None
         self.commitment: StorageCommitment | None = None
+        self.retrieving: Retrieving | None = None
         self.mpps: MppsOutbox | None = None
         self.autosend: AutoSend | None = None
         self.started_at = 0.0
@@ -108,6 +110,7 @@ class Service:
         self.jobs = JobQueue(self.db, lambda: self.config, self.publish, self.alert)
         self.sending = Sending(self.jobs, self.home.archive_dir, lambda: self.config)
         self.commitment = StorageCommitment(self.jobs, self.sending, lambda: self.config, self.alert)
+        self.retrieving = Retrieving(self.jobs, lambda: self.config)
         self.mpps = MppsOutbox(self.db, lambda: self.config, self.alert, self.publish)
         self.burns = Burns(
             self.jobs,

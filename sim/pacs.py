@@ -19,19 +19,31 @@ report commitment. Quirks (all keyword arguments of :class:`Pacs`):
 - ``ack_delay``: seconds before each C-STORE response; ``transfer_syntaxes`` accepted;
   ``reject_sop_classes``: SOP classes refused at negotiation.
 
+As a Query/Retrieve SCP (PS3.4 Annex C; Patient Root and Study Root, FIND and MOVE) it answers
+from what it holds: what it received, and what :meth:`Pacs.preload` gave it (priors). Matching
+is simple (single value, ``*``/``?`` wildcards, ``a-b`` ranges, UID lists, universal), the
+hierarchical keys of each level only. C-MOVE destinations are ``move_destinations`` (AE title ->
+(host, port)); unknown ones get 0xA801. ``move_delay``: seconds before each sub-operation (a
+slow archive, to watch progress or time out); ``move_fail_every``: every N-th sub-operation fails
+(partial failure, final 0xB000).
+
 Usable in-process (tests) or as ``python -m sim.pacs``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import fnmatch
 import hashlib
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
@@ -44,6 +56,36 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 LOG = logging.getLogger("sim.pacs")
 COMMIT_MODES = ("same", "new", "new-role", "multi", "never")
+#: Query/Retrieve SOP classes, PS3.4 C.6 (UIDs of PS3.6 Annex A).
+QR_FIND = {"patient": "1.2.840.10008.5.1.4.1.2.1.1", "study": "1.2.840.10008.5.1.4.1.2.2.1"}
+QR_MOVE = {"patient": "1.2.840.10008.5.1.4.1.2.1.2", "study": "1.2.840.10008.5.1.4.1.2.2.2"}
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+#: The keys matched at each level (PS3.4 C.6.1.1, C.6.2.1: the unique key and a few required ones).
+LEVEL_KEYS = {
+    "PATIENT": ("PatientID", "PatientName", "PatientBirthDate", "PatientSex"),
+    "STUDY": ("StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription"),
+    "SERIES": ("SeriesInstanceUID", "Modality", "SeriesNumber"),
+    "IMAGE": ("SOPInstanceUID", "InstanceNumber", "SOPClassUID"),
+}
+LEVEL_UNIQUE = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
+                "IMAGE": "SOPInstanceUID"}
+#: A SOP class no sub-operation association proposes (``move_fail_every``).
+UNPROPOSED_SOP_CLASS = "1.2.826.0.1.3680043.9.7433.99.1"
+
+
+def _match(query: str, value: str) -> bool:
+    """Single value, wildcard, range and UID-list matching, simplified (PS3.4 C.2.2.2)."""
+    query = query.strip()
+    if query in ("", "*"):
+        return True
+    if "\\" in query:
+        return value in query.split("\\")
+    if "-" in query and query.replace("-", "").replace(".", "").isdigit():
+        low, _, high = query.partition("-")
+        return (not low or value >= low) and (not high or value <= high)
+    if "*" in query or "?" in query:
+        return fnmatch.fnmatchcase(value.upper(), query.upper())
+    return value == query
 
 
 @dataclass
@@ -73,11 +115,17 @@ class Pacs:
         default_factory=lambda: [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian]
     )
     reject_sop_classes: tuple[str, ...] = ()
+    move_destinations: dict[str, tuple[str, int]] = field(default_factory=dict)
+    move_delay: float = 0.0
+    move_fail_every: int = 0
 
     def __post_init__(self) -> None:
         if self.commit_mode not in COMMIT_MODES:
             raise ValueError(f"commit_mode: one of {COMMIT_MODES}")
         self.received: dict[str, Received] = {}
+        #: Every instance held, by SOP Instance UID: what the Q/R SCP answers from.
+        self.stored: dict[str, Dataset] = {}
+        self.moves = 0
         self.store_calls = 0
         self.actions: list[Dataset] = []
         #: (tx, how, committed, failed), recorded as each report leaves (dropped if unanswered).
@@ -105,6 +153,8 @@ class Pacs:
             if syntax is not None and syntax not in self.reject_sop_classes:
                 self.ae.add_supported_context(syntax, self.transfer_syntaxes)
         self.ae.add_supported_context(StorageCommitmentPushModel)
+        for uid in (*QR_FIND.values(), *QR_MOVE.values()):
+            self.ae.add_supported_context(uid)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -113,6 +163,8 @@ class Pacs:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_ECHO, lambda e: 0),
             (evt.EVT_N_ACTION, self._on_action),
+            (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_DIMSE_SENT, self._on_sent),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_released),
@@ -177,6 +229,8 @@ class Pacs:
         status = self.store_status(index, uid) if callable(self.store_status) else self.store_status
         if status == 0 or status in (0xB000, 0xB006, 0xB007):
             ds = event.dataset
+            ds.file_meta = event.file_meta
+            self.stored[uid] = ds
             pixels = ds.get("PixelData", b"") or b""
             self.received[uid] = Received(
                 str(event.context.transfer_syntax), hashlib.sha256(pixels).hexdigest(), str(ds.SOPClassUID)
@@ -186,6 +240,88 @@ class Pacs:
             LOG.info("simulated PACS: aborting the association after %d C-STORE(s)", self.store_calls)
             event.assoc.abort()
         return status
+
+    # -- Query/Retrieve SCP (PS3.4 Annex C) --------------------------------------------------------
+
+    def preload(self, paths: Iterable[str | Path]) -> int:
+        """Hold these PS3.10 files as if they had been stored (priors to query and move)."""
+        count = 0
+        for path in paths:
+            ds = dcmread(path)
+            self.stored[str(ds.SOPInstanceUID)] = ds
+            count += 1
+        return count
+
+    def _matches(self, identifier: Dataset, level: str) -> list[Dataset]:
+        """The held instances whose keys of `level` and above match `identifier`, one per
+        entity of that level (the first instance of each)."""
+        keys = [k for lv in LEVELS[:LEVELS.index(level) + 1] for k in LEVEL_KEYS[lv]]
+        wanted = {k: str(identifier.get(k, "") or "") for k in keys if k in identifier}
+        seen: dict[str, Dataset] = {}
+        for ds in list(self.stored.values()):
+            if all(_match(value, str(ds.get(k, "") or "")) for k, value in wanted.items()):
+                seen.setdefault(str(ds.get(LEVEL_UNIQUE[level], "")), ds)
+        return list(seen.values())
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        identifier = event.identifier
+        level = str(identifier.get("QueryRetrieveLevel", ""))
+        if level not in LEVELS:
+            yield 0xC000, None
+            return
+        for ds in self._matches(identifier, level):
+            if event.is_cancelled:
+                yield 0xFE00, None
+                return
+            rsp = Dataset()
+            rsp.QueryRetrieveLevel = level
+            for elem in identifier:
+                if elem.keyword not in ("QueryRetrieveLevel", "SpecificCharacterSet"):
+                    setattr(rsp, elem.keyword, ds.get(elem.keyword, ""))
+            rsp.RetrieveAETitle = self.ae_title
+            if "SpecificCharacterSet" in ds:
+                rsp.SpecificCharacterSet = ds.SpecificCharacterSet
+            yield 0xFF00, rsp
+        yield 0x0000, None
+
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        self.moves += 1
+        destination = self.move_destinations.get(str(event.move_destination).strip())
+        if destination is None:
+            yield None, None  # pynetdicom answers 0xA801, move destination unknown
+            return
+        identifier = event.identifier
+        level = str(identifier.get("QueryRetrieveLevel", ""))
+        if level not in LEVELS:
+            yield destination
+            yield 0
+            yield 0xC000, None
+            return
+        unique = LEVEL_UNIQUE[level]
+        picked = {str(ds.get(unique, "")) for ds in self._matches(identifier, level)}
+        instances = [ds for ds in list(self.stored.values()) if str(ds.get(unique, "")) in picked]
+        # the sub-operation association proposes the SOP classes to send (at most 128, PS3.8 9.3.2.2)
+        self.ae.requested_contexts = []
+        for sop_class in sorted({str(ds.SOPClassUID) for ds in instances} or {"1.2.840.10008.5.1.4.1.1.2"})[:128]:
+            self.ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        yield destination
+        yield len(instances)
+        for n, ds in enumerate(instances, start=1):
+            # pynetdicom's event.is_cancelled answers True once per C-CANCEL-RQ: asked once a round
+            ready = time.monotonic() + self.move_delay
+            cancelled = event.is_cancelled
+            while not cancelled and time.monotonic() < ready:
+                time.sleep(min(0.05, self.move_delay))
+                cancelled = event.is_cancelled
+            if cancelled:
+                yield 0xFE00, None
+                return
+            if self.move_fail_every and n % self.move_fail_every == 0:
+                failing = copy.copy(ds)
+                failing.SOPClassUID = UNPROPOSED_SOP_CLASS  # no context for it: the sub-operation fails
+                yield 0xFF00, failing
+                continue
+            yield 0xFF00, ds
 
     # -- Storage Commitment SCP -----------------------------------------------------------------
 
@@ -294,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store-status", type=lambda s: int(s, 16), default=0, help="hex, e.g. A700")
     p.add_argument("--abort-after", type=int)
     p.add_argument("--ack-delay", type=float, default=0.0)
+    p.add_argument("--preload", nargs="*", default=[], help="PS3.10 files or folders to hold as priors")
+    p.add_argument("--move-dest", action="append", default=[], help="AE@HOST:PORT a C-MOVE may send to")
+    p.add_argument("--move-delay", type=float, default=0.0)
+    p.add_argument("--move-fail-every", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     report_to = None
@@ -301,9 +441,18 @@ def main(argv: list[str] | None = None) -> int:
         aet, rest = a.report_to.split("@", 1)
         host, port = rest.rsplit(":", 1)
         report_to = (aet, host, int(port))
+    destinations = {}
+    for dest in a.move_dest:
+        aet, rest = dest.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        destinations[aet] = (host, int(port))
     pacs = Pacs(a.ae, a.port, report_to=report_to, commit_mode=a.commit_mode,
                 commit_delay=a.commit_delay, fail_commit=a.fail_commit, store_status=a.store_status,
-                abort_after=a.abort_after, ack_delay=a.ack_delay).start()
+                abort_after=a.abort_after, ack_delay=a.ack_delay, move_destinations=destinations,
+                move_delay=a.move_delay, move_fail_every=a.move_fail_every)
+    files = [f for p in map(Path, a.preload) for f in (sorted(p.rglob("*.dcm")) if p.is_dir() else [p])]
+    pacs.preload(files)
+    pacs.start()
     try:
         while True:
             time.sleep(3600)

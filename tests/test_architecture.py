@@ -23,7 +23,6 @@ import re
 import tokenize
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,11 +247,6 @@ def test_no_domain_module_imports_the_ipc_module() -> None:
     assert "modality_link/api.py" in importers, "the IPC API no longer imports the IPC module?"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="db.py, jobs.py, exam.py, burns.py, net/storage.py, media/, sim/ and tests/ are cleaned "
-    "on other branches of issue 12 (item 7); remove this mark once they are merged",
-)
 def test_comments_cite_the_standard_or_this_repository() -> None:
     found = {rel(p): forbidden_citations(source(p)) for p in python_files("modality_link", "hw", "sim", "tests")}
     found = {k: v for k, v in found.items() if v}

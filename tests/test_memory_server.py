@@ -166,3 +166,35 @@ def test_budget_evicts_and_refuses_what_never_fits(short_tmp: Path) -> None:
         assert svc.call("studies.list") == []
     finally:
         svc.stop()
+
+
+def test_each_listening_ae_has_its_own_allow_list_and_limit(short_tmp: Path) -> None:
+    """The memory server's calling-AE allow-list and acceptor limit are its own (`[memory_server]`),
+    independent of the disk server's."""
+    svc = ServiceProcess.start(short_tmp / "h", memory_server__allowed_calling_aets=["VIEWER"],
+                               memory_server__max_associations=1)
+    try:
+        mem = svc.call("status")["listeners"]["memory_server"]["port"]
+
+        def echo(calling: str, called: str, port: int) -> subprocess.CompletedProcess:
+            return subprocess.run([require_tool("echoscu"), "-aet", calling, "-aec", called, "127.0.0.1", str(port)],
+                                  env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+
+        assert echo("VIEWER", "MODLINK_MEM", mem).returncode == 0
+        refused = echo("INTRUDER", "MODLINK_MEM", mem)
+        assert refused.returncode != 0 and "Calling AE Title Not Recognized" in refused.stdout + refused.stderr
+        assert echo("INTRUDER", "MODLINK", svc.port).returncode == 0, "the disk server has no allow-list"
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(CTImageStorage)
+        first = ae.associate("127.0.0.1", mem, ae_title="MODLINK_MEM")
+        try:
+            assert first.is_established
+            second = ae.associate("127.0.0.1", mem, ae_title="MODLINK_MEM")
+            assert second.is_rejected, "the memory server's acceptor limit of 1"
+            other = ae.associate("127.0.0.1", svc.port, ae_title="MODLINK")
+            assert other.is_established, "the disk server's limit is its own"
+            other.release()
+        finally:
+            first.release()
+    finally:
+        svc.stop()

@@ -3,7 +3,6 @@ our memory server in this process; and its C-MOVE watchdog against an SCP that s
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -21,56 +20,9 @@ from modality_link.memory import MemoryCache
 from modality_link.net.memory_server import MemoryServer
 from modality_link.net.retrieve import QueryError, find, move
 from sim import images
-from tests.support.tools import dcmtk_env, require_tool
-from tests.support.waiting import wait_until
+from tests.support.peers import Qrscp
 
 TIMEOUTS = config.Timeouts(connect=5, acse=5, dimse=30, network=30)
-
-
-class Qrscp:
-    """DCMTK dcmqrscp on a free port, its storage area in `root`, our AEs in its host table."""
-
-    def __init__(self, root: Path, destinations: dict[str, int]) -> None:
-        self.port = free_port()
-        db = root / "db"
-        db.mkdir(parents=True)
-        hosts = "\n".join(f"dest{i} = ({aet}, 127.0.0.1, {port})" for i, (aet, port) in enumerate(destinations.items()))
-        cfg = root / "dcmqrscp.cfg"
-        cfg.write_text(f"""NetworkTCPPort = {self.port}
-MaxPDUSize = 65536
-MaxAssociations = 16
-HostTable BEGIN
-{hosts}
-HostTable END
-VendorTable BEGIN
-VendorTable END
-AETable BEGIN
-QRSCP {db} RW (200, 1024mb) ANY
-AETable END
-""")
-        self.proc = subprocess.Popen([require_tool("dcmqrscp"), "-c", str(cfg)],
-                                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._wait_ready()
-        self.node = config.Node(ae_title="QRSCP", host="127.0.0.1", port=self.port, roles=["query"])
-
-    def _wait_ready(self) -> None:
-        """Until a C-ECHO succeeds (deadline 10 s). dcmqrscp forks a process per association (in
-        its --single-process mode the Debian build crashes after the first one)."""
-        def echoes() -> bool:
-            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
-            return subprocess.run([require_tool("echoscu"), "-aec", "QRSCP", "127.0.0.1", str(self.port)],
-                                  env=dcmtk_env(), capture_output=True).returncode == 0
-
-        wait_until(echoes, 10, "dcmqrscp to answer a C-ECHO", interval=0.1)
-
-    def store(self, files: list[Path]) -> None:
-        proc = subprocess.run([require_tool("storescu"), "-aec", "QRSCP", "127.0.0.1", str(self.port),
-                               *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture
@@ -137,8 +89,9 @@ class StallingMoveScp:
     """A pynetdicom Q/R SCP whose C-MOVE announces 3 sub-operations and then never goes on,
     until it is cancelled."""
 
-    def __init__(self, destination_port: int) -> None:
+    def __init__(self, destination_port: int, deaf: bool = False) -> None:
         self.cancelled = threading.Event()
+        self.release = threading.Event()
         ae = AE(ae_title="STALL")
         ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
         ae.add_requested_context(CTImageStorage)
@@ -147,7 +100,7 @@ class StallingMoveScp:
         def on_move(event: evt.Event):
             yield "127.0.0.1", destination_port  # associated to, but no sub-operation is started
             yield 3
-            while not event.is_cancelled:
+            while not self.release.is_set() and not (event.is_cancelled and not deaf):
                 time.sleep(0.05)
             self.cancelled.set()
             yield 0xFE00, None
@@ -175,4 +128,19 @@ def test_a_stalled_move_is_cancelled_after_move_timeout(memory_server: MemorySer
         assert scp.cancelled.is_set()
         assert result.status == 0xFE00 and result.cancelled == "stopped by the operator"
     finally:
+        scp.server.shutdown()
+
+
+def test_an_scp_that_ignores_the_cancel_is_aborted(memory_server: MemoryServer) -> None:
+    scp = StallingMoveScp(memory_server.port, deaf=True)
+    try:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = "1.2.3"
+        started = time.monotonic()
+        with pytest.raises(QueryError, match="no final response after C-CANCEL-RQ"):
+            move(scp.node, "MODLINK", TIMEOUTS, "MODLINK_MEM", query, move_timeout=1.0, cancel_grace=1.0)
+        assert time.monotonic() - started < 8, "the abort ended the wait at once"
+    finally:
+        scp.release.set()
         scp.server.shutdown()

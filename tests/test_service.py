@@ -28,10 +28,13 @@ def test_demo_runs_end_to_end() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "stored 5/5 CT images by C-STORE" in proc.stdout
     assert "5 instances" in proc.stdout
+    # the patient's prior is loaded from the PACS into the memory server first (job 1)
+    assert "retrieve job 1 to PACS done: 1 study(ies) retrieved to MODLINK_MEM" in proc.stdout
+    assert re.search(r"memory server holds the prior study [0-9.]+ of .+: 5 instances", proc.stdout), proc.stdout
     # the exam end auto-sends to the simulated PACS (no explicit send) and commitment follows
-    assert "COMPLETED with 5 images; auto-send to PACS queued as job(s) [1]" in proc.stdout
+    assert "COMPLETED with 5 images; auto-send to PACS queued as job(s) [2]" in proc.stdout
     assert re.search(r"PACS received study [0-9.]+: 5/5 instances, committed 5/5", proc.stdout), proc.stdout
-    assert "commit job 2 to PACS done" in proc.stdout
+    assert "commit job 3 to PACS done" in proc.stdout
     assert "RIS received MPPS [('create', 0), ('set', 0)]" in proc.stdout
 
 

@@ -701,7 +701,6 @@ class _Association:
     # -- data transfer (Sta6) ----------------------------------------------------------------------
 
     def _serve_data(self) -> None:
-        max_pdu = self.acceptor.listener.max_pdu
         self.sock.settimeout(self.acceptor.timeouts.network)
         self.command = bytearray()
         self.request: Request | None = None  # the request whose data set is arriving
@@ -710,9 +709,6 @@ class _Association:
             while True:
                 kind, _, length = PDU_HEADER.unpack(self.reader.exact(6))
                 if kind == P_DATA_TF_TYPE:
-                    if max_pdu and length > max_pdu:
-                        raise _Abort(INVALID_PARAMETER, f"P-DATA-TF of {length} bytes, above the negotiated "
-                                                        f"maximum of {max_pdu} (PS3.8 D.1)")
                     self._p_data(length)
                 elif kind == A_RELEASE_RQ_TYPE:
                     self._small_body(length)
@@ -763,6 +759,10 @@ class _Association:
 
     def _p_data(self, length: int) -> None:
         """The PDV items of one P-DATA-TF (PS3.8 §9.3.5.1, Annex E.2)."""
+        max_pdu = self.acceptor.listener.max_pdu
+        if max_pdu and length > max_pdu:
+            raise _Abort(INVALID_PARAMETER, f"P-DATA-TF of {length} bytes, above the negotiated "
+                                            f"maximum of {max_pdu} (PS3.8 D.1)")
         left = length
         while left > 0:
             if left < 6:
@@ -862,11 +862,7 @@ class _Association:
         """Read one PDU while a handler runs (network timeout): a P-DATA-TF whose commands go to
         the handler's :class:`Reply`; an A-ABORT or a lost connection ends the association."""
         kind, _, length = PDU_HEADER.unpack(self.reader.exact(6))
-        max_pdu = self.acceptor.listener.max_pdu
         if kind == P_DATA_TF_TYPE:
-            if max_pdu and length > max_pdu:
-                raise _Abort(INVALID_PARAMETER, f"P-DATA-TF of {length} bytes, above the negotiated "
-                                                f"maximum of {max_pdu} (PS3.8 D.1)")
             self._p_data(length)
         elif kind == A_ABORT_TYPE:
             self._small_body(length)

@@ -23,8 +23,14 @@ from modality_link.config import Listener, Timeouts
 from modality_link.fileformat import encode_file_meta
 from modality_link.memory import CachedInstance, MemoryCache
 from modality_link.net.acceptor import C_ECHO_RQ, C_STORE_RQ, Acceptor, DataSetSink, Reply, Request, Service
-from modality_link.net.servers import ARCHIVE_TRANSFER_SYNTAXES, DECODED_TRANSFER_SYNTAXES, VERIFICATION, EchoHandler
-from modality_link.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, PROCESSING_FAILURE, SUCCESS
+from modality_link.net.servers import (
+    ARCHIVE_TRANSFER_SYNTAXES,
+    DECODED_TRANSFER_SYNTAXES,
+    VERIFICATION,
+    EchoHandler,
+    finish_store,
+)
+from modality_link.net.status import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS
 
 LOG = logging.getLogger("modality_link.net.memory_server")
 
@@ -93,25 +99,16 @@ class MemoryStoreHandler:
 
     def handle(self, request: Request, data: DataSetSink | None, reply: Reply) -> None:
         server = self.server
-        uid = request.affected_sop_instance
         if not isinstance(data, IncomingMemoryInstance):
             reply(CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None, None)
             return
-        try:
-            item = data.finish()
-        except ArchiveError as exc:
-            LOG.error("memory server: C-STORE of %s from %s failed with status 0x%04X: %s",
-                      uid[:64], request.peer, exc.status, exc)
-            reply(exc.status, str(exc), None, None)
-            return
-        except Exception as exc:  # an unexpected fault: answer, log, keep the association
-            LOG.exception("memory server: C-STORE of %s from %s failed with status 0x0110", uid[:64], request.peer)
-            reply(PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
+        item = finish_store("memory server", request, data.finish, reply)
+        if item is None:
             return
         evicted = server.cache.put(item)
         if evicted:
             LOG.info("memory server: %d instance(s) evicted (least recently used) for %s",
-                     len(evicted), uid[:64])
+                     len(evicted), request.affected_sop_instance[:64])
         with server._count_lock:
             server.stored += 1
         reply(SUCCESS, "", None, None)

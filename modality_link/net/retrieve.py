@@ -116,7 +116,7 @@ class MoveResult:
 def move(node: Node, calling_ae: str, timeouts: Timeouts, destination_ae: str, identifier: Dataset,
          model: str = "study", move_timeout: float = 600.0,
          on_progress: Callable[[MoveProgress], None] | None = None,
-         should_stop: Callable[[], bool] | None = None) -> MoveResult:
+         should_stop: Callable[[], bool] | None = None, cancel_grace: float = CANCEL_GRACE) -> MoveResult:
     """C-MOVE what `identifier` names (PS3.4 C.4.2) from `node` to `destination_ae`.
 
     Returns the final status with the counts (0x0000, 0xB000 with failures, 0xFE00 when
@@ -124,7 +124,8 @@ def move(node: Node, calling_ae: str, timeouts: Timeouts, destination_ae: str, i
     (A801 unknown destination, A7xx, A9xx, Cxxx) or does not answer our C-CANCEL-RQ."""
     move_uid = MODELS[model][1]
     ae = make_ae(calling_ae, timeouts, node.max_pdu)
-    ae.dimse_timeout = None  # our watchdog decides (move_timeout), not pynetdicom's abort
+    # our watchdog decides (move_timeout, then CANCEL_GRACE); pynetdicom's own abort only backs it up
+    ae.dimse_timeout = move_timeout + 2 * cancel_grace
     ae.add_requested_context(move_uid)
     target = f"{node.ae_title}@{node.host}:{node.port}"
     progress = MoveProgress()
@@ -147,11 +148,14 @@ def move(node: Node, calling_ae: str, timeouts: Timeouts, destination_ae: str, i
                             LOG.warning("retrieve from %s: %s; sending C-CANCEL-RQ", target, why[0])
                             assoc.send_c_cancel(1, query_model=move_uid)
                             cancelled_at = now
-                    elif now - cancelled_at > CANCEL_GRACE:
+                    elif now - cancelled_at > cancel_grace:
                         LOG.error("retrieve from %s: no final response %g s after C-CANCEL-RQ; aborting",
-                                  target, CANCEL_GRACE)
+                                  target, cancel_grace)
                         why.append("no final response after C-CANCEL-RQ")
                         assoc.abort()
+                        # wake send_c_move, which otherwise waits out its DIMSE timeout:
+                        # (None, None) is what pynetdicom's DIMSE queue yields for a lost association
+                        assoc.dimse.msg_queue.put((None, None))
                         return
 
             guard = threading.Thread(target=watchdog, name="c-move-watchdog", daemon=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable
+from typing import Callable, TypeVar
 
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -88,6 +88,26 @@ class EchoHandler:
         reply(SUCCESS, "", None, None)
 
 
+T = TypeVar("T")
+
+
+def finish_store(server: str, request: Request, finish: Callable[[], T], reply: Reply) -> T | None:
+    """Complete a received C-STORE data set with `finish` (validate, keep); on a refusal answer
+    its status (PS3.4 B.2.3) and log it, naming the peer, and return None. An unexpected fault is
+    answered 0x0110 (processing failure) and logged with its traceback; the association goes on."""
+    uid = request.affected_sop_instance[:64]
+    try:
+        return finish()
+    except ArchiveError as exc:
+        LOG.error("%s: C-STORE of %s from %s failed with status 0x%04X: %s", server, uid, request.peer,
+                  exc.status, exc)
+        reply(exc.status, str(exc), None, None)
+    except Exception as exc:
+        LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", server, uid, request.peer)
+        reply(PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
+    return None
+
+
 class StoreHandler:
     """Storage SCP (PS3.4 Annex B): each data set streams into its archive file
     (:meth:`Archive.receive`); the response waits until that file is durable."""
@@ -101,21 +121,11 @@ class StoreHandler:
 
     def handle(self, request: Request, data: DataSetSink | None, reply: Reply) -> None:
         server = self.server
-        uid = request.affected_sop_instance
         if not isinstance(data, IncomingInstance):  # a C-STORE-RQ announcing no data set
             reply(CANNOT_UNDERSTAND, "C-STORE-RQ without a data set", None, None)
             return
-        try:
-            rec = data.finish()
-        except ArchiveError as exc:
-            LOG.error("%s: C-STORE of %s from %s failed with status 0x%04X: %s",
-                      server.name, uid[:64], request.peer, exc.status, exc)
-            reply(exc.status, str(exc), None, None)
-            return
-        except Exception as exc:  # an unexpected fault: answer, log, keep the association
-            LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", server.name, uid[:64],
-                          request.peer)
-            reply(PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
+        rec = finish_store(server.name, request, data.finish, reply)
+        if rec is None:
             return
         server.archive.index_later(rec, server.on_stored)
         with server._count_lock:

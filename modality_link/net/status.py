@@ -130,5 +130,8 @@ COMMITMENT = Service(
 )
 #: Query/Retrieve (PS3.4 C.4.1.1.4 C-FIND, C.4.2.1.5 C-MOVE, C.4.3.1.4 C-GET).
 QR_FIND = Service("PS3.4 C.4.1.1.4 and PS3.7 Annex C", QR_FIND_SERVICE_CLASS_STATUS)
-QR_MOVE = Service("PS3.4 C.4.2.1.5 and PS3.7 Annex C", QR_MOVE_SERVICE_CLASS_STATUS)
+#: A C-MOVE is asked again when the SCP was out of resources (A7xx); an unknown destination
+#: (A801), a bad identifier (A900) or "unable to process" (Cxxx) get the same answer again.
+QR_MOVE = Service("PS3.4 C.4.2.1.5 and PS3.7 Annex C", QR_MOVE_SERVICE_CLASS_STATUS,
+                  frozenset(range(0xA700, 0xA800)))
 QR_GET = Service("PS3.4 C.4.3.1.4 and PS3.7 Annex C", QR_GET_SERVICE_CLASS_STATUS)

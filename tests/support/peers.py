@@ -1,6 +1,6 @@
 """DICOM peers that are not ours, as processes on loopback: DCMTK storescp (Storage SCP),
-Orthanc (Storage and Storage Commitment SCP) and the python3-odil MPPS SCP of
-``odil_mpps_scp.py`` (run with Debian's /usr/bin/python3)."""
+Orthanc (Storage and Storage Commitment SCP), DCMTK dcmqrscp (Query/Retrieve SCP) and the
+python3-odil MPPS SCP of ``odil_mpps_scp.py`` (run with Debian's /usr/bin/python3)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from modality_link import config
 from modality_link.home import free_port
 from tests.support.tools import dcmtk_env, require_tool
-from tests.support.waiting import wait_port
+from tests.support.waiting import wait_port, wait_until
 
 #: An MPPS SCP of python3-odil: ``/usr/bin/python3 ODIL_MPPS_SCP PORT OUTDIR``.
 ODIL_MPPS_SCP = Path(__file__).with_name("odil_mpps_scp.py")
@@ -79,3 +80,49 @@ class Orthanc:
 
 def start_orthanc(work: Path, overwrite: bool = False) -> Orthanc:
     return Orthanc(work, overwrite)
+
+
+class Qrscp:
+    """DCMTK dcmqrscp on a free port, its storage area in `root`, our AEs in its host table."""
+
+    def __init__(self, root: Path, destinations: dict[str, int]) -> None:
+        self.port = free_port()
+        db = root / "db"
+        db.mkdir(parents=True)
+        hosts = "\n".join(f"dest{i} = ({aet}, 127.0.0.1, {port})" for i, (aet, port) in enumerate(destinations.items()))
+        cfg = root / "dcmqrscp.cfg"
+        cfg.write_text(f"""NetworkTCPPort = {self.port}
+MaxPDUSize = 65536
+MaxAssociations = 16
+HostTable BEGIN
+{hosts}
+HostTable END
+VendorTable BEGIN
+VendorTable END
+AETable BEGIN
+QRSCP {db} RW (200, 1024mb) ANY
+AETable END
+""")
+        self.proc = subprocess.Popen([require_tool("dcmqrscp"), "-c", str(cfg)],
+                                     env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._wait_ready()
+        self.node = config.Node(ae_title="QRSCP", host="127.0.0.1", port=self.port, roles=["qr"])
+
+    def _wait_ready(self) -> None:
+        """Until a C-ECHO succeeds (deadline 10 s). dcmqrscp forks a process per association (in
+        its --single-process mode the Debian build crashes after the first one)."""
+        def echoes() -> bool:
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            return subprocess.run([require_tool("echoscu"), "-aec", "QRSCP", "127.0.0.1", str(self.port)],
+                                  env=dcmtk_env(), capture_output=True).returncode == 0
+
+        wait_until(echoes, 10, "dcmqrscp to answer a C-ECHO", interval=0.1)
+
+    def store(self, files: list[Path]) -> None:
+        proc = subprocess.run([require_tool("storescu"), "-aec", "QRSCP", "127.0.0.1", str(self.port),
+                               *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
