@@ -270,7 +270,8 @@ def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, siz
     Without `size` (media) the walk stops after the last wanted key, or at the end of the file.
     With `size` it is strict and walks the whole data set, which must end exactly at `size`
     (PS3.10 7.2): tags ascending (PS3.5 7.1), every VR known, every value inside the file; a
-    wanted sequence (PS3.5 7.5) is kept whole in :attr:`Header.kept_sequences`; it also collects the raw text values and sequences that the character set is guessed from
+    wanted sequence (PS3.5 7.5) is kept whole in :attr:`Header.kept_sequences`; it also collects
+    the raw text values and sequences that the character set is guessed from
     (:func:`modality_link.net.charset.effective_terms`), as pydicom would see them.
     """
     strict = size is not None
