@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +59,7 @@ class Archived:
 
 
 def _study(out: Path, study_uid: str, patient: tuple[str, str], date: str, time: str, modality: str,
-           series: list[int], seed: int, requests: list[tuple[str, str]] = ()) -> list[Path]:
+           series: list[int], seed: int, requests: Sequence[tuple[str, str]] = ()) -> list[Path]:
     paths = []
     for n, count in enumerate(series):
         for path in images.write_study(out / f"{seed}-{n}", modality=modality, images=count, rows=16, columns=16,

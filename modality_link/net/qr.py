@@ -511,22 +511,33 @@ class FindHandler:
             query = Query.parse(request.abstract_syntax, ds, combined)
             rows = self.qr.archive.db.index.qr_entities(query.level, query.scope, query.counts, query.contains)
             answers = query.answers(rows, self.qr.listener.ae_title, request.transfer_syntax)
-            pending = PENDING_WARNING if query.unsupported else PENDING
-            count = 0
-            for identifier in answers:
-                if reply.cancelled():
-                    LOG.info("C-FIND from %s cancelled after %d match(es)", request.peer, count)
-                    reply(CANCEL)
-                    return
-                reply(pending, "", None, identifier)
-                count += 1
         except Exception as exc:
-            failure = _failure("C-FIND", request, exc)
-            LOG.warning("C-FIND from %s refused (0x%04X): %s", request.peer, failure.status, failure)
-            reply(failure.status, str(failure))
+            self._refuse(request, reply, exc)
             return
+        pending = PENDING_WARNING if query.unsupported else PENDING
+        count = 0
+        while True:
+            try:  # only the next answer: a requestor gone while we reply ends the association
+                identifier = next(answers, None)
+            except Exception as exc:
+                self._refuse(request, reply, exc)
+                return
+            if identifier is None:
+                break
+            if reply.cancelled():
+                LOG.info("C-FIND from %s cancelled after %d match(es)", request.peer, count)
+                reply(CANCEL)
+                return
+            reply(pending, "", None, identifier)
+            count += 1
         LOG.info("C-FIND %s level from %s: %d match(es)", query.level, request.peer, count)
         reply(SUCCESS)
+
+    @staticmethod
+    def _refuse(request: Request, reply: Reply, exc: Exception) -> None:
+        failure = _failure("C-FIND", request, exc)
+        LOG.warning("C-FIND from %s refused (0x%04X): %s", request.peer, failure.status, failure)
+        reply(failure.status, str(failure))
 
 
 @dataclass
@@ -649,13 +660,9 @@ class MoveHandler(_Retrieve):
         try:
             store_instances(assoc, instances, on_result, reply.cancelled,
                             move_originator=(request.peer.calling_ae, request.message_id))
-        except Exception as exc:  # AssociationLost, or a fault (logged): what was not sent failed
+        except AssociationLost as exc:  # what was not acknowledged failed
             comment = f"the association to {destination} was lost: {exc}"
-            if isinstance(exc, AssociationLost):
-                LOG.warning("C-MOVE from %s: %s", request.peer, comment)
-            else:
-                comment = f"sub-operations stopped: {exc}"
-                LOG.exception("C-MOVE from %s to %s failed", request.peer, destination)
+            LOG.warning("C-MOVE from %s: %s", request.peer, comment)
             counts.fail_rest([i.sop_instance_uid for i in instances if i.sop_instance_uid not in sent])
         finally:
             if assoc.is_open:
