@@ -137,7 +137,7 @@ class Cleaner:
             if time.monotonic() >= due:
                 due = time.monotonic() + INTERVAL
             try:
-                self.run(check_only=True)
+                self.run(automatic=True)
             except Exception:  # a bug must not end the thread: the next run tries again
                 LOG.exception("disk clean-up failed")
             self._stop.wait(DEBOUNCE)
@@ -152,24 +152,25 @@ class Cleaner:
         disk = shutil.disk_usage(self.archive.root)
         return Usage(disk.used, max(disk.used + disk.free - (cfg.min_free_mb << 20), 1), False)
 
-    def run(self, dry_run: bool = False, check_only: bool = False) -> dict[str, Any]:
+    def run(self, dry_run: bool = False, automatic: bool = False) -> dict[str, Any]:
         """Apply the policy now: above the high mark delete (or, in a dry run, list) the least
         recently used studies that may go until the low mark; the studies, and what keeps the
-        others (``cleanup`` in docs/ipc.md). `check_only`: nothing more than measuring when
-        below the high mark and no alert is to be cleared (the service's own runs)."""
+        others (``cleanup`` in docs/ipc.md). `automatic` (the service's own runs): nothing more
+        than measuring when below the high mark and no alert is to be cleared, and a stop of
+        the service ends the run after the study being deleted."""
         with self._lock:
             cfg = self.get_config()
             high, low = cfg.archive.cleanup_high, cfg.archive.cleanup_low
             before = self.usage()
             above = before.percent > high
-            if check_only and not above and not self._blocked:
+            if automatic and not above and not self._blocked:
                 return {}
             nodes, committed = copy_nodes(cfg)
             studies = sorted(self.db.retention.studies(nodes, committed), key=lambda s: (s.last_used, s.study_uid))
             reasons = {s.study_uid: blocker(s, nodes, committed) for s in studies}
             after, chosen = before, []
             for study in studies:
-                if not above or after.percent <= low or self._stop.is_set():
+                if not above or after.percent <= low or (automatic and self._stop.is_set()):
                     break
                 if reasons[study.study_uid] is not None:
                     continue

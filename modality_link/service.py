@@ -208,6 +208,8 @@ class Service:
         if restart:
             self._stop_servers()
             self._start_servers()
+        if self.cleaner is not None:  # a new quota or new marks count at once
+            self.cleaner.poke()
         LOG.info("config reloaded%s", " (listeners restarted)" if restart else "")
         return restart
 
