@@ -195,6 +195,8 @@ class Api:
         if not db.index.protect(study_uid, protected):
             raise NotFound(f"no study {study_uid} in the archive")
         LOG.info("study %s %s", study_uid, "protected" if protected else "no longer protected")
+        if not protected and self.service.cleaner is not None:
+            self.service.cleaner.reconsider()  # it may go now
         return {"study_uid": study_uid, "protected": protected}
 
     def cleanup(self, dry_run: bool = False) -> dict[str, Any]:

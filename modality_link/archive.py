@@ -8,6 +8,11 @@ again by :meth:`Archive.reconcile`), or an indexed complete file: never a half-w
 file. A received instance (:meth:`Archive.receive`) is written as it arrives and indexed by a
 background thread after it was acknowledged; the release of its association waits for that.
 
+A study leaves the archive only by :meth:`Archive.delete_study` (the disk clean-up,
+docs/design.md "Disk clean-up"): its instances are marked in the index, its files removed, then
+its rows, while no instance may be installed into it; :meth:`Archive.reconcile` finishes a
+deletion a crash interrupted.
+
 Paths are built from the Study, Series and SOP Instance UIDs of the dataset, after each was
 checked to be a valid UID (PS3.5 §9.1: 1-64 characters, digits and dots, no empty component and
 no leading zero). A UID that came over the wire never reaches the file system unchecked.

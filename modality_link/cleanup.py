@@ -9,9 +9,10 @@ neither, no study is ever deleted), no queued or running job naming it, no exam 
 PROGRESS, and not protected by the operator. When the archive stays above the high mark, one
 ``disk-cleanup-blocked`` alert says how much data holds it and why, until that is resolved.
 
-The service runs the policy at start, every 10 minutes, and after stores (a poke that costs one
-event, checked at most every few seconds); ``cleanup`` over IPC runs it at once, or only says
-what it would delete (a dry run).
+The service runs the policy at start, every 10 minutes, after stores (a poke that costs one
+event, checked at most every few seconds), after commitment reports and after a new
+configuration; ``cleanup`` over IPC runs it at once, or only says what it would delete (a dry
+run).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class Cleaner:
         self.alert = alert
         self._lock = threading.Lock()  # one run at a time
         self._wake = threading.Event()
+        self._changed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: the alert is raised: not again until the archive was below the high mark
@@ -127,6 +129,12 @@ class Cleaner:
         """Something was stored: check the space soon (cheap; called for every instance)."""
         self._wake.set()
 
+    def reconsider(self) -> None:
+        """Something happened that may let studies go (a commitment report, a new configuration):
+        run soon, also while the alert is raised."""
+        self._changed = True
+        self._wake.set()
+
     def _loop(self) -> None:
         due = time.monotonic()  # a first run at start
         while not self._stop.is_set():
@@ -134,10 +142,14 @@ class Cleaner:
             if self._stop.is_set():
                 break
             self._wake.clear()
+            full, self._changed = self._changed, False
             if time.monotonic() >= due:
-                due = time.monotonic() + INTERVAL
+                due, full = time.monotonic() + INTERVAL, True
             try:
-                self.run(automatic=True)
+                # while the alert is raised, stores only add data that may not go either: the
+                # policy waits for the period or a change instead of reading every study again
+                if full or not self._blocked:
+                    self.run(automatic=True)
             except Exception:  # a bug must not end the thread: the next run tries again
                 LOG.exception("disk clean-up failed")
             self._stop.wait(DEBOUNCE)

@@ -114,7 +114,7 @@ class Service:
         self.jobs = JobQueue(self.db, lambda: self.config, self.publish, self.alert)
         self.sending = Sending(self.jobs, self.home.archive_dir, lambda: self.config)
         self.commitment = StorageCommitment(self.jobs, self.sending, lambda: self.config, self.alert,
-                                            on_committed=cleaner.poke)
+                                            on_committed=cleaner.reconsider)
         self.retrieving = Retrieving(self.jobs, lambda: self.config)
         self.mpps = MppsOutbox(self.db, lambda: self.config, self.alert, self.publish)
         self.burns = Burns(
@@ -209,7 +209,7 @@ class Service:
             self._stop_servers()
             self._start_servers()
         if self.cleaner is not None:  # a new quota or new marks count at once
-            self.cleaner.poke()
+            self.cleaner.reconsider()
         LOG.info("config reloaded%s", " (listeners restarted)" if restart else "")
         return restart
 
