@@ -25,12 +25,15 @@ from typing import Any, Iterator
 import pytest
 from pydicom import dcmread
 
+from modality_link.archive import Archive
 from modality_link.config import Node
 from modality_link.home import Home, free_port, temporary_home
 from modality_link.ipc import IpcError
 from sim import images
 from sim.pacs import Pacs
+from tests.support.acceptor import local_server
 from tests.support.service import InProcessService, ServiceProcess, call, wait_chain
+from tests.support.tools import dcmtk_env, require_tool
 from tests.support.waiting import wait_until
 
 MIB = 1 << 20
@@ -258,6 +261,47 @@ def test_without_a_commit_node_a_copy_sent_by_an_auto_send_rule_counts_and_witho
         consistent(home)
     finally:
         svc.stop()
+
+
+def test_a_study_being_deleted_holds_installs_into_it(archive: Archive, tmp_path: Path) -> None:
+    """An instance imported into a study while it is being deleted waits for the deletion, then
+    enters the archive whole: file and row."""
+    files = images.write_study(tmp_path / "in", images=3, seed=4)
+    for f in files[:2]:
+        archive.store_part10(f, "")
+    (study,) = [s.study_uid for s in archive.db.index.studies()]
+    late: list[threading.Thread] = []
+
+    def mark() -> list[str] | None:
+        late.append(threading.Thread(target=archive.store_part10, args=(files[2], "")))
+        late[0].start()
+        late[0].join(0.5)
+        assert late[0].is_alive(), "an import into the study did not wait for its deletion"
+        return archive.db.retention.mark_deleting(study, [], True, lambda facts: True)
+
+    assert archive.delete_study(study, mark, timeout=2)
+    late[0].join(10)
+    (row,) = archive.db.index.study_instances(study)
+    assert (archive.root / row.path).is_file()
+    assert [p.relative_to(archive.root).as_posix() for p in archive.root.glob("*/*/*.dcm")] == [row.path]
+    assert archive.db.retention.pending_deletions() == {}
+
+
+def test_received_instances_do_not_hold_up_a_deletion(short_tmp: Path) -> None:
+    """Every instance the disk server received releases its study once indexed: a deletion right
+    after the association starts at once."""
+    server = local_server(short_tmp / "srv")
+    try:
+        files = images.write_study(short_tmp / "in", images=5, rows=64, columns=64, seed=6)
+        out = subprocess.run([require_tool("storescu"), "-aec", "MODLINK", "127.0.0.1", str(server.port),
+                              *map(str, files)], env=dcmtk_env(), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        (study,) = [s.study_uid for s in server.archive.db.index.studies()]
+        assert server.archive.delete_study(
+            study, lambda: server.archive.db.retention.mark_deleting(study, [], True, lambda facts: True), timeout=2)
+        assert server.stray_files() == [] and server.archive.db.index.studies() == []
+    finally:
+        server.stop()
 
 
 def reimport(svc: ServiceProcess, folders: list[Path]) -> None:
