@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -259,6 +260,20 @@ def test_without_a_commit_node_a_copy_sent_by_an_auto_send_rule_counts_and_witho
         run = call(home, "cleanup")
         assert [s["study_uid"] for s in run["deleted"]] == [study]
         consistent(home)
+    finally:
+        svc.stop()
+
+
+def test_without_a_quota_the_file_system_less_the_reserve_counts(short_tmp: Path) -> None:
+    svc = InProcessService(temporary_home(short_tmp / "h", archive__quota_mb=0, archive__min_free_mb=64))
+    try:
+        run = svc.call("cleanup", dry_run=True)
+        disk = shutil.disk_usage(svc.home.archive_dir)
+        before = run["before"]
+        assert before["quota"] is False
+        assert abs(before["used_bytes"] - disk.used) < 100 * MIB
+        assert abs(before["capacity_bytes"] - (disk.used + disk.free - 64 * MIB)) < 100 * MIB
+        assert run["above_high"] == (before["percent"] > 90)
     finally:
         svc.stop()
 
