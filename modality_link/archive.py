@@ -517,11 +517,10 @@ class Archive:
         self.db.retention.finish_deleting(study_uid)
 
     def reconcile(self) -> int:
-        """Finish interrupted deletions, index archive files that a crash left unindexed, and
-        delete stale temporaries."""
-        self.finish_deletions()
+        """Index archive files that a crash left unindexed, and delete stale temporaries."""
         for part in self.tmp_dir.glob("*.part"):
             part.unlink(missing_ok=True)
+        self.finish_deletions()  # first: no file of a study being deleted is indexed again
         known = self.db.index.paths()
         added = 0
         for f in self.root.glob("*/*/*.dcm"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from modality_link.db.connection import Connection
 
@@ -193,7 +193,7 @@ class Index:
 
     # -- use and protection of studies (docs/design.md "Disk clean-up") ---------------------------
 
-    def touch(self, study_uids: Iterable[str]) -> None:
+    def touch(self, study_uids: list[str]) -> None:
         """The studies were used now (sent, retrieved by a peer, burned): the clean-up deletes
         the least recently used first. Storing needs no call: an instance's received_at counts."""
         now = time.time()
@@ -204,7 +204,7 @@ class Index:
                 [(uid, now) for uid in dict.fromkeys(study_uids)],
             )
 
-    def touch_instances(self, sop_instance_uids: Sequence[str]) -> None:
+    def touch_instances(self, sop_instance_uids: list[str]) -> None:
         """:meth:`touch` the studies these instances belong to."""
         studies: set[str] = set()
         for i in range(0, len(sop_instance_uids), 500):
