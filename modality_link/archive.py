@@ -38,13 +38,17 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable, Iterator, Sequence
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.filereader import read_dataset as read_dataset_bytes
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from modality_link.db import Database, InstanceRecord
 from modality_link.fileformat import (
@@ -203,8 +207,87 @@ _INDEXED_UIDS = (
     ("series_uid", "SeriesInstanceUID", None),
     ("study_uid", "StudyInstanceUID", None),
 )
+#: Optional keys the Query/Retrieve SCP answers at the series and at the image level
+#: (docs/design.md "Query/Retrieve SCP"), kept in :attr:`InstanceRecord.series_keys` and
+#: :attr:`InstanceRecord.image_keys` when the instance has them.
+SERIES_KEYS = ("SeriesDate", "SeriesTime", "ProtocolName", "PerformedProcedureStepStartDate",
+               "PerformedProcedureStepStartTime")
+IMAGE_KEYS = (
+    "ImageType", "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+    "ContrastBolusAgent", "ScanOptions", "SequenceName", "SliceThickness", "EchoNumbers", "TriggerTime",
+    "GantryDetectorTilt", "AcquisitionNumber", "ImagePositionPatient", "ImageOrientationPatient",
+    "FrameOfReferenceUID", "SliceLocation", "SamplesPerPixel", "Rows", "Columns", "PixelSpacing",
+    "BitsAllocated",
+)
+#: The Request Attributes Sequence and the keys of its items that are indexed (PS3.4 C.6.1.1.4).
+REQUEST_ATTRIBUTES = "RequestAttributesSequence"
+REQUEST_KEYS = ("RequestedProcedureID", "ScheduledProcedureStepID")
 _INDEXED_TAGS = frozenset(tag_of(k) for k in ("SpecificCharacterSet", *(k for _, k in _INDEXED_TEXT),
-                                              *(k for _, k, _ in _INDEXED_UIDS)))
+                                              *(k for _, k, _ in _INDEXED_UIDS), *SERIES_KEYS, *IMAGE_KEYS,
+                                              REQUEST_ATTRIBUTES))
+#: How the optional keys are read: text in the default repertoire only (PS3.5 6.1.2.3) is
+#: taken as ASCII without pydicom, binary values are unpacked; the rest is decoded in the data
+#: set's character set like the columns above.
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI"})
+_BINARY_VRS = {"US": "H", "UL": "L", "SS": "h", "SL": "l", "FL": "f", "FD": "d"}
+#: (keyword, tag, VR) of the optional keys of each level.
+_SERIES_OPTIONAL = [(k, tag_of(k), dictionary_VR(k)) for k in SERIES_KEYS]
+_IMAGE_OPTIONAL = [(k, tag_of(k), dictionary_VR(k)) for k in IMAGE_KEYS]
+_DECODED_OPTIONAL = frozenset(tag for _, tag, vr in (*_SERIES_OPTIONAL, *_IMAGE_OPTIONAL)
+                              if vr not in _ASCII_VRS and vr not in _BINARY_VRS)
+#: What :func:`lean_record` has pydicom decode: the columns, the UIDs and the optional text.
+_DECODED_TAGS = (_INDEXED_TAGS - {tag for _, tag, _ in (*_SERIES_OPTIONAL, *_IMAGE_OPTIONAL)}) | _DECODED_OPTIONAL
+
+
+def _ascii_text(raw: bytes) -> str:
+    """An ASCII value as the index keeps it: each value without leading and trailing spaces
+    (and NUL padding), values joined by backslashes."""
+    text = raw.decode("ascii", "replace")
+    if "\\" not in text:
+        return text.strip(" \x00")
+    return "\\".join(v.strip(" \x00") for v in text.split("\\"))
+
+
+def _binary_text(raw: bytes, vr: str, order: str) -> str:
+    code = _BINARY_VRS[vr]
+    count = len(raw) // struct.calcsize(code)
+    return "\\".join(str(v) for v in struct.unpack(f"{order}{count}{code}", raw[:count * struct.calcsize(code)]))
+
+
+def _keys_of(keys: Sequence[tuple[str, int, str]], raw: Callable[[int], bytes | str | None],
+             decoded: Callable[[str], object], order: str = "<") -> dict[str, str]:
+    """{keyword: text} of the optional `keys` (keyword, tag, VR) present: `raw` gives an
+    element's value bytes in byte `order` (None when absent; text when pydicom converted it
+    already), `decoded` its value decoded in the data set's character set."""
+    out = {}
+    for keyword, tag, vr in keys:
+        value = raw(tag)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            out[keyword] = value if vr in _BINARY_VRS else _ascii_text(value.encode("ascii", "replace"))
+        elif vr in _ASCII_VRS:
+            out[keyword] = _ascii_text(value)
+        elif vr in _BINARY_VRS:
+            out[keyword] = _binary_text(value, vr, order)
+        else:
+            out[keyword] = text_of(decoded(keyword))
+    return out
+
+
+def _requests(sequence: object, terms: Sequence[str]) -> list[tuple[str, str]]:
+    """(Requested Procedure ID, Scheduled Procedure Step ID) of each item of a Request
+    Attributes Sequence, decoded in the data set's character set `terms`."""
+    if not isinstance(sequence, DicomSequence):
+        return []
+    return [(decoded_text(item, REQUEST_KEYS[0], terms), decoded_text(item, REQUEST_KEYS[1], terms))
+            for item in sequence if isinstance(item, Dataset)]
+
+
+def _kept_sequence(raw: bytes, implicit: bool) -> object:
+    """The value of one sequence element kept whole by the header walk, read by pydicom."""
+    ds = read_dataset_bytes(BytesIO(raw), implicit, True)
+    return ds.get(REQUEST_ATTRIBUTES)
 
 
 def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
@@ -217,7 +300,7 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         header = read_dataset(fp, _INDEXED_TAGS)
     if header is None:
         return None
-    header.decode(_INDEXED_TAGS)
+    header.decode(_DECODED_TAGS)
     values: dict[str, Any] = {}  # InstanceRecord's fields
     for name, keyword, meta_keyword in _INDEXED_UIDS:
         uid = header.get(keyword)
@@ -229,13 +312,19 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         values[name] = str(uid)
     for name, keyword in _INDEXED_TEXT:
         values[name] = text_of(header.get(keyword))
+    transfer_syntax = meta_value(header.meta, TRANSFER_SYNTAX_UID)
+    sequence = header.kept_sequences.get(tag_of(REQUEST_ATTRIBUTES))
     return InstanceRecord(
         **values,
-        transfer_syntax=meta_value(header.meta, TRANSFER_SYNTAX_UID),
+        transfer_syntax=transfer_syntax,
         path="",
         size=0,
         charset=text_of(header.get("SpecificCharacterSet")),
         source_ae=source_ae,
+        series_keys=_keys_of(_SERIES_OPTIONAL, header.raw, header.get),
+        image_keys=_keys_of(_IMAGE_OPTIONAL, header.raw, header.get),
+        requests=_requests(_kept_sequence(sequence, transfer_syntax == ImplicitVRLittleEndian), header.charset)
+        if sequence is not None else [],
     )
 
 
@@ -248,6 +337,14 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
     """
     charset = _text(ds, "SpecificCharacterSet")
     terms = dataset_charset(ds)
+
+    def raw(tag: int) -> bytes | str | None:
+        elem = ds.get_item(tag)
+        if elem is None:
+            return None
+        return elem.value if isinstance(elem.value, bytes) else text_of(elem.value)  # raw, or converted
+
+    order = "<" if ds.original_encoding[1] in (None, True) else ">"
     texts: dict[str, Any] = {name: decoded_text(ds, keyword, terms) for name, keyword in _INDEXED_TEXT}
     return InstanceRecord(
         sop_instance_uid=checked_uid(ds.get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
@@ -260,6 +357,9 @@ def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> In
         charset=charset,
         **texts,
         source_ae=source_ae,
+        series_keys=_keys_of(_SERIES_OPTIONAL, raw, lambda k: decoded_text(ds, k, terms), order),
+        image_keys=_keys_of(_IMAGE_OPTIONAL, raw, lambda k: decoded_text(ds, k, terms), order),
+        requests=_requests(ds.get(REQUEST_ATTRIBUTES), terms),
     )
 
 
@@ -517,15 +617,18 @@ class Archive:
         self.db.retention.finish_deleting(study_uid)
 
     def reconcile(self) -> int:
-        """Index archive files that a crash left unindexed, and delete stale temporaries."""
+        """Index archive files that a crash left unindexed (and read again those indexed before
+        the Query/Retrieve keys were), delete stale temporaries; return how many were unindexed."""
         for part in self.tmp_dir.glob("*.part"):
             part.unlink(missing_ok=True)
         self.finish_deletions()  # first: no file of a study being deleted is indexed again
         known = self.db.index.paths()
         added = 0
+        # rows indexed before the Query/Retrieve keys were (schema version 7) are read again
+        stale = set(self.db.index.paths_without_keys())
         for f in self.root.glob("*/*/*.dcm"):
             rel = f.relative_to(self.root).as_posix()
-            if rel in known:
+            if rel in known and rel not in stale:
                 continue
             try:
                 ds = read_header(f)
@@ -533,8 +636,11 @@ class Archive:
                 rec.source_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", ""))
                 if self.path_for(rec) != rel:
                     raise DatasetMismatch("file name does not match its UIDs")
+                indexed = self.db.index.instance(rec.sop_instance_uid) if rel in stale else None
+                if indexed is not None:  # read again for its keys: it keeps when it came, and from whom
+                    rec.received_at, rec.source_ae = indexed.received_at, indexed.source_ae
                 self._index(rec)
-                added += 1
+                added += rel not in known
             except ArchiveError as exc:
                 LOG.error("archive: %s is not a valid archive file (%s); left in place", rel, exc)
         return added

@@ -154,6 +154,7 @@ class Service:
             self.disk_server = StorageServer(
                 self.config.disk_server, self.config.timeouts, self.archive, self.on_stored,
                 on_report=self.commitment.handle_report if self.commitment is not None else None,
+                nodes=lambda: self.config.nodes,
             )
             self.disk_server.start()
         if self.config.memory_server.enabled:

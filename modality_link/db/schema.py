@@ -254,6 +254,19 @@ MIGRATIONS = [
     CREATE INDEX deletions_study ON deletions(study_uid);
     CREATE INDEX exams_study ON exams(study_uid, state);
     """,
+    # version 7: the optional keys the Query/Retrieve SCP answers (docs/design.md "Query/Retrieve
+    # SCP"): JSON, the series' {"keys": {keyword: text}, "requests": [[Requested Procedure ID,
+    # Scheduled Procedure Step ID] of each Request Attributes Sequence item]} and the image's
+    # {keyword: text}. NULL: indexed before this version; Archive.reconcile() reads those files
+    # again. Patient's Name case-folded (Unicode), which a C-FIND preselects on. Indexes for the
+    # keys queries filter on.
+    """
+    ALTER TABLE patients ADD COLUMN name_folded TEXT;
+    ALTER TABLE series ADD COLUMN attributes TEXT;
+    ALTER TABLE instances ADD COLUMN attributes TEXT;
+    CREATE INDEX patients_id ON patients(patient_id);
+    CREATE INDEX studies_study_id ON studies(study_id);
+    """,
 ]
 
 

@@ -65,6 +65,9 @@ class Header:
     #: Raw text values and sequences of the whole data set (:func:`read_dataset` only).
     texts: list[bytes] | None = field(default=None, repr=False)
     sequences: list[bytes] = field(default_factory=list, repr=False)
+    #: Wanted sequences of a walked data set (:func:`read_dataset`), each as its whole element
+    #: in the file's own encoding (header, items, delimiters), for pydicom to read when present.
+    kept_sequences: dict[int, bytes] = field(default_factory=dict, repr=False)
     _cache: dict[int, Any] = field(default_factory=dict, repr=False)
     _charset: list[str] | None = field(default=None, repr=False)
 
@@ -266,8 +269,9 @@ def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, siz
 
     Without `size` (media) the walk stops after the last wanted key, or at the end of the file.
     With `size` it is strict and walks the whole data set, which must end exactly at `size`
-    (PS3.10 7.2): tags ascending (PS3.5 7.1), every VR known, every value inside the file; it
-    also collects the raw text values and sequences that the character set is guessed from
+    (PS3.10 7.2): tags ascending (PS3.5 7.1), every VR known, every value inside the file; a
+    wanted sequence (PS3.5 7.5) is kept whole in :attr:`Header.kept_sequences`; it also collects
+    the raw text values and sequences that the character set is guessed from
     (:func:`modality_link.net.charset.effective_terms`), as pydicom would see them.
     """
     strict = size is not None
@@ -288,12 +292,16 @@ def _walk(reader: _Reader, pos: int, wanted: frozenset[int], header: Header, siz
             previous = tag
             vr = _strict_vr(reader, tag, vr, length)
         if length == _UNDEFINED:
-            if tag in wanted:
+            if tag in wanted and not (strict and vr == "SQ"):
                 raise _Fallback("sequence key")
             end = reader.skip_undefined(start, sequence=vr != "OB" and vr != "OW")
+            if tag in wanted:
+                header.kept_sequences[tag] = reader.span(pos, end)
         else:
             end = start + length
-            if tag in wanted:
+            if tag in wanted and strict and vr == "SQ":
+                header.kept_sequences[tag] = reader.span(pos, end)
+            elif tag in wanted:
                 header.elements[tag] = _kept(reader, tag, vr, pos, start, end, strict)
             if strict and length <= _DEFERRED and (vr in TEXT_VRS or vr == "SQ"):
                 kept = header.sequences if vr == "SQ" else header.texts

@@ -43,6 +43,7 @@ from pynetdicom.pdu_primitives import (
     ImplementationVersionNameNotification,
     MaximumLengthNotification,
     SCP_SCU_RoleSelectionNegotiation,
+    SOPClassExtendedNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
@@ -52,7 +53,7 @@ from modality_link.net.association import REJECT_REASONS, REJECT_RESULTS, descri
 from modality_link.fileformat import padded
 from modality_link.net.command import encode_command, parse_command
 from modality_link.net.status import PROCESSING_FAILURE, SUCCESS, UNRECOGNIZED_OPERATION
-from modality_link.net.storage import c_store_command
+from modality_link.net.storage import c_store_command, move_originator_elements
 from modality_link.net.upper_layer import (
     A_ABORT_TYPE,
     A_ASSOCIATE_RQ_TYPE,
@@ -220,6 +221,11 @@ class Reply:
             self._assoc._read_pdu_while_busy()
         return self._cancelled
 
+    def extended_negotiation(self) -> bytes:
+        """The SOP Class Extended Negotiation we answered for this request's SOP class (PS3.7
+        D.3.3.5); empty when there was none."""
+        return self._assoc.extended.get(self.request.abstract_syntax, b"")
+
     def storage_contexts(self, sop_class: str) -> list[tuple[int, str]]:
         """(context ID, transfer syntax) of the accepted contexts of `sop_class` on which we may
         send a C-STORE-RQ: the requestor took the SCP role (SCP/SCU Role Selection, PS3.7 D.3.3.4)."""
@@ -234,12 +240,9 @@ class Reply:
         sop_class, _ = self._assoc.contexts[context_id]
         message_id = self._next_id
         self._next_id = (self._next_id % 0xFFFF) + 1
-        extra: dict[int, bytes] = {}
-        if move_originator is not None:  # Move Originator AE Title and Message ID, PS3.7 Table 9.3-1
-            extra[0x1030] = move_originator[0].encode("ascii").ljust(16)
-            extra[0x1031] = struct.pack("<H", move_originator[1])
         self._response = None
-        self._assoc._send_request(context_id, c_store_command(message_id, sop_class, sop_instance, extra), dataset)
+        command = c_store_command(message_id, sop_class, sop_instance, move_originator_elements(move_originator))
+        self._assoc._send_request(context_id, command, dataset)
         while self._response is None:
             self._assoc._read_pdu_while_busy()
         rsp, self._response = self._response, None
@@ -284,6 +287,9 @@ class Service:
     #: The requestor may take the SCP role by SCP/SCU Role Selection (PS3.7 D.3.3.4), as a
     #: Storage Commitment SCP does to send its N-EVENT-REPORT on a new association (PS3.4 J.3.3).
     requestor_scp: bool = False
+    #: Our Service-Class-Application-Information for a requestor's SOP Class Extended
+    #: Negotiation (PS3.7 D.3.3.5) of one of `sop_classes`, given what it proposed.
+    extended_negotiation: Callable[[bytes], bytes] | None = None
 
 
 @dataclass
@@ -329,6 +335,8 @@ class Acceptor:
             for service in self.services for uid in service.sop_classes
             for field, handler in service.handlers.items()
         }
+        self._extended = {uid: service.extended_negotiation for service in self.services
+                          for uid in service.sop_classes if service.extended_negotiation is not None}
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.listener.bind_address, self.listener.port))
@@ -546,6 +554,8 @@ class _Association:
         self.peer = Peer(conn.address, conn.port)
         self.name = acceptor.name
         self.contexts: dict[int, tuple[str, str]] = {}  # id -> (abstract syntax, transfer syntax)
+        #: SOP class -> the Service-Class-Application-Information we answered (PS3.7 D.3.3.5).
+        self.extended: dict[str, bytes] = {}
         self.peer_max_pdu = 0
         self.associated = False
         #: Contexts on which the requestor took the SCP role (we may send C-STORE-RQs there).
@@ -662,12 +672,31 @@ class _Association:
         ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         iv = ImplementationVersionNameNotification()
         iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        prim.user_information = [ml, ic, iv, *role_items]
+        prim.user_information = [ml, ic, iv, *role_items, *self._extended_negotiation(rq)]
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(prim)
         LOG.debug("%s: association from %s accepted: %d of %d context(s)", self.name, self.peer,
                   len(self.contexts), len(results))
         return pdu.encode()
+
+    def _extended_negotiation(self, rq: A_ASSOCIATE) -> list[SOPClassExtendedNegotiation]:
+        """Answers to the SOP Class Extended Negotiation items of accepted SOP classes whose
+        service negotiates (PS3.7 D.3.3.5); the others get none (not supported)."""
+        accepted = {abstract for abstract, _ in self.contexts.values()}
+        answers = []
+        for item in rq.user_information:
+            if not isinstance(item, SOPClassExtendedNegotiation) or str(item.sop_class_uid) not in accepted:
+                continue
+            answer = self.acceptor._extended.get(str(item.sop_class_uid))
+            if answer is None:
+                continue
+            info = answer(bytes(item.service_class_application_information or b""))
+            out = SOPClassExtendedNegotiation()
+            out.sop_class_uid = item.sop_class_uid
+            out.service_class_application_information = info
+            self.extended[str(item.sop_class_uid)] = info
+            answers.append(out)
+        return answers
 
     # -- data transfer (Sta6) ----------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
-"""Listening AEs: the disk server (Storage SCP into the archive) with Verification SCP.
+"""Listening AEs: the disk server (Storage SCP into the archive) with Verification SCP and the
+Query/Retrieve SCP.
 
-Storage Service Class SCP, PS3.4 Annex B; Verification SCP, PS3.4 Annex A.
+Storage Service Class SCP, PS3.4 Annex B; Verification SCP, PS3.4 Annex A; Query/Retrieve SCP,
+PS3.4 Annex C (:mod:`modality_link.net.qr`).
 
 Served by our own acceptor (`modality_link.net.acceptor`): each data set is written to its
 archive file as its fragments arrive, without being decoded; only its header is parsed to
@@ -32,7 +34,7 @@ from pydicom.uid import (
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from modality_link.archive import Archive, ArchiveError, IncomingInstance
-from modality_link.config import Listener, Timeouts
+from modality_link.config import Listener, Node, Timeouts
 from modality_link.db import InstanceRecord
 from modality_link.net.acceptor import (
     C_ECHO_RQ,
@@ -46,6 +48,7 @@ from modality_link.net.acceptor import (
     Service,
 )
 from modality_link.net.commitment import STORAGE_COMMITMENT_PUSH, Report, ReportHandler
+from modality_link.net.qr import QrContext, qr_services
 from modality_link.net.status import CANNOT_UNDERSTAND, PROCESSING_FAILURE, SUCCESS
 
 LOG = logging.getLogger("modality_link.net.servers")
@@ -142,6 +145,7 @@ class StorageServer:
         on_stored: Callable[[InstanceRecord], None] | None = None,
         name: str = "disk server",
         on_report: Callable[[Report], None] | None = None,
+        nodes: Callable[[], dict[str, Node]] | None = None,
     ) -> None:
         self.listener = listener
         self.archive = archive
@@ -151,9 +155,13 @@ class StorageServer:
         self._count_lock = threading.Lock()
         services = [
             Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
+            # requestor_scp: a C-GET requestor takes the SCP role to receive its sub-operations
+            # (PS3.4 C.4.3.3, PS3.7 D.3.3.4)
             Service([str(cx.abstract_syntax) for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
-                    {C_STORE_RQ: StoreHandler(self)}),
+                    {C_STORE_RQ: StoreHandler(self)}, requestor_scp=nodes is not None),
         ]
+        if nodes is not None:  # Query/Retrieve (PS3.4 Annex C), C-MOVE destinations from `nodes`
+            services += qr_services(QrContext(archive, listener, timeouts, nodes))
         if on_report is not None:  # Storage Commitment reports on a new association (PS3.4 J.3.3)
             services.append(Service([STORAGE_COMMITMENT_PUSH], DECODED_TRANSFER_SYNTAXES,
                                     {N_EVENT_REPORT_RQ: ReportHandler(on_report)}, requestor_scp=True))

@@ -48,6 +48,15 @@ CANCEL = 0xFE00
 #: C-FIND (PS3.4 K.4.1.1.4): a match follows; FF01 also says optional keys were not supported.
 PENDING = 0xFF00
 PENDING_WARNING = 0xFF01
+#: Query/Retrieve (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4): A702 no sub-operation could be done,
+#: A801 unknown move destination, A900 identifier does not match the SOP class, C000 unable to
+#: process (C001: a unique key is missing), B000 sub-operations complete with failures.
+SUB_OPERATIONS_IMPOSSIBLE = 0xA702
+MOVE_DESTINATION_UNKNOWN = 0xA801
+IDENTIFIER_MISMATCH = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+MISSING_UNIQUE_KEYS = 0xC001
+SOME_SUB_OPERATIONS_FAILED = 0xB000
 
 
 class Category:

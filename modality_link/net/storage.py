@@ -123,6 +123,14 @@ def c_store_command(message_id: int, sop_class: str, sop_instance: str, extra: d
     })
 
 
+def move_originator_elements(move_originator: tuple[str, int] | None) -> dict[int, bytes]:
+    """Move Originator Application Entity Title and Message ID (PS3.7 Table 9.3-1), if any."""
+    if move_originator is None:
+        return {}
+    title, message_id = move_originator
+    return {0x1030: title.encode("ascii", "replace").ljust(16), 0x1031: struct.pack("<H", message_id)}
+
+
 class AssociationPool:
     """Send associations kept open between jobs to the same destination (docs/design.md "Sending
     and commitment").
@@ -225,7 +233,7 @@ class AssociationPool:
 
 
 @dataclass
-class _Ready:
+class Ready:
     """An instance ready to go: its presentation context and its data set, in memory or as an
     open file positioned at the data set with `size` bytes to send."""
 
@@ -240,15 +248,14 @@ class _Ready:
             self.data.close()
 
 
-def _prepare(inst: Instance, assoc: Requestor, accepted: dict[str, list[tuple[int, str]]]) -> _Ready | Outcome:
-    """Choose the context among `accepted` (:meth:`Requestor.accepted`), convert when needed
-    and read the file; an Outcome when it cannot be sent."""
-    contexts = accepted.get(inst.sop_class_uid, [])
+def prepare(inst: Instance, contexts: Sequence[tuple[int, str]], rejected: Callable[[], str]) -> Ready | Outcome:
+    """Choose the context among the (context ID, transfer syntax) accepted for the instance's
+    SOP class, convert when needed and read the file; an Outcome when it cannot be sent
+    (`rejected` says why its SOP class has no context)."""
     ts = choose_syntax(inst.transfer_syntax, [t for _, t in contexts])
     if ts is None:
         if not contexts:
-            reason = assoc.rejected().get(inst.sop_class_uid, "not proposed")
-            why = f"the peer rejected its SOP class (presentation context: {reason})"
+            why = f"the peer rejected its SOP class (presentation context: {rejected()})"
         else:
             why = (f"the peer accepts none of the transfer syntaxes it can be sent in "
                    f"(stored as {inst.transfer_syntax})")
@@ -269,14 +276,14 @@ def _prepare(inst: Instance, assoc: Requestor, accepted: dict[str, list[tuple[in
             fp.close()
             if len(data) % 2:  # a deflated data set of odd length (DCMTK's dcmconv +td writes
                 data += b"\x00"  # them) gets a pad byte: DCMTK's storescp refuses an odd PDV
-            return _Ready(context_id, memoryview(data))
-        return _Ready(context_id, fp, size - start)
+            return Ready(context_id, memoryview(data))
+        return Ready(context_id, fp, size - start)
     except (OSError, Part10Error, struct.error) as exc:
         fp.close()
         return Outcome("failed", None, f"not sent: cannot read {inst.path.name}: {exc}")
 
 
-def _converted(inst: Instance, ts: str, context_id: int) -> _Ready | Outcome:
+def _converted(inst: Instance, ts: str, context_id: int) -> Ready | Outcome:
     """`inst` converted to `ts` in memory (a decompressed image is in memory anyway)."""
     try:
         out = transcode.transcode(inst.path, ts)
@@ -291,7 +298,7 @@ def _converted(inst: Instance, ts: str, context_id: int) -> _Ready | Outcome:
     else:
         LOG.info("%s: converted from %s to %s for the peer", inst.sop_instance_uid,
                  out.source_syntax.name, out.transfer_syntax.name)
-    return _Ready(context_id, memoryview(out.data), note=note)
+    return Ready(context_id, memoryview(out.data), note=note)
 
 
 def store_instances(
@@ -299,25 +306,30 @@ def store_instances(
     instances: Sequence[Instance],
     on_result: Callable[[Instance, Outcome], bool],
     should_stop: Callable[[], bool] = lambda: False,
+    move_originator: tuple[str, int] | None = None,
 ) -> None:
     """C-STORE each instance on `assoc`; call ``on_result(instance, outcome)`` after each, in order.
 
     A file whose transfer syntax was accepted goes out as its bytes on disk after the File
     Meta Information, never decoded; the next file is read while the peer stores the current
-    one. `on_result` returns False to stop the batch (the node's failure policy "stop"). Raises
-    :class:`AssociationLost` when the association is aborted or the connection lost.
+    one. `on_result` returns False to stop the batch (the node's failure policy "stop"). The
+    C-STORE-RQs of a C-MOVE name its `move_originator` (AE title, Message ID; PS3.7 Table 9.3-1).
+    Raises :class:`AssociationLost` when the association is aborted or the connection lost.
     """
     accepted = assoc.accepted()
-    queue = ((inst, _prepare(inst, assoc, accepted)) for inst in instances)
+    queue = ((inst, prepare(inst, accepted.get(inst.sop_class_uid, []),
+                            lambda: assoc.rejected().get(inst.sop_class_uid, "not proposed")))
+             for inst in instances)
     ahead = next(queue, None)
     try:
         while ahead is not None:
             if should_stop():
                 return
             (inst, ready), ahead = ahead, None
-            if isinstance(ready, _Ready):
+            if isinstance(ready, Ready):
                 try:
-                    command = c_store_rq(assoc.next_message_id(), inst.sop_class_uid, inst.sop_instance_uid)
+                    command = c_store_command(assoc.next_message_id(), inst.sop_class_uid, inst.sop_instance_uid,
+                                              move_originator_elements(move_originator))
                     assoc.send_message(ready.context_id, command, ready.data, ready.size)
                 finally:
                     ready.close()
@@ -331,7 +343,7 @@ def store_instances(
             if not on_result(inst, outcome):
                 return
     finally:
-        if ahead is not None and isinstance(ahead[1], _Ready):
+        if ahead is not None and isinstance(ahead[1], Ready):
             ahead[1].close()
 
 
