@@ -493,9 +493,12 @@ def test_the_service_answers_and_moves_to_its_nodes(short_tmp: Path) -> None:
         found, log = findscu(svc.port, "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={STUDY_B}",
                              "SeriesInstanceUID", "NumberOfSeriesRelatedInstances", out=short_tmp / "find")
         assert [(ds.SeriesInstanceUID, ds.NumberOfSeriesRelatedInstances) for ds in found] == [(f"{STUDY_B}.1", 3)], log
+        (before,) = svc.call("studies.list")
         log = movescu(svc.port, "STORESCP", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY_B}")
         assert re.search(r"Completed Suboperations +: 3", log), log[-1500:]
         assert sorted(dataset_bytes(p) for p in out.iterdir()) == sorted(dataset_bytes(p) for p in files)
+        (after,) = svc.call("studies.list")  # a retrieve is a use (docs/design.md "Disk clean-up")
+        assert after["last_used"] > before["last_used"]
     finally:
         svc.stop()
         storescp.terminate()
