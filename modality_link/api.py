@@ -102,6 +102,9 @@ class Api:
         table: dict[str, Callable[..., Any]] = {
             "status": self.status,
             "studies.list": self.studies_list,
+            "studies.protect": self.studies_protect,
+            "studies.unprotect": self.studies_unprotect,
+            "cleanup": self.cleanup,
             "archive.import": self.archive_import,
             "nodes.list": self.nodes_list,
             "nodes.echo": self.nodes_echo,
@@ -169,7 +172,40 @@ class Api:
         db = self.service.db
         assert db is not None
         counts = db.jobs.node_counts()
-        return [{**s.to_dict(), "nodes": counts.get(s.study_uid, {})} for s in db.index.studies()]
+        usage = db.index.usage()
+        out = []
+        for s in db.index.studies():
+            use = usage.get(s.study_uid)
+            out.append({**s.to_dict(), "nodes": counts.get(s.study_uid, {}),
+                        "protected": use.protected if use else False, "last_used": use.last_used if use else None})
+        return out
+
+    def studies_protect(self, study_uid: str) -> dict[str, Any]:
+        """Keep a study from the disk clean-up (docs/design.md "Disk clean-up")."""
+        return self._protect(study_uid, True)
+
+    def studies_unprotect(self, study_uid: str) -> dict[str, Any]:
+        return self._protect(study_uid, False)
+
+    def _protect(self, study_uid: str, protected: bool) -> dict[str, Any]:
+        db = self.service.db
+        assert db is not None
+        if not isinstance(study_uid, str) or not study_uid:
+            raise Invalid("give study_uid, a Study Instance UID")
+        if not db.index.protect(study_uid, protected):
+            raise NotFound(f"no study {study_uid} in the archive")
+        LOG.info("study %s %s", study_uid, "protected" if protected else "no longer protected")
+        if not protected and self.service.cleaner is not None:
+            self.service.cleaner.reconsider()  # it may go now
+        return {"study_uid": study_uid, "protected": protected}
+
+    def cleanup(self, dry_run: bool = False) -> dict[str, Any]:
+        """Run the disk clean-up now, or say what it would delete (docs/design.md "Disk clean-up")."""
+        cleaner = self.service.cleaner
+        assert cleaner is not None
+        if not isinstance(dry_run, bool):
+            raise Invalid("cleanup: dry_run is true or false")
+        return cleaner.run(dry_run=dry_run)
 
     def archive_import(self, paths: list[str]) -> dict[str, Any]:
         """Import files or folders; the auto-send rule "exam" takes each imported study as a

@@ -8,6 +8,11 @@ again by :meth:`Archive.reconcile`), or an indexed complete file: never a half-w
 file. A received instance (:meth:`Archive.receive`) is written as it arrives and indexed by a
 background thread after it was acknowledged; the release of its association waits for that.
 
+A study leaves the archive only by :meth:`Archive.delete_study` (the disk clean-up,
+docs/design.md "Disk clean-up"): its instances are marked in the index, its files removed, then
+its rows, while no instance may be installed into it; :meth:`Archive.reconcile` finishes a
+deletion a crash interrupted.
+
 Paths are built from the Study, Series and SOP Instance UIDs of the dataset, after each was
 checked to be a valid UID (PS3.5 §9.1: 1-64 characters, digits and dots, no empty component and
 no leading zero). A UID that came over the wire never reaches the file system unchecked.
@@ -31,6 +36,7 @@ import uuid
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -366,12 +372,16 @@ class Archive:
     min_free_mb: int = 512
     #: Called with (code, message) when the operator must be told (disk full...).
     on_alert: Callable[[str, str], None] | None = None
+    #: Called after an instance was indexed (the disk clean-up checks the space, debounced).
+    on_indexed: Callable[[], None] | None = None
     _dir_sync: "DirectorySync" = field(init=False, repr=False)
     _indexer: "Indexer" = field(init=False, repr=False)
+    _guard: "StudyGuard" = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._dir_sync = DirectorySync()
-        self._indexer = Indexer(lambda rec: self._index(rec, flush=False))
+        self._guard = StudyGuard()
+        self._indexer = Indexer(self._index_received)
 
     @property
     def tmp_dir(self) -> Path:
@@ -413,20 +423,21 @@ class Archive:
         rec.path = self.path_for(rec)
         meta = encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax, source_ae)
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        try:
-            with open(src, "rb") as fin, open(part, "wb") as fout:
-                fout.write(meta)
-                fout.flush()
-                _copy_from(src, _dataset_offset(fin), fout.fileno())
-                rec.size = os.fstat(fout.fileno()).st_size
-                self._install(fout.fileno(), part, rec)
-        except OSError as exc:
-            part.unlink(missing_ok=True)
-            raise self._no_space(exc) from None
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
-        self._index(rec)
+        with self._guard.installing([rec.study_uid]):
+            try:
+                with open(src, "rb") as fin, open(part, "wb") as fout:
+                    fout.write(meta)
+                    fout.flush()
+                    _copy_from(src, _dataset_offset(fin), fout.fileno())
+                    rec.size = os.fstat(fout.fileno()).st_size
+                    self._install(fout.fileno(), part, rec)
+            except OSError as exc:
+                part.unlink(missing_ok=True)
+                raise self._no_space(exc) from None
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+            self._index(rec)
         return rec
 
     def stage_coerced(self, coerced: "Coerced", src: Path, rec: InstanceRecord) -> "Staged":
@@ -460,18 +471,19 @@ class Archive:
         """Make staged files durable as one group - each flushed, renamed, and each directory
         fsynced once - and index them. On an error the files not yet renamed are removed (those
         renamed are complete archive files, indexed by ``reconcile``)."""
-        try:
+        with self._guard.installing([staged.rec.study_uid for staged in group]):
+            try:
+                for staged in group:
+                    staged.synced.result()
+                self._rename_durably([(staged.part, staged.rec) for staged in group])
+            except OSError as exc:
+                self.discard_staged(group)
+                raise self._no_space(exc) from None
+            except BaseException:
+                self.discard_staged(group)
+                raise
             for staged in group:
-                staged.synced.result()
-            self._rename_durably([(staged.part, staged.rec) for staged in group])
-        except OSError as exc:
-            self.discard_staged(group)
-            raise self._no_space(exc) from None
-        except BaseException:
-            self.discard_staged(group)
-            raise
-        for staged in group:
-            self._index(staged.rec, flush=False)  # reconcile() rebuilds these rows from the files
+                self._index(staged.rec, flush=False)  # reconcile() rebuilds these rows from the files
         return [staged.rec for staged in group]
 
     @staticmethod
@@ -509,10 +521,29 @@ class Archive:
         old = self.db.index.add(rec, flush)
         if old is not None and old != rec.path:
             (self.root / old).unlink(missing_ok=True)
+        if self.on_indexed is not None:
+            self.on_indexed()
+
+    def _install_received(self, part: Path, rec: InstanceRecord) -> None:
+        """Install a received instance whose file was flushed; its study stays guarded against
+        deletion until the indexer has written its row (:meth:`_index_received`)."""
+        self._guard.enter([rec.study_uid])
+        try:
+            self._install(None, part, rec)
+        except BaseException:
+            self._guard.leave([rec.study_uid])
+            raise
+
+    def _index_received(self, rec: InstanceRecord) -> None:
+        try:
+            self._index(rec, flush=False)
+        finally:
+            self._guard.leave([rec.study_uid])
 
     def index_later(self, rec: InstanceRecord, then: Callable[[InstanceRecord], None] | None = None) -> int:
-        """Queue the index row of a durable file; return a ticket for :meth:`wait_indexed`.
-        `then` is called with the record once it is indexed."""
+        """Queue the index row of a file :meth:`IncomingInstance.finish` installed (every such
+        file must be queued); return a ticket for :meth:`wait_indexed`. `then` is called with
+        the record once it is indexed."""
         return self._indexer.put(rec, then)
 
     def wait_indexed(self, ticket: int | None = None, timeout: float = 60.0) -> bool:
@@ -532,14 +563,68 @@ class Archive:
                 except (ArchiveError, OSError) as exc:
                     yield f, exc
 
+    # -- deleting studies (docs/design.md "Disk clean-up") -------------------------------------------
+
+    def delete_study(self, study_uid: str, mark: Callable[[], Sequence[str] | None], timeout: float = 10.0) -> bool:
+        """Delete a study's files and index rows, crash-safe; whether it was deleted.
+
+        No instance is installed into the study meanwhile (an association storing into it waits),
+        and none whose row is still on its way is overlooked: the deletion starts once they are
+        indexed (within `timeout`, else the study stays). `mark()` checks once more that the
+        study may go and records its instances as being deleted in one transaction, returning
+        the relative paths of their files (or None: it stays); the files are removed and their
+        directories synced, then the rows removed in one transaction."""
+        if not self._guard.begin_delete(study_uid, timeout):
+            return False
+        try:
+            paths = mark()
+            if paths is None:
+                return False
+            self._delete_marked(study_uid, paths)
+            return True
+        finally:
+            self._guard.end_delete(study_uid)
+
+    def finish_deletions(self) -> int:
+        """Finish the deletions a crash interrupted (at start, before anything is indexed again);
+        how many studies."""
+        pending = self.db.retention.pending_deletions()
+        for study_uid, paths in pending.items():
+            LOG.warning("archive: finishing the deletion of study %s (%d file(s)) an earlier stop interrupted",
+                        study_uid, len(paths))
+            self._delete_marked(study_uid, paths)
+        return len(pending)
+
+    def _delete_marked(self, study_uid: str, paths: Sequence[str]) -> None:
+        """Remove the marked files and the directories left empty, make that durable (a file
+        that came back after a power cut would be indexed again), then the rows and marks."""
+        series_dirs = dict.fromkeys((self.root / p).parent for p in paths)
+        for p in paths:
+            (self.root / p).unlink(missing_ok=True)
+        to_sync: dict[Path, None] = {}
+        for d in (*series_dirs, *dict.fromkeys(d.parent for d in series_dirs)):
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:  # not empty: instances of the study that are not deleted
+                to_sync[d] = None
+            else:
+                to_sync[d.parent] = None
+        for d in to_sync:
+            if d.is_dir():
+                self._dir_sync.sync(d)
+        self.db.retention.finish_deleting(study_uid)
+
     def reconcile(self) -> int:
         """Index archive files that a crash left unindexed (and read again those indexed before
         the Query/Retrieve keys were), delete stale temporaries; return how many were unindexed."""
         for part in self.tmp_dir.glob("*.part"):
             part.unlink(missing_ok=True)
+        self.finish_deletions()  # first: no file of a study being deleted is indexed again
         known = self.db.index.paths()
         added = 0
-        # rows indexed before the Query/Retrieve keys were (schema version 6) are read again
+        # rows indexed before the Query/Retrieve keys were (schema version 7) are read again
         stale = set(self.db.index.paths_without_keys())
         for f in self.root.glob("*/*/*.dcm"):
             rel = f.relative_to(self.root).as_posix()
@@ -707,7 +792,7 @@ class IncomingInstance:
                 synced.result()
             rec.path = self.archive.path_for(rec)
             rec.size = self._file.tell()
-            self.archive._install(None, self.part, rec)
+            self.archive._install_received(self.part, rec)
         except OSError as exc:
             self.discard()
             raise self.archive._no_space(exc) from None
@@ -730,6 +815,61 @@ def _flusher() -> ThreadPoolExecutor:
         if _FLUSHER is None:
             _FLUSHER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="archive-fdatasync")
         return _FLUSHER
+
+
+class StudyGuard:
+    """Installs into a study against its deletion (docs/design.md "Disk clean-up"): an install
+    counts from the rename of its file until its index row is written; a deletion waits until
+    none counts, and installs into the study wait until the deletion has ended."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._installing: dict[str, int] = {}
+        self._deleting: set[str] = set()
+
+    def enter(self, study_uids: Iterable[str]) -> None:
+        studies = sorted(set(study_uids))
+        with self._cond:
+            self._cond.wait_for(lambda: self._deleting.isdisjoint(studies))
+            for uid in studies:
+                self._installing[uid] = self._installing.get(uid, 0) + 1
+
+    def leave(self, study_uids: Iterable[str]) -> None:
+        with self._cond:
+            for uid in set(study_uids):
+                left = self._installing.get(uid, 0) - 1
+                if left > 0:
+                    self._installing[uid] = left
+                else:
+                    self._installing.pop(uid, None)
+            self._cond.notify_all()
+
+    @contextmanager
+    def installing(self, study_uids: Iterable[str]) -> Iterator[None]:
+        studies = list(study_uids)
+        self.enter(studies)
+        try:
+            yield
+        finally:
+            self.leave(studies)
+
+    def begin_delete(self, study_uid: str, timeout: float) -> bool:
+        """Hold new installs into the study and wait for those under way; False (and nothing
+        held) when they have not ended within `timeout` seconds."""
+        with self._cond:
+            if study_uid in self._deleting:
+                return False
+            self._deleting.add(study_uid)
+            if self._cond.wait_for(lambda: study_uid not in self._installing, timeout):
+                return True
+            self._deleting.discard(study_uid)
+            self._cond.notify_all()
+            return False
+
+    def end_delete(self, study_uid: str) -> None:
+        with self._cond:
+            self._deleting.discard(study_uid)
+            self._cond.notify_all()
 
 
 class DirectorySync:

@@ -265,6 +265,7 @@ class Burns:
         resumed = bool(earlier)
         params.setdefault("started_at", time.time())
         files, uid_of = self._files(job_id)
+        self._db.index.touch_instances(list(uid_of.values()))  # a use: docs/design.md "Disk clean-up"
         drive = open_drive(params["drive"]) if params.get("drive") else None
         iso_out = Path(params["iso"]) if params.get("iso") else None
         target = params["target"]

@@ -147,7 +147,23 @@ def cmd_import(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if not res["failed"] else EXIT_FAILED
 
 
+def _when(t: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "-"
+
+
 def cmd_studies(args: argparse.Namespace, home: Home) -> int:
+    if args.action in ("protect", "unprotect"):
+        if not args.uid:
+            print(f"modality-link: studies {args.action} STUDY_UID", file=sys.stderr)
+            return EXIT_USAGE
+        res = _call(home, f"studies.{args.action}", study_uid=args.uid)
+        if args.json:
+            _out(res)
+        else:
+            print(f"{res['study_uid']}: {'protected' if res['protected'] else 'not protected'}")
+        return EXIT_OK
     studies = _call(home, "studies.list")
     if args.json:
         _out(studies)
@@ -158,8 +174,31 @@ def cmd_studies(args: argparse.Namespace, home: Home) -> int:
         )
         print(
             f"{s['study_uid']}  {s['patient_id']:<12} {s['patient_name']:<28} "
-            f"{s['study_date']} {s['modalities'] or '':<5} {s['instances']:>5} instances {nodes}".rstrip()
+            f"{s['study_date']} {s['modalities'] or '':<5} {s['instances']:>5} instances "
+            f"used {_when(s.get('last_used'))}{' PROTECTED' if s.get('protected') else ''} {nodes}".rstrip()
         )
+    return EXIT_OK
+
+
+def cmd_cleanup(args: argparse.Namespace, home: Home) -> int:
+    res = _call(home, "cleanup", dry_run=args.dry_run)
+    if args.json:
+        _out(res)
+        return EXIT_OK
+    before, after = res["before"], res["after"]
+    of = "of the quota" if before["quota"] else "of the file system less the reserve"
+    print(f"archive {before['percent']:.1f} % {of} used (high mark {res['high']} %, low mark {res['low']} %)")
+    if not res["above_high"]:
+        print("below the high mark: nothing to delete")
+    verb = "would delete" if res["dry_run"] else "deleted"
+    for st in res["deleted"]:
+        print(f"{verb} {st['study_uid']}  {st['patient_id']:<12} {st['patient_name']:<28} {st['study_date']} "
+              f"{st['instances']:>5} instances {st['bytes'] / 1e6:8.1f} MB  last used {_when(st['last_used'])}")
+    if res["deleted"]:
+        print(f"{verb} {len(res['deleted'])} study(ies), {res['deleted_bytes'] / 1e6:.1f} MB: "
+              f"{after['percent']:.1f} % {'would be' if res['dry_run'] else 'is'} used")
+    for reason, kept in res["blocked"].items():
+        print(f"kept ({reason}): {kept['studies']} study(ies), {kept['bytes'] / 1e6:.1f} MB")
     return EXIT_OK
 
 
@@ -497,9 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("paths", nargs="+")
     i.set_defaults(func=cmd_import)
 
-    so = sub.add_parser("studies", help="list the archive's studies")
+    so = sub.add_parser("studies", help="list the archive's studies; protect one from the disk clean-up, or not")
+    so.add_argument("action", nargs="?", choices=["list", "protect", "unprotect"], default="list",
+                    help="list (default), protect STUDY_UID or unprotect STUDY_UID")
+    so.add_argument("uid", nargs="?", help="protect, unprotect: the Study Instance UID")
     so.add_argument("--json", action="store_true")
     so.set_defaults(func=cmd_studies)
+
+    cu = sub.add_parser("cleanup", help="run the disk clean-up now: delete least recently used studies that "
+                                        "are safe to delete, down to the low mark")
+    cu.add_argument("--dry-run", action="store_true", help="only list what it would delete, and what it keeps")
+    cu.add_argument("--json", action="store_true")
+    cu.set_defaults(func=cmd_cleanup)
 
     m = sub.add_parser("memory", help="the memory server's cache: list it, export an instance, clear it")
     m.add_argument("action", nargs="?", choices=["list", "export", "clear"], default="list",

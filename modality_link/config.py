@@ -171,9 +171,22 @@ class Archive:
 
     #: Free space (MiB) to keep on the archive's file system; below it C-STORE answers A700.
     min_free_mb: int = 512
+    #: The most the archive should hold (MiB); 0: no quota, only the file system's space counts.
+    quota_mb: int = 0
+    #: Disk clean-up (docs/design.md "Disk clean-up"): above `cleanup_high` percent of the quota
+    #: (or of the file system, less the reserve) used, delete least recently used studies that
+    #: are safe to delete until `cleanup_low` percent is reached.
+    cleanup_high: int = 90
+    cleanup_low: int = 75
 
     def validate(self, prefix: str) -> None:
         _check_range(f"{prefix}.min_free_mb", self.min_free_mb, 0, 10**9)
+        _check_range(f"{prefix}.quota_mb", self.quota_mb, 0, 10**9)
+        _check_range(f"{prefix}.cleanup_high", self.cleanup_high, 1, 100)
+        _check_range(f"{prefix}.cleanup_low", self.cleanup_low, 0, 99)
+        if self.cleanup_low >= self.cleanup_high:
+            raise ConfigError(f"{prefix}.cleanup_low: must be below cleanup_high ({self.cleanup_high}), "
+                              f"not {self.cleanup_low}")
 
 
 @dataclass

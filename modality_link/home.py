@@ -74,6 +74,10 @@ class Home(NamedTuple):
         return config.load(self.config_path)
 
 
+#: The archive quota of a demo's or a test's home (MiB).
+TEMPORARY_QUOTA_MB = 10240
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that nothing listens on at the moment (the OS picks it)."""
     with socket.socket() as s:
@@ -95,12 +99,17 @@ def temporary_home(
     short, the IPC socket path must stay under the 108 bytes of ``sun_path`` (unix(7)).
     `disk_server` False disables the disk server. `settings` are further config values named
     ``section__key`` (``timeouts__connect=1.0``). The caller removes the folder.
+
+    A new home's archive gets a quota (:data:`TEMPORARY_QUOTA_MB`): the disk clean-up then
+    measures the archive itself, not the machine's disk, which may happen to be nearly full
+    (docs/design.md "Disk clean-up").
     """
     import tempfile
 
     from modality_link import config
 
     home = Home(Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=prefix)))
+    new = not home.config_path.exists()
     home.ensure()
     if len(bytes(home.socket_path)) >= 108:
         raise ValueError(f"{home.socket_path}: a Unix socket path must be shorter than 108 bytes")
@@ -111,6 +120,8 @@ def temporary_home(
     cfg.memory_server.port = free_port()
     cfg.memory_server.bind_address = "127.0.0.1"
     cfg.nodes.update(nodes or {})
+    if new:
+        cfg.archive.quota_mb = TEMPORARY_QUOTA_MB
     for key, value in settings.items():
         section, name = key.split("__")
         setattr(getattr(cfg, section), name, value)

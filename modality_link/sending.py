@@ -91,6 +91,7 @@ class Sending:
         job_id = job.id
         self.db.jobs.reset_items(job_id)  # failed items get another chance in this attempt
         pending = [it.item for it in self.db.jobs.items(job_id, "pending")]
+        self.db.index.touch_instances(pending)  # a use: docs/design.md "Disk clean-up"
         instances = [
             storage.Instance(r.sop_instance_uid, r.sop_class_uid, r.transfer_syntax, self.archive_root / r.path)
             for r in archived(self.db, job_id, pending)

@@ -1,9 +1,9 @@
 """The long-running service: wiring only.
 
-It builds the database, the archive, the memory cache, the job queue, the listening AEs and the
-IPC server from the config, starts and stops them. The IPC methods are in `modality_link.api`,
-the DICOM work in `modality_link.net`, the storage in `modality_link.archive`, the schema in
-`modality_link.db`, the protocol in `modality_link.ipc`.
+It builds the database, the archive, the memory cache, the job queue, the disk clean-up, the
+listening AEs and the IPC server from the config, starts and stops them. The IPC methods are in
+`modality_link.api`, the DICOM work in `modality_link.net`, the storage in `modality_link.archive`,
+the schema in `modality_link.db`, the protocol in `modality_link.ipc`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from modality_link.api import Api
 from modality_link.archive import Archive
 from modality_link.autosend import AutoSend
 from modality_link.burns import Burns
+from modality_link.cleanup import Cleaner
 from modality_link.db import Database, InstanceRecord
 from modality_link.exam import ExamManager
 from modality_link.home import Home
@@ -93,6 +94,7 @@ class Service:
         self._stop = threading.Event()
         self._lock_file: Any = None
         self.burns: Burns | None = None
+        self.cleaner: Cleaner | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -106,10 +108,13 @@ class Service:
         found = self.archive.reconcile()
         if found:
             LOG.warning("archive: indexed %d file(s) left unindexed by an earlier stop", found)
+        cleaner = self.cleaner = Cleaner(self.archive, lambda: self.config, self.alert)
+        self.archive.on_indexed = cleaner.poke
         # the job kinds register with the queue before its workers start
         self.jobs = JobQueue(self.db, lambda: self.config, self.publish, self.alert)
         self.sending = Sending(self.jobs, self.home.archive_dir, lambda: self.config)
-        self.commitment = StorageCommitment(self.jobs, self.sending, lambda: self.config, self.alert)
+        self.commitment = StorageCommitment(self.jobs, self.sending, lambda: self.config, self.alert,
+                                            on_committed=cleaner.reconsider)
         self.retrieving = Retrieving(self.jobs, lambda: self.config)
         self.mpps = MppsOutbox(self.db, lambda: self.config, self.alert, self.publish)
         self.burns = Burns(
@@ -130,6 +135,7 @@ class Service:
         self.ipc = IpcServer(self.home.socket_path, Api(self).methods())
         self.ipc.start()
         self.jobs.start()
+        cleaner.start()
         self.started_at = time.time()
         LOG.info("modality_link %s serving home %s (pid %d)", __version__, self.home.root, os.getpid())
 
@@ -165,6 +171,9 @@ class Service:
             self.memory_server = None
 
     def stop(self) -> None:
+        if self.cleaner is not None:
+            self.cleaner.stop()
+            self.cleaner = None
         if self.jobs is not None:
             self.jobs.stop()
             self.jobs = None
@@ -200,6 +209,8 @@ class Service:
         if restart:
             self._stop_servers()
             self._start_servers()
+        if self.cleaner is not None:  # a new quota or new marks count at once
+            self.cleaner.reconsider()
         LOG.info("config reloaded%s", " (listeners restarted)" if restart else "")
         return restart
 

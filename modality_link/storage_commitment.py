@@ -42,12 +42,14 @@ class StorageCommitment:
     """The ``commit`` jobs of a queue."""
 
     def __init__(self, queue: JobQueue, sending: Sending, get_config: Callable[[], Config],
-                 alert: Callable[..., None]) -> None:
+                 alert: Callable[..., None], on_committed: Callable[[], None] | None = None) -> None:
         self.queue = queue
         self.db = queue.db
         self.sending = sending
         self.get_config = get_config
         self.alert = alert
+        #: Called after a report committed instances (they may now be deleted: docs/design.md "Disk clean-up").
+        self.on_committed = on_committed
         self._reports = commitment.ReportWaiter()
         queue.register(KIND, self.execute, max_attempts=_commit_attempts, on_retry=_new_transaction)
 
@@ -71,6 +73,8 @@ class StorageCommitment:
                 text = COMMITMENT.text(reason)
                 self.db.jobs.set_item(job_id, uid, "failed", reason, f"not committed: 0x{reason:04X} {text}")
         self.db.jobs.transaction_reported(rep.transaction_uid)
+        if committed and self.on_committed is not None:
+            self.on_committed()
         LOG.info("commitment report for transaction %s from %s: %d committed, %d failed%s",
                  rep.transaction_uid, rep.calling_ae or node, len(committed), len(rep.failed),
                  f" ({rep.failure_text()})" if rep.failed else "")

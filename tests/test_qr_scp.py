@@ -454,7 +454,7 @@ def test_c_get_converts_to_the_accepted_transfer_syntax(archived: Archived) -> N
 
 
 def test_reconcile_reads_again_rows_indexed_before_the_query_keys(archive: Archive, tmp_path: Path) -> None:
-    """Rows of an index from before schema version 6 have no optional keys: the start's
+    """Rows of an index from before schema version 7 have no optional keys: the start's
     reconcile() reads their files again, and then the keys are answered."""
     import sqlite3
 
@@ -493,9 +493,12 @@ def test_the_service_answers_and_moves_to_its_nodes(short_tmp: Path) -> None:
         found, log = findscu(svc.port, "-S", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={STUDY_B}",
                              "SeriesInstanceUID", "NumberOfSeriesRelatedInstances", out=short_tmp / "find")
         assert [(ds.SeriesInstanceUID, ds.NumberOfSeriesRelatedInstances) for ds in found] == [(f"{STUDY_B}.1", 3)], log
+        (before,) = svc.call("studies.list")
         log = movescu(svc.port, "STORESCP", "QueryRetrieveLevel=STUDY", f"StudyInstanceUID={STUDY_B}")
         assert re.search(r"Completed Suboperations +: 3", log), log[-1500:]
         assert sorted(dataset_bytes(p) for p in out.iterdir()) == sorted(dataset_bytes(p) for p in files)
+        (after,) = svc.call("studies.list")  # a retrieve is a use (docs/design.md "Disk clean-up")
+        assert after["last_used"] > before["last_used"]
     finally:
         svc.stop()
         storescp.terminate()

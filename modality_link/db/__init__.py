@@ -8,7 +8,8 @@ writes its tables and hands out typed rows (frozen dataclasses):
 - :mod:`.jobs`: the job queues (send, commit and burn jobs; MPPS messages), the per-node
   sent/committed state, commitment transactions;
 - :mod:`.exams`: the kept worklist, exams, their objects and series;
-- :mod:`.alerts`: what the operator must be told.
+- :mod:`.alerts`: what the operator must be told;
+- :mod:`.retention`: what the disk clean-up decides on, and the deletions under way.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 from modality_link.db.alerts import Alert, Alerts
 from modality_link.db.connection import Connection
 from modality_link.db.exams import Exam, ExamObject, Exams, ExamSeries, WorklistItem
-from modality_link.db.index import Index, InstanceRecord, InstanceRow, StudyRow
+from modality_link.db.index import Index, InstanceRecord, InstanceRow, StudyRow, StudyUse
 from modality_link.db.jobs import FINAL_STATES, CommitTransaction, Job, JobItem, Jobs
+from modality_link.db.retention import Retention, StudyFacts
 from modality_link.db.schema import migrate
 
 __all__ = [
     "Alert", "CommitTransaction", "Database", "Exam", "ExamObject", "ExamSeries", "FINAL_STATES",
-    "InstanceRecord", "InstanceRow", "Job", "JobItem", "Jobs", "StudyRow", "WorklistItem",
+    "InstanceRecord", "InstanceRow", "Job", "JobItem", "Jobs", "StudyFacts", "StudyRow", "StudyUse", "WorklistItem",
 ]
 
 
@@ -40,6 +42,7 @@ class Database:
         self.mpps_jobs = Jobs(self._conn, "mpps_jobs", "mpps_job_items")
         self.exams = Exams(self._conn)
         self.alerts = Alerts(self._conn)
+        self.retention = Retention(self._conn)
 
     def close(self) -> None:
         self._conn.close()

@@ -42,6 +42,10 @@ class Alerts:
         )
         return [Alert(r["id"], r["time"], r["level"], r["code"], r["message"], bool(r["cleared"])) for r in rows]
 
+    def raised(self, code: str) -> bool:
+        """Whether an alert of `code` is raised and not cleared."""
+        return self._conn.one("SELECT 1 FROM alerts WHERE code=? AND cleared=0 LIMIT 1", (code,)) is not None
+
     def clear(self, code: str | None = None) -> None:
         """Mark the alerts of `code` (every alert when None) cleared."""
         if code is None:

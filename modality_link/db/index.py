@@ -89,6 +89,17 @@ class StudyRow:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class StudyUse:
+    """When a study was last used - stored (its newest instance), sent, retrieved or burned -
+    and whether the operator protected it from the disk clean-up (docs/design.md "Disk
+    clean-up")."""
+
+    study_uid: str
+    last_used: float
+    protected: bool
+
+
 _INSTANCE = """SELECT i.sop_instance_uid, i.series_uid, se.study_uid, i.sop_class_uid, i.instance_number,
                       i.transfer_syntax, i.size, i.path, i.source_ae, i.received_at
                FROM instances i JOIN series se USING(series_uid)"""
@@ -241,6 +252,51 @@ class Index:
             (study_uid,),
         )
         return [InstanceRow(**r) for r in rows]
+
+    # -- use and protection of studies (docs/design.md "Disk clean-up") ---------------------------
+
+    def touch(self, study_uids: list[str]) -> None:
+        """The studies were used now (sent, retrieved by a peer, burned): the clean-up deletes
+        the least recently used first. Storing needs no call: an instance's received_at counts."""
+        now = time.time()
+        with self._conn.transaction(durable=False) as c:  # losing a touch only makes a study older
+            c.executemany(
+                """INSERT INTO study_usage(study_uid, used_at) VALUES (?,?)
+                   ON CONFLICT(study_uid) DO UPDATE SET used_at=excluded.used_at""",
+                [(uid, now) for uid in dict.fromkeys(study_uids)],
+            )
+
+    def touch_instances(self, sop_instance_uids: list[str]) -> None:
+        """:meth:`touch` the studies these instances belong to."""
+        studies: set[str] = set()
+        for i in range(0, len(sop_instance_uids), 500):
+            chunk = sop_instance_uids[i : i + 500]
+            studies |= {r[0] for r in self._conn.query(
+                f"""SELECT DISTINCT se.study_uid FROM instances i JOIN series se USING(series_uid)
+                    WHERE i.sop_instance_uid IN ({",".join("?" * len(chunk))})""", chunk)}
+        self.touch(sorted(studies))
+
+    def protect(self, study_uid: str, protected: bool) -> bool:
+        """Protect a study from the clean-up (or no longer); False when no such study is indexed."""
+        with self._conn.transaction() as c:
+            if c.execute("SELECT 1 FROM studies WHERE study_uid=?", (study_uid,)).fetchone() is None:
+                return False
+            c.execute(
+                """INSERT INTO study_usage(study_uid, protected) VALUES (?,?)
+                   ON CONFLICT(study_uid) DO UPDATE SET protected=excluded.protected""",
+                (study_uid, int(protected)),
+            )
+        return True
+
+    def usage(self) -> dict[str, StudyUse]:
+        """Every study's last use and protection, by Study Instance UID."""
+        rows = self._conn.query(
+            """SELECT se.study_uid, MAX(i.received_at) AS stored_at, u.used_at, COALESCE(u.protected, 0) AS protected
+               FROM series se JOIN instances i USING(series_uid)
+               LEFT JOIN study_usage u ON u.study_uid=se.study_uid GROUP BY se.study_uid"""
+        )
+        return {r["study_uid"]: StudyUse(r["study_uid"], max(r["stored_at"], r["used_at"] or 0.0), bool(r["protected"]))
+                for r in rows}
 
 
 _PATIENT_KEYS = """p.patient_id AS PatientID, p.patient_name AS PatientName, p.birth_date AS PatientBirthDate,

@@ -3,7 +3,8 @@
 The file holds the archive index at patient / study / series / instance level (the keys
 Query/Retrieve needs, PS3.4 C.6), the job queue with the per-node sent/committed state and the
 Storage Commitment transactions (PS3.4 J.3), worklist items, exams and their MPPS messages
-(PS3.4 Annex F), and the operator's alerts.
+(PS3.4 Annex F), the operator's alerts, and the archive's life cycle: when each study was last
+used, whether it is protected, the deletions under way (docs/design.md "Disk clean-up").
 
 ``MIGRATIONS[n]`` takes a file from version n to n + 1 (``PRAGMA user_version``); a new file runs
 them all. A migration never changes after it shipped: a change is a new one at the end.
@@ -233,7 +234,27 @@ MIGRATIONS = [
     UPDATE mpps_jobs SET after_id = (SELECT e.mpps_create_job FROM exams e WHERE e.mpps_set_job = mpps_jobs.id);
     DROP TABLE mpps_outbox;
     """,
-    # version 6: the optional keys the Query/Retrieve SCP answers (docs/design.md "Query/Retrieve
+    # version 6: the archive's life cycle (docs/design.md "Disk clean-up"). study_usage: when a
+    # study was last sent, retrieved or burned (its last store is its instances' received_at)
+    # and whether the operator protected it from clean-up; no foreign key, so that the row may
+    # be written for a study whose index rows are still on their way. deletions: the instances
+    # of a study being deleted, written in one transaction before any file goes; a start
+    # (Archive.reconcile) finishes what a crash interrupted.
+    """
+    CREATE TABLE study_usage (
+        study_uid TEXT PRIMARY KEY,
+        used_at REAL,                           -- last sent, retrieved or burned (NULL: never)
+        protected INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE deletions (
+        sop_instance_uid TEXT PRIMARY KEY,
+        study_uid TEXT NOT NULL,
+        path TEXT NOT NULL                      -- relative to the archive folder
+    );
+    CREATE INDEX deletions_study ON deletions(study_uid);
+    CREATE INDEX exams_study ON exams(study_uid, state);
+    """,
+    # version 7: the optional keys the Query/Retrieve SCP answers (docs/design.md "Query/Retrieve
     # SCP"): JSON, the series' {"keys": {keyword: text}, "requests": [[Requested Procedure ID,
     # Scheduled Procedure Step ID] of each Request Attributes Sequence item]} and the image's
     # {keyword: text}. NULL: indexed before this version; Archive.reconcile() reads those files

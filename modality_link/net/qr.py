@@ -618,6 +618,12 @@ class _Retrieve:
         scope = retrieve_scope(request.abstract_syntax, ds)
         return _instances(self.qr, self.qr.archive.db.index.qr_instances(scope))
 
+    def touch(self, uids: Sequence[str]) -> None:
+        """A retrieve is a use of the studies (docs/design.md "Disk clean-up": least recently
+        used go first)."""
+        if uids:
+            self.qr.archive.db.index.touch_instances(list(uids))
+
 
 class MoveHandler(_Retrieve):
     """C-MOVE SCP (PS3.4 C.4.2.3): the instances go to a configured node as C-STORE
@@ -669,6 +675,7 @@ class MoveHandler(_Retrieve):
                 assoc.release()
             else:
                 assoc.close()
+        self.touch(sorted(sent))
         counts.final(reply.cancelled() and counts.remaining > 0, comment)
 
 
@@ -691,13 +698,17 @@ class GetHandler(_Retrieve):
             reply(failure.status, str(failure))
             return
         counts = SubOperations(reply, request.transfer_syntax, len(instances))
+        sent: list[str] = []
         for inst in instances:
             if reply.cancelled():
+                self.touch(sent)
                 counts.final(True)
                 return
             ready = prepare(inst, reply.storage_contexts(inst.sop_class_uid),
                             lambda: "the requestor took no SCP role for it (PS3.7 D.3.3.4)")
             counts.done(inst.sop_instance_uid, self._store(reply, inst, ready))
+            sent.append(inst.sop_instance_uid)
+        self.touch(sent)
         counts.final(False)
 
     @staticmethod
