@@ -174,7 +174,7 @@ class Index:
 
     def paths_without_keys(self) -> list[str]:
         """Relative paths of the instances indexed before the Query/Retrieve keys were (schema
-        version 6): :meth:`Archive.reconcile` reads them again."""
+        version 7): :meth:`Archive.reconcile` reads them again."""
         rows = self._conn.query(
             """SELECT i.path FROM instances i JOIN series se USING(series_uid)
                WHERE i.attributes IS NULL OR se.attributes IS NULL""")
