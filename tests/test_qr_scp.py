@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,6 +321,22 @@ def movescu(port: int, destination: str, *keys: str, model: str = "-S") -> str:
     return proc.stdout + proc.stderr
 
 
+def c_get(port: int, query: Dataset, model: str, storage: str, syntax: str, on_store: Callable[[evt.Event], int],
+          msg_id: int = 1) -> tuple[Dataset, Dataset | None]:
+    """A C-GET by pynetdicom taking the SCP role for `storage` in `syntax`: its final response
+    (status, identifier); `on_store` answers each C-STORE sub-operation."""
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(model)
+    ae.add_requested_context(storage, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MODLINK", ext_neg=[build_role(storage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    try:
+        return list(assoc.send_c_get(query, model, msg_id=msg_id))[-1]
+    finally:
+        assoc.release()
+
+
 def test_movescu_to_a_configured_storescp(archived: Archived, tmp_path: Path) -> None:
     port = free_port()
     proc = start_storescp(tmp_path, port)
@@ -429,20 +445,11 @@ def test_c_get_converts_to_the_accepted_transfer_syntax(archived: Archived) -> N
         received.append(ds)
         return 0x0000
 
-    ae = AE(ae_title="GETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK",
-                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = STUDY_A
-    try:
-        status, _ = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))[-1]
-    finally:
-        assoc.release()
+    status, _ = c_get(archived.port, query, StudyRootQueryRetrieveInformationModelGet, CTImageStorage,
+                      ImplicitVRLittleEndian, on_store)
     assert status.Status == 0x0000 and status.NumberOfCompletedSuboperations == 5
     assert {ds.file_meta.TransferSyntaxUID for ds in received} == {ImplicitVRLittleEndian}
     for ds in received:
@@ -605,15 +612,8 @@ def test_c_move_and_c_get_cancelled(archived: Archived, tmp_path: Path) -> None:
             event.assoc.send_c_cancel(11, query_model=StudyRootQueryRetrieveInformationModelGet)
         return 0x0000
 
-    ae = AE(ae_title="GETSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK",
-                         ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    try:
-        final = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet, msg_id=11))[-1][0]
-    finally:
-        assoc.release()
+    final, _ = c_get(archived.port, query, StudyRootQueryRetrieveInformationModelGet, CTImageStorage,
+                     ExplicitVRLittleEndian, on_store, msg_id=11)
     assert final.Status == 0xFE00
     assert 2 <= final.NumberOfCompletedSuboperations < 300
     assert final.NumberOfRemainingSuboperations == 300 - final.NumberOfCompletedSuboperations
@@ -632,15 +632,7 @@ def test_retrieve_levels_and_sub_operations_that_cannot_be_done(archived: Archiv
             received.append(event.request.AffectedSOPInstanceUID)
             return 0x0000
 
-        ae = AE(ae_title="GETSCU")
-        ae.add_requested_context(model)
-        ae.add_requested_context(storage, ExplicitVRLittleEndian)
-        assoc = ae.associate("127.0.0.1", archived.port, ae_title="MODLINK",
-                             ext_neg=[build_role(storage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)])
-        try:
-            status, identifier = list(assoc.send_c_get(query, model))[-1]
-        finally:
-            assoc.release()
+        status, identifier = c_get(archived.port, query, model, storage, ExplicitVRLittleEndian, on_store)
         return status, identifier, received
 
     mr = [r.sop_instance_uid for r in archived.archive.db.index.study_instances(STUDY_B)]
