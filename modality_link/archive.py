@@ -424,21 +424,27 @@ class Archive:
         meta = encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, rec.transfer_syntax, source_ae)
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         with self._guard.installing([rec.study_uid]):
-            try:
-                with open(src, "rb") as fin, open(part, "wb") as fout:
-                    fout.write(meta)
-                    fout.flush()
-                    _copy_from(src, _dataset_offset(fin), fout.fileno())
-                    rec.size = os.fstat(fout.fileno()).st_size
-                    self._install(fout.fileno(), part, rec)
-            except OSError as exc:
-                part.unlink(missing_ok=True)
-                raise self._no_space(exc) from None
-            except BaseException:
-                part.unlink(missing_ok=True)
-                raise
+            with self._removed_on_failure(part), open(src, "rb") as fin, open(part, "wb") as fout:
+                fout.write(meta)
+                fout.flush()
+                _copy_from(src, _dataset_offset(fin), fout.fileno())
+                rec.size = os.fstat(fout.fileno()).st_size
+                self._install(fout.fileno(), part, rec)
             self._index(rec)
         return rec
+
+    @contextmanager
+    def _removed_on_failure(self, part: Path) -> Iterator[None]:
+        """Remove the temporary `part` when the block fails; a failed write answers as
+        :meth:`_no_space` says (disk full: 0xA700)."""
+        try:
+            yield
+        except OSError as exc:
+            part.unlink(missing_ok=True)
+            raise self._no_space(exc) from None
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
 
     def stage_coerced(self, coerced: "Coerced", src: Path, rec: InstanceRecord) -> "Staged":
         """Write an instance whose attributes were coerced (:mod:`modality_link.coercion`) to a
@@ -450,21 +456,14 @@ class Archive:
         self.check_space()
         rec.path = self.path_for(rec)
         part = self.tmp_dir / f"{uuid.uuid4().hex}.part"
-        try:
-            with open(part, "wb") as out:
-                out.write(encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, coerced.transfer_syntax,
-                                           rec.source_ae))
-                out.write(coerced.header)
-                out.flush()
-                if coerced.rest_offset is not None:
-                    _copy_from(src, coerced.rest_offset, out.fileno())
-                rec.size = os.fstat(out.fileno()).st_size
-        except OSError as exc:
-            part.unlink(missing_ok=True)
-            raise self._no_space(exc) from None
-        except BaseException:
-            part.unlink(missing_ok=True)
-            raise
+        with self._removed_on_failure(part), open(part, "wb") as out:
+            out.write(encode_file_meta(rec.sop_class_uid, rec.sop_instance_uid, coerced.transfer_syntax,
+                                       rec.source_ae))
+            out.write(coerced.header)
+            out.flush()
+            if coerced.rest_offset is not None:
+                _copy_from(src, coerced.rest_offset, out.fileno())
+            rec.size = os.fstat(out.fileno()).st_size
         return Staged(part, rec, _flusher().submit(_fdatasync_path, part))
 
     def install_staged(self, group: Sequence["Staged"]) -> list[InstanceRecord]:
