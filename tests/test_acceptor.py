@@ -332,3 +332,18 @@ def test_reject_reasons(server: LocalServer, edit, rj: tuple[int, int, int]) -> 
     assert pdu_types(got) == [0x03]
     assert tuple(got[7:10]) == rj
     assert server.server.acceptor.associations == 0
+
+
+def test_a_released_association_no_longer_counts_toward_the_limit(short_tmp: Path) -> None:
+    """With max_associations = 1, the next association right after an A-RELEASE-RP is accepted:
+    the released one stops counting before the requestor learns it is released."""
+    server = local_server(short_tmp / "s", max_associations=1)
+    try:
+        ae = AE(ae_title="AGAIN")
+        ae.add_requested_context(Verification)
+        for n in range(100):
+            assoc = ae.associate("127.0.0.1", server.port, ae_title="MODLINK")
+            assert assoc.is_established, f"association {n + 1} refused after the previous one's release"
+            assoc.release()
+    finally:
+        server.stop()

@@ -715,9 +715,11 @@ class _Association:
                     self._drop_partial()
                     if self.acceptor.on_release is not None:
                         self.acceptor.on_release()
-                    self.sock.sendall(_RELEASE_RP)
+                    # no longer counted toward max_associations before the requestor learns it is
+                    # released: its next association must not find this one still counted
                     self.acceptor._dissociate(self.conn)
                     self.associated = False
+                    self.sock.sendall(_RELEASE_RP)
                     self._linger()
                     return
                 elif kind == A_ABORT_TYPE:
