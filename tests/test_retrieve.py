@@ -100,8 +100,9 @@ class StallingMoveScp:
         def on_move(event: evt.Event):
             yield "127.0.0.1", destination_port  # associated to, but no sub-operation is started
             yield 3
-            while not self.release.is_set() and not (event.is_cancelled and not deaf):
-                time.sleep(0.05)
+            # the peer polls for the C-CANCEL (pynetdicom has no callback for it); release ends it
+            while not (event.is_cancelled and not deaf) and not self.release.wait(0.05):
+                pass
             self.cancelled.set()
             yield 0xFE00, None
 
