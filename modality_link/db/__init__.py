@@ -19,14 +19,15 @@ from pathlib import Path
 from modality_link.db.alerts import Alert, Alerts
 from modality_link.db.connection import Connection
 from modality_link.db.exams import Exam, ExamObject, Exams, ExamSeries, WorklistItem
-from modality_link.db.index import Index, InstanceRecord, InstanceRow, StudyRow, StudyUse
+from modality_link.db.index import Index, InstanceRecord, InstanceRow, InstanceStudy, StudyRow, StudyUse
 from modality_link.db.jobs import FINAL_STATES, CommitTransaction, Job, JobItem, Jobs
 from modality_link.db.retention import Retention, StudyFacts
 from modality_link.db.schema import migrate
 
 __all__ = [
     "Alert", "CommitTransaction", "Database", "Exam", "ExamObject", "ExamSeries", "FINAL_STATES",
-    "InstanceRecord", "InstanceRow", "Job", "JobItem", "Jobs", "StudyFacts", "StudyRow", "StudyUse", "WorklistItem",
+    "InstanceRecord", "InstanceRow", "InstanceStudy", "Job", "JobItem", "Jobs", "StudyFacts", "StudyRow", "StudyUse",
+    "WorklistItem",
 ]
 
 
