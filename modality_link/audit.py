@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, ParamSpec, Protocol, Sequence
+from typing import Callable, Collection, Iterable, Mapping, ParamSpec, Protocol, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -356,6 +356,17 @@ def transferred(transfer: Transfer) -> None:
 
 
 @_reported
+def sent(source: Participant, destination: Participant, instances: Mapping[str, InstanceOf],
+         failed: Collection[str] = (), requestor: Participant | None = None) -> None:
+    """Instances `source` sent to `destination` at the request of `requestor` (a C-MOVE or C-GET):
+    `instances` by SOP Instance UID, those in `failed` not transferred (PS3.15 A.5.3.7)."""
+    transfer = Transfer(source, destination, requestor)
+    for uid, instance in instances.items():
+        transfer.add(instance, uid not in failed)
+    transferred(transfer)
+
+
+@_reported
 def query_received(peer: AssociationPeer, sop_class: str, transfer_syntax: str, identifier: bytes) -> None:
     """A C-FIND the requestor of an association asked us (Query, PS3.15 A.5.3.10)."""
     m = _Message("Query", QUERY, "E", SUCCESS)
@@ -611,7 +622,8 @@ class _Message:
 _PRINTABLE = re.compile(r"[^\x21-\x7e]")
 
 
-def syslog_message(severity: int, when: datetime, hostname: str, msgid: str, msg: str, procid: int | None = None) -> bytes:
+def syslog_message(severity: int, when: datetime, hostname: str, msgid: str, msg: str,
+                   procid: int | None = None) -> bytes:
     """An RFC 5424 SYSLOG-MSG: PRI (facility authpriv), version 1, TIMESTAMP (UTC, microseconds),
     HOSTNAME, APP-NAME, PROCID, MSGID, no STRUCTURED-DATA, and MSG as UTF-8 after its BOM
     (RFC 5424 6.4)."""

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from modality_link import __version__, config
+from modality_link import __version__, audit, config
 from modality_link.api import Api
 from modality_link.archive import Archive
 from modality_link.autosend import AutoSend
@@ -95,12 +95,15 @@ class Service:
         self._lock_file: Any = None
         self.burns: Burns | None = None
         self.cleaner: Cleaner | None = None
+        self.audit: audit.AuditTrail | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self, log_to_stderr: bool = True) -> None:
         self._lock_home()
         setup_logging(self.home, self.config, log_to_stderr)
+        self.audit = audit.AuditTrail(self.home.log_dir / "audit.log", self.config)
+        audit.install(self.audit)
         self.db = Database(self.home.db_path)
         self.archive = Archive(
             self.home.archive_dir, self.db, self.config.archive.min_free_mb, on_alert=self.alert
@@ -137,6 +140,7 @@ class Service:
         self.jobs.start()
         cleaner.start()
         self.started_at = time.time()
+        audit.application_activity(started=True)
         LOG.info("modality_link %s serving home %s (pid %d)", __version__, self.home.root, os.getpid())
 
     def _lock_home(self) -> None:
@@ -171,6 +175,7 @@ class Service:
             self.memory_server = None
 
     def stop(self) -> None:
+        audit.application_activity(started=False)
         if self.cleaner is not None:
             self.cleaner.stop()
             self.cleaner = None
@@ -191,6 +196,10 @@ class Service:
         if self.db is not None:
             self.db.close()
             self.db = None
+        if self.audit is not None:
+            audit.uninstall(self.audit)
+            self.audit.close()
+            self.audit = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -202,7 +211,10 @@ class Service:
         new = config.load(self.home.config_path)
         restart = (new.disk_server != self.config.disk_server or new.memory_server != self.config.memory_server
                    or new.timeouts != self.config.timeouts)
+        audit.configuration_changed(self.config, new, self.home.config_path)
         self.config = new
+        if self.audit is not None:
+            self.audit.configure(new)
         self.memory.budget = new.memory_server.cache_mb << 20
         if self.archive is not None:
             self.archive.min_free_mb = new.archive.min_free_mb

@@ -47,7 +47,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit
 from modality_link.config import Listener, Timeouts
 from modality_link.net.association import REJECT_REASONS, REJECT_RESULTS, describe_abort
 from modality_link.fileformat import padded
@@ -110,6 +110,8 @@ class Peer:
     port: int
     calling_ae: str = ""
     called_ae: str = ""
+    #: What the association moved, reported to the audit trail when it ends (PS3.15 A.5.3.7).
+    transfers: dict[str, audit.Transfer] = field(default_factory=dict, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.calling_ae or '?'}@{self.address}:{self.port}"
@@ -602,6 +604,7 @@ class _Association:
             if self.associated:
                 self.acceptor._dissociate(self.conn)
                 self.associated = False
+            audit.association_ended(self.peer)
 
     def _read_associate_rq(self) -> tuple[A_ASSOCIATE_RQ, A_ASSOCIATE]:
         """Read the first PDU within ARTIM; it must be an A-ASSOCIATE-RQ of bounded size."""
@@ -645,6 +648,7 @@ class _Association:
         pdu.from_primitive(prim)
         LOG.warning("%s: association from %s refused: rejected (%s): %s", self.name, self.peer,
                     REJECT_RESULTS.get(result), REJECT_REASONS.get((source, reason)))
+        audit.association_refused(self.peer, f"{REJECT_REASONS.get((source, reason))} ({self.name})")
         _send_quietly(self.sock, pdu.encode())
         self._linger()
 

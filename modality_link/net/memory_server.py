@@ -18,6 +18,7 @@ from typing import BinaryIO, Callable
 
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from modality_link import audit
 from modality_link.archive import ArchiveError, CannotUnderstand, validate_received
 from modality_link.config import Listener, Timeouts
 from modality_link.fileformat import encode_file_meta
@@ -106,6 +107,7 @@ class MemoryStoreHandler:
         if item is None:
             return
         evicted = server.cache.put(item)
+        audit.received(request.peer, item.record)
         if evicted:
             LOG.info("memory server: %d instance(s) evicted (least recently used) for %s",
                      len(evicted), request.affected_sop_instance[:64])
