@@ -178,9 +178,10 @@ class Transfer:
         self.requestor = requestor or source
         self.patients: _Patients = {}
 
-    def add(self, instance: InstanceOf, ok: bool = True) -> None:
-        """One instance transferred (`ok`) or not."""
-        _count(self.patients, instance, ok)
+    def add(self, instance: InstanceOf | None, ok: bool = True) -> None:
+        """One instance transferred (`ok`) or not; None (no longer indexed) is left out."""
+        if instance is not None:
+            _count(self.patients, instance, ok)
 
     def __bool__(self) -> bool:
         return bool(self.patients)

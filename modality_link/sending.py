@@ -106,7 +106,7 @@ class Sending:
             sent = audit.Transfer(audit.Participant(cfg.station.ae_title), audit.Participant(node.ae_title, node.host))
 
             def on_result(inst: storage.Instance, out: storage.Outcome) -> bool:
-                sent.add(studies[inst.sop_instance_uid], out.state != "failed")
+                sent.add(studies.get(inst.sop_instance_uid), out.state != "failed")
                 if out.state in ("done", "warning"):
                     self.db.jobs.mark_sent(job_id, job.node, inst.sop_instance_uid, out.state, out.status or 0,
                                            out.detail)
