@@ -264,6 +264,11 @@ class IpcServer:
         with self._lock:
             self._subscribers.discard(handler)
 
+    @property
+    def has_subscribers(self) -> bool:
+        """Whether an event published now reaches anyone (an event costs its encoding)."""
+        return bool(self._subscribers)
+
     def publish(self, event_type: str, **params: Any) -> None:
         """Queue the notification ``event`` with ``type`` = `event_type` for every subscriber.
 

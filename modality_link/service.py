@@ -215,7 +215,10 @@ class Service:
         return restart
 
     def on_memory_stored(self, item: CachedInstance) -> None:
-        """Announce an instance the memory server keeps (``memory.stored``, docs/ipc.md)."""
+        """Announce an instance the memory server keeps (``memory.stored``, docs/ipc.md); its
+        attributes are decoded only when someone subscribes to events."""
+        if self.ipc is None or not self.ipc.has_subscribers:
+            return
         rec = item.record
         self.publish("memory.stored", sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
                      series_uid=rec.series_uid, study_uid=rec.study_uid, patient_id=rec.patient_id,

@@ -40,6 +40,23 @@ def test_lean_record_is_pydicoms_or_none(path: Path) -> None:
         assert _row(lean) == _row(reference)
 
 
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.name)
+def test_bytes_validate_as_their_file(path: Path) -> None:
+    """The memory server validates the bytes it received, the disk server the file it wrote:
+    the same row, or the same refusal."""
+    data = path.read_bytes()
+    lean = lean_record(data, "CT1")
+    assert (lean is None) == (lean_record(str(path), "CT1") is None)
+    try:
+        reference = validate_received(str(path), "CT1")
+    except ArchiveError as exc:
+        with pytest.raises(ArchiveError) as refused:
+            validate_received(data, "CT1")
+        assert (refused.value.status, str(refused.value)) == (exc.status, str(exc))
+        return
+    assert _row(validate_received(data, "CT1")) == _row(reference)
+
+
 def test_lean_record_reads_most_little_endian_files() -> None:
     """The fast path is taken for regular files (else it would be dead code that passes)."""
     names = {p.name for p in CORPUS if lean_record(str(p), "") is not None}
