@@ -122,7 +122,8 @@ def read_header(source: Path | bytes) -> Dataset:
     size = len(source) if isinstance(source, bytes) else source.stat().st_size
     try:
         with (BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as fp:
-            ds = dcmread(fp, defer_size=4096)
+            # bytes are in memory already: nothing to gain by deferring, and nothing to re-open
+            ds = dcmread(fp, defer_size=None if isinstance(source, bytes) else 4096)
             end = fp.tell()
             last = ds._dict[max(ds._dict)] if ds._dict else None
             syntax = ds.file_meta.get("TransferSyntaxUID")
