@@ -238,6 +238,7 @@ _SERIES_OPTIONAL = [(k, tag_of(k), dictionary_VR(k)) for k in SERIES_KEYS]
 _IMAGE_OPTIONAL = [(k, tag_of(k), dictionary_VR(k)) for k in IMAGE_KEYS]
 _DECODED_OPTIONAL = frozenset(tag for _, tag, vr in (*_SERIES_OPTIONAL, *_IMAGE_OPTIONAL)
                               if vr not in _ASCII_VRS and vr not in _BINARY_VRS)
+_UID_TAGS = frozenset(tag_of(k) for _, k, _ in _INDEXED_UIDS)
 #: What :func:`header_record` has pydicom decode: the columns, the UIDs and the optional text.
 _DECODED_TAGS = (_INDEXED_TAGS - {tag for _, tag, _ in (*_SERIES_OPTIONAL, *_IMAGE_OPTIONAL)}) | _DECODED_OPTIONAL
 
@@ -322,13 +323,51 @@ def header_uid(header: Header, keyword: str) -> object:
     return header.get(keyword)
 
 
+def _rstripped(raw: bytes) -> str:
+    return raw.decode("ascii").rstrip(" \x00")
+
+
+def _each_rstripped(raw: bytes) -> str:
+    return "\\".join(v.rstrip("\x00 ") for v in raw.decode("ascii").split("\\"))
+
+
+#: pydicom's reading of a value of these VRs as one str (``text_of``) when its bytes are ASCII
+#: without ESC, and so read the same in every character set (PS3.5 6.1.2.3): padding dropped from
+#: the whole value (AS, CS, DA, DT, TM: pydicom's multi_string; ST, LT, UT, PN: one string), or
+#: from each value (SH, LO, UC). AE, UI, IS, DS and a PN with component groups ("=") are left to
+#: pydicom, which rewrites them (leading spaces, numbers, empty groups).
+_ASCII_READS: dict[bytes, Callable[[bytes], str]] = {
+    **{vr: _rstripped for vr in (b"AS", b"CS", b"DA", b"DT", b"TM", b"ST", b"LT", b"UT", b"PN")},
+    **{vr: _each_rstripped for vr in (b"SH", b"LO", b"UC")},
+}
+
+
+def _ascii_read(header: Header, tag: int) -> str | None:
+    """The text of key `tag` as pydicom would give it, read without pydicom when :data:`_ASCII_READS`
+    can; None when it cannot (or the key is absent)."""
+    element = header.elements.get(tag)
+    if element is None:
+        return None
+    read = _ASCII_READS.get(element[4:6])
+    raw = header.raw(tag) or b""
+    if read is None or not raw.isascii() or b"\x1b" in raw or (b"=" in raw and element[4:6] == b"PN"):
+        return None
+    return read(raw)
+
+
 def header_record(header: Header, source_ae: str) -> InstanceRecord:
     """The index row of a file that :func:`lean_header` read: its text decoded in the data set's
     character set, the same row as :func:`pydicom_record` gives."""
-    header.decode(_DECODED_TAGS)
-    values: dict[str, Any] = {name: str(header.get(keyword)) for name, keyword, _ in _INDEXED_UIDS}
+    fast = {tag: value for tag in _DECODED_TAGS if (value := _ascii_read(header, tag)) is not None}
+    header.decode(_DECODED_TAGS - fast.keys() - _UID_TAGS)  # the rest by pydicom, at once (UIDs: header_uid)
+
+    def text(keyword: str) -> str:
+        tag = tag_of(keyword)
+        return fast[tag] if tag in fast else text_of(header.get(keyword))
+
+    values: dict[str, Any] = {name: str(header_uid(header, keyword)) for name, keyword, _ in _INDEXED_UIDS}
     for name, keyword in _INDEXED_TEXT:
-        values[name] = text_of(header.get(keyword))
+        values[name] = text(keyword)
     transfer_syntax = meta_value(header.meta, TRANSFER_SYNTAX_UID)
     sequence = header.kept_sequences.get(tag_of(REQUEST_ATTRIBUTES))
     return InstanceRecord(
@@ -336,10 +375,10 @@ def header_record(header: Header, source_ae: str) -> InstanceRecord:
         transfer_syntax=transfer_syntax,
         path="",
         size=0,
-        charset=text_of(header.get("SpecificCharacterSet")),
+        charset=text("SpecificCharacterSet"),
         source_ae=source_ae,
-        series_keys=_keys_of(_SERIES_OPTIONAL, header.raw, header.get),
-        image_keys=_keys_of(_IMAGE_OPTIONAL, header.raw, header.get),
+        series_keys=_keys_of(_SERIES_OPTIONAL, header.raw, text),
+        image_keys=_keys_of(_IMAGE_OPTIONAL, header.raw, text),
         requests=_requests(_kept_sequence(sequence, transfer_syntax == ImplicitVRLittleEndian), header.charset)
         if sequence is not None else [],
     )

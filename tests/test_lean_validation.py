@@ -167,3 +167,31 @@ def test_lean_record_on_damaged_files(tmp_path: Path) -> None:
             warnings.simplefilter("ignore")
             assert _row(lean) == _row(pydicom_record(str(path), "")), n
     assert accepted > 30  # damage in values that no one checks (pixels, unindexed text) is accepted
+
+
+@pytest.mark.parametrize("vr", ["AE", "AS", "CS", "DA", "DT", "TM", "UI", "ST", "LT", "UT", "PN", "SH", "LO", "UC",
+                                "IS", "DS"])
+@pytest.mark.parametrize("charset", [["ISO_IR 100"], ["ISO_IR 192"], ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+                                     ["ISO_IR 13"], ["GB18030"]])
+def test_ascii_values_read_as_pydicom_reads_them(vr: str, charset: list[str]) -> None:
+    """The index's reading of ASCII text without pydicom (archive._ascii_read) gives pydicom's
+    value, padding, backslashes, NULs and PN component groups included; what it cannot read the
+    same way it leaves to pydicom."""
+    from modality_link.archive import _ascii_read
+    from modality_link.fileformat import encode_element
+    from modality_link.media.header import Header
+    from modality_link.net.charset import decode_values, text_of
+
+    rng = random.Random(f"{vr}{charset}")
+    alphabet = "AB z09^=\\ \x00.-_/+:"
+    tag = 0x00100010
+    for _ in range(400):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))).encode()
+        raw += b" " * (len(raw) % 2)
+        header = Header(elements={tag: encode_element(tag, vr, raw)})
+        fast = _ascii_read(header, tag)
+        if fast is None:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert fast == text_of(decode_values([(tag, vr, raw)], charset)[0]), (vr, raw)
