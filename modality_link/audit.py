@@ -177,14 +177,19 @@ class Transfer:
         self.destination = destination
         self.requestor = requestor or source
         self.patients: _Patients = {}
+        #: Instances transferred whose keys are read only when reported (the memory server's).
+        self.later: list[Callable[[], InstanceOf]] = []
 
-    def add(self, instance: InstanceOf | None, ok: bool = True) -> None:
-        """One instance transferred (`ok`) or not; None (no longer indexed) is left out."""
-        if instance is not None:
+    def add(self, instance: InstanceOf | Callable[[], InstanceOf] | None, ok: bool = True) -> None:
+        """One instance transferred (`ok`) or not; a function giving it is called when the
+        transfer is reported; None (no longer indexed) is left out."""
+        if callable(instance):
+            self.later.append(instance)
+        elif instance is not None:
             _count(self.patients, instance, ok)
 
     def __bool__(self) -> bool:
-        return bool(self.patients)
+        return bool(self.patients or self.later)
 
 
 class AssociationPeer(Protocol):
@@ -316,9 +321,9 @@ def application_activity(started: bool) -> None:
 
 
 @_reported
-def received(peer: AssociationPeer, instance: InstanceOf) -> None:
-    """The requestor of an association stored `instance` with us; reported with the others of
-    the association when it ends."""
+def received(peer: AssociationPeer, instance: InstanceOf | Callable[[], InstanceOf]) -> None:
+    """The requestor of an association stored `instance` with us (or the function that gives it,
+    called only then); reported with the others of the association when it ends."""
     transfer = peer.transfers.get("received")
     if transfer is None:
         transfer = peer.transfers["received"] = Transfer(remote(peer), Participant(peer.called_ae))
@@ -338,7 +343,9 @@ def transferred(transfer: Transfer) -> None:
     """DICOM Instances Transferred (PS3.15 A.5.3.7) for what `transfer` counted since the last
     report: one message per patient, those not transferred in one of their own (PS3.15 A.5.2:
     successes and failures are not mixed)."""
-    patients, transfer.patients = transfer.patients, {}
+    for get in transfer.later:
+        _count(transfer.patients, get(), True)
+    patients, transfer.patients, transfer.later = transfer.patients, {}, []
     # C: the receiver did not hold them; R: we are not the receiver and cannot know
     action = "C" if transfer.destination.local and not transfer.source.local else "R"
     for (ok, patient_id, patient_name), studies in patients.items():
