@@ -426,14 +426,17 @@ def exported(target: str, image_file: bool, volume: str, medium: str, instances:
 
 @_reported
 def security_alert(alert: Code, description: str, *, node: Participant | None = None, uri: str = "",
-                   outcome: int = MINOR_FAILURE, types: Sequence[Code] = ()) -> None:
+                   outcome: int = MINOR_FAILURE, types: Sequence[Code] = (), user: str = "") -> None:
     """A Security Alert (PS3.15 A.5.3.11) of type `alert` (:data:`NODE_AUTHENTICATION` for a
     refused association or a failed TLS handshake, the configuration types...), with
     `description` saying what happened. Its subject is `node` (the remote application) or the
-    file at `uri`. `outcome` :data:`SUCCESS` makes it informative; the failures say how severe
-    it is (PS3.15 A.5.3.11: minor or serious when the mitigation worked)."""
+    file at `uri`; `user` names the person who did it, when known (the IPC client's user).
+    `outcome` :data:`SUCCESS` makes it informative; the failures say how severe it is (PS3.15
+    A.5.3.11: minor or serious when the mitigation worked)."""
     m = _Message("SecurityAlert", SECURITY_ALERT, "E", outcome, [alert, *types])
-    m.participant(m.ours(), True, None, ae_titles=m.trail.ae_titles)
+    m.participant(m.ours(), not user, None, ae_titles=m.trail.ae_titles)
+    if user:
+        m.participant(Participant(user), True, None, process=False)
     if node is not None and not node.local:
         m.participant(node, False, None)
     if uri:
@@ -456,9 +459,9 @@ _NETWORK_KEYS = re.compile(r"^(nodes\.|disk_server\.|memory_server\.|station\.ae
 
 
 @_reported
-def configuration_changed(old: config.Config, new: config.Config, path: Path) -> None:
+def configuration_changed(old: config.Config, new: config.Config, path: Path, user: str = "") -> None:
     """The service took a new configuration (PS3.15 A.5.3.11: an informative Security Alert
-    per change, naming the keys that changed)."""
+    per change, naming the keys that changed, and `user` who changed them when known)."""
     keys = config.changed_keys(old, new)
     if not keys:
         return
@@ -470,7 +473,7 @@ def configuration_changed(old: config.Config, new: config.Config, path: Path) ->
     if not types or any(not _SECURITY_KEYS.search(k) and not _NETWORK_KEYS.search(k) for k in keys):
         types.append(SOFTWARE_CONFIGURATION)
     security_alert(types[0], f"configuration changed: {', '.join(keys)}", uri=Path(path).absolute().as_uri(),
-                   outcome=SUCCESS, types=types[1:])
+                   outcome=SUCCESS, types=types[1:], user=user)
 
 
 # -- the message --------------------------------------------------------------------------------

@@ -284,7 +284,7 @@ def test_every_message_type_is_valid_dicom_audit_xml(trail: audit.AuditTrail, tm
     new.station.name = "CT02"
     new.audit.syslog_host = "192.0.2.10"
     new.nodes["PACS"] = config.Node(ae_title="PACS")
-    audit.configuration_changed(config.Config(), new, tmp_path / "config.toml")
+    audit.configuration_changed(config.Config(), new, tmp_path / "config.toml", user="engineer")
     audit.configuration_changed(config.Config(), config.Config(), tmp_path / "config.toml")  # no change: nothing
     audit.security_alert(audit.NODE_AUTHENTICATION, "TLS handshake with 192.0.2.11 failed: unknown CA",
                          node=audit.Participant("PACS", "192.0.2.11"))
@@ -363,6 +363,8 @@ def test_every_message_type_is_valid_dicom_audit_xml(trail: audit.AuditTrail, tm
     assert subject.get("ParticipantObjectID") == (tmp_path / "config.toml").as_uri()
     assert detail(subject, "Alert Description") == \
         "configuration changed: station.name, audit.syslog_host, nodes.PACS"
+    assert [(p.get("UserID"), p.get("UserIsRequestor")) for p in changed.findall("ActiveParticipant")][1:] == [
+        ("engineer", "true")]
     assert objects(docs[12], "Node ID")[0].get("ParticipantObjectID") == "192.0.2.11"
 
     hostile = docs[13]
