@@ -150,11 +150,14 @@ def test_refused_clients_are_logged_with_their_cause(tls_service: InProcessServi
     assert distrust.returncode != 0
     wait_logged(home, peer + r"the peer refused our certificate")
 
-    # a requestor without a certificate: our own C-ECHO, TLS with a CA but no tls_cert
+    # requestors without a certificate: DCMTK's anonymous TLS, and our own C-ECHO with a CA but
+    # no tls_cert, which names the cause the port's alert gives
+    anonymous = run("echoscu", "+tla", "-ic", "-aec", "MODLINK", "127.0.0.1", port)
+    assert anonymous.returncode != 0
+    wait_logged(home, peer + r"no client certificate \(this port requires one\)")
     node = config.Node(ae_title="MODLINK", host="127.0.0.1", port=port, tls_ca=str(pki.ca))
     result = _echo(node)
     assert not result.ok and "requires a client certificate" in result.message, result.message
-    wait_logged(home, peer + r"no client certificate \(this port requires one\)")
 
     assert call(home, "studies.list") == []
     assert tls_service.service.disk_server is not None and tls_service.service.disk_server.acceptor.faults == 0
