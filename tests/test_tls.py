@@ -27,7 +27,7 @@ from modality_link.home import Home, free_port, temporary_home
 from modality_link.net import tls
 from sim import images
 from tests.support.certificates import KeyPair, TestCA
-from tests.support.peers import start_storescp
+from tests.support.peers import start_orthanc, start_storescp
 from tests.support.service import InProcessService, call, wait_chain
 from tests.support.tools import dcmtk_env, require_tool
 from tests.support.waiting import wait_until
@@ -252,6 +252,36 @@ def test_requestor_failures_name_the_cause(short_tmp: Path, pki: Pki, study: lis
     finally:
         svc.stop()
         shutil.rmtree(home.root, ignore_errors=True)
+
+
+def test_commitment_with_orthanc_in_tls_both_ways(short_tmp: Path, pki: Pki, study: list[Path]) -> None:
+    """Send and Storage Commitment to Orthanc in TLS; its N-EVENT-REPORT comes back on an
+    association of its own to our disk server, in TLS because the disk server is (PS3.4 J.3.3)."""
+    orthanc = start_orthanc(short_tmp / "orthanc", settings={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pki.server.cert),
+        "DicomTlsPrivateKey": str(pki.server.key), "DicomTlsTrustedCertificates": str(pki.ca),
+        "DicomTlsRemoteCertificateRequired": True,
+    })
+    node = config.Node(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port, roles=["store", "commit"],
+                       retries=0, commit_wait=0.5, commit_timeout=30.0, tls_cert=str(pki.client.cert),
+                       tls_key=str(pki.client.key), tls_ca=str(pki.ca))
+    home = temporary_home(short_tmp / "home", nodes={"PACS": node}, logging__level="DEBUG", **tls_listeners(pki))
+    cfg = config.load(home.config_path)
+    orthanc.allow(cfg.disk_server.ae_title, cfg.disk_server.port, tls=True)
+    svc = InProcessService(home)
+    try:
+        call(home, "archive.import", paths=[str(p) for p in study])
+        uid = call(home, "studies.list")[0]["study_uid"]
+        job = wait_chain(home, call(home, "send", study_uids=[uid], node="PACS", commit=True)["job_id"], 60)
+        assert job["kind"] == "commit" and job["state"] == "done", job
+        assert call(home, "studies.list")[0]["nodes"]["PACS"] == {"sent": len(study), "committed": len(study)}
+        assert "refused" not in log_of(home)
+        # the only association the disk server had: Orthanc's report, with Orthanc's certificate
+        assert re.search(r"disk server: TLS from 127\.0\.0\.1:\d+ \(TLSv1\.[23]\), client certificate .*server",
+                         log_of(home))
+    finally:
+        svc.stop()
+        orthanc.stop()
 
 
 # -- configuration ------------------------------------------------------------------------------
