@@ -211,7 +211,7 @@ def test_send_and_echo_to_storescp_tls(short_tmp: Path, pki: Pki, study: list[Pa
     port, out = storescp_tls(pki.server, pki.ca)
     node = config.Node(ae_title="STORESCP", host="127.0.0.1", port=port, roles=["store"], retries=0,
                        tls_cert=str(pki.client.cert), tls_key=str(pki.client.key), tls_ca=str(pki.ca))
-    home = temporary_home(short_tmp / "home", nodes={"PACS": node})
+    home = temporary_home(short_tmp / "home", nodes={"PACS": node}, logging__level="DEBUG")
     svc = InProcessService(home)
     try:
         (echo,) = call(home, "nodes.echo", name="PACS")
@@ -221,6 +221,10 @@ def test_send_and_echo_to_storescp_tls(short_tmp: Path, pki: Pki, study: list[Pa
         job = wait_chain(home, call(home, "send", study_uids=[uid], node="PACS")["job_id"], 60)
         assert job["state"] == "done" and job["done"] == len(study), job
         assert len([f for f in out.iterdir() if f.is_file()]) == len(study)
+        # the TLS association kept open after the job (idle_release) serves the next one
+        job = wait_chain(home, call(home, "send", study_uids=[uid], node="PACS")["job_id"], 60)
+        assert job["state"] == "done" and job["done"] == len(study), job
+        assert "reusing the open association to STORESCP@127.0.0.1" in log_of(home)
     finally:
         svc.stop()
         shutil.rmtree(home.root, ignore_errors=True)
