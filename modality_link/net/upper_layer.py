@@ -265,12 +265,12 @@ class Requestor:
             raise AssociationLost(self._lost_reason(exc)) from None
 
     def _send_vectored(self, parts: list) -> None:
-        """sendall() for a list of buffers, without joining them into one copy (sendmsg; TLS
-        has none: one sendall per buffer, each encrypted into records anyway)."""
+        """sendall() for a list of buffers, without joining them into one copy (sendmsg). TLS
+        has no sendmsg: there they are joined, one copy beside the encryption's, rather than
+        each small header becoming a TLS record of its own."""
         assert self.sock is not None
         if isinstance(self.sock, ssl.SSLSocket):
-            for part in parts:
-                self.sock.sendall(part)
+            self.sock.sendall(b"".join(parts))
             return
         views = [memoryview(p).cast("B") for p in parts]
         while views:

@@ -65,8 +65,8 @@ class Orthanc:
 
     def allow(self, ae_title: str, port: int, name: str = "modlink", tls: bool = False) -> None:
         """Let Orthanc send Storage Commitment reports to `ae_title` on loopback `port` (in TLS)."""
-        self._rest("PUT", f"/modalities/{name}", json.dumps(
-            {"AET": ae_title, "Host": "127.0.0.1", "Port": port, "UseDicomTls": tls}).encode())
+        modality = {"AET": ae_title, "Host": "127.0.0.1", "Port": port} | ({"UseDicomTls": True} if tls else {})
+        self._rest("PUT", f"/modalities/{name}", json.dumps(modality).encode())
 
     def instance(self, sop_instance_uid: str) -> Dataset:
         """The stored instance with that SOP Instance UID, read with pydicom."""
