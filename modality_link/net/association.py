@@ -181,7 +181,7 @@ def describe_connect_failure(host: str, port: int, elapsed: float, connect_timeo
     except ConnectionRefusedError:
         return "refused", f"connection refused (nothing listens on {host}:{port})"
     except socket.gaierror as exc:
-        return "unreachable", f"unknown host {host!r} ({exc.strerror or exc})"
+        return "unreachable", f"unknown host {host} ({exc.strerror or exc})"
     except TimeoutError:
         return "timeout", "timed out: no TCP connection"
     except OSError as exc:
@@ -220,14 +220,19 @@ def associate(
     ]
     target = f"{node.ae_title}@{node.host}:{node.port}"
     started = time.monotonic()
-    assoc = ae.associate(
-        node.host,
-        node.port,
-        ae_title=node.ae_title,
-        ext_neg=list(ext_neg) if ext_neg else None,
-        evt_handlers=handlers,
-        max_pdu=node.max_pdu,
-    )
+    try:
+        assoc = ae.associate(
+            node.host,
+            node.port,
+            ae_title=node.ae_title,
+            ext_neg=list(ext_neg) if ext_neg else None,
+            evt_handlers=handlers,
+            max_pdu=node.max_pdu,
+        )
+    except socket.gaierror as exc:  # pynetdicom resolves the name before it connects
+        why = f"unknown host {node.host} ({exc.strerror or exc})"
+        LOG.error("association to %s failed: %s", target, why)
+        raise AssociationFailed(f"association to {target} failed: {why}", "unreachable") from None
     if not assoc.is_established:
         reason = "failed"
         if "accept" in seen:
