@@ -103,8 +103,8 @@ class Param:
 
     kind: type
     required: bool = False
-    low: float = 0
-    high: float = 2**63 - 1
+    low: int = 0
+    high: int = 2**63 - 1
     items: "Param | None" = None
 
 
@@ -176,10 +176,10 @@ def _check_value(where: str, value: Any, rule: Param) -> None:
         raise IpcError(INVALID_PARAMS, f"{where} must be {_KINDS[kind]}, not {_shown(value)}")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and kind is not object:
         if not rule.low <= value <= rule.high:
-            raise IpcError(INVALID_PARAMS, f"{where} must be from {rule.low:g} to {rule.high:.0f}, not {_shown(value)}")
+            raise IpcError(INVALID_PARAMS, f"{where} must be from {rule.low} to {rule.high}, not {_shown(value)}")
     elif isinstance(value, (str, list, dict)):
         if not rule.low <= len(value) <= rule.high:
-            raise IpcError(INVALID_PARAMS, f"{where} must have from {rule.low:g} to {rule.high:.0f} "
+            raise IpcError(INVALID_PARAMS, f"{where} must have from {rule.low} to {rule.high} "
                                            f"{'characters' if isinstance(value, str) else 'items'}, not {len(value)}")
     if isinstance(value, str):
         if "\0" in value or not value.isascii() and _not_utf8(value):

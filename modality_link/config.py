@@ -77,7 +77,8 @@ def check_text(key: str, value: Any) -> str:
 
 def _check_dicom_text(key: str, value: Any, vr: str, max_length: int) -> str:
     """A value that goes into a DICOM element of VR SH or LO (PS3.5 §6.2): at most `max_length`
-    characters, no backslash (the value delimiter), no control characters (C0, DEL, C1)."""
+    characters, no backslash (the value delimiter), no control characters (below 0x20, DEL,
+    0x80-0x9F)."""
     check_text(key, value)
     if len(value) > max_length:
         raise ConfigError(f"{key}: at most {max_length} characters (VR {vr}), {value!r} has {len(value)}")

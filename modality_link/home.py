@@ -92,12 +92,15 @@ class Home(NamedTuple):
                 return
             if stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
                 return
-            if gid is not None and st.st_gid != gid:
-                os.chown(path, -1, gid, follow_symlinks=False)
-                changes.append(f"{path}: group {st.st_gid} -> {gid}")
-            if stat.S_IMODE(st.st_mode) != mode:
-                os.chmod(path, mode)
-                changes.append(f"{path}: mode {stat.S_IMODE(st.st_mode):04o} -> {mode:04o}")
+            try:
+                if gid is not None and st.st_gid != gid:
+                    os.chown(path, -1, gid, follow_symlinks=False)
+                    changes.append(f"tightened {path}: group {st.st_gid} -> {gid}")
+                if stat.S_IMODE(st.st_mode) != mode:
+                    os.chmod(path, mode)
+                    changes.append(f"tightened {path}: mode {stat.S_IMODE(st.st_mode):04o} -> {mode:04o}")
+            except PermissionError as exc:  # another user's file: said, not fatal
+                changes.append(f"could not tighten {path} (mode {stat.S_IMODE(st.st_mode):04o}): {exc.strerror}")
 
         fix(self.root, DIR_MODE if group is None else 0o710, group)
         for folder in (self.root, self.log_dir):

@@ -285,7 +285,11 @@ class IpcServer:
         finally:
             os.umask(old)
         if self.group is not None:
-            os.chown(self.path, -1, self.group)
+            try:
+                os.chown(self.path, -1, self.group)
+            except PermissionError as exc:
+                LOG.error("ipc: the socket cannot be given group %d (%s): only the service's own user "
+                          "and group can connect", self.group, exc.strerror)
         os.chmod(self.path, 0o660)
         self._server.ipc = self
         self._thread = threading.Thread(target=self._server.serve_forever, name="ipc", daemon=True)

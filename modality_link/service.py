@@ -107,7 +107,7 @@ class Service:
         setup_logging(self.home, self.config, log_to_stderr)
         group = access.socket_group(self.config.ipc)
         for change in self.home.secure(group):
-            LOG.warning("home: tightened %s", change)
+            LOG.warning("home: %s", change)
         export = self.home.root / self.config.media.export_dir
         try:
             export.mkdir(mode=0o700, exist_ok=True)
