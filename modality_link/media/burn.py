@@ -17,8 +17,10 @@ see :mod:`~modality_link.media.spanning`) set it
 4. ejects the disc and asks for the next blank one (``next_disc``).
 
 An image exported with ``--iso`` is mastered under a temporary name beside
-its target (``.NAME.part``), read back, flushed to disk and only then renamed
-to its target, so a target file is always a complete, verified image.
+its target (``.NAME.part``, never written through a symbolic link), read
+back, flushed to disk and only then given its target's name - a new name, or
+with ``overwrite`` in place of an existing file (docs/design.md "Files and
+permissions") - so a target file is always a complete, verified image.
 
 For a burn that runs as a persistent job (:mod:`modality_link.burns`):
 
