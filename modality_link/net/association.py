@@ -191,7 +191,7 @@ def describe_connect_failure(host: str, port: int, elapsed: float, connect_timeo
     except ConnectionRefusedError:
         return "refused", f"connection refused (nothing listens on {host}:{port})"
     except socket.gaierror as exc:
-        return "unreachable", f"unknown host {host!r} ({exc.strerror or exc})"
+        return "unreachable", f"unknown host {host} ({exc.strerror or exc})"
     except TimeoutError:
         return "timeout", "timed out: no TCP connection"
     except OSError as exc:
@@ -248,15 +248,20 @@ def associate(
     except TlsFileError as exc:  # changed on disk since the configuration was validated
         LOG.error("association to %s failed: %s: %s", target, exc.key, exc)
         raise AssociationFailed(f"association to {target} failed: {exc.key}: {exc}", "tls") from None
-    assoc = ae.associate(
-        node.host,
-        node.port,
-        ae_title=node.ae_title,
-        ext_neg=list(ext_neg) if ext_neg else None,
-        evt_handlers=handlers,
-        max_pdu=node.max_pdu,
-        tls_args=(tls_context, node.host) if tls_context is not None else None,
-    )
+    try:
+        assoc = ae.associate(
+            node.host,
+            node.port,
+            ae_title=node.ae_title,
+            ext_neg=list(ext_neg) if ext_neg else None,
+            evt_handlers=handlers,
+            max_pdu=node.max_pdu,
+            tls_args=(tls_context, node.host) if tls_context is not None else None,
+        )
+    except socket.gaierror as exc:  # pynetdicom resolves the name before it connects
+        why = f"unknown host {node.host} ({exc.strerror or exc})"
+        LOG.error("association to %s failed: %s", target, why)
+        raise AssociationFailed(f"association to {target} failed: {why}", "unreachable") from None
     if not assoc.is_established:
         reason = "failed"
         if "accept" in seen:
