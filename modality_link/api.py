@@ -5,6 +5,11 @@ IPC protocol exists. Each method calls the exam manager, job queue, burns, archi
 turns the domain's :class:`~modality_link.errors.RequestError` into an :class:`IpcError` with
 the code docs/ipc.md "Errors" gives; a DICOM status behind the error goes into the error's
 ``data`` as ``{"status": N}``.
+
+Before a method runs, :meth:`Api.check` holds its parameters against the method's schema
+(:data:`SCHEMAS`: type and range of each, -32602 naming the parameter) and the caller's role
+against :data:`ENGINEER_METHODS` and the targets a technologist may name (docs/ipc.md "Roles",
+-32010).
 """
 
 from __future__ import annotations
@@ -13,20 +18,26 @@ import base64
 import dataclasses
 import functools
 import logging
+import math
 import mmap
 import os
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from modality_link import __version__, config
+from modality_link import __version__, access, config
+from modality_link.archive import file_kind
 from modality_link.config import ConfigError
 from modality_link.db import InstanceRecord
 from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound, RequestError
-from modality_link.ipc import CONFIG_INVALID, CONFLICT, DICOM_FAILURE, INVALID_PARAMS, NOT_FOUND, IpcError
+from modality_link.ipc import (
+    CONFIG_INVALID, CONFLICT, DICOM_FAILURE, FORBIDDEN, INVALID_PARAMS, MAX_LINE, NOT_FOUND, IpcError, Peer,
+)
 from modality_link.net import retrieve
 from modality_link.net.echo import echo
 from modality_link.retrieving import STUDY_KEYS
@@ -82,10 +93,146 @@ def write_new_file(path: Path, data: bytes | mmap.mmap) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _job_id(id: Any) -> int:
-    if isinstance(id, bool) or not isinstance(id, int):
-        raise Invalid("give the job id as a whole number")
-    return id
+# -- parameters (docs/ipc.md "Errors": -32602 names the parameter) ------------------------------
+
+
+@dataclass(frozen=True)
+class Param:
+    """What one parameter of a method may be: its type; for numbers their range, for text and
+    lists their length; for lists and objects the rule of each item (object keys are text)."""
+
+    kind: type
+    required: bool = False
+    low: int = 0
+    high: int = 2**63 - 1
+    items: "Param | None" = None
+
+
+TEXT = Param(str, high=1024)
+NAME = Param(str, required=True, low=1, high=1024)
+UID = Param(str, low=1, high=64)  # PS3.5 §9.1: at most 64 characters
+PATH = Param(str, low=1, high=4096)
+FLAG = Param(bool)
+ID = Param(int, required=True, low=1)  # a row id of SQLite: 1 to 2**63-1
+UIDS = Param(list, required=True, low=1, high=100_000, items=UID)
+PATHS = Param(list, required=True, low=1, high=100_000, items=PATH)
+
+#: The parameters of every method, by name (docs/ipc.md "Methods"); null is an absent parameter.
+SCHEMAS: dict[str, dict[str, Param]] = {
+    "status": {},
+    "studies.list": {},
+    "studies.protect": {"study_uid": UID},
+    "studies.unprotect": {"study_uid": UID},
+    "cleanup": {"dry_run": FLAG},
+    "archive.import": {"paths": PATHS},
+    "nodes.list": {},
+    "nodes.echo": {"name": TEXT, "all": FLAG},
+    "config.get": {"key": TEXT},
+    "config.set": {"key": NAME, "value": Param(object, required=True, high=MAX_LINE)},
+    "config.reload": {},
+    "alerts.list": {"include_cleared": FLAG},
+    "alerts.clear": {"code": TEXT},
+    "memory.list": {},
+    "memory.fetch": {"sop_instance_uid": UID, "path": PATH},
+    "memory.clear": {},
+    "query": {"node": NAME, "level": TEXT, "keys": Param(dict, high=1000, items=TEXT), "model": TEXT},
+    "retrieve": {"node": NAME, "study_uid": UID, "patient_id": TEXT, "to": TEXT},
+    "worklist.query": {k: TEXT for k in ("node", "date", "patient_name", "patient_id", "accession",
+                                         "modality", "requested_procedure_id", "station_aet")},
+    "exam.start": {k: TEXT for k in ("item", "patient_id", "patient_name", "birth_date", "sex")},
+    "exam.add_image": {"exam_id": ID, "paths": Param(list, low=1, high=100_000, items=PATH),
+                       "data": Param(list, low=1, high=100_000, items=Param(str, low=1, high=MAX_LINE))},
+    "exam.series_complete": {"exam_id": ID, "series_uid": UID},
+    "exam.end": {"exam_id": ID, "discontinue": TEXT},
+    "exam.show": {"exam_id": ID},
+    "send": {"study_uids": UIDS, "node": NAME, "commit": FLAG},
+    "jobs.list": {},
+    "jobs.show": {"id": ID},
+    "jobs.retry": {"id": ID},
+    "jobs.cancel": {"id": ID},
+    "burn": {"study_uids": UIDS, "drive": TEXT, "iso": PATH, "profile": TEXT, "wait": FLAG, "overwrite": FLAG},
+    "burn.status": {"id": ID},
+    "burn.list": {},
+    "burn.disc_inserted": {"id": ID},
+    "burn.cancel": {"id": ID},
+    "drives.list": {},
+    "events.subscribe": {},
+}
+
+_KINDS = {bool: "true or false", int: "a whole number", str: "text",
+          list: "a list", dict: "an object", object: "text, a number or true/false"}
+
+
+def _check_value(where: str, value: Any, rule: Param) -> None:
+    """Raise -32602 naming `where` unless `value` keeps `rule`."""
+    kind = rule.kind
+    if kind is object:
+        ok = isinstance(value, (str, int, float, bool)) and (not isinstance(value, float) or math.isfinite(value))
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise IpcError(INVALID_PARAMS, f"{where} must be {_KINDS[kind]}, not {_shown(value)}")
+    if kind is int:
+        if not rule.low <= value <= rule.high:
+            raise IpcError(INVALID_PARAMS, f"{where} must be from {rule.low} to {rule.high}, not {_shown(value)}")
+    elif isinstance(value, (str, list, dict)):
+        if not rule.low <= len(value) <= rule.high:
+            raise IpcError(INVALID_PARAMS, f"{where} must have from {rule.low} to {rule.high} "
+                                           f"{'characters' if isinstance(value, str) else 'items'}, not {len(value)}")
+    if isinstance(value, str):
+        if "\0" in value or not value.isascii() and _not_utf8(value):
+            raise IpcError(INVALID_PARAMS, f"{where} must be Unicode text without NUL characters")
+    elif isinstance(value, list) and rule.items is not None:
+        for i, item in enumerate(value):
+            _check_value(f"{where}[{i}]", item, rule.items)
+    elif isinstance(value, dict) and rule.items is not None:
+        for key, item in value.items():
+            _check_value(f"{where}[{key!r}]", item, rule.items)
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800")
+        return True
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (list, dict)) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_params(method: str, params: dict[str, Any]) -> None:
+    """Raise -32602 naming the parameter unless `params` keep the method's :data:`SCHEMAS`."""
+    schema = SCHEMAS[method]
+    for name, value in params.items():
+        rule = schema.get(name)
+        if rule is None:
+            raise IpcError(INVALID_PARAMS, f"{method}: no parameter {name!r} (it takes: {', '.join(schema) or 'none'})")
+        if value is not None:
+            _check_value(f"{method}: {name}", value, rule)
+    missing = [name for name, rule in schema.items() if rule.required and params.get(name) is None]
+    if missing:
+        raise IpcError(INVALID_PARAMS, f"{method}: {missing[0]} is missing")
+
+
+# -- roles (docs/ipc.md "Roles") --------------------------------------------------------------------
+
+#: The methods only a service engineer may call, and why; every other method is the
+#: technologist's too, but for the targets :meth:`Api.engineer_target` names.
+ENGINEER_METHODS: dict[str, str] = {
+    "config.get": "it reads the service's configuration",
+    "config.set": "it changes the service's configuration",
+    "config.reload": "it changes the service's configuration",
+    "nodes.echo": "it tests the network configuration",
+    "studies.unprotect": "it lets the disk clean-up delete a study",
+    "cleanup": "it deletes studies",
+    "memory.clear": "it deletes what the memory server holds",
+}
+
+#: Optical drive devices a technologist may name besides those of ``media.drives``.
+OPTICAL_DRIVE = re.compile(r"/dev/sr\d+|sim:.*")
 
 
 class Api:
@@ -139,6 +286,52 @@ class Api:
         }
         return {name: _mapped(fn) for name, fn in table.items()}
 
+    # -- parameters and roles -----------------------------------------------------------------
+
+    def check(self, peer: Peer, method: str, params: dict[str, Any]) -> None:
+        """Refuse a request whose parameters break the method's schema (-32602) or whose
+        caller's role may not make it (-32010, the message says which role and why)."""
+        check_params(method, params)
+        ipc = self.service.config.ipc
+        role = access.role_of(peer.uid, peer.groups, ipc)
+        if role == access.ENGINEER:
+            return
+        engineers = f"the service engineer (root, the service's user or group {ipc.engineer_group!r}, ipc.engineer_group)"
+        if role is None:
+            raise IpcError(FORBIDDEN, f"{method}: refused: user {peer.uid} is not in group {ipc.technologist_group!r} "
+                                      f"(ipc.technologist_group), whose members may use the service, nor is it "
+                                      f"{engineers}")
+        why = ENGINEER_METHODS.get(method) or self.engineer_target(method, params)
+        if why:
+            raise IpcError(FORBIDDEN, f"{method}: refused: only {engineers} may do this, since {why}; "
+                                      f"user {peer.uid} is a technologist")
+
+    def engineer_target(self, method: str, params: dict[str, Any]) -> str | None:
+        """Why a technologist may not name this target (a file written outside the export folder,
+        a drive that is not an optical drive, an import outside ``media.import_dirs``), or None."""
+        svc = self.service
+        media = svc.config.media
+        export = svc.home.root / media.export_dir
+        outside = f"outside the export folder {export} (media.export_dir)"
+        if method == "archive.import":
+            for path in params["paths"]:
+                if not any(access.inside(path, Path(d)) for d in media.import_dirs):
+                    return f"{path} is outside the folders of removable media ({', '.join(media.import_dirs)}, " \
+                           f"media.import_dirs)"
+        elif method == "memory.fetch" and params.get("path") is not None:
+            if not access.inside(params["path"], export):
+                return f"it writes {params['path']}, {outside}"
+        elif method == "burn":
+            iso, drive = params.get("iso"), params.get("drive")
+            if iso is not None and not access.inside(iso, export):
+                return f"it writes {iso}, {outside}"
+            if isinstance(drive, str) and drive not in media.drives:
+                if drive.startswith("stdio:") and not access.inside(drive[len("stdio:"):], export):
+                    return f"the pseudo-drive {drive} writes a file {outside}"
+                if not drive.startswith("stdio:") and not OPTICAL_DRIVE.fullmatch(drive):
+                    return f"{drive} is not an optical drive (/dev/srN) nor one of media.drives"
+        return None
+
     # -- service and archive --------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -191,8 +384,6 @@ class Api:
     def _protect(self, study_uid: str, protected: bool) -> dict[str, Any]:
         db = self.service.db
         assert db is not None
-        if not isinstance(study_uid, str) or not study_uid:
-            raise Invalid("give study_uid, a Study Instance UID")
         if not db.index.protect(study_uid, protected):
             raise NotFound(f"no study {study_uid} in the archive")
         LOG.info("study %s %s", study_uid, "protected" if protected else "no longer protected")
@@ -204,8 +395,6 @@ class Api:
         """Run the disk clean-up now, or say what it would delete (docs/design.md "Disk clean-up")."""
         cleaner = self.service.cleaner
         assert cleaner is not None
-        if not isinstance(dry_run, bool):
-            raise Invalid("cleanup: dry_run is true or false")
         return cleaner.run(dry_run=dry_run)
 
     def archive_import(self, paths: list[str]) -> dict[str, Any]:
@@ -213,14 +402,17 @@ class Api:
         complete exam (docs/design.md "Jobs and failures")."""
         svc = self.service
         assert svc.archive is not None and svc.autosend is not None
-        if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
-            raise Invalid("archive.import: give a list of file or folder paths")
         missing = [p for p in paths if not Path(p).exists()]
         if missing:
             raise NotFound(f"no such file or folder: {', '.join(missing)}")
+        resolved = [Path(os.path.realpath(p)) for p in paths]  # a link given by name is followed, once
+        for given, path in zip(paths, resolved):
+            kind = file_kind(path)
+            if kind is not None:
+                raise Invalid(f"archive.import: {given} is {kind}, not a regular file or a folder")
         imported, failed = 0, []
         studies: dict[str, None] = {}
-        for path, result in svc.archive.import_paths([Path(p) for p in paths], svc.config.station.ae_title):
+        for path, result in svc.archive.import_paths(resolved, svc.config.station.ae_title):
             if not isinstance(result, InstanceRecord):
                 LOG.error("import: %s refused: %s", path, result)
                 failed.append({"path": str(path), "error": str(result)})
@@ -244,8 +436,6 @@ class Api:
     def memory_fetch(self, sop_instance_uid: str, path: str | None = None) -> dict[str, Any]:
         """One cached instance as PS3.10 bytes: base64 in the result, or written to `path` (an
         absolute path in an existing folder, not an existing file; written whole or not at all)."""
-        if not isinstance(sop_instance_uid, str) or not sop_instance_uid:
-            raise Invalid("memory.fetch: give sop_instance_uid, a SOP Instance UID")
         item = self.service.memory.get(sop_instance_uid)
         if item is None:
             raise NotFound(f"no instance {sop_instance_uid} in the memory server")
@@ -312,8 +502,6 @@ class Api:
     def send(self, study_uids: list[str], node: str, commit: bool = False) -> dict[str, Any]:
         sending = self.service.sending
         assert sending is not None
-        if not isinstance(study_uids, list) or not study_uids or not isinstance(node, str):
-            raise Invalid("send: give study_uids (a list) and node (a name)")
         return {"job_id": sending.submit(study_uids, node, bool(commit))}
 
     def jobs_list(self) -> list[dict[str, Any]]:
@@ -322,15 +510,15 @@ class Api:
 
     def jobs_show(self, id: int) -> dict[str, Any]:
         assert self.service.jobs is not None
-        return self.service.jobs.show(_job_id(id))
+        return self.service.jobs.show(id)
 
     def jobs_retry(self, id: int) -> dict[str, Any]:
         assert self.service.jobs is not None
-        return self.service.jobs.retry(_job_id(id))
+        return self.service.jobs.retry(id)
 
     def jobs_cancel(self, id: int) -> dict[str, Any]:
         assert self.service.jobs is not None
-        return self.service.jobs.cancel(_job_id(id))
+        return self.service.jobs.cancel(id)
 
     # -- nodes and config -----------------------------------------------------------------------
 

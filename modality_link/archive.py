@@ -31,6 +31,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 import uuid
@@ -615,17 +616,25 @@ class Archive:
         return self._indexer.wait(ticket, timeout)
 
     def import_paths(self, paths: Iterable[Path], source_ae: str = "") -> Iterator[tuple[Path, InstanceRecord | ArchiveError | OSError]]:
-        """Import files and folders (recursively); yields (path, record or error) per file."""
+        """Import files and folders (recursively); yields (path, record or error) per file.
+
+        Only regular files are read: a FIFO, a device, a socket or a symbolic link (not
+        followed, also inside a folder) is refused without being opened (:func:`regular_file`)."""
         for path in paths:
             path = Path(path)
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            files = sorted(path.rglob("*")) if path.is_dir() else [path]
             for f in files:
                 if f.name == "DICOMDIR":
                     continue
+                result: InstanceRecord | ArchiveError | OSError
                 try:
-                    yield f, self.store_part10(f, source_ae)
+                    if stat.S_ISDIR(os.lstat(f).st_mode):
+                        continue
+                    with regular_file(f) as opened:
+                        result = self.store_part10(opened, source_ae)
                 except (ArchiveError, OSError) as exc:
-                    yield f, exc
+                    result = exc
+                yield f, result
 
     # -- deleting studies (docs/design.md "Disk clean-up") -------------------------------------------
 
@@ -712,6 +721,45 @@ class Archive:
 
 #: Pixel data elements (PS3.6 group 7FE0): deferred by :func:`read_header`, never indexed.
 _PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00010)
+
+
+#: What an entry of a folder is when it is not a regular file or a folder (lstat(2) types).
+_FILE_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def file_kind(path: str | os.PathLike[str]) -> str | None:
+    """None for a regular file or a folder, else what `path` itself is ("a FIFO"...): its
+    lstat, so a symbolic link is not followed and nothing is opened."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "not a regular file")
+
+
+@contextmanager
+def regular_file(path: Path) -> Iterator[Path]:
+    """Open `path` for reading only when it is a regular file, and yield a name of the open
+    file (``/proc/self/fd/N``: the same file even if `path` is replaced meanwhile).
+
+    Anything else is refused with :class:`CannotUnderstand` naming it, never opened for
+    reading: its lstat is looked at first, and the open (non-blocking, not following a
+    symbolic link) is checked once more with fstat."""
+    kind = file_kind(path)
+    if kind is not None or stat.S_ISDIR(os.lstat(path).st_mode):
+        raise CannotUnderstand(f"{path} is {kind or 'a folder'}, not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise CannotUnderstand(f"{path} is a symbolic link, not a regular file") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CannotUnderstand(f"{path} is not a regular file")
+        yield Path(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
 
 
 def validate_received(source: str | bytes, source_ae: str) -> InstanceRecord:

@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import hw
 from modality_link import audit
+from modality_link.archive import file_kind
 from modality_link.config import Media
 from modality_link.db import Database, Job
 from modality_link.errors import Conflict, Invalid, NotFound
@@ -62,6 +63,31 @@ def open_drive(device: str) -> hw.Drive:
         return hw.open_drive(device)
     except ValueError as exc:
         raise Invalid(str(exc)) from None
+
+
+def check_target(path: Path, overwrite: bool) -> None:
+    """A burn may write the file `path`: it does not exist, or it is a regular file and
+    `overwrite` is set (a ``stdio:`` pseudo-drive's file is its medium: xorriso writes only a
+    blank, empty one). A symbolic link is never followed, a FIFO or device never written."""
+    try:
+        kind = file_kind(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise Invalid(f"burn: {path} cannot be written ({exc.strerror or exc})") from None
+    if kind is not None:
+        raise Invalid(f"burn: {path} is {kind}; a burn writes only a regular file and never follows a link")
+    if path.is_dir():
+        raise Invalid(f"burn: {path} is a folder; name a file")
+    if not overwrite:
+        raise Conflict(f"burn: {path} exists; it is replaced only when asked to (overwrite, burn --force)")
+
+
+def check_pseudo_drive(device: str) -> None:
+    """The file of a ``stdio:`` pseudo-drive is new or a regular file (its medium: xorriso
+    writes only an empty one), never a link, FIFO or device (:func:`check_target`)."""
+    if device.startswith("stdio:"):
+        check_target(Path(device[len("stdio:"):]), overwrite=True)
 
 
 def drive_node(device: str) -> str:
@@ -115,8 +141,9 @@ class Burns:
     # -- IPC ------------------------------------------------------------------------------------
 
     def start(self, study_uids: list[str], drive: str | None = None, iso: str | None = None,
-              profile: str | None = None, wait: bool = False) -> dict[str, Any]:
-        """Queue a burn job; with `wait`, return once it has ended."""
+              profile: str | None = None, wait: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Queue a burn job; with `wait`, return once it has ended. An image file replaces an
+        existing file only with `overwrite` (:func:`check_target`)."""
         if not isinstance(study_uids, list) or not study_uids or not all(isinstance(u, str) for u in study_uids):
             raise Invalid("burn: give study_uids, a list of Study Instance UIDs")
         if (drive is None) == (iso is None):
@@ -138,15 +165,17 @@ class Burns:
             iso_out = Path(iso)
             if not iso_out.is_absolute() or not iso_out.parent.is_dir():
                 raise Invalid(f"burn: {iso} is not an absolute path in an existing folder")
+            check_target(iso_out, overwrite)
             target, node = str(iso_out), iso_node(iso_out)
         else:
             assert drive is not None
             open_drive(drive)  # an unknown kind of device is refused now, not when the job runs
+            check_pseudo_drive(drive)
             target, node = drive, drive_node(drive)
         ahead = self._db.jobs.latest(kind=KIND, states=("queued", "running"), node=node)
         params = {
             "study_uids": list(study_uids), "target": target, "drive": drive, "iso": target if iso else None,
-            **dataclasses.asdict(options), "waited": bool(ahead), "discs": [],
+            **dataclasses.asdict(options), "waited": bool(ahead), "discs": [], "overwrite": bool(overwrite),
         }
         job_id = self._jobs.submit(KIND, node, uids, params, max_attempts=1)
         if ahead:
@@ -269,6 +298,11 @@ class Burns:
         params.setdefault("started_at", time.time())
         files, uid_of = self._files(job_id)
         self._db.index.touch_instances(list(uid_of.values()))  # a use: docs/design.md "Disk clean-up"
+        if params.get("drive"):
+            try:  # checked again: the file may have been replaced since the burn was asked for
+                check_pseudo_drive(params["drive"])
+            except (Invalid, Conflict) as exc:
+                raise Fail(str(exc), alert=False) from None
         drive = open_drive(params["drive"]) if params.get("drive") else None
         iso_out = Path(params["iso"]) if params.get("iso") else None
         target = params["target"]
@@ -311,7 +345,8 @@ class Burns:
         try:
             report = burn_studies(files, drive, iso_out, options, staging, progress, next_disc,
                                   earlier=earlier, on_disc=on_disc, should_stop=ctx.should_stop,
-                                  ask_first=resumed or bool(params.get("waited")))
+                                  ask_first=resumed or bool(params.get("waited")),
+                                  overwrite=bool(params.get("overwrite")))
         except Exception as exc:  # a bug: the burn fails, the service keeps running
             LOG.exception("burn job %d: burn raised", job_id)
             raise Fail(f"internal error: {exc}", alert=False) from None

@@ -417,6 +417,8 @@ def cmd_burn(args: argparse.Namespace, home: Home) -> int:
         params["iso"] = os.path.abspath(args.iso)
     if args.profile:
         params["profile"] = args.profile
+    if args.force:
+        params["overwrite"] = True
     if not args.wait:
         burn = _call(home, "burn", **params)
         print(burn["id"])
@@ -625,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iso", metavar="FILE", help="write ISO image file(s): FILE, FILE_2, ...")
     b.add_argument("--profile", help=f"application profile, PS3.11: {', '.join(sorted(PROFILES))} "
                    "(default media.profile, STD-GEN-CD)")
+    b.add_argument("--force", action="store_true", help="with --iso: replace an existing file of that name")
     b.add_argument("--wait", action="store_true", help="follow the burn; exit 0 only if it succeeded")
     b.add_argument("--yes", action="store_true", help="with --wait: do not ask before the next disc")
     b.add_argument("--cancel", type=int, metavar="ID",
@@ -656,6 +659,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NOT_RUNNING
     except IpcError as exc:
         print(f"modality-link: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    except PermissionError as exc:  # the home is the service's user's (docs/design.md "Files and permissions")
+        print(f"modality-link: {exc.filename or exc}: permission denied (the service engineer's, or the "
+              f"service's user's)", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -6,12 +6,18 @@ the file on disk is never changed by a refused edit. Why each default is what it
 docs/design.md "Configuration defaults".
 
 AE titles follow PS3.5 §6.2 (VR AE): at most 16 characters of the default character repertoire,
-no backslash, no control characters, not all spaces.
+no backslash, no control characters, not all spaces. Values that go into DICOM text (the station's
+name, VR SH; its institution, VR LO) follow their VR; host names follow RFC 1123 or are IP
+addresses. Every other text (a folder, a drive) may hold any Unicode character but NUL: the file
+is written by `tomlkit`, which escapes what TOML must escape and keeps the service engineer's
+comments and layout (docs/design.md "Files and permissions").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import grp
+import ipaddress
 import os
 import re
 import tomllib
@@ -19,7 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomlkit
+
 from modality_link.home import CONFIG_FILE  # noqa: F401 (the home folder layout owns the name)
+from modality_link.net.tls import Credentials, TlsFileError, client_context, server_context
+
 ROLES = ("worklist", "mpps", "store", "commit", "qr")
 #: Transfer syntaxes a node may be configured to receive (PS3.5 §10; UIDs from PS3.6 Annex A).
 KNOWN_TRANSFER_SYNTAXES = (
@@ -53,6 +63,73 @@ def check_ae_title(key: str, value: Any) -> str:
     return value
 
 
+def check_text(key: str, value: Any) -> str:
+    """Every text value: a string of Unicode characters that UTF-8 can hold (no lone
+    surrogates, which a command line gives for bytes that are not UTF-8), without NUL."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be text, not {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}: {value!r} is not valid Unicode text (bytes that are not UTF-8?)") from None
+    if "\0" in value:
+        raise ConfigError(f"{key}: must not contain a NUL character")
+    return value
+
+
+def _check_dicom_text(key: str, value: Any, vr: str, max_length: int) -> str:
+    """A value that goes into a DICOM element of VR SH or LO (PS3.5 §6.2): at most `max_length`
+    characters, no backslash (the value delimiter), no control characters (below 0x20, DEL,
+    0x80-0x9F)."""
+    check_text(key, value)
+    if len(value) > max_length:
+        raise ConfigError(f"{key}: at most {max_length} characters (VR {vr}), {value!r} has {len(value)}")
+    if "\\" in value:
+        raise ConfigError(f"{key}: must not contain a backslash (VR {vr})")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
+        raise ConfigError(f"{key}: must not contain control characters (VR {vr}), not {value!r}")
+    return value
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def check_host(key: str, value: Any) -> str:
+    """A host name (RFC 1123: labels of letters, digits and '-', at most 253 characters) or an
+    IPv4 or IPv6 address."""
+    check_text(key, value)
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    labels = value.removesuffix(".").split(".")
+    if not value or len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise ConfigError(f"{key}: a host name (letters, digits, '-' and '.') or an IP address, not {value!r}")
+    return value
+
+
+def _check_group(key: str, value: Any) -> str:
+    """'' or the name of a Unix group of this machine."""
+    check_text(key, value)
+    if value:
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ConfigError(f"{key}: no group {value!r} on this machine (create it, or leave the key empty)") from None
+    return value
+
+
+def _check_strings(key: str, value: Any) -> None:
+    """:func:`check_text` for every text of a value (a string or a list of strings)."""
+    if isinstance(value, str):
+        check_text(key, value)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                check_text(f"{key}[{i}]", item)
+
+
 def _check_port(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ConfigError(f"{key}: a TCP port is a whole number from 1 to 65535, not {value!r}")
@@ -79,6 +156,29 @@ def _check_max_pdu(key: str, value: Any) -> int:
     return value
 
 
+def _check_tls(prefix: str, cert: Any, key: Any, ca: Any, listening: bool) -> None:
+    """TLS files of a listening AE or of a node (docs/design.md "TLS"): absolute paths; a
+    certificate only with its private key, a node's only with the CA its peer is verified
+    against (so that `config set` enables TLS by setting tls_cert last); each file set exists
+    and loads, the key matches the certificate and is not open to every user."""
+    for name, path in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)):
+        if not isinstance(path, str):
+            raise ConfigError(f"{prefix}.{name}: the path of a PEM file ('' for none), not {path!r}")
+        if path and not os.path.isabs(path):
+            raise ConfigError(f"{prefix}.{name}: an absolute path, not {path!r}")
+    if cert and not key:
+        raise ConfigError(f"{prefix}.tls_cert: set tls_key (the certificate's private key) first")
+    if cert and not ca and not listening:
+        raise ConfigError(f"{prefix}.tls_cert: set tls_ca (the CA certificates the node's certificate is "
+                          "verified against) first")
+    if not (cert or key or ca):
+        return
+    try:
+        (server_context if listening else client_context)(Credentials(cert, key, ca))
+    except TlsFileError as exc:
+        raise ConfigError(f"{prefix}.{exc.key}: {exc}") from None
+
+
 @dataclass
 class Station:
     """The scanner itself: the calling AE title of every SCU and the modality it acquires."""
@@ -92,8 +192,8 @@ class Station:
         check_ae_title(f"{prefix}.ae_title", self.ae_title)
         if self.modality not in MODALITIES:
             raise ConfigError(f"{prefix}.modality: one of {', '.join(MODALITIES)}, not {self.modality!r}")
-        if not isinstance(self.name, str) or len(self.name) > 16:
-            raise ConfigError(f"{prefix}.name: the station name has at most 16 characters (VR SH)")
+        _check_dicom_text(f"{prefix}.name", self.name, "SH", 16)
+        _check_dicom_text(f"{prefix}.institution", self.institution, "LO", 64)
 
 
 @dataclass
@@ -117,12 +217,24 @@ class Listener:
     #: a cap closes the oldest of them (docs/design.md "The listening side").
     max_pending: int = 64
     max_pending_per_address: int = 16
+    #: TLS (docs/design.md "TLS"): our certificate and private key, absolute paths of PEM files;
+    #: with `tls_cert` set the port speaks only TLS. With the CA certificates of `tls_ca` too,
+    #: every requestor must present a certificate they verify.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+    def tls(self) -> Credentials | None:
+        """The port's TLS files; None when it speaks plain TCP."""
+        return Credentials(self.tls_cert, self.tls_key, self.tls_ca) if self.tls_cert else None
 
     def validate(self, prefix: str) -> None:
         check_ae_title(f"{prefix}.ae_title", self.ae_title)
         _check_port(f"{prefix}.port", self.port)
         if not isinstance(self.bind_address, str):
             raise ConfigError(f"{prefix}.bind_address: an address string, '' for all interfaces")
+        if self.bind_address:
+            check_host(f"{prefix}.bind_address", self.bind_address)
         _check_max_pdu(f"{prefix}.max_pdu", self.max_pdu)
         _check_range(f"{prefix}.max_associations", self.max_associations, 1, 1000)
         _check_range(f"{prefix}.max_pending", self.max_pending, 1, 1000)
@@ -131,6 +243,7 @@ class Listener:
             raise ConfigError(f"{prefix}.allowed_calling_aets: a list of AE titles")
         for i, aet in enumerate(self.allowed_calling_aets):
             check_ae_title(f"{prefix}.allowed_calling_aets[{i}]", aet)
+        _check_tls(prefix, self.tls_cert, self.tls_key, self.tls_ca, listening=True)
 
 
 @dataclass
@@ -217,6 +330,13 @@ class Media:
     drives: list[str] = field(default_factory=list)
     #: Seconds a burn waits for the next blank disc of a spanned set.
     disc_timeout_s: float = 600.0
+    #: The export folder: image files (`burn --iso`) and ``stdio:`` drives inside it are the
+    #: technologist's, anywhere else the service engineer's (docs/design.md "Who may do what").
+    #: A relative path is relative to the home folder.
+    export_dir: str = "export"
+    #: Folders a technologist may import from (where removable media are mounted); any other
+    #: path is the service engineer's.
+    import_dirs: list[str] = field(default_factory=lambda: ["/media", "/run/media"])
 
     def validate(self, prefix: str) -> None:
         if not isinstance(self.profile, str) or not self.profile:
@@ -227,6 +347,30 @@ class Media:
         if not isinstance(self.drives, list) or not all(isinstance(d, str) and d for d in self.drives):
             raise ConfigError(f"{prefix}.drives: a list of device names, not {self.drives!r}")
         _check_range(f"{prefix}.disc_timeout_s", self.disc_timeout_s, 1, 86400, float)
+        if not check_text(f"{prefix}.export_dir", self.export_dir):
+            raise ConfigError(f"{prefix}.export_dir: a folder (relative to the home folder, or absolute)")
+        if not isinstance(self.import_dirs, list) or not all(
+            isinstance(d, str) and os.path.isabs(d) for d in self.import_dirs
+        ):
+            raise ConfigError(f"{prefix}.import_dirs: a list of absolute folder paths, not {self.import_dirs!r}")
+
+
+@dataclass
+class Ipc:
+    """Who may do what over the IPC socket (docs/design.md "Who may do what"): Unix group names.
+
+    With no `engineer_group` every local user who can open the socket is a service engineer.
+    With one, only its members (and root and the service's own user) are; the others who can
+    open the socket are technologists. With a `technologist_group`, the socket belongs to that
+    group and only its members and the engineers are served.
+    """
+
+    engineer_group: str = ""
+    technologist_group: str = ""
+
+    def validate(self, prefix: str) -> None:
+        _check_group(f"{prefix}.engineer_group", self.engineer_group)
+        _check_group(f"{prefix}.technologist_group", self.technologist_group)
 
 
 #: How audit messages reach a syslog collector: UDP (RFC 5426) or TCP with octet counting
@@ -299,11 +443,20 @@ class Node:
     move_timeout: float = 600.0
     #: Send automatically: "none", every completed "exam", or every completed "series".
     auto_send: str = "none"
+    #: TLS (docs/design.md "TLS"): with `tls_ca` set, associations to the node use TLS and its
+    #: certificate must be issued by one of these CA certificates, for `host`; `tls_cert` and
+    #: `tls_key` are the certificate we present (absolute paths of PEM files).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+    def tls(self) -> Credentials | None:
+        """Our TLS files for associations to the node; None when they use plain TCP."""
+        return Credentials(self.tls_cert, self.tls_key, self.tls_ca) if self.tls_ca else None
 
     def validate(self, prefix: str) -> None:
         check_ae_title(f"{prefix}.ae_title", self.ae_title)
-        if not isinstance(self.host, str) or not self.host:
-            raise ConfigError(f"{prefix}.host: a host name or IP address")
+        check_host(f"{prefix}.host", self.host)
         _check_port(f"{prefix}.port", self.port)
         if not isinstance(self.roles, list) or not all(r in ROLES for r in self.roles):
             raise ConfigError(f"{prefix}.roles: a list drawn from {', '.join(ROLES)}, not {self.roles!r}")
@@ -350,6 +503,7 @@ class Node:
             raise ConfigError(
                 f"{prefix}.auto_send: one of {', '.join(AUTO_SEND_RULES)}, not {self.auto_send!r}"
             )
+        _check_tls(prefix, self.tls_cert, self.tls_key, self.tls_ca, listening=False)
 
 
 @dataclass
@@ -362,13 +516,17 @@ class Config:
     logging: Logging = field(default_factory=Logging)
     media: Media = field(default_factory=Media)
     audit: Audit = field(default_factory=Audit)
+    ipc: Ipc = field(default_factory=Ipc)
     nodes: dict[str, Node] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` on the first value that breaks a rule."""
         for f in dataclasses.fields(self):
             if f.name != "nodes":
-                getattr(self, f.name).validate(f.name)
+                section = getattr(self, f.name)
+                for g in dataclasses.fields(section):
+                    _check_strings(f"{f.name}.{g.name}", getattr(section, g.name))
+                section.validate(f.name)
         seen: dict[str, str] = {}
         for name, node in self.nodes.items():
             if not _NODE_NAME.match(name):
@@ -378,6 +536,8 @@ class Config:
             if name.lower() in seen:
                 raise ConfigError(f"nodes.{name}: duplicate node name (also {seen[name.lower()]!r})")
             seen[name.lower()] = name
+            for g in dataclasses.fields(node):
+                _check_strings(f"nodes.{name}.{g.name}", getattr(node, g.name))
             node.validate(f"nodes.{name}")
         used: dict[int, str] = {}
         for key in ("disk_server", "memory_server"):
@@ -448,45 +608,120 @@ def load(path: Path) -> Config:
 # -- writing ------------------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        escaped = "".join(c if ord(c) >= 0x20 else f"\\u{ord(c):04x}" for c in escaped)
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
+HEADER = "modality_link configuration (edit with `modality-link config set`)"
+
+
+def _table(values: dict[str, Any]) -> Any:
+    table = tomlkit.table()
+    for key, value in values.items():
+        table.add(key, value)
+    return table
+
+
+def _document(cfg: Config) -> tomlkit.TOMLDocument:
+    """The whole configuration as a new TOML document, every key written."""
+    doc = tomlkit.document()
+    doc.add(tomlkit.comment(HEADER))
+    for f in dataclasses.fields(cfg):
+        if f.name != "nodes":
+            doc.add(f.name, _table(dataclasses.asdict(getattr(cfg, f.name))))
+    if cfg.nodes:
+        nodes = tomlkit.table(is_super_table=True)
+        for name, node in cfg.nodes.items():
+            nodes.add(name, _table(dataclasses.asdict(node)))
+        doc.add("nodes", nodes)
+    return doc
+
+
+def _plain(item: Any) -> Any:
+    return item.unwrap() if hasattr(item, "unwrap") else item
+
+
+def _merge_table(parent: Any, name: str, values: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Write into ``parent[name]`` the values that differ from the file; a key the file does
+    not have is added only when its value is not the default (which is what its absence means)."""
+    table = parent.get(name)
+    for key, value in values.items():
+        if table is not None and key in table:
+            if _plain(table[key]) != value:
+                table[key] = value
+        elif value != defaults[key]:
+            if table is None:
+                table = parent[name] = tomlkit.table()
+            table[key] = value
+
+
+def _merged(doc: tomlkit.TOMLDocument, cfg: Config) -> tomlkit.TOMLDocument:
+    """`doc` (the file as it is) changed only where `cfg` differs from it: comments, order and
+    layout of everything else stay."""
+    for f in dataclasses.fields(cfg):
+        if f.name != "nodes":
+            section = getattr(cfg, f.name)
+            _merge_table(doc, f.name, dataclasses.asdict(section), dataclasses.asdict(type(section)()))
+    nodes = doc.get("nodes")
+    if nodes is None:
+        if not cfg.nodes:
+            return doc
+        nodes = doc["nodes"] = tomlkit.table(is_super_table=True)
+    for name in [n for n in nodes if n not in cfg.nodes]:
+        del nodes[name]
+    defaults = dataclasses.asdict(Node())
+    for name, node in cfg.nodes.items():
+        if name in nodes:
+            _merge_table(nodes, name, dataclasses.asdict(node), defaults)
+        else:
+            nodes[name] = _table(dataclasses.asdict(node))
+    return doc
 
 
 def dumps(cfg: Config) -> str:
-    """Serialise `cfg` as TOML (the subset this schema uses)."""
-    lines: list[str] = ["# modality_link configuration (edit with `modality-link config set`)"]
-    for f in dataclasses.fields(cfg):
-        if f.name == "nodes":
-            continue
-        lines.append(f"\n[{f.name}]")
-        for key, value in dataclasses.asdict(getattr(cfg, f.name)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
-    for name, node in cfg.nodes.items():
-        lines.append(f'\n[nodes."{name}"]')
-        for key, value in dataclasses.asdict(node).items():
-            lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+    """Serialise `cfg` as a new TOML file, every key written."""
+    return tomlkit.dumps(_document(cfg))
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Replace the file `path` with `data` atomically: a new temporary beside it (mode 0600,
+    never an existing file or a symbolic link), flushed, renamed over `path`, the folder
+    flushed. A replaced file's owner is kept when we may (root editing the service's file)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            old = os.stat(path)
+            if (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                os.fchown(fd, old.st_uid, old.st_gid)
+        except (FileNotFoundError, PermissionError):
+            pass
+        with os.fdopen(fd, "wb", closefd=False) as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
 
 
 def save(cfg: Config, path: Path) -> None:
-    """Validate, then write atomically (temporary file, fsync, rename)."""
+    """Validate, then write the file: an existing file keeps its comments and layout and only
+    the values that changed are rewritten; a new one gets every key (:func:`write_private`)."""
     cfg.validate()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(dumps(cfg))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        doc = _merged(tomlkit.parse(path.read_text(encoding="utf-8")), cfg)
+    except (FileNotFoundError, tomlkit.exceptions.ParseError):
+        doc = _document(cfg)
+    text = tomlkit.dumps(doc)
+    if from_dict(tomllib.loads(text)) != cfg:  # what is written reads back as what was validated
+        raise ConfigError(f"{path.name}: the file would not read back as the configuration set")
+    write_private(path, text.encode("utf-8"))
 
 
 # -- dotted keys (the CLI's `config get|set`) ---------------------------------------------------

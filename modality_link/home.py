@@ -1,5 +1,10 @@
 """The home folder: config, database, archive, IPC socket and logs of one service.
 
+Only the service's user may read it (docs/design.md "Files and permissions"): folders 0700,
+files 0600, the IPC socket 0660 for the group that may use it (the home folder then 0710 of that
+group, so that its members reach the socket and nothing else). :meth:`Home.secure` tightens a
+home made before these modes.
+
 :func:`temporary_home` builds a throw-away home with its listeners on free loopback ports, for
 the demo, the tests and the benchmarks (one helper, so that they all get short socket paths and
 the same defaults).
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
@@ -19,6 +25,10 @@ if TYPE_CHECKING:
 #: module is imported where it is used, not here: every CLI command starts with a Home, and the
 #: thin IPC clients should not pay for loading the TOML and dataclass machinery they never use.
 CONFIG_FILE = "config.toml"
+
+#: The mode of the home's folders and of its files (docs/design.md "Files and permissions").
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 
 class Home(NamedTuple):
@@ -59,13 +69,49 @@ class Home(NamedTuple):
         return self.root / "logs"
 
     def ensure(self) -> None:
-        """Create the folders, and a default config file on first use."""
+        """Create the folders (0700), and a default config file (0600) on first use."""
         for d in (self.root, self.archive_dir, self.tmp_dir, self.log_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         if not self.config_path.exists():
             from modality_link import config
 
             config.save(config.Config(), self.config_path)
+
+    def secure(self, group: int | None = None) -> list[str]:
+        """Give the home the modes of docs/design.md "Files and permissions"; one sentence per
+        change. The home folder is 0700, or 0710 of `group` (the IPC socket's) when one is
+        given; its folders (archive, logs, the archive's temporaries) 0700; the files in it and
+        in the logs folder 0600. Inside the archive, reachable only through its 0700 folder,
+        nothing is walked. Symbolic links are left alone (never followed)."""
+        changes: list[str] = []
+
+        def fix(path: Path, mode: int, gid: int | None = None) -> None:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return
+            if stat.S_ISLNK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+                return
+            try:
+                if gid is not None and st.st_gid != gid:
+                    os.chown(path, -1, gid, follow_symlinks=False)
+                    changes.append(f"tightened {path}: group {st.st_gid} -> {gid}")
+                if stat.S_IMODE(st.st_mode) != mode:
+                    os.chmod(path, mode)
+                    changes.append(f"tightened {path}: mode {stat.S_IMODE(st.st_mode):04o} -> {mode:04o}")
+            except PermissionError as exc:  # another user's file: said, not fatal
+                changes.append(f"could not tighten {path} (mode {stat.S_IMODE(st.st_mode):04o}): {exc.strerror}")
+
+        fix(self.root, DIR_MODE if group is None else 0o710, group)
+        for folder in (self.root, self.log_dir):
+            for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+                st = os.lstat(entry)
+                if stat.S_ISDIR(st.st_mode):
+                    fix(entry, DIR_MODE)
+                elif stat.S_ISREG(st.st_mode):
+                    fix(entry, FILE_MODE)
+        fix(self.tmp_dir, DIR_MODE)
+        return changes
 
     def load_config(self) -> "config.Config":
         from modality_link import config

@@ -9,6 +9,9 @@ the acquisition software's authors; a test keeps the two in step.
 - ``events.subscribe`` turns a connection into an event stream: the server then sends
   notifications ``{"jsonrpc": "2.0", "method": "event", "params": {"type": ..., ...}}``.
 - Every error carries a code (below) and a human sentence in ``message``.
+- Each connection knows its peer (:class:`Peer`: process, user and groups, from ``SO_PEERCRED``
+  and ``SO_PEERGROUPS``, unix(7)); the server's `check` sees it with every request and may
+  refuse it (docs/ipc.md "Roles").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import socketserver
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,9 +43,45 @@ CONFIG_INVALID = -32001
 NOT_FOUND = -32002
 DICOM_FAILURE = -32003
 CONFLICT = -32004
+#: The caller's role may not do this (docs/ipc.md "Roles").
+FORBIDDEN = -32010
 
 #: Longest request line the server accepts (bytes).
 MAX_LINE = 1 << 20
+
+#: getsockopt(2) option of Linux (since 4.13) giving the peer's supplementary groups.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a connection, as the kernel saw it when it connected."""
+
+    pid: int
+    uid: int
+    gid: int
+    #: Its supplementary groups (and its primary group).
+    groups: frozenset[int]
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """The credentials of a Unix socket's peer (``SO_PEERCRED``, ``SO_PEERGROUPS``)."""
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 65536)
+        groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
+    except OSError:  # a kernel without it: the groups of the user's account
+        groups = frozenset(_account_groups(uid, gid))
+    return Peer(pid, uid, gid, groups | {gid})
+
+
+def _account_groups(uid: int, gid: int) -> list[int]:
+    import pwd
+
+    try:
+        return os.getgrouplist(pwd.getpwuid(uid).pw_name, gid)
+    except KeyError:  # a user id without an account
+        return [gid]
 
 
 class IpcError(Exception):
@@ -82,6 +122,7 @@ class _Handler(socketserver.BaseRequestHandler):
         self.events: queue.Queue["bytes | _LaterEvent | None"] = queue.Queue(self.server.ipc.event_queue)
         self._closed = False
         self.request.settimeout(None)
+        self.peer = peer_of(self.request)
         # a write that cannot go on for this long means the client stopped reading (SO_SNDTIMEO)
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                                 struct.pack("ll", int(self.server.ipc.send_timeout), 0))
@@ -217,15 +258,23 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 class IpcServer:
-    """Serve `methods` (name → callable taking keyword parameters) on the socket at `path`."""
+    """Serve `methods` (name → callable taking keyword parameters) on the socket at `path`.
+
+    `check(peer, method, params)`, when given, sees every request with its parameters by name
+    (once they fit the method's signature) before it runs, and refuses it by raising
+    :class:`IpcError`. `group` is the group id the socket is given (mode 0660), else the
+    service's own group."""
 
     def __init__(
         self, path: Path, methods: dict[str, Callable[..., Any]], *, max_connections: int = 64,
         idle_timeout: float = 120.0, event_queue: int = 1000, send_timeout: float = 10.0,
+        check: Callable[[Peer, str, dict[str, Any]], None] | None = None, group: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.methods = dict(methods)
         self.methods["events.subscribe"] = self._subscribe_placeholder
+        self.check = check
+        self.group = group
         #: Connections served at once; one more is told so and closed.
         self.max_connections = max_connections
         #: Seconds a connection may stay silent (or leave a line unfinished) unless subscribed.
@@ -260,6 +309,12 @@ class IpcServer:
             self._server = _UnixServer(str(self.path), _Handler)
         finally:
             os.umask(old)
+        if self.group is not None:
+            try:
+                os.chown(self.path, -1, self.group)
+            except PermissionError as exc:
+                LOG.error("ipc: the socket cannot be given group %d (%s): only the service's own user "
+                          "and group can connect", self.group, exc.strerror)
         os.chmod(self.path, 0o660)
         self._server.ipc = self
         self._thread = threading.Thread(target=self._server.serve_forever, name="ipc", daemon=True)
@@ -318,14 +373,19 @@ class IpcServer:
             req = json.loads(line)
         except (ValueError, UnicodeDecodeError) as exc:
             return _Handler._error(None, IpcError(PARSE_ERROR, f"not valid JSON: {exc}"))
+        except RecursionError:
+            return _Handler._error(None, IpcError(PARSE_ERROR, "not valid JSON: nested too deeply"))
         if (
             not isinstance(req, dict)
             or req.get("jsonrpc") != "2.0"
             or not isinstance(req.get("method"), str)
+            or not isinstance(req.get("id"), (str, int, float, type(None)))
         ):
+            req_id = req.get("id") if isinstance(req, dict) else None
             return _Handler._error(
-                req.get("id") if isinstance(req, dict) else None,
-                IpcError(INVALID_REQUEST, "a request is an object with jsonrpc '2.0' and a method"),
+                req_id if isinstance(req_id, (str, int, float)) else None,
+                IpcError(INVALID_REQUEST, "a request is an object with jsonrpc '2.0', a method and "
+                                          "a string or number as its id"),
             )
         req_id = req.get("id")
         is_notification = "id" not in req
@@ -335,14 +395,16 @@ class IpcServer:
             if method not in self.methods:
                 raise IpcError(METHOD_NOT_FOUND, f"no such method: {method}")
             if method == "events.subscribe":
+                if self.check is not None:
+                    self.check(handler.peer, method, {})
                 with self._lock:
                     self._subscribers.add(handler)
                 handler.subscribe()
                 result: Any = {"subscribed": True}
             elif isinstance(params, dict):
-                result = self._call(method, **params)
+                result = self._call(handler.peer, method, **params)
             elif isinstance(params, list):
-                result = self._call(method, *params)
+                result = self._call(handler.peer, method, *params)
             else:
                 raise IpcError(INVALID_PARAMS, "params must be an object or an array")
         except IpcError as err:
@@ -355,15 +417,17 @@ class IpcServer:
             return None if is_notification else _Handler._error(req_id, internal)
         return None if is_notification else {"jsonrpc": "2.0", "id": req_id, "result": result}
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, peer: Peer, method: str, *args: Any, **kwargs: Any) -> Any:
         import inspect  # the server only (clients start without it); loaded there already
 
         func = self.methods[method]
         try:
-            inspect.signature(func).bind(*args, **kwargs)
+            bound = inspect.signature(func).bind(*args, **kwargs)
         except TypeError as exc:
             raise IpcError(INVALID_PARAMS, f"{method}: {exc}") from None
-        return func(*args, **kwargs)
+        if self.check is not None:
+            self.check(peer, method, dict(bound.arguments))
+        return func(*bound.args, **bound.kwargs)
 
 
 class IpcClient:

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from modality_link import __version__, audit, config
+from modality_link import __version__, access, audit, config
 from modality_link.api import Api
 from modality_link.archive import Archive
 from modality_link.autosend import AutoSend
@@ -38,6 +38,8 @@ from modality_link.storage_commitment import StorageCommitment
 
 LOG = logging.getLogger("modality_link.service")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: The service's umask: what it creates is its user's alone (docs/design.md "Files and permissions").
+UMASK = 0o077
 
 
 class ServiceError(Exception):
@@ -96,12 +98,22 @@ class Service:
         self.burns: Burns | None = None
         self.cleaner: Cleaner | None = None
         self.audit: audit.AuditTrail | None = None
+        self._umask: int | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self, log_to_stderr: bool = True) -> None:
+        self._umask = os.umask(UMASK)
         self._lock_home()
         setup_logging(self.home, self.config, log_to_stderr)
+        group = access.socket_group(self.config.ipc)
+        for change in self.home.secure(group):
+            LOG.warning("home: %s", change)
+        export = self.home.root / self.config.media.export_dir
+        try:
+            export.mkdir(mode=0o700, exist_ok=True)
+        except OSError as exc:
+            LOG.warning("media.export_dir %s cannot be made (%s): exports to it will fail", export, exc.strerror or exc)
         self.audit = audit.AuditTrail(self.home.log_dir / "audit.log", self.config)
         audit.install(self.audit)
         self.db = Database(self.home.db_path)
@@ -135,7 +147,8 @@ class Service:
                                  self.mpps, self.autosend)
         self.autosend.resume()
         self.mpps.start()
-        self.ipc = IpcServer(self.home.socket_path, Api(self).methods())
+        api = Api(self)
+        self.ipc = IpcServer(self.home.socket_path, api.methods(), check=api.check, group=group)
         self.ipc.start()
         self.jobs.start()
         cleaner.start()
@@ -203,6 +216,9 @@ class Service:
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
+        if self._umask is not None:
+            os.umask(self._umask)
+            self._umask = None
         LOG.info("modality_link stopped")
 
     def reload_config(self) -> bool:

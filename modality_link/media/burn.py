@@ -17,8 +17,10 @@ see :mod:`~modality_link.media.spanning`) set it
 4. ejects the disc and asks for the next blank one (``next_disc``).
 
 An image exported with ``--iso`` is mastered under a temporary name beside
-its target (``.NAME.part``), read back, flushed to disk and only then renamed
-to its target, so a target file is always a complete, verified image.
+its target (``.NAME.part``, never written through a symbolic link), read
+back, flushed to disk and only then given its target's name - a new name, or
+with ``overwrite`` in place of an existing file (docs/design.md "Files and
+permissions") - so a target file is always a complete, verified image.
 
 For a burn that runs as a persistent job (:mod:`modality_link.burns`):
 
@@ -191,11 +193,21 @@ def iso_part(target: Path) -> Path:
     return target.with_name(f".{target.name}.part")
 
 
-def _publish_file(part: Path, target: Path) -> None:
-    """Flush `part` to disk and rename it to `target` (atomic within a file system)."""
+def _publish_file(part: Path, target: Path, overwrite: bool = False) -> None:
+    """Flush `part` to disk and give it the name `target` (atomic within a file system): a new
+    name (link(2) fails when `target` exists), or with `overwrite` in place of what is there -
+    the name is replaced, a symbolic link is never followed."""
     with open(part, "rb") as fp:
         os.fsync(fp.fileno())
-    os.replace(part, target)
+    if overwrite:
+        os.replace(part, target)
+    else:
+        try:
+            os.link(part, target)
+        except FileExistsError:
+            raise MediaError(f"{target} exists: an image file is not replaced unless asked to "
+                             f"(overwrite, burn --force)") from None
+        os.unlink(part)
     fd = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -233,6 +245,7 @@ def burn_studies(
     on_disc: DiscUpdate | None = None,
     should_stop: Callable[[], bool] | None = None,
     ask_first: bool = False,
+    overwrite: bool = False,
 ) -> BurnReport:
     """Burn the instance files `files` to `drive`, or export them as `iso_out`.
 
@@ -250,8 +263,9 @@ def burn_studies(
     written again (an exported image only while its file still exists).
     With `ask_first`, a drive that holds no blank disc for the first disc
     still to write is answered by `next_disc` instead of a failure (a burn
-    that waited for the drive or resumes after a restart). `on_disc` and
-    `should_stop` are described in the module docstring.
+    that waited for the drive or resumes after a restart). An image file
+    replaces an existing file of its name only with `overwrite`. `on_disc`
+    and `should_stop` are described in the module docstring.
 
     Never raises for a failure of the medium, the drive or the data: the
     returned :class:`BurnReport` names the failed disc and carries a sentence
@@ -317,6 +331,7 @@ def burn_studies(
             disc.state = DISC_BUILDING
             changed(disc, plan)
             tell(PHASE_BUILD, k, n, 0.0)
+            image.unlink(missing_ok=True)  # left by a crash: removed, never written through
             result = build_disc(plan, staging, image, options, build_progress)
             disc.image_bytes = result.iso_bytes
             stop_point()
@@ -327,7 +342,7 @@ def burn_studies(
                 problems = check_files(image, result)
                 if problems:
                     raise MediaError(f"disc {k} of {n} ({disc.target}): read back, " + "; ".join(problems[:5]))
-                _publish_file(image, Path(disc.target))
+                _publish_file(image, Path(disc.target), overwrite)
                 disc.files_checked = len(result.files)
                 tell(PHASE_VERIFY, k, n, 1.0)
             else:

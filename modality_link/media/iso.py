@@ -18,6 +18,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,20 @@ def iso_path(components: Sequence[str]) -> str:
     return "/" + "/".join((*components[:-1], name)) + ";1"
 
 
+def open_image(path: Path) -> BinaryIO:
+    """`path` opened for writing as a new or emptied regular file (mode 0600): never through a
+    symbolic link, never a FIFO or a device (an :class:`OSError` then names it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+        os.ftruncate(fd, 0)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def write_iso(
     files: Sequence[IsoFile],
     iso_file: Path,
@@ -197,7 +212,8 @@ def write_iso(
             if progress is not None:
                 progress(done, total)
 
-        iso.write(str(iso_file), blocksize=1 << 20, progress_cb=cb if progress else None)
+        with open_image(iso_file) as out:
+            iso.write_fp(out, blocksize=1 << 20, progress_cb=cb if progress else None)
     finally:
         iso.close()
         for f in files:
