@@ -453,6 +453,14 @@ def association_refused(peer: AssociationPeer, reason: str) -> None:
                    f"{peer.called_ae or '?'} refused: {reason}", node=remote(peer))
 
 
+def tls_failure(node: Participant, cause: str, refused_by: str = "") -> None:
+    """A TLS connection failed (PS3.15 B.10): one from `node` that our listening AE `refused_by`
+    refused, or ours to `node` whose handshake failed; a failed node authentication."""
+    what = (f"TLS connection from {node.host} refused by the {refused_by}" if refused_by
+            else f"TLS handshake with {node.ae_title}@{node.host} failed")
+    security_alert(NODE_AUTHENTICATION, f"{what}: {cause}", node=node)
+
+
 #: Configuration keys whose change is a security matter, and those of the network's.
 _SECURITY_KEYS = re.compile(r"^audit\.|\.(allowed_calling_aets|require_called_aet|tls_\w+)$")
 _NETWORK_KEYS = re.compile(r"^(nodes\.|disk_server\.|memory_server\.|station\.ae_title$|timeouts\.)")
@@ -559,9 +567,10 @@ class _Message:
             attrs["UserID"] = str(self.trail.pid)
             attrs["AlternativeUserID"] = "AETITLES=" + ";".join(ae_titles or [node.ae_title])
             attrs["UserName"] = APP_NAME
-        else:
-            attrs["UserID"] = _text(node.ae_title)
-            attrs["AlternativeUserID"] = _text(f"AETITLES={node.ae_title}")
+        else:  # a remote application; its AE title is unknown before its A-ASSOCIATE-RQ
+            attrs["UserID"] = _text(node.ae_title or node.host)
+            if node.ae_title:
+                attrs["AlternativeUserID"] = _text(f"AETITLES={node.ae_title}")
         attrs["UserIsRequestor"] = "true" if requestor else "false"
         host = node.host or (self.trail.host if process else "")
         if host:

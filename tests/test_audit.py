@@ -31,6 +31,7 @@ from pydicom.uid import CTImageStorage, generate_uid
 from modality_link import audit, config
 from modality_link.db import InstanceStudy
 from modality_link.home import Home, free_port
+from tests.support.certificates import TestCA
 from tests.support.instances import make_instance
 from tests.support.service import ServiceProcess
 from tests.support.tools import dcmtk_env, require_tool
@@ -286,8 +287,8 @@ def test_every_message_type_is_valid_dicom_audit_xml(trail: audit.AuditTrail, tm
     new.nodes["PACS"] = config.Node(ae_title="PACS")
     audit.configuration_changed(config.Config(), new, tmp_path / "config.toml", user="engineer")
     audit.configuration_changed(config.Config(), config.Config(), tmp_path / "config.toml")  # no change: nothing
-    audit.security_alert(audit.NODE_AUTHENTICATION, "TLS handshake with 192.0.2.11 failed: unknown CA",
-                         node=audit.Participant("PACS", "192.0.2.11"))
+    audit.tls_failure(audit.Participant("PACS", "192.0.2.11"), "certificate verify failed: unknown CA")
+    audit.tls_failure(audit.Participant("", "192.0.2.12"), "not a TLS handshake", refused_by="disk server")
     # values no XML can carry as they are
     audit.received(peer, instance("1.2.3.7", "P\x01\n3", "BAD\x00^NAME\ud800\r\nX", accession="<&>\x7f"))
     audit.association_ended(peer)
@@ -301,6 +302,7 @@ def test_every_message_type_is_valid_dicom_audit_xml(trail: audit.AuditTrail, tm
         ("Query",), ("Query",), ("Export",), ("Export",),
         ("Security Alert", "Node Authentication"),
         ("Security Alert", "Security Configuration", "Network Configuration", "Software Configuration"),
+        ("Security Alert", "Node Authentication"),
         ("Security Alert", "Node Authentication"),
         ("DICOM Instances Transferred",),
         ("Application Activity", "Application Stop"),
@@ -365,9 +367,16 @@ def test_every_message_type_is_valid_dicom_audit_xml(trail: audit.AuditTrail, tm
         "configuration changed: station.name, audit.syslog_host, nodes.PACS"
     assert [(p.get("UserID"), p.get("UserIsRequestor")) for p in changed.findall("ActiveParticipant")][1:] == [
         ("engineer", "true")]
-    assert objects(docs[12], "Node ID")[0].get("ParticipantObjectID") == "192.0.2.11"
+    ours, theirs = docs[12], docs[13]
+    assert objects(ours, "Node ID")[0].get("ParticipantObjectID") == "192.0.2.11"
+    assert detail(objects(ours, "Node ID")[0], "Alert Description") == \
+        "TLS handshake with PACS@192.0.2.11 failed: certificate verify failed: unknown CA"
+    peer = theirs.findall("ActiveParticipant")[1]  # before its A-ASSOCIATE-RQ: no AE title yet
+    assert (peer.get("UserID"), peer.get("AlternativeUserID")) == ("192.0.2.12", None)
+    assert detail(objects(theirs, "Node ID")[0], "Alert Description") == \
+        "TLS connection from 192.0.2.12 refused by the disk server: not a TLS handshake"
 
-    hostile = docs[13]
+    hostile = docs[14]
     assert objects(hostile, "Patient Number")[0].findtext("ParticipantObjectName") == "BAD\ufffd^NAME\ufffd\r\nX"
 
 
@@ -606,3 +615,32 @@ def test_queries_retrieves_sends_and_burns_reach_the_log_and_a_tcp_collector(sho
     assert {f.msgid for f in collector.frames} == MSGIDS
     assert [etree.tostring(f.message) for f in collector.frames] == [etree.tostring(d) for d in docs]
     assert collector.connections == 1
+
+
+def test_tls_failures_both_ways_are_security_alerts(short_tmp: Path) -> None:
+    require_tool("openssl")
+    ca, other = TestCA(short_tmp / "ca", "audit test CA"), TestCA(short_tmp / "other", "unrelated CA")
+    server = ca.issue("server", san="IP:127.0.0.1,DNS:localhost")
+    svc = ServiceProcess.start(short_tmp / "home", disk_server__tls_cert=str(server.cert),
+                               disk_server__tls_key=str(server.key))
+    try:
+        home = svc.home
+        dcmtk("echoscu", "-aec", "MODLINK", "127.0.0.1", str(svc.port))  # plain TCP on the TLS port
+        assert svc.cli("node", "add", "SELF", "--ae", "MODLINK", "--host", "127.0.0.1", "--port",
+                       str(svc.port)).returncode == 0
+        assert svc.cli("config", "set", "nodes.SELF.tls_ca", str(other.cert)).returncode == 0
+        assert svc.cli("echo", "SELF").returncode == 1  # our C-ECHO trusts another CA
+
+        def alerts() -> list[str]:
+            found = [detail(objects(d, "Node ID")[0], "Alert Description") for d in audit_log(home)
+                     if "Node Authentication" in types(d)]
+            plain = [a for a in found if a.startswith("TLS connection from 127.0.0.1 refused by the disk server: "
+                                                      "not a TLS handshake")]
+            ours = [a for a in found if a.startswith("TLS handshake with MODLINK@127.0.0.1 failed: ")]
+            return found if plain and ours else []
+
+        found = wait_until(alerts, 20, "the Security Alerts of both TLS failures")
+    finally:
+        svc.stop()
+    ours = next(a for a in found if a.startswith("TLS handshake with"))
+    assert "certificate" in ours.lower(), ours  # the cause as the TLS code names it

@@ -484,9 +484,10 @@ class Acceptor:
 
     def tls_refused(self, address: str, port: int, cause: str) -> None:
         """A connection to a TLS port refused: the one place every such refusal is reported, a
-        log line naming the peer and the cause (and a Security Alert of the audit trail, PS3.15
-        A.5, belongs here too)."""
+        log line naming the peer and the cause and a Security Alert of the audit trail (PS3.15
+        A.5.3.11)."""
         LOG.warning("%s: TLS connection from %s:%d refused: %s", self.name, address, port, cause)
+        audit.tls_failure(audit.Participant("", address), cause, refused_by=self.name)
 
     def _associate(self, conn: _Connection) -> bool:
         """Turn a pending connection into an association, if the acceptor limit allows."""
