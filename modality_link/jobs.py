@@ -29,6 +29,7 @@ from typing import Any, Callable
 from modality_link.config import Config, ConfigError, Node
 from modality_link.db import FINAL_STATES, Database, Job, Jobs
 from modality_link.errors import Conflict, NotFound
+from modality_link.jsonlog import log_context
 
 LOG = logging.getLogger("modality_link.jobs")
 
@@ -290,7 +291,8 @@ class JobQueue:
                     continue
                 self._busy[job.node] = self._busy.get(job.node, 0) + 1
             try:
-                self._execute(job)
+                with log_context(job_id=job.id, node=job.node):  # the fields of JSON log lines
+                    self._execute(job)
             finally:
                 with self._cond:
                     self._busy[job.node] -= 1

@@ -28,6 +28,7 @@ from modality_link.exam import ExamManager
 from modality_link.home import Home
 from modality_link.ipc import IpcServer
 from modality_link.jobs import JobQueue
+from modality_link.jsonlog import JsonFormatter
 from modality_link.mpps_outbox import MppsOutbox
 from modality_link.memory import CachedInstance, MemoryCache
 from modality_link.net.memory_server import MemoryServer
@@ -45,13 +46,14 @@ class ServiceError(Exception):
 
 
 def setup_logging(home: Home, cfg: config.Config, to_stderr: bool = True) -> None:
-    """A rotating log file in the home folder (and stderr for the foreground service)."""
+    """A rotating log file in the home folder (and stderr for the foreground service), as text
+    lines or JSON lines (``logging.format``, :mod:`modality_link.jsonlog`)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_modality_link", False):
             root.removeHandler(h)
             h.close()
-    fmt = logging.Formatter(LOG_FORMAT)
+    fmt = JsonFormatter() if cfg.logging.format == "json" else logging.Formatter(LOG_FORMAT)
     handlers: list[logging.Handler] = [
         logging.handlers.RotatingFileHandler(
             home.log_dir / "modality-link.log",

@@ -47,7 +47,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
-from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, jsonlog
 from modality_link.config import Listener, Timeouts
 from modality_link.net.association import REJECT_REASONS, REJECT_RESULTS, describe_abort
 from modality_link.fileformat import padded
@@ -567,6 +567,7 @@ class _Association:
     # -- establishment (Sta2 -> Sta6) --------------------------------------------------------------
 
     def run(self) -> None:
+        jsonlog.bind(peer=f"{self.conn.address}:{self.conn.port}")  # this thread serves this connection only
         try:
             pdu, prim = self._read_associate_rq()
         except socket.timeout:
@@ -578,6 +579,7 @@ class _Association:
             return
         self.peer.calling_ae = str(prim.calling_ae_title or "").strip()
         self.peer.called_ae = str(prim.called_ae_title or "").strip()
+        jsonlog.bind(calling_ae=self.peer.calling_ae, called_ae=self.peer.called_ae)
         why = self._refusal(pdu, prim)
         if why is None and not self.acceptor._associate(self.conn):
             why = (2, 3, 2)  # transient, service provider (presentation), local limit exceeded
@@ -838,7 +840,8 @@ class _Association:
             exc = data.error
             status = getattr(exc, "status", PROCESSING_FAILURE)
             LOG.error("%s: request 0x%04X of %s from %s failed with status 0x%04X: %s", self.name,
-                      request.command_field, request.affected_sop_instance[:64], self.peer, status, exc)
+                      request.command_field, request.affected_sop_instance[:64], self.peer, status, exc,
+                      extra={"status": status})
             reply(status, str(exc))
             return
         handler = self._handler(request)
