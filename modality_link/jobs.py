@@ -178,11 +178,18 @@ class JobQueue:
             self._threads.append(t)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask the running attempts to stop at their next safe point (they are queued again,
+        :class:`Stopping`) and wait for the workers, `timeout` seconds for all of them."""
         self._stop.set()
         self.wake()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(deadline - time.monotonic(), 0.0))
         self._threads = []
+
+    def alive(self) -> bool:
+        """Whether every worker thread still runs (the service's watchdog asks)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def wake(self) -> None:
         with self._cond:
