@@ -167,6 +167,24 @@ def cmd_echo(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
 
 
+def cmd_selftest(args: argparse.Namespace, home: Home) -> int:
+    from modality_link import selftest
+
+    try:
+        report = _call(home, "selftest")
+    except NotRunning:  # the checks run here (docs/design.md "Self-test")
+        report = selftest.run_directly(home).to_dict()
+    if args.json:
+        _out(report)
+    else:
+        for line in selftest.table(selftest.Check(**c) for c in report["checks"]):
+            print(line)
+        failed = sum(not c["ok"] for c in report["checks"])
+        print(f"{'all checks passed' if report['ok'] else f'{failed} check(s) failed'} "
+              f"({'in the running service' if report['mode'] == 'service' else 'no service running: run here'})")
+    return EXIT_OK if report["ok"] else EXIT_FAILED
+
+
 def cmd_import(args: argparse.Namespace, home: Home) -> int:
     import os
 
@@ -571,6 +589,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name", nargs="?")
     e.add_argument("--all", action="store_true")
     e.set_defaults(func=cmd_echo)
+
+    stt = sub.add_parser("selftest", help="check home permissions, free space, the database, the archive, the "
+                                          "listeners, every node (C-ECHO) and the drives; exit 0 only if all pass")
+    stt.add_argument("--json", action="store_true")
+    stt.set_defaults(func=cmd_selftest)
 
     i = sub.add_parser("import", help="import files or folders into the archive")
     i.add_argument("paths", nargs="+")
