@@ -64,7 +64,7 @@ def cmd_install_service(args: argparse.Namespace, home: Home) -> int:
 
     folder = args.service_home or args.home  # the subcommand's --home, else the global one
     inst = service_unit.Installation(
-        user=args.user, home=Path(folder).absolute() if folder else service_unit.DEFAULT_HOME,
+        user=args.user, home=Path(folder) if folder else service_unit.DEFAULT_HOME,
         root=Path(args.root).absolute(), groups=service_unit.default_groups(),
     )
     try:

@@ -132,13 +132,13 @@ def test_a_node_on_a_closed_port_fails(console: InProcessService) -> None:
 
 
 def corrupt_a_page(db: Path, number: int = 2) -> None:
-    """Overwrite page `number` (counted from 1) but its first bytes with random bytes; page 1,
-    with the file header and the schema, stays readable."""
+    """Overwrite page `number` (counted from 1) with random bytes; page 1, with the file header
+    and the schema, stays readable."""
     with open(db, "r+b") as fh:
         page = int.from_bytes(fh.read(18)[16:18], "big") or 65536
         assert os.fstat(fh.fileno()).st_size >= number * page, "the file has fewer pages"
-        fh.seek((number - 1) * page + 8)
-        fh.write(os.urandom(page - 8))
+        fh.seek((number - 1) * page)
+        fh.write(os.urandom(page))
 
 
 def test_a_corrupt_database_page_fails_without_a_service(short_tmp: Path) -> None:

@@ -2,7 +2,7 @@
 
 Each opens its own read-only connection (``mode=ro``): it works beside the running service's
 connection (WAL readers do not block the writer), and run by hand as another user it creates
-nothing in the home - no journal, no upgraded schema, no file owned by the wrong user.
+nothing in the home - no journal files, no upgraded schema, no file owned by the wrong user.
 """
 
 from __future__ import annotations
@@ -16,10 +16,16 @@ class DatabaseUnreadable(Exception):
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    """A read-only connection. A read-only reader of a WAL database creates the ``-wal`` and
+    ``-shm`` files when they are missing (and leaves them, owned by whoever ran it); they are
+    missing exactly when no connection has the file open and its last one checkpointed it, and
+    then the file is complete and unchanging and is read as ``immutable``."""
     if not path.exists():
         raise DatabaseUnreadable(f"{path} does not exist")
+    wal = path.with_name(path.name + "-wal")
+    mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
     try:
-        return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        return sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True, timeout=10.0)
     except sqlite3.Error as exc:
         raise DatabaseUnreadable(f"{path}: {exc}") from None
 

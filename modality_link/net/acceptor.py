@@ -315,6 +315,8 @@ class Acceptor:
     faults: int = field(default=0, init=False)
     #: Associations open now (connections past their A-ASSOCIATE-AC, before release or abort).
     associations: int = field(default=0, init=False)
+    #: :meth:`stop` has begun: connections closing now are closed by us.
+    stopping: bool = field(default=False, init=False)
     _conns: list[_Connection] = field(default_factory=list, init=False)  # oldest first
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _sock: socket.socket | None = field(default=None, init=False)
@@ -329,6 +331,7 @@ class Acceptor:
         return int(self._sock.getsockname()[1])
 
     def start(self) -> None:
+        self.stopping = False
         self._contexts = self._supported_contexts()
         self._dispatch = {
             (uid, field): handler
@@ -349,6 +352,7 @@ class Acceptor:
         """Stop listening, close every connection, wait for their threads."""
         if self._sock is None:
             return
+        self.stopping = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
         except OSError:
@@ -592,7 +596,7 @@ class _Association:
                 ac = self._negotiate(prim)
             except Exception as exc:  # a malformed proposal pynetdicom's negotiation trips over
                 raise _Abort(INVALID_PARAMETER, f"malformed presentation context proposal ({exc!r})") from None
-            self.sock.sendall(ac)
+            self._send(ac)
             self._serve_data()
         except socket.timeout:
             LOG.warning("%s: association from %s idle for %g s (network timeout); aborted",
@@ -721,7 +725,7 @@ class _Association:
                     # released: its next association must not find this one still counted
                     self.acceptor._dissociate(self.conn)
                     self.associated = False
-                    self.sock.sendall(_RELEASE_RP)
+                    self._send(_RELEASE_RP)
                     self._linger()
                     return
                 elif kind == A_ABORT_TYPE:
@@ -739,7 +743,10 @@ class _Association:
                 else:
                     raise _Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{kind:02X}")
         except _Closed:
-            if self.sink is not None or self.command:
+            if self.acceptor.stopping:
+                LOG.info("%s: association from %s closed: the service stops%s", self.name, self.peer,
+                         "; the data set being received was discarded" if self.sink is not None else "")
+            elif self.sink is not None or self.command:
                 LOG.warning("%s: connection from %s lost in the middle of a message; nothing of it kept",
                             self.name, self.peer)
             else:
@@ -885,7 +892,7 @@ class _Association:
         parts: list = []
         p_data_tf(parts, context_id, memoryview(command), 0x01, limit)
         p_data_tf(parts, context_id, memoryview(dataset), 0x00, limit)
-        self.sock.sendall(b"".join(parts))
+        self._send(b"".join(parts))
 
     def _respond(self, request: Request, status: int, comment: str, extra: dict[int, bytes],
                  dataset: bytes | None) -> None:
@@ -908,7 +915,17 @@ class _Association:
         p_data_tf(parts, request.context_id, memoryview(command), 0x01, limit)
         if dataset is not None:
             p_data_tf(parts, request.context_id, memoryview(dataset), 0x00, limit)
-        self.sock.sendall(b"".join(parts))
+        self._send(b"".join(parts))
+
+    def _send(self, data: bytes) -> None:
+        """Write PDUs to the requestor. A connection closed under the write - by the requestor,
+        or by :meth:`Acceptor.stop` while the service drains - is a lost connection, not a fault."""
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise
+        except OSError:
+            raise _Closed() from None
 
     # -- release and abort -------------------------------------------------------------------------
 
