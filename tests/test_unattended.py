@@ -28,7 +28,7 @@ from modality_link.db.check import indexed_files
 from modality_link.home import free_port
 from sim import images
 from tests.support.service import ServiceProcess
-from tests.support.tools import dcmtk_env, require_tool
+from tests.support.tools import acknowledged, dcmtk_env, require_tool
 from tests.support.waiting import wait_until
 
 
@@ -120,19 +120,6 @@ def test_notify_without_a_socket_does_nothing(monkeypatch: pytest.MonkeyPatch) -
 # -- SIGTERM drains -------------------------------------------------------------------------------
 
 IMAGES = 200
-
-
-def acknowledged(storescu_log: str) -> list[Path]:
-    """Files storescu sent and got a success response for."""
-    out, current = [], None
-    for line in storescu_log.splitlines():
-        m = re.match(r"I: Sending file: (.*)$", line)
-        if m:
-            current = Path(m.group(1))
-        elif "Received Store Response (Success)" in line and current is not None:
-            out.append(current)
-            current = None
-    return out
 
 
 @pytest.mark.interop
