@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ from modality_link.archive import read_header
 from modality_link.db.check import indexed_files
 from modality_link.home import free_port
 from sim import images
-from tests.support.service import ServiceProcess
+from tests.support.peers import start_storescp
+from tests.support.service import ServiceProcess, wait_chain
 from tests.support.tools import acknowledged, dcmtk_env, require_tool
 from tests.support.waiting import wait_until
 
@@ -159,6 +161,49 @@ def test_sigterm_during_storescu_drains_and_exits_0(short_tmp: Path) -> None:
     log = svc.log()
     assert "stopping: draining" in log
     assert "unexpected fault" not in log, log[log.find("unexpected fault"):][:3000]
+
+
+@pytest.mark.interop
+def test_sigterm_during_a_send_job_queues_it_again(short_tmp: Path) -> None:
+    """SIGTERM while a send job runs: the attempt stops between two instances and the job is
+    queued again without counting an attempt; the next start sends the rest."""
+    scp_dir = short_tmp / "scp"
+    scp_dir.mkdir()
+    port = free_port()
+    scp = start_storescp(scp_dir, port)
+    try:
+        pacs = config.Node(ae_title="STORESCP", host="127.0.0.1", port=port, retry_interval=0.2)
+        svc = ServiceProcess.start(short_tmp / "h", nodes={"PACS": pacs})
+        try:
+            study = images.write_study(short_tmp / "s", modality="CT", images=IMAGES, rows=256, columns=256,
+                                       seed=43)
+            assert svc.call("archive.import", paths=[str(short_tmp / "s")])["imported"] == IMAGES
+            study_uid = dcmread(study[0], stop_before_pixels=True).StudyInstanceUID
+            job_id = svc.call("send", study_uids=[study_uid], node="PACS")["job_id"]
+            wait_until(lambda: svc.call("jobs.show", id=job_id)["done"] >= 10, 60, "10 instances sent")
+            svc.proc.send_signal(signal.SIGTERM)
+            assert svc.proc.wait(timeout=service_unit.TIMEOUT_STOP_SEC) == 0
+        finally:
+            svc.stop()
+        db = sqlite3.connect(f"file:{svc.home.db_path}?mode=ro", uri=True)
+        try:
+            state, detail, attempts, done = db.execute(
+                "SELECT state, detail, attempts, (SELECT COUNT(*) FROM job_items WHERE job_id=jobs.id AND "
+                "state='done') FROM jobs WHERE id=?", (job_id,)).fetchone()
+        finally:
+            db.close()
+        assert 10 <= done < IMAGES, "the job was not interrupted in the middle"
+        assert (state, detail, attempts) == ("queued", "interrupted; will resume", 0)
+        again = ServiceProcess(svc.home)
+        try:
+            job = wait_chain(again.home, job_id, timeout=120)
+            assert job["state"] == "done", job
+        finally:
+            again.stop()
+        assert len(list(scp_dir.iterdir())) == IMAGES
+    finally:
+        scp.terminate()
+        scp.wait()
 
 
 # -- JSON log lines -------------------------------------------------------------------------------
