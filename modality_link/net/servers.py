@@ -100,10 +100,11 @@ def finish_store(server: str, request: Request, finish: Callable[[], T], reply: 
         return finish()
     except ArchiveError as exc:
         LOG.error("%s: C-STORE of %s from %s failed with status 0x%04X: %s", server, uid, request.peer,
-                  exc.status, exc)
+                  exc.status, exc, extra={"status": exc.status})
         reply(exc.status, str(exc), None, None)
     except Exception as exc:
-        LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", server, uid, request.peer)
+        LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", server, uid, request.peer,
+                      extra={"status": PROCESSING_FAILURE})
         reply(PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
     return None
 
