@@ -16,8 +16,6 @@ import os
 import threading
 from typing import BinaryIO, Callable
 
-from pynetdicom.presentation import AllStoragePresentationContexts
-
 from modality_link.archive import ArchiveError, CannotUnderstand, validate_received
 from modality_link.config import Listener, Timeouts
 from modality_link.fileformat import encode_file_meta
@@ -26,6 +24,7 @@ from modality_link.net.acceptor import C_ECHO_RQ, C_STORE_RQ, Acceptor, DataSetS
 from modality_link.net.servers import (
     ARCHIVE_TRANSFER_SYNTAXES,
     DECODED_TRANSFER_SYNTAXES,
+    STORAGE_SOP_CLASSES,
     VERIFICATION,
     EchoHandler,
     finish_store,
@@ -133,8 +132,7 @@ class MemoryServer:
         self._count_lock = threading.Lock()
         services = [
             Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
-            Service([str(cx.abstract_syntax) for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
-                    {C_STORE_RQ: MemoryStoreHandler(self)}),
+            Service(STORAGE_SOP_CLASSES, ARCHIVE_TRANSFER_SYNTAXES, {C_STORE_RQ: MemoryStoreHandler(self)}),
         ]
         self.acceptor = Acceptor(listener, timeouts, services, "memory server")
 
