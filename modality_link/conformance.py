@@ -117,6 +117,18 @@ class Contexts:
     retried: str = ""
 
 
+@dataclass(frozen=True)
+class LocalAE:
+    """One of our network AEs: its name in the statement, its configuration section (``station``
+    for the AE of the SCUs), its AE title, its listener (None: it only initiates) and contexts."""
+
+    name: str
+    key: str
+    ae_title: str
+    listener: Listener | None
+    contexts: list[Contexts]
+
+
 #: Our role on a context where the requestor may take the SCP role by SCP/SCU Role Selection
 #: (PS3.7 D.3.3.4): we are then the SCU (a C-GET's C-STORE sub-operations, a commitment report).
 EITHER_ROLE = "SCP, or SCU by Role Selection"
@@ -175,7 +187,7 @@ def station_contexts() -> list[Contexts]:
             status.Category.UNKNOWN: "below 0100 the message is done; any other: a failure",
         }, retried="tried again with the job back-off for as long as it takes; the operator is alerted "
                    "after the third attempt (mpps-unreachable)"),
-        Contexts("Storage", STORAGE_SOP_CLASSES, "TS-NODE-*", "SCU", status.STORAGE, behaviour={
+        Contexts("Storage", STORAGE_SOP_CLASSES, "TS-NODE-NAME", "SCU", status.STORAGE, behaviour={
             status.Category.WARNING: "the instance counts as sent; the warning is kept on it and shown",
             FAILURE: "the instance fails (with failure_policy stop the attempt ends there); the job "
                      "fails with the status in its error, not retried",
@@ -220,20 +232,21 @@ def field_comments(cls: type) -> dict[str, str]:
             lines = inspect.getsource(klass).splitlines()
         except (OSError, TypeError):  # no source (a frozen build): no comments
             continue
+        names = {f.name for f in dataclasses.fields(klass)}
         block: list[str] = []
         current = ""
         for line in lines:
             text = line.strip()
-            field_name = re.match(r"([a-z_][a-z0-9_]*)\s*:", text)
+            declared = re.match(r"([a-z_][a-z0-9_]*)\s*:", text)
             if text.startswith("#:"):
                 if current:
                     block, current = [], ""
                 block.append(text[2:].strip())
-            elif field_name and not text.startswith(("def ", "return")):
+            elif declared and declared.group(1) in names:
                 if block:
                     current, block = " ".join(block), []
                 if current:
-                    comments[field_name.group(1)] = current
+                    comments[declared.group(1)] = current
             else:
                 block, current = [], ""
     return comments
@@ -321,15 +334,12 @@ class Statement:
         self.today = today or datetime.date.today()
         self.blocks: list[Block] = []
         self.lists = transfer_syntax_lists(cfg)
-        station = cfg.station.ae_title
         disk, mem = cfg.disk_server, cfg.memory_server
-        #: (name, AE title, listener or None, contexts) of every network AE.
-        self.aes: list[tuple[str, str, Listener | None, list[Contexts]]] = [
-            ("Station AE", station, None, station_contexts())]
+        self.aes = [LocalAE("Station AE", "station", cfg.station.ae_title, None, station_contexts())]
         if disk.enabled:
-            self.aes.append(("Disk server AE", disk.ae_title, disk, disk_server_contexts()))
+            self.aes.append(LocalAE("Disk server AE", "disk_server", disk.ae_title, disk, disk_server_contexts()))
         if mem.enabled:
-            self.aes.append(("Memory server AE", mem.ae_title, mem, memory_server_contexts()))
+            self.aes.append(LocalAE("Memory server AE", "memory_server", mem.ae_title, mem, memory_server_contexts()))
 
     # -- output helpers
 
@@ -369,8 +379,8 @@ class Statement:
                "archive and retrieve from it. It writes studies to CD and DVD for the patient or "
                "another hospital.")
         roles: dict[str, dict[str, set[str]]] = {}  # category -> SOP class -> our roles
-        for _, _, _, contexts in self.aes:
-            for cx in contexts:
+        for ae in self.aes:
+            for cx in ae.contexts:
                 if cx.service == "Verification":  # not in the overview (PS3.2 A.1)
                     continue
                 scu, scp = role_columns(cx.role)
@@ -463,9 +473,9 @@ class Statement:
         self.table("Application Data Flow", ["Local Real-World Activity", "Application Entity",
                                              "Remote Real-World Activity"], flows)
         self.h(3, "Functional Definition of AEs")
-        for name, title, listener, contexts in self.aes:
-            self.h(4, f"Functional Definition of {name}")
-            self.p(self.function_of(name, title, listener, contexts))
+        for ae in self.aes:
+            self.h(4, f"Functional Definition of {ae.name}")
+            self.p(self.function_of(ae))
         self.h(3, "Sequencing of Real-World Activities")
         self.items(
             "Worklist query (MWL C-FIND): the technologist picks the scheduled procedure step; an "
@@ -483,8 +493,8 @@ class Statement:
         for name, uids in self.lists.items():
             self.table(f"Transfer Syntax List {name}", ["Transfer Syntax Name", "Transfer Syntax UID"],
                        [[uid_name(u), u] for u in uids])
-        for name, title, listener, contexts in self.aes:
-            self.ae_specification(name, title, listener, contexts)
+        for ae in self.aes:
+            self.ae_specification(ae)
         self.h(2, "Network Interfaces")
         self.h(3, "Physical Network Interface")
         self.p("The operating system's TCP/IP stack on the console's network interfaces (DICOM Upper "
@@ -515,14 +525,14 @@ class Statement:
         self.h(3, "Parameters")
         self.parameters()
 
-    def function_of(self, name: str, title: str, listener: Listener | None, contexts: list[Contexts]) -> str:
-        services = ", ".join(cx.service for cx in contexts)
-        if listener is None:
-            return (f"The Station AE ({value(title)}) is the calling AE of every association the console "
+    def function_of(self, ae: LocalAE) -> str:
+        services = ", ".join(cx.service for cx in ae.contexts)
+        if ae.listener is None:
+            return (f"The Station AE ({value(ae.ae_title)}) is the calling AE of every association the console "
                     f"opens: {services}. It acts on the technologist's commands and on the persistent job "
                     "queue, which retries what a peer could not do yet.")
-        where = f"{value(title)} on port {listener.port}"
-        if name == "Disk server AE":
+        where = f"{value(ae.ae_title)} on port {ae.listener.port}"
+        if ae.key == "disk_server":
             return (f"The disk server AE ({where}) accepts associations for {services}. Received "
                     "instances are written, as received, to the local archive and indexed; queries are "
                     "answered from the index; C-MOVE opens an association to the destination node with "
@@ -535,9 +545,9 @@ class Statement:
 
     # -- 4.2 one AE
 
-    def ae_specification(self, name: str, title: str, listener: Listener | None, contexts: list[Contexts]) -> None:
-        cfg = self.cfg
-        heading = f"{name}: {title}" + (f" on port {listener.port}" if listener else "")
+    def ae_specification(self, ae: LocalAE) -> None:
+        cfg, name, listener, contexts, key = self.cfg, ae.name, ae.listener, ae.contexts, ae.key
+        heading = f"{name}: {ae.ae_title}" + (f" on port {listener.port}" if listener else "")
         self.h(3, heading)
         self.h(4, "SOP Classes")
         self.p("This Application Entity provides Standard Conformance to the following SOP Classes:")
@@ -561,8 +571,7 @@ class Statement:
         self.h(5, "General")
         max_pdu = listener.max_pdu if listener else Node().max_pdu
         pdu_text = (f"{max_pdu} bytes" if max_pdu else "unlimited") + (
-            " (`" + ("disk_server" if name == "Disk server AE" else "memory_server") + ".max_pdu`)" if listener
-            else " (`nodes.NAME.max_pdu`, default; per node in the configuration)")
+            f" (`{key}.max_pdu`)" if listener else " (`nodes.NAME.max_pdu`, default; per node in the configuration)")
         self.table(f"DICOM Application Context for {name}", ["Application Context Name", "Value"],
                    [["Application Context Name", APPLICATION_CONTEXT]])
         self.p(f"Maximum PDU length received: {pdu_text}. The PDUs we send are no longer than the peer's "
@@ -576,14 +585,13 @@ class Statement:
                          f"{Node().max_associations} by default ({per_node})"],
                         ["MPPS messages", "one at a time over all nodes, besides the above"]])
         else:
-            key = "disk_server" if name == "Disk server AE" else "memory_server"
             self.table(f"Number of Associations as an Association Acceptor for {name}", ["Parameter", "Value"],
                        [["Maximum number of simultaneous associations", f"{listener.max_associations} "
                          f"(`{key}.max_associations`); beyond it A-ASSOCIATE-RJ transient, local limit exceeded"],
                         ["Connections without an association", f"{listener.max_pending} overall, "
                          f"{listener.max_pending_per_address} per peer address; a new one beyond a cap "
                          "closes the oldest"]])
-            if name == "Disk server AE":
+            if key == "disk_server":
                 self.table(f"Number of Associations as an Association Initiator for {name}", ["Parameter", "Value"],
                            [["Maximum number of simultaneous associations",
                              "one per C-MOVE being served (to its destination)"]])
@@ -599,7 +607,7 @@ class Statement:
         if listener is None:
             for cx in contexts:
                 self.initiated_activity(name, cx)
-        elif name == "Disk server AE":
+        elif key == "disk_server":
             self.move_sub_operations(name)
         else:
             self.p(f"The {name} initiates no association.")
@@ -608,7 +616,6 @@ class Statement:
             self.p("The Station AE accepts no association. A Storage Commitment report on a new "
                    "association is taken by the disk server AE.")
             return
-        key = "disk_server" if name == "Disk server AE" else "memory_server"
         self.items(
             "The called AE title must be ours" if listener.require_called_aet
             else f"Any called AE title is accepted (`{key}.require_called_aet` = false)",
@@ -623,7 +630,7 @@ class Statement:
             "The transfer syntax of a context is the first of our list that the requestor proposed",
         )
         for cx in contexts:
-            self.accepted_activity(name, cx)
+            self.accepted_activity(ae, cx)
 
     def initiated_activity(self, name: str, cx: Contexts) -> None:
         descriptions = {
@@ -660,7 +667,7 @@ class Statement:
         self.h(6, "Proposed Presentation Contexts")
         if cx.service == "Storage":
             self.table(f"Proposed Presentation Contexts for {name}: {cx.service}", CONTEXT_HEADER,
-                       [["Any Storage SOP Class (of each instance sent)", "-", "TS-NODE-NAME of the destination "
+                       [["Any Storage SOP Class (of each instance sent)", "-", f"{cx.syntaxes} of the destination "
                          "node (TS-NODE-DEFAULT when not configured)", cx.role, cx.extended]])
             self.p("When several transfer syntaxes are accepted for a SOP class, an instance goes out in "
                    "its stored syntax if accepted, else in the first accepted syntax of the node's list.")
@@ -696,12 +703,13 @@ class Statement:
                "the Failed SOP Instance UID List); a lost association counts what was not acknowledged as "
                "failed.")
 
-    def accepted_activity(self, name: str, cx: Contexts) -> None:
+    def accepted_activity(self, ae: LocalAE, cx: Contexts) -> None:
+        name = ae.name
         descriptions = {
             "Verification": "A remote AE verifies the connection: C-ECHO is answered with success.",
             "Storage": ("A remote AE sends instances. Each data set is written as it arrives and checked "
                         "(File Meta and UIDs, completeness, encoding); the response follows once it is "
-                        "durable in the archive." if name == "Disk server AE" else
+                        "durable in the archive." if ae.key == "disk_server" else
                         "A remote AE sends instances. Each data set is held in memory and checked like the "
                         "disk server's; the response follows once it is in the cache. A data set larger "
                         "than the whole cache is refused with A700.")
@@ -738,12 +746,16 @@ class Statement:
                 continue
             section, default = getattr(cfg, f.name), getattr(defaults, f.name)
             comments = field_comments(type(section))
+            about = inspect.getdoc(type(section))
+            if about and not about.startswith(type(section).__name__ + "("):  # not a generated one
+                self.p(f"`[{f.name}]`: {' '.join(about.split())}")
             rows = [[f"`{f.name}.{k.name}`", "Yes", value(getattr(default, k.name)),
                      value(getattr(section, k.name)), comments.get(k.name, "")]
                     for k in dataclasses.fields(section)]
             self.table(f"Configuration Parameters: {f.name}", PARAMETER_HEADER, rows)
         node_default = Node()
         comments = field_comments(Node)
+        self.p(f"`[nodes.NAME]`: {' '.join((inspect.getdoc(Node) or '').split())}")
         rows = []
         for k in dataclasses.fields(Node):
             set_here = [f"{n}: {value(getattr(node, k.name))}" for n, node in cfg.nodes.items()
@@ -959,7 +971,7 @@ def contents(blocks: Sequence[Block]) -> list[tuple[int, str, str]]:
     return [(b.level, label, b.title) for b, label in numbered(blocks) if isinstance(b, Heading) and b.level <= 2]
 
 
-def title(cfg: Config) -> str:
+def document_title(cfg: Config) -> str:
     return f"DICOM Conformance Statement: modality_link {__version__} ({cfg.station.name}, {cfg.station.ae_title})"
 
 
@@ -1038,5 +1050,5 @@ def render(cfg: Config, fmt: str = "md", today: datetime.date | None = None) -> 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     blocks = statement(cfg, today)
-    heading = title(cfg)
+    heading = document_title(cfg)
     return to_markdown(blocks, heading) if fmt == "md" else to_html(blocks, heading)
