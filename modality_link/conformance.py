@@ -137,7 +137,7 @@ EITHER_ROLE = "SCP, or SCU by Role Selection"
 def transfer_syntax_lists(cfg: Config) -> dict[str, list[str]]:
     """The transfer syntax lists the statement's presentation context tables refer to, by name:
     those of the acceptors and requestors, and each configured node's (a send proposes it)."""
-    lists = {
+    lists: dict[str, list[str]] = {
         "TS-NATIVE": list(DECODED_TRANSFER_SYNTAXES),
         "TS-ARCHIVE": list(ARCHIVE_TRANSFER_SYNTAXES),
         "TS-QR": list(QR_TRANSFER_SYNTAXES),

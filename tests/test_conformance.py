@@ -9,6 +9,7 @@ import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pynetdicom import AE, build_role
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -227,7 +228,7 @@ def test_every_listed_context_is_accepted_and_unlisted_ones_are_refused(service_
         for start in range(0, len(pairs), 128):
             chunk = pairs[start:start + 128]
             requestor = AE(ae_title="CONFORMANCE")
-            roles = []
+            roles: list[Any] = []  # SCP/SCU Role Selection items (PS3.7 D.3.3.4)
             for uid, ts in chunk:
                 requestor.add_requested_context(uid, ts)
                 role = aes.roles[uid]
@@ -276,6 +277,7 @@ def test_the_station_proposes_what_the_statement_lists(short_tmp: Path) -> None:
     peer.add_supported_context(Verification)
     port = free_port()
     scp = peer.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_REQUESTED, requested)])
+    assert scp is not None
     try:
         result = echo("PEER", Node(ae_title="PEER", host="127.0.0.1", port=port), "MODLINK", Timeouts())
         assert result.ok, result.message
