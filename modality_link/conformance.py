@@ -103,13 +103,14 @@ Block = Heading | Text | Items | Table | Contents
 class Contexts:
     """The presentation contexts of one activity of an AE: its SOP classes, the transfer syntax
     list they are negotiated with (a key of the statement's transfer syntax lists), our role, the
-    statuses of the service and the extended negotiation."""
+    statuses of the service, what the activity does and the extended negotiation."""
 
     service: str
     sop_classes: Sequence[str]
     syntaxes: str
     role: str
     statuses: status.Service
+    description: str
     extended: str = "None"
     #: How an SCU activity treats a received status of a category, where it differs from
     #: :data:`RECEIVED`; and a failure the service's table marks retryable.
@@ -153,24 +154,44 @@ def disk_server_contexts() -> list[Contexts]:
     """What the disk server's acceptor offers (``StorageServer``, as the service builds it:
     Query/Retrieve and commitment reports included), one entry per service."""
     return [
-        Contexts("Verification", [VERIFICATION], "TS-NATIVE", "SCP", status.VERIFICATION),
-        Contexts("Storage", STORAGE_SOP_CLASSES, "TS-ARCHIVE", EITHER_ROLE, status.STORAGE),
+        Contexts("Verification", [VERIFICATION], "TS-NATIVE", "SCP", status.VERIFICATION, VERIFIED),
+        Contexts("Storage", STORAGE_SOP_CLASSES, "TS-ARCHIVE", EITHER_ROLE, status.STORAGE,
+                 "A remote AE sends instances. Each data set is written to its archive file as it arrives "
+                 "and checked (File Meta and UIDs, completeness, encoding); the response follows once it is "
+                 "durable. A C-STORE-RQ may name a Move Originator; it is not used."),
         Contexts("Query", [PATIENT_ROOT_FIND, STUDY_ROOT_FIND], "TS-QR", "SCP", status.QR_FIND,
+                 "A remote AE searches the archive (hierarchical C-FIND of the Patient and Study Root "
+                 "models, answered from the index; matching rules of PS3.4 C.2.2.2). Each answer has "
+                 "Retrieve AE Title = this AE's title.",
                  "Relational queries: no; combined date and time matching: as requested; fuzzy "
                  "semantic matching of person names: no; timezone adjustment: no (PS3.4 C.5.1.1)"),
-        Contexts("Retrieve (C-MOVE)", [PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE], "TS-QR", "SCP", status.QR_MOVE),
-        Contexts("Retrieve (C-GET)", [PATIENT_ROOT_GET, STUDY_ROOT_GET], "TS-QR", "SCP", status.QR_GET),
+        Contexts("Retrieve (C-MOVE)", [PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE], "TS-QR", "SCP", status.QR_MOVE,
+                 "A remote AE moves instances to a configured node (see the association initiation "
+                 "policy above)."),
+        Contexts("Retrieve (C-GET)", [PATIENT_ROOT_GET, STUDY_ROOT_GET], "TS-QR", "SCP", status.QR_GET,
+                 "A remote AE retrieves instances on its own association: they are sent on the Storage "
+                 "contexts where it took the SCP role by Role Selection, converted to the context's "
+                 "transfer syntax when needed."),
         Contexts("Storage Commitment report", [STORAGE_COMMITMENT_PUSH], "TS-NATIVE",
                  "SCU (the reporting SCP takes the SCP role, with or without Role Selection)",
-                 status.COMMITMENT),
+                 status.COMMITMENT,
+                 "A PACS that did not report on the N-ACTION's association sends its N-EVENT-REPORT on a "
+                 "new association; the report is matched to its request by the Transaction UID, also "
+                 "after a restart."),
     ]
+
+
+VERIFIED = "A remote AE verifies the connection: C-ECHO is answered with success."
 
 
 def memory_server_contexts() -> list[Contexts]:
     """What the memory server's acceptor offers (``MemoryServer``)."""
     return [
-        Contexts("Verification", [VERIFICATION], "TS-NATIVE", "SCP", status.VERIFICATION),
-        Contexts("Storage", STORAGE_SOP_CLASSES, "TS-ARCHIVE", "SCP", status.STORAGE),
+        Contexts("Verification", [VERIFICATION], "TS-NATIVE", "SCP", status.VERIFICATION, VERIFIED),
+        Contexts("Storage", STORAGE_SOP_CLASSES, "TS-ARCHIVE", "SCP", status.STORAGE,
+                 "A remote AE sends instances. Each data set is held in memory and checked like the disk "
+                 "server's; the response follows once it is in the cache. A data set larger than the "
+                 "whole cache is refused with A700. A C-STORE-RQ may name a Move Originator; it is not used."),
     ]
 
 
@@ -179,26 +200,55 @@ def station_contexts() -> list[Contexts]:
     it treats what it receives (docs/design.md "Jobs and failures")."""
     return [
         Contexts("Verification", [VERIFICATION], "TS-SCU", "SCU", status.VERIFICATION,
+                 "`modality-link echo` (or the IPC call) opens an association to a node, sends C-ECHO and "
+                 "releases it; the result shows status and round-trip time.",
                  behaviour={FAILURE: "the echo reports failure with the status"}),
-        Contexts("Modality Worklist", [MWL_FIND], "TS-SCU", "SCU", status.WORKLIST),
-        Contexts("Modality Performed Procedure Step", [MPPS], "TS-SCU", "SCU", status.MPPS, behaviour={
+        Contexts("Modality Worklist", [MWL_FIND], "TS-SCU", "SCU", status.WORKLIST,
+                 "A worklist query (`worklist`, exam start) asks every return key with zero length; the "
+                 "default matching keys are Scheduled Station AE Title = ours, SPS Start Date = today and "
+                 "Modality = ours, inside the Scheduled Procedure Step Sequence. After `response_limit` "
+                 "matches a C-CANCEL-RQ ends the query."),
+        Contexts("Modality Performed Procedure Step", [MPPS], "TS-SCU", "SCU", status.MPPS,
+                 "One N-CREATE (IN PROGRESS) at exam start and one N-SET (COMPLETED or DISCONTINUED) at "
+                 "exam end, each a queued job that survives a restart; the N-SET waits for its N-CREATE.",
+                 behaviour={
             FAILURE: "the message fails, the operator is alerted (mpps-refused); the exam's later "
                      "messages are not sent",
             status.Category.UNKNOWN: "below 0100 the message is done; any other: a failure",
         }, retried="tried again with the job back-off for as long as it takes; the operator is alerted "
                    "after the third attempt (mpps-unreachable)"),
-        Contexts("Storage", STORAGE_SOP_CLASSES, "TS-NODE-NAME", "SCU", status.STORAGE, behaviour={
+        Contexts("Storage", STORAGE_SOP_CLASSES, "TS-NODE-NAME", "SCU", status.STORAGE,
+                 "A send job (the Send button or an auto-send rule) proposes one context per (SOP class "
+                 "of its instances, transfer syntax of the node's list); beyond 128 contexts one per SOP "
+                 "class with the whole list. A file whose syntax was accepted goes out as stored; "
+                 "otherwise it is converted to an accepted native syntax (a lossy source sent "
+                 "decompressed keeps Lossy Image Compression 01 and is reported as a warning). The SOP "
+                 "Class UID of an instance is never changed. The association stays open `idle_release` "
+                 "seconds for the next job to the same node.",
+                 behaviour={
             status.Category.WARNING: "the instance counts as sent; the warning is kept on it and shown",
             FAILURE: "the instance fails (with failure_policy stop the attempt ends there); the job "
                      "fails with the status in its error, not retried",
         }, retried=RETRIED),
-        Contexts("Storage Commitment", [STORAGE_COMMITMENT_PUSH], "TS-SCU", "SCU", status.COMMITMENT, behaviour={
+        Contexts("Storage Commitment", [STORAGE_COMMITMENT_PUSH], "TS-SCU", "SCU", status.COMMITMENT,
+                 "Once every instance of a send with commitment is stored, an N-ACTION names them in a "
+                 "new transaction; the report is awaited `commit_wait` seconds on this association, then "
+                 "on a new association to the disk server AE; without a report in `commit_timeout` the "
+                 "request is repeated `commit_retries` times. Failed instances are sent again and "
+                 "committed once more.",
+                 behaviour={
             FAILURE: "the N-ACTION is refused: the association is aborted, the operator alerted "
                      "(commit-refused) and the job fails",
         }),
-        Contexts("Query", [MODELS["patient"][0], MODELS["study"][0]], "TS-SCU", "SCU", status.QR_FIND),
+        Contexts("Query", [MODELS["patient"][0], MODELS["study"][0]], "TS-SCU", "SCU", status.QR_FIND,
+                 "`modality-link query` and `retrieve` search a node with the qr role (Study Root by "
+                 "default) at any level, hierarchically."),
         Contexts("Retrieve (C-MOVE)", [MODELS["patient"][1], MODELS["study"][1]], "TS-SCU", "SCU",
-                 status.QR_MOVE, behaviour={
+                 status.QR_MOVE,
+                 "`modality-link retrieve` moves each study to our memory server AE (default) or disk "
+                 "server AE; with no response for the node's `move_timeout` a C-CANCEL-RQ is sent, and "
+                 "after 10 s more the association is aborted.",
+                 behaviour={
                      status.Category.WARNING: "some sub-operations failed: the study is moved again at the "
                                               "job's next attempt",
                      status.Category.CANCEL: "cancelled by our watchdog or the operator: moved again at the "
@@ -630,41 +680,18 @@ class Statement:
             "The transfer syntax of a context is the first of our list that the requestor proposed",
         )
         for cx in contexts:
-            self.accepted_activity(ae, cx)
+            self.accepted_activity(name, cx)
+
+    def activity(self, title: str, description: str, kind: str) -> None:
+        """The headings of one activity (PS3.2 A.4.2.1.3.1, A.4.2.1.4.1) up to its presentation
+        context table, `kind` "Proposed" or "Accepted"."""
+        self.h(5, f"Activity - {title}")
+        self.h(6, "Description and Sequencing of Activities")
+        self.p(description)
+        self.h(6, f"{kind} Presentation Contexts")
 
     def initiated_activity(self, name: str, cx: Contexts) -> None:
-        descriptions = {
-            "Verification": "`modality-link echo` (or the IPC call) opens an association to a node, sends "
-                            "C-ECHO and releases it; the result shows status and round-trip time.",
-            "Modality Worklist": "A worklist query (`worklist`, exam start) asks every return key with zero "
-                                 "length; the default matching keys are Scheduled Station AE Title = ours, SPS "
-                                 "Start Date = today and Modality = ours, inside the Scheduled Procedure Step "
-                                 "Sequence. After `response_limit` matches a C-CANCEL-RQ ends the query.",
-            "Modality Performed Procedure Step": "One N-CREATE (IN PROGRESS) at exam start and one N-SET "
-                                                 "(COMPLETED or DISCONTINUED) at exam end, each a queued job "
-                                                 "that survives a restart; the N-SET waits for its N-CREATE.",
-            "Storage": "A send job (the Send button or an auto-send rule) proposes one context per (SOP "
-                       "class of its instances, transfer syntax of the node's list); beyond 128 contexts "
-                       "one per SOP class with the whole list. A file whose syntax was accepted goes out "
-                       "as stored; otherwise it is converted to an accepted native syntax (a lossy source "
-                       "sent decompressed keeps Lossy Image Compression 01 and is reported as a warning). "
-                       "The SOP Class UID of an instance is never changed. The association stays open "
-                       "`idle_release` seconds for the next job to the same node.",
-            "Storage Commitment": "Once every instance of a send with commitment is stored, an N-ACTION "
-                                  "names them in a new transaction; the report is awaited `commit_wait` seconds "
-                                  "on this association, then on a new association to the disk server AE; "
-                                  "without a report in `commit_timeout` the request is repeated "
-                                  "`commit_retries` times. Failed instances are sent again and committed once more.",
-            "Query": "`modality-link query` and `retrieve` search a node with the qr role (Study Root by "
-                     "default) at any level, hierarchically.",
-            "Retrieve (C-MOVE)": "`modality-link retrieve` moves each study to our memory server AE (default) "
-                                 "or disk server AE; with no response for the node's `move_timeout` a "
-                                 "C-CANCEL-RQ is sent, and after 10 s more the association is aborted.",
-        }
-        self.h(5, f"Activity - {cx.service}")
-        self.h(6, "Description and Sequencing of Activities")
-        self.p(descriptions.get(cx.service, cx.service))
-        self.h(6, "Proposed Presentation Contexts")
+        self.activity(cx.service, cx.description, "Proposed")
         if cx.service == "Storage":
             self.table(f"Proposed Presentation Contexts for {name}: {cx.service}", CONTEXT_HEADER,
                        [["Any Storage SOP Class (of each instance sent)", "-", f"{cx.syntaxes} of the destination "
@@ -672,8 +699,7 @@ class Statement:
             self.p("When several transfer syntaxes are accepted for a SOP class, an instance goes out in "
                    "its stored syntax if accepted, else in the first accepted syntax of the node's list.")
         else:
-            self.table(f"Proposed Presentation Contexts for {name}: {cx.service}", CONTEXT_HEADER,
-                       [[uid_name(u), u, cx.syntaxes, cx.role, cx.extended] for u in cx.sop_classes])
+            self.table(f"Proposed Presentation Contexts for {name}: {cx.service}", CONTEXT_HEADER, context_rows(cx))
         self.h(6, f"SOP Specific Conformance for {cx.service}")
         self.table(f"Response Status Handling Behavior for {name}: {cx.service}", STATUS_HEADER,
                    received_rows(cx))
@@ -688,13 +714,11 @@ class Statement:
         ])
 
     def move_sub_operations(self, name: str) -> None:
-        self.h(5, "Activity - C-MOVE sub-operations")
-        self.h(6, "Description and Sequencing of Activities")
-        self.p("For each C-MOVE it accepts, the disk server AE opens one association to the destination "
-               "node (a configured node, any role) with its own AE title as calling AE title and sends "
-               "each instance as the Storage SCU of a send job does; a pending C-MOVE response with the "
-               "counts follows every sub-operation.")
-        self.h(6, "Proposed Presentation Contexts")
+        self.activity("C-MOVE sub-operations",
+                      "For each C-MOVE it accepts, the disk server AE opens one association to the destination "
+                      "node (a configured node, any role) with its own AE title as calling AE title and sends "
+                      "each instance as the Storage SCU of a send job does; a pending C-MOVE response with the "
+                      "counts follows every sub-operation.", "Proposed")
         self.table(f"Proposed Presentation Contexts for {name}: C-MOVE sub-operations", CONTEXT_HEADER,
                    [["Any Storage SOP Class (of each instance moved)", "-", "TS-NODE-NAME of the destination",
                      "SCU", "None"]])
@@ -703,35 +727,9 @@ class Statement:
                "the Failed SOP Instance UID List); a lost association counts what was not acknowledged as "
                "failed.")
 
-    def accepted_activity(self, ae: LocalAE, cx: Contexts) -> None:
-        name = ae.name
-        descriptions = {
-            "Verification": "A remote AE verifies the connection: C-ECHO is answered with success.",
-            "Storage": ("A remote AE sends instances. Each data set is written as it arrives and checked "
-                        "(File Meta and UIDs, completeness, encoding); the response follows once it is "
-                        "durable in the archive." if ae.key == "disk_server" else
-                        "A remote AE sends instances. Each data set is held in memory and checked like the "
-                        "disk server's; the response follows once it is in the cache. A data set larger "
-                        "than the whole cache is refused with A700.")
-                       + " A C-STORE-RQ may name a Move Originator; it is not used.",
-            "Query": "A remote AE searches the archive (hierarchical C-FIND of the Patient and Study Root "
-                     "models, answered from the index; matching rules of PS3.4 C.2.2.2). Each answer has "
-                     "Retrieve AE Title = this AE's title.",
-            "Retrieve (C-MOVE)": "A remote AE moves instances to a configured node (see the association "
-                                 "initiation policy above).",
-            "Retrieve (C-GET)": "A remote AE retrieves instances on its own association: they are sent on the "
-                                "Storage contexts where it took the SCP role by Role Selection, converted "
-                                "to the context's transfer syntax when needed.",
-            "Storage Commitment report": "A PACS that did not report on the N-ACTION's association sends its "
-                                         "N-EVENT-REPORT on a new association; the report is matched to its "
-                                         "request by the Transaction UID, also after a restart.",
-        }
-        self.h(5, f"Activity - {cx.service}")
-        self.h(6, "Description and Sequencing of Activities")
-        self.p(descriptions.get(cx.service, cx.service))
-        self.h(6, "Accepted Presentation Contexts")
-        self.table(f"Accepted Presentation Contexts for {name}: {cx.service}", CONTEXT_HEADER,
-                   [[uid_name(u), u, cx.syntaxes, cx.role, cx.extended] for u in cx.sop_classes])
+    def accepted_activity(self, name: str, cx: Contexts) -> None:
+        self.activity(cx.service, cx.description, "Accepted")
+        self.table(f"Accepted Presentation Contexts for {name}: {cx.service}", CONTEXT_HEADER, context_rows(cx))
         self.h(6, f"SOP Specific Conformance for {cx.service}")
         self.table(f"Response Statuses of {name}: {cx.service}", STATUS_HEADER, answered_rows(cx.statuses))
 
@@ -904,6 +902,11 @@ class Statement:
 CONTEXT_HEADER = ["Abstract Syntax Name", "Abstract Syntax UID", "Transfer Syntax List", "Role",
                   "Extended Negotiation"]
 PARAMETER_HEADER = ["Parameter", "Configurable", "Default Value", "This Configuration", "Meaning"]
+
+
+def context_rows(cx: Contexts) -> list[list[str]]:
+    """The rows of a presentation context table (PS3.2 A.4.2.1.3.1.2, A.4.2.1.4.1.2): one per SOP class."""
+    return [[uid_name(u), u, cx.syntaxes, cx.role, cx.extended] for u in cx.sop_classes]
 
 
 def category_of(service: str) -> str:
