@@ -807,8 +807,8 @@ class Statement:
         classes = ("every composite SOP Class (a class without a standard record type gets a PRIVATE record)"
                    if profile.sop_classes is None else
                    ", ".join(sorted(uid_name(u) for u in profile.sop_classes)) + "; any other class fails the burn")
-        syntaxes = ", ".join(uid_name(u) for u in sorted(profile.transfer_syntaxes))
-        extra = (f" ({', '.join(uid_name(u) for u in sorted(profile.image_only_syntaxes))} for images only)"
+        syntaxes = ", ".join(uid_name(u) for u in sorted(profile.transfer_syntaxes - profile.image_only_syntaxes))
+        extra = (f" and, for images only, {', '.join(uid_name(u) for u in sorted(profile.image_only_syntaxes))}"
                  if profile.image_only_syntaxes else "")
         self.items(
             f"Medium: {profile.medium}",
