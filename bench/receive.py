@@ -94,6 +94,10 @@ def serving(port: int, **settings: str) -> Iterator[tuple[Path, subprocess.Popen
     proc = subprocess.Popen([*ml, "serve"], stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
+        for _ in range(400):  # the IPC socket comes up after the listeners
+            if (home / "ipc.sock").exists():
+                break
+            time.sleep(0.05)
         yield home, proc
     finally:
         proc.terminate()

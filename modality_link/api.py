@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import functools
 import logging
+import mmap
 import os
 import time
 from pathlib import Path
@@ -64,7 +65,7 @@ def _mapped(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def write_new_file(path: Path, data: bytes) -> None:
+def write_new_file(path: Path, data: bytes | mmap.mmap) -> None:
     """Write `data` to the new file `path` whole or not at all: a temporary beside it, flushed,
     then linked to its name (link(2) fails if the name appeared meanwhile)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -54,7 +55,7 @@ from modality_link.db import Database, InstanceRecord
 from modality_link.fileformat import (
     TRANSFER_SYNTAX_UID, VR_BYTES, Part10Error, dataset_offset, encode_file_meta, meta_value,
 )
-from modality_link.media.header import read_dataset, tag_of
+from modality_link.media.header import Header, read_dataset, tag_of
 from modality_link.net.status import CANNOT_UNDERSTAND, DATA_SET_MISMATCH, OUT_OF_RESOURCES
 from modality_link.net.charset import dataset_charset, decoded_text, text_of
 
@@ -109,18 +110,20 @@ def _text(ds: Dataset, keyword: str) -> str:
     return text_of(ds.get(keyword, ""))
 
 
-def read_header(path: Path) -> Dataset:
-    """Read the dataset of a PS3.10 file without its pixel data, and check it is complete.
+def read_header(source: Path | bytes) -> Dataset:
+    """Read the dataset of a PS3.10 file (its path, or its bytes) without its pixel data, and
+    check it is complete.
 
     Large values are skipped (deferred) rather than read; a value that runs past the end of the
     file, or bytes after the last element, make the dataset incomplete. For a deflated dataset
     (PS3.5 A.5) the positions are those of the inflated stream, which must end where the
     deflate stream does (at most 8 bytes may follow it: a pad byte, or a gzip trailer).
     """
-    size = path.stat().st_size
+    size = len(source) if isinstance(source, bytes) else source.stat().st_size
     try:
-        with open(path, "rb") as fp:
-            ds = dcmread(fp, defer_size=4096)
+        with (BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as fp:
+            # bytes are in memory already: nothing to gain by deferring, and nothing to re-open
+            ds = dcmread(fp, defer_size=None if isinstance(source, bytes) else 4096)
             end = fp.tell()
             last = ds._dict[max(ds._dict)] if ds._dict else None
             syntax = ds.file_meta.get("TransferSyntaxUID")
@@ -235,7 +238,8 @@ _SERIES_OPTIONAL = [(k, tag_of(k), dictionary_VR(k)) for k in SERIES_KEYS]
 _IMAGE_OPTIONAL = [(k, tag_of(k), dictionary_VR(k)) for k in IMAGE_KEYS]
 _DECODED_OPTIONAL = frozenset(tag for _, tag, vr in (*_SERIES_OPTIONAL, *_IMAGE_OPTIONAL)
                               if vr not in _ASCII_VRS and vr not in _BINARY_VRS)
-#: What :func:`lean_record` has pydicom decode: the columns, the UIDs and the optional text.
+_UID_TAGS = frozenset(tag_of(k) for _, k, _ in _INDEXED_UIDS)
+#: What :func:`header_record` has pydicom decode: the columns, the UIDs and the optional text.
 _DECODED_TAGS = (_INDEXED_TAGS - {tag for _, tag, _ in (*_SERIES_OPTIONAL, *_IMAGE_OPTIONAL)}) | _DECODED_OPTIONAL
 
 
@@ -290,28 +294,80 @@ def _kept_sequence(raw: bytes, implicit: bool) -> object:
     return ds.get(REQUEST_ATTRIBUTES)
 
 
-def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
-    """The index row of a complete, regular Little Endian file, read by a walk of its element
-    headers (:func:`modality_link.media.header.read_dataset`, PS3.5 7.1) that decodes only the
-    indexed attributes; the same row as :func:`read_header`, :func:`check_file_meta` and
-    :func:`record_from_dataset` give. None for anything else - refused, Big Endian, Deflated,
-    irregular - which those functions then read with pydicom, and refuse with their message."""
-    with open(path, "rb") as fp:
-        header = read_dataset(fp, _INDEXED_TAGS)
+def lean_header(fp: BinaryIO | mmap.mmap) -> Header | None:
+    """The header keys of a complete, regular Little Endian file `fp` whose UIDs are valid and
+    are the File Meta's (PS3.10 7.1), read by a walk of its element headers
+    (:func:`modality_link.media.header.read_dataset`, PS3.5 7.1) that decodes only the UIDs: the
+    validation of :func:`lean_record`, without its text. None for anything else - refused, Big
+    Endian, Deflated, irregular - which :func:`pydicom_record` then reads, and refuses with its
+    message."""
+    header = read_dataset(fp, _INDEXED_TAGS)
     if header is None:
         return None
-    header.decode(_DECODED_TAGS)
-    values: dict[str, Any] = {}  # InstanceRecord's fields
-    for name, keyword, meta_keyword in _INDEXED_UIDS:
-        uid = header.get(keyword)
+    for _, keyword, meta_keyword in _INDEXED_UIDS:
+        uid = header_uid(header, keyword)
         if not is_valid_uid(uid):
             return None
-        if meta_keyword is not None:  # PS3.10 7.1: the File Meta describes the data set
-            if meta_value(header.meta, tag_of(meta_keyword)) != uid:
-                return None
-        values[name] = str(uid)
+        if meta_keyword is not None and meta_value(header.meta, tag_of(meta_keyword)) != uid:
+            return None
+    return header
+
+
+def header_uid(header: Header, keyword: str) -> object:
+    """A UID key of `header`: a UI value is ASCII (PS3.5 9.1), read as pydicom reads it (its
+    trailing NULs and spaces dropped) without deciding the character set; another VR by pydicom."""
+    tag = tag_of(keyword)
+    element = header.elements.get(tag)
+    if element is not None and element[4:6] == b"UI":
+        return (header.raw(tag) or b"").decode("latin-1").rstrip("\0 ")
+    return header.get(keyword)
+
+
+def _rstripped(raw: bytes) -> str:
+    return raw.decode("ascii").rstrip(" \x00")
+
+
+def _each_rstripped(raw: bytes) -> str:
+    return "\\".join(v.rstrip("\x00 ") for v in raw.decode("ascii").split("\\"))
+
+
+#: pydicom's reading of a value of these VRs as one str (``text_of``) when its bytes are ASCII
+#: without ESC, and so read the same in every character set (PS3.5 6.1.2.3): padding dropped from
+#: the whole value (AS, CS, DA, DT, TM: pydicom's multi_string; ST, LT, UT, PN: one string), or
+#: from each value (SH, LO, UC). AE, UI, IS, DS and a PN with component groups ("=") are left to
+#: pydicom, which rewrites them (leading spaces, numbers, empty groups).
+_ASCII_READS: dict[bytes, Callable[[bytes], str]] = {
+    **{vr: _rstripped for vr in (b"AS", b"CS", b"DA", b"DT", b"TM", b"ST", b"LT", b"UT", b"PN")},
+    **{vr: _each_rstripped for vr in (b"SH", b"LO", b"UC")},
+}
+
+
+def _ascii_read(header: Header, tag: int) -> str | None:
+    """The text of key `tag` as pydicom would give it, read without pydicom when :data:`_ASCII_READS`
+    can; None when it cannot (or the key is absent)."""
+    element = header.elements.get(tag)
+    if element is None:
+        return None
+    read = _ASCII_READS.get(element[4:6])
+    raw = header.raw(tag) or b""
+    if read is None or not raw.isascii() or b"\x1b" in raw or (b"=" in raw and element[4:6] == b"PN"):
+        return None
+    return read(raw)
+
+
+def header_record(header: Header, source_ae: str) -> InstanceRecord:
+    """The index row of a file that :func:`lean_header` read: its text decoded in the data set's
+    character set, the same row as :func:`pydicom_record` gives."""
+    fast = {tag: value for tag in _DECODED_TAGS if (value := _ascii_read(header, tag)) is not None}
+    header.decode(_DECODED_TAGS - fast.keys() - _UID_TAGS)  # the rest by pydicom, at once (UIDs: header_uid)
+
+    def text(keyword: str) -> str:
+        tag = tag_of(keyword)
+        return fast[tag] if tag in fast else text_of(header.get(keyword))
+
+    values: dict[str, Any] = {name: str(header_uid(header, keyword)) for name, keyword, _ in _INDEXED_UIDS}
     for name, keyword in _INDEXED_TEXT:
-        values[name] = text_of(header.get(keyword))
+        values[name] = text(keyword)
     transfer_syntax = meta_value(header.meta, TRANSFER_SYNTAX_UID)
     sequence = header.kept_sequences.get(tag_of(REQUEST_ATTRIBUTES))
     return InstanceRecord(
@@ -319,13 +375,22 @@ def lean_record(path: str, source_ae: str) -> InstanceRecord | None:
         transfer_syntax=transfer_syntax,
         path="",
         size=0,
-        charset=text_of(header.get("SpecificCharacterSet")),
+        charset=text("SpecificCharacterSet"),
         source_ae=source_ae,
-        series_keys=_keys_of(_SERIES_OPTIONAL, header.raw, header.get),
-        image_keys=_keys_of(_IMAGE_OPTIONAL, header.raw, header.get),
+        series_keys=_keys_of(_SERIES_OPTIONAL, header.raw, text),
+        image_keys=_keys_of(_IMAGE_OPTIONAL, header.raw, text),
         requests=_requests(_kept_sequence(sequence, transfer_syntax == ImplicitVRLittleEndian), header.charset)
         if sequence is not None else [],
     )
+
+
+def lean_record(source: str | bytes, source_ae: str) -> InstanceRecord | None:
+    """The index row of a complete, regular Little Endian file (its path, or its bytes) by
+    :func:`lean_header` and :func:`header_record`; the same row as :func:`read_header`,
+    :func:`check_file_meta` and :func:`record_from_dataset` give. None for anything else."""
+    with (open(source, "rb") if isinstance(source, str) else BytesIO(source)) as fp:
+        header = lean_header(fp)
+    return None if header is None else header_record(header, source_ae)
 
 
 def record_from_dataset(ds: Dataset, path: str, size: int, source_ae: str) -> InstanceRecord:
@@ -649,19 +714,20 @@ class Archive:
 _PIXEL_DATA = (0x7FE00008, 0x7FE00009, 0x7FE00010)
 
 
-def validate_received(path: str, source_ae: str) -> InstanceRecord:
-    """The index row of a received or imported file, its path left to :meth:`Archive.path_for`:
-    by :func:`lean_record` when it can tell, else by :func:`pydicom_record`."""
-    rec = lean_record(path, source_ae)
-    return rec if rec is not None else pydicom_record(path, source_ae)
+def validate_received(source: str | bytes, source_ae: str) -> InstanceRecord:
+    """The index row of a received or imported file (its path, or its bytes), its path left to
+    :meth:`Archive.path_for`: by :func:`lean_record` when it can tell, else by
+    :func:`pydicom_record`."""
+    rec = lean_record(source, source_ae)
+    return rec if rec is not None else pydicom_record(source, source_ae)
 
 
-def pydicom_record(path: str, source_ae: str) -> InstanceRecord:
+def pydicom_record(source: str | bytes, source_ae: str) -> InstanceRecord:
     """The index row of a file by :func:`read_header` (complete), :func:`check_file_meta` (its
     File Meta, for a received file built from the C-STORE-RQ, describes the data set) and
     :func:`record_from_dataset` (valid UIDs). The pixel data are dropped before the record is
     made: looking at every element for the character set would read them back from the file."""
-    ds = read_header(Path(path))
+    ds = read_header(Path(source) if isinstance(source, str) else source)
     check_file_meta(ds)
     for tag in _PIXEL_DATA:
         if tag in ds:

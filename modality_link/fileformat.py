@@ -13,6 +13,7 @@ a 4-byte length (PS3.5 §7.1.2, Table 7.1-1) and the padding of a value to an ev
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Mapping
 from typing import BinaryIO
@@ -87,7 +88,7 @@ def encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_
     return PREAMBLE + encode_element(GROUP_LENGTH, "UL", struct.pack("<L", len(body))) + body
 
 
-def read_file_meta(fp: BinaryIO) -> tuple[int, dict[int, bytes], bytes]:
+def read_file_meta(fp: BinaryIO | mmap.mmap) -> tuple[int, dict[int, bytes], bytes]:
     """Walk the File Meta Information of the DICOM File `fp` (at its start): every group 0002
     element after the prefix, whatever its group length says (as pydicom reads it).
 

@@ -79,7 +79,7 @@ class _Handler(socketserver.BaseRequestHandler):
         self.subscribed = False
         self._writer: threading.Thread | None = None
         self.write_lock = threading.Lock()
-        self.events: queue.Queue[bytes | None] = queue.Queue(self.server.ipc.event_queue)
+        self.events: queue.Queue["bytes | _LaterEvent | None"] = queue.Queue(self.server.ipc.event_queue)
         self._closed = False
         self.request.settimeout(None)
         # a write that cannot go on for this long means the client stopped reading (SO_SNDTIMEO)
@@ -150,12 +150,15 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def _write_events(self) -> None:
         while True:
-            data = self.events.get()
+            item = self.events.get()
+            data = item.encode() if isinstance(item, _LaterEvent) else item
+            if data is None and item is not None:  # its parameters could not be made: skipped
+                continue
             if data is None or not self._write(data):
                 self.server.ipc.unsubscribe(self)
                 return
 
-    def queue_event(self, data: bytes) -> bool:
+    def queue_event(self, data: "bytes | _LaterEvent") -> bool:
         """Queue an encoded event; False when its queue is full (the client does not read)."""
         try:
             self.events.put_nowait(data)
@@ -183,6 +186,28 @@ class _Handler(socketserver.BaseRequestHandler):
         except OSError as exc:  # EAGAIN after SO_SNDTIMEO; ssl.SSLError is an OSError too
             LOG.debug("ipc: client gone (%s: %s)", type(exc).__name__, exc)
             return False
+
+
+class _LaterEvent:
+    """An event whose parameters are made, and the event encoded, by the first subscriber's
+    writer thread that gets to it (not by the thread that published it)."""
+
+    def __init__(self, event_type: str, make: Callable[[], dict[str, Any]]) -> None:
+        self.event_type = event_type
+        self._make: Callable[[], dict[str, Any]] | None = make
+        self._data: bytes | None = None
+        self._lock = threading.Lock()
+
+    def encode(self) -> bytes | None:
+        with self._lock:
+            if self._make is not None:
+                make, self._make = self._make, None
+                try:
+                    self._data = _encode({"jsonrpc": "2.0", "method": "event",
+                                          "params": {"type": self.event_type, **make()}})
+                except Exception:
+                    LOG.exception("ipc: the %s event could not be made; not sent", self.event_type)
+            return self._data
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -270,7 +295,15 @@ class IpcServer:
         Never waits for a client: each subscriber has a bounded queue that a thread of its own
         writes out. A subscriber whose queue is full does not read its events; it is dropped
         (its connection closed, one log line) rather than waited for."""
-        data = _encode({"jsonrpc": "2.0", "method": "event", "params": {"type": event_type, **params}})
+        self._queue(_encode({"jsonrpc": "2.0", "method": "event", "params": {"type": event_type, **params}}))
+
+    def publish_later(self, event_type: str, make: Callable[[], dict[str, Any]]) -> None:
+        """:meth:`publish` an event whose parameters `make` gives, called (once) by a subscriber's
+        writer thread, never when nobody subscribes: for an event that is costly to make on a
+        thread that serves a peer (the memory server's ``memory.stored``)."""
+        self._queue(_LaterEvent(event_type, make))
+
+    def _queue(self, data: "bytes | _LaterEvent") -> None:
         with self._lock:
             subscribers = list(self._subscribers)
         for handler in subscribers:

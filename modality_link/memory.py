@@ -8,22 +8,37 @@ budget (`memory_server.cache_mb`) would be exceeded, and are gone when the servi
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from modality_link.db import InstanceRecord
 
 
-@dataclass(frozen=True)
 class CachedInstance:
-    """One instance in the cache: its index attributes and its PS3.10 file bytes."""
+    """One instance in the cache: its PS3.10 file bytes (as received: never changed) and its
+    index attributes.
 
-    record: InstanceRecord
-    data: bytes
-    stored_at: float = field(default_factory=time.time)
+    The attributes may be given as a function that decodes them: the memory server answers a
+    C-STORE once the data set is validated and decodes its text on first use (docs/design.md
+    "The memory server")."""
+
+    def __init__(self, data: bytes | mmap.mmap, sop_instance_uid: str,
+                 record: InstanceRecord | Callable[[], InstanceRecord]) -> None:
+        self.data = data
+        self.sop_instance_uid = sop_instance_uid
+        self.stored_at = time.time()
+        self._record = record
+        self._lock = threading.Lock()
+
+    @property
+    def record(self) -> InstanceRecord:
+        with self._lock:
+            if not isinstance(self._record, InstanceRecord):
+                self._record = self._record()
+            return self._record
 
     @property
     def size(self) -> int:
@@ -49,7 +64,7 @@ class MemoryCache:
     def put(self, item: CachedInstance) -> list[CachedInstance]:
         """Keep `item` as the most recently used; return the instances evicted to make room.
         The caller checked :meth:`fits`."""
-        uid = item.record.sop_instance_uid
+        uid = item.sop_instance_uid
         evicted: list[CachedInstance] = []
         with self._lock:
             old = self._items.pop(uid, None)

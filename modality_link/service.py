@@ -215,11 +215,19 @@ class Service:
         return restart
 
     def on_memory_stored(self, item: CachedInstance) -> None:
-        """Announce an instance the memory server keeps (``memory.stored``, docs/ipc.md)."""
-        rec = item.record
-        self.publish("memory.stored", sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
-                     series_uid=rec.series_uid, study_uid=rec.study_uid, patient_id=rec.patient_id,
-                     source_ae=rec.source_ae, bytes=item.size)
+        """Announce an instance the memory server keeps (``memory.stored``, docs/ipc.md); its
+        attributes are decoded by the subscribers' writer threads, and only when someone
+        subscribes."""
+        if self.ipc is None:
+            return
+
+        def params() -> dict[str, Any]:
+            rec = item.record
+            return dict(sop_instance_uid=rec.sop_instance_uid, sop_class_uid=rec.sop_class_uid,
+                        series_uid=rec.series_uid, study_uid=rec.study_uid, patient_id=rec.patient_id,
+                        source_ae=rec.source_ae, bytes=item.size)
+
+        self.ipc.publish_later("memory.stored", params)
 
     def run_forever(self) -> None:
         """Serve until SIGTERM or SIGINT."""

@@ -15,6 +15,7 @@ archive, lossless and lossy files apart.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import struct
 import subprocess
@@ -30,6 +31,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from modality_link import config
 from modality_link.config import Timeouts
+from modality_link.archive import pydicom_record
 from modality_link.home import temporary_home
 from modality_link.net.servers import ARCHIVE_TRANSFER_SYNTAXES
 from modality_link.net.command import parse_command
@@ -130,10 +132,11 @@ def raw_dataset(case: Case) -> tuple[str, str, str, bytes]:
     return str(sop_class), str(sop_instance), str(ts), body
 
 
-def c_store_raw(port: int, case: Case) -> tuple[int, str]:
-    """C-STORE the raw data set of `case` to the disk server; (status, error comment)."""
+def c_store_raw(port: int, case: Case, called: str = "MODLINK") -> tuple[int, str]:
+    """C-STORE the raw data set of `case` to the disk server (or the AE `called`); (status,
+    error comment)."""
     sop_class, sop_instance, ts, body = raw_dataset(case)
-    assoc = Requestor("127.0.0.1", port, "CORPUS", "MODLINK", [(sop_class, [ts])], Timeouts()).open()
+    assoc = Requestor("127.0.0.1", port, "CORPUS", called, [(sop_class, [ts])], Timeouts()).open()
     try:
         ((cid, _),) = assoc.accepted()[sop_class]
         assoc.send_message(cid, c_store_rq(assoc.next_message_id(), sop_class, sop_instance), body)
@@ -162,6 +165,33 @@ def test_receive(case: Case, receiver):
         assert status == case.status, f"{case.name}: status 0x{status:04X} {comment}"
         assert comment, "a refusal says why in its Error Comment (0000,0902)"
         assert archive_files(home) == before, "a refused data set changed the archive"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_receive_into_memory(case: Case, receiver, tmp_path: Path):
+    """The memory server keeps what the disk server keeps, byte for byte, with the index row that
+    pydicom's full read gives; it refuses the same files with the same status."""
+    service, home = receiver
+    before = call(home, "memory.list")["instances"]
+    status, comment = c_store_raw(service.memory_server.port, case, "MODLINK_MEM")
+    sop = raw_dataset(case)[1]
+    if case.valid or case.status is None:
+        assert status == 0x0000, f"{case.name}: status 0x{status:04X} {comment}"
+        item = service.memory.get(sop)
+        assert item is not None
+        data = bytes(item.data)
+        assert data.endswith(raw_dataset(case)[3])
+        (tmp_path / "fetched.dcm").write_bytes(data)
+        assert_same_dataset(read(case.path), read(tmp_path / "fetched.dcm"), case.name)
+        row, reference = dataclasses.asdict(item.record), dataclasses.asdict(pydicom_record(data, "CORPUS"))
+        for key in ("received_at", "size"):
+            row.pop(key), reference.pop(key)
+        assert row == reference
+        assert item.record.size == len(data)
+    else:
+        assert status == case.status, f"{case.name}: status 0x{status:04X} {comment}"
+        assert comment, "a refusal says why in its Error Comment (0000,0902)"
+        assert call(home, "memory.list")["instances"] == before, "a refused data set was kept"
 
 
 # -- import --------------------------------------------------------------------------------------------------

@@ -40,6 +40,23 @@ def test_lean_record_is_pydicoms_or_none(path: Path) -> None:
         assert _row(lean) == _row(reference)
 
 
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.name)
+def test_bytes_validate_as_their_file(path: Path) -> None:
+    """The memory server validates the bytes it received, the disk server the file it wrote:
+    the same row, or the same refusal."""
+    data = path.read_bytes()
+    lean = lean_record(data, "CT1")
+    assert (lean is None) == (lean_record(str(path), "CT1") is None)
+    try:
+        reference = validate_received(str(path), "CT1")
+    except ArchiveError as exc:
+        with pytest.raises(ArchiveError) as refused:
+            validate_received(data, "CT1")
+        assert refused.value.status == exc.status and str(refused.value)  # pydicom's wording may differ
+        return
+    assert _row(validate_received(data, "CT1")) == _row(reference)
+
+
 def test_lean_record_reads_most_little_endian_files() -> None:
     """The fast path is taken for regular files (else it would be dead code that passes)."""
     names = {p.name for p in CORPUS if lean_record(str(p), "") is not None}
@@ -150,3 +167,31 @@ def test_lean_record_on_damaged_files(tmp_path: Path) -> None:
             warnings.simplefilter("ignore")
             assert _row(lean) == _row(pydicom_record(str(path), "")), n
     assert accepted > 30  # damage in values that no one checks (pixels, unindexed text) is accepted
+
+
+@pytest.mark.parametrize("vr", ["AE", "AS", "CS", "DA", "DT", "TM", "UI", "ST", "LT", "UT", "PN", "SH", "LO", "UC",
+                                "IS", "DS"])
+@pytest.mark.parametrize("charset", [["ISO_IR 100"], ["ISO_IR 192"], ["ISO 2022 IR 6", "ISO 2022 IR 87"],
+                                     ["ISO_IR 13"], ["GB18030"]])
+def test_ascii_values_read_as_pydicom_reads_them(vr: str, charset: list[str]) -> None:
+    """The index's reading of ASCII text without pydicom (archive._ascii_read) gives pydicom's
+    value, padding, backslashes, NULs and PN component groups included; what it cannot read the
+    same way it leaves to pydicom."""
+    from modality_link.archive import _ascii_read
+    from modality_link.fileformat import encode_element
+    from modality_link.media.header import Header
+    from modality_link.net.charset import decode_values, text_of
+
+    rng = random.Random(f"{vr}{charset}")
+    alphabet = "AB z09^=\\ \x00.-_/+:"
+    tag = 0x00100010
+    for _ in range(400):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))).encode()
+        raw += b" " * (len(raw) % 2)
+        header = Header(elements={tag: encode_element(tag, vr, raw)})
+        fast = _ascii_read(header, tag)
+        if fast is None:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert fast == text_of(decode_values([(tag, vr, raw)], charset)[0]), (vr, raw)

@@ -27,16 +27,33 @@ def _record(uid: str, study: str = "1.2.3", series: str = "1.2.3.4") -> Instance
                           transfer_syntax="1.2.840.10008.1.2.1", path="", size=0)
 
 
+def _item(uid: str, data: bytes) -> CachedInstance:
+    return CachedInstance(data, uid, _record(uid))
+
+
+def test_cached_record_is_decoded_once_on_first_use() -> None:
+    calls = []
+
+    def decode() -> InstanceRecord:
+        calls.append(1)
+        return _record("9")
+
+    item = CachedInstance(b"x", "9", decode)
+    assert calls == []
+    assert item.record.sop_instance_uid == "9" and item.record is item.record
+    assert calls == [1]
+
+
 def test_cache_evicts_least_recently_used_within_its_budget() -> None:
     cache = MemoryCache(1000)
     for uid in ("1", "2", "3"):
-        assert cache.put(CachedInstance(_record(uid), b"x" * 300)) == []
+        assert cache.put(_item(uid, b"x" * 300)) == []
     assert cache.get("1") is not None  # "1" is now the most recently used
-    evicted = cache.put(CachedInstance(_record("4"), b"x" * 300))
+    evicted = cache.put(_item("4", b"x" * 300))
     assert [e.record.sop_instance_uid for e in evicted] == ["2"]
     assert (len(cache), cache.used_bytes) == (3, 900)
     # the same UID again replaces it, counted once
-    assert cache.put(CachedInstance(_record("4"), b"y" * 100)) == []
+    assert cache.put(_item("4", b"y" * 100)) == []
     assert (len(cache), cache.used_bytes) == (3, 700)
     assert not cache.fits(1001) and cache.fits(1000)
     (study,) = cache.studies()

@@ -12,6 +12,7 @@ Sequence in an Implicit VR file fall back to pydicom.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Iterable
@@ -169,7 +170,7 @@ class _Reader:
     value that is skipped (the Pixel Data) is never read.
     """
 
-    def __init__(self, fp: BinaryIO, buf: bytes, implicit: bool, strict: bool = False) -> None:
+    def __init__(self, fp: BinaryIO | mmap.mmap, buf: bytes | mmap.mmap, implicit: bool, strict: bool = False) -> None:
         self.fp, self.buf, self.base, self.implicit = fp, buf, 0, implicit
         #: Refuse (:class:`_Fallback`) an unknown VR, and an undefined length on anything but a
         #: sequence inside an item (:func:`read_dataset`).
@@ -342,16 +343,20 @@ def _walkable_syntax(value: bytes) -> bool:
     return uid.is_transfer_syntax and uid.is_little_endian and not uid.is_deflated
 
 
-def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
+def read_dataset(fp: BinaryIO | mmap.mmap, wanted: Iterable[int]) -> Header | None:
     """Walk the whole data set of the Part-10 file `fp` (at its start) by its element headers
     (PS3.5 7.1; sequences 7.5; encapsulated Pixel Data A.4), reading no value but the keys
-    `wanted` and the text that decides the character set (:attr:`Header.charset`).
+    `wanted` and the text that decides the character set (:attr:`Header.charset`). A file
+    mapped in memory is walked where it lies, without reading it into buffers.
 
     Returns None when the walk cannot vouch for the file - Big Endian, Deflated, anything
     irregular, truncated or trailing bytes: the caller then reads it with pydicom, which says
     what is wrong. A data set that is walked ends exactly at the end of the file.
     """
-    size = os.fstat(fp.fileno()).st_size
+    start = fp.tell()
+    fp.seek(0, os.SEEK_END)  # a file, its bytes (io.BytesIO) or its mapping
+    size = fp.tell()
+    fp.seek(start)
     try:
         offset, meta, buf = read_file_meta(fp)
         implicit = _little_endian(meta)
@@ -363,7 +368,8 @@ def read_dataset(fp: BinaryIO, wanted: Iterable[int]) -> Header | None:
         return None
     header = Header(meta=meta, texts=[], sequences=[])
     try:
-        _walk(_Reader(fp, buf, implicit, strict=True), offset, frozenset(wanted), header, size)
+        window = fp if isinstance(fp, mmap.mmap) else buf  # both hold the file from its first byte
+        _walk(_Reader(fp, window, implicit, strict=True), offset, frozenset(wanted), header, size)
     except (_Fallback, struct.error, Part10Error, RecursionError):
         return None
     return header

@@ -36,19 +36,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    ImplementationVersionNameNotification,
-    MaximumLengthNotification,
-    SCP_SCU_RoleSelectionNegotiation,
-    SOPClassExtendedNegotiation,
-)
-from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.config import Listener, Timeouts
+from modality_link.net.acse import (
+    AssociateRq, MalformedPdu, Supported, decode_associate_rq, encode_associate_ac, negotiate,
+)
 from modality_link.net.association import REJECT_REASONS, REJECT_RESULTS, describe_abort
 from modality_link.fileformat import padded
 from modality_link.net.command import encode_command, parse_command
@@ -329,7 +324,8 @@ class Acceptor:
         return int(self._sock.getsockname()[1])
 
     def start(self) -> None:
-        self._contexts = self._supported_contexts()
+        self._supported = {uid: Supported(service.transfer_syntaxes, service.requestor_scp)
+                           for service in self.services for uid in service.sop_classes}
         self._dispatch = {
             (uid, field): handler
             for service in self.services for uid in service.sop_classes
@@ -368,18 +364,6 @@ class Acceptor:
         """The sockets of the associations open now."""
         with self._lock:
             return [c.sock for c in self._conns if not c.pending]
-
-    def _supported_contexts(self) -> list[PresentationContext]:
-        out = []
-        for service in self.services:
-            for uid in service.sop_classes:
-                cx = PresentationContext()
-                cx.abstract_syntax = uid
-                cx.transfer_syntax = list(service.transfer_syntaxes)
-                if service.requestor_scp:
-                    cx.scu_role, cx.scp_role = True, True
-                out.append(cx)
-        return out
 
     # -- connections -------------------------------------------------------------------------------
 
@@ -492,7 +476,7 @@ _RELEASE_RP = PDU_HEADER.pack(A_RELEASE_RP_TYPE, 0, 4) + b"\x00" * 4
 class _Reader:
     """Buffered reads from the socket into one preallocated buffer (recv_into)."""
 
-    def __init__(self, sock: socket.socket, size: int = 256 << 10) -> None:
+    def __init__(self, sock: socket.socket, size: int = 1 << 20) -> None:
         self.sock = sock
         self.buf = bytearray(size)
         self.view = memoryview(self.buf)
@@ -568,7 +552,7 @@ class _Association:
 
     def run(self) -> None:
         try:
-            pdu, prim = self._read_associate_rq()
+            rq = self._read_associate_rq()
         except socket.timeout:
             LOG.warning("%s: %s:%d sent no complete A-ASSOCIATE-RQ within ARTIM (%g s); connection closed",
                         self.name, self.conn.address, self.conn.port, self.acceptor.timeouts.artim)
@@ -576,9 +560,8 @@ class _Association:
         except _Abort as exc:
             self._abort(exc)
             return
-        self.peer.calling_ae = str(prim.calling_ae_title or "").strip()
-        self.peer.called_ae = str(prim.called_ae_title or "").strip()
-        why = self._refusal(pdu, prim)
+        self.peer.calling_ae, self.peer.called_ae = rq.calling_ae, rq.called_ae
+        why = self._refusal(rq)
         if why is None and not self.acceptor._associate(self.conn):
             why = (2, 3, 2)  # transient, service provider (presentation), local limit exceeded
         if why is not None:
@@ -586,11 +569,7 @@ class _Association:
             return
         self.associated = True
         try:
-            try:
-                ac = self._negotiate(prim)
-            except Exception as exc:  # a malformed proposal pynetdicom's negotiation trips over
-                raise _Abort(INVALID_PARAMETER, f"malformed presentation context proposal ({exc!r})") from None
-            self.sock.sendall(ac)
+            self.sock.sendall(self._negotiate(rq))
             self._serve_data()
         except socket.timeout:
             LOG.warning("%s: association from %s idle for %g s (network timeout); aborted",
@@ -603,7 +582,7 @@ class _Association:
                 self.acceptor._dissociate(self.conn)
                 self.associated = False
 
-    def _read_associate_rq(self) -> tuple[A_ASSOCIATE_RQ, A_ASSOCIATE]:
+    def _read_associate_rq(self) -> AssociateRq:
         """Read the first PDU within ARTIM; it must be an A-ASSOCIATE-RQ of bounded size."""
         self.reader.deadline = time.monotonic() + self.acceptor.timeouts.artim
         header = self.reader.exact(6)
@@ -617,20 +596,17 @@ class _Association:
                                             f"(at most {MAX_ASSOCIATE_RQ} accepted before negotiation)")
         body = self.reader.exact(length)
         self.reader.deadline = None
-        pdu = A_ASSOCIATE_RQ()
         try:
-            pdu.decode(header + body)
-            prim = pdu.to_primitive()
-        except Exception as exc:
-            raise _Abort(INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ ({exc!r})") from None
-        return pdu, prim
+            return decode_associate_rq(header + body)
+        except MalformedPdu as exc:
+            raise _Abort(INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ: {exc}") from None
 
-    def _refusal(self, pdu: A_ASSOCIATE_RQ, prim: A_ASSOCIATE) -> tuple[int, int, int] | None:
+    def _refusal(self, rq: AssociateRq) -> tuple[int, int, int] | None:
         """(result, source, reason) of PS3.8 Table 9-21 to reject with, or None."""
         lst = self.acceptor.listener
-        if pdu.protocol_version != 1:
+        if rq.protocol_version != 1:
             return 1, 2, 2  # permanent, service provider (ACSE), protocol version not supported
-        if str(prim.application_context_name) != APPLICATION_CONTEXT:
+        if rq.application_context != APPLICATION_CONTEXT:
             return 1, 1, 2  # permanent, service user, application context name not supported
         if lst.allowed_calling_aets and self.peer.calling_ae not in [a.strip() for a in lst.allowed_calling_aets]:
             return 1, 1, 3  # calling AE title not recognized
@@ -648,55 +624,29 @@ class _Association:
         _send_quietly(self.sock, pdu.encode())
         self._linger()
 
-    def _negotiate(self, rq: A_ASSOCIATE) -> bytes:
-        """The A-ASSOCIATE-AC: contexts and roles by pynetdicom's acceptor negotiation."""
-        roles = {item.sop_class_uid: (item.scu_role, item.scp_role) for item in rq.user_information
-                 if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None}
-        results, role_items = negotiate_as_acceptor(
-            rq.presentation_context_definition_list, self.acceptor._contexts, roles or None)
+    def _negotiate(self, rq: AssociateRq) -> bytes:
+        """The A-ASSOCIATE-AC (PS3.8 §9.3.3): contexts, roles and extended negotiation."""
+        results, roles = negotiate(rq, self.acceptor._supported)
         for cx in results:
-            if cx.result == 0 and cx.context_id is not None:
-                self.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                if cx.as_scu:
-                    self.reversed_roles.add(int(cx.context_id))
-        self.peer_max_pdu = int(rq.maximum_length_received or 0)
-        prim = A_ASSOCIATE()
-        prim.application_context_name = APPLICATION_CONTEXT
-        prim.calling_ae_title = rq.calling_ae_title
-        prim.called_ae_title = rq.called_ae_title
-        prim.result, prim.result_source = 0x00, 0x01
-        prim.presentation_context_definition_results_list = results
-        ml = MaximumLengthNotification()
-        ml.maximum_length_received = self.acceptor.listener.max_pdu
-        ic = ImplementationClassUIDNotification()
-        ic.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-        iv = ImplementationVersionNameNotification()
-        iv.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        prim.user_information = [ml, ic, iv, *role_items, *self._extended_negotiation(rq)]
-        pdu = A_ASSOCIATE_AC()
-        pdu.from_primitive(prim)
+            if cx.result == 0:
+                self.contexts[cx.context_id] = (cx.abstract_syntax, cx.transfer_syntax)
+                if cx.reversed_role:
+                    self.reversed_roles.add(cx.context_id)
+        self.peer_max_pdu = rq.max_length
         LOG.debug("%s: association from %s accepted: %d of %d context(s)", self.name, self.peer,
                   len(self.contexts), len(results))
-        return pdu.encode()
+        return encode_associate_ac(rq, results, self.acceptor.listener.max_pdu, IMPLEMENTATION_CLASS_UID,
+                                   IMPLEMENTATION_VERSION_NAME, roles, self._extended_negotiation(rq))
 
-    def _extended_negotiation(self, rq: A_ASSOCIATE) -> list[SOPClassExtendedNegotiation]:
+    def _extended_negotiation(self, rq: AssociateRq) -> dict[str, bytes]:
         """Answers to the SOP Class Extended Negotiation items of accepted SOP classes whose
         service negotiates (PS3.7 D.3.3.5); the others get none (not supported)."""
         accepted = {abstract for abstract, _ in self.contexts.values()}
-        answers = []
-        for item in rq.user_information:
-            if not isinstance(item, SOPClassExtendedNegotiation) or str(item.sop_class_uid) not in accepted:
-                continue
-            answer = self.acceptor._extended.get(str(item.sop_class_uid))
-            if answer is None:
-                continue
-            info = answer(bytes(item.service_class_application_information or b""))
-            out = SOPClassExtendedNegotiation()
-            out.sop_class_uid = item.sop_class_uid
-            out.service_class_application_information = info
-            self.extended[str(item.sop_class_uid)] = info
-            answers.append(out)
-        return answers
+        for uid, proposed in rq.extended.items():
+            answer = self.acceptor._extended.get(uid)
+            if uid in accepted and answer is not None:
+                self.extended[uid] = answer(proposed)
+        return dict(self.extended)
 
     # -- data transfer (Sta6) ----------------------------------------------------------------------
 

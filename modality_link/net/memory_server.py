@@ -1,8 +1,8 @@
 """The memory server: a Storage SCP (PS3.4 Annex B) with Verification (Annex A) into RAM.
 
 Its own AE title and port (``[memory_server]``). Each data set streams, as it arrives, into an
-anonymous memory file (memfd_create(2): RAM, no name on any file system) behind a File Meta group
-built from the C-STORE-RQ, exactly as the disk server writes its archive files; it is checked by
+anonymous memory file behind a File Meta group built from the C-STORE-RQ, exactly as the disk
+server writes its archive files; it is checked by
 the archive's own validation (complete, the File Meta's UIDs are the data set's, valid UIDs) and
 then kept in the :class:`~modality_link.memory.MemoryCache`. Nothing reaches the archive, the
 index or the disk. A data set larger than the whole cache is refused with 0xA700 (Out of
@@ -12,11 +12,14 @@ Resources, PS3.4 B.2.3) as soon as it outgrows it.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
-from typing import BinaryIO, Callable
+from dataclasses import replace
+from io import BytesIO
+from typing import Callable
 
-from modality_link.archive import ArchiveError, CannotUnderstand, validate_received
+from modality_link.archive import ArchiveError, CannotUnderstand, header_record, header_uid, lean_header, pydicom_record
 from modality_link.config import Listener, Timeouts
 from modality_link.fileformat import encode_file_meta
 from modality_link.memory import CachedInstance, MemoryCache
@@ -38,23 +41,31 @@ class OutOfMemory(ArchiveError):
     status = OUT_OF_RESOURCES
 
 
+#: Smaller instances are kept as ``bytes``; larger ones stay in their memory file, mapped.
+MAPPED_FROM = 64 << 10
+
+
 class IncomingMemoryInstance:
-    """A C-STORE data set being received into an anonymous memory file."""
+    """A C-STORE data set being received into an anonymous memory file (memfd_create(2): RAM,
+    no name on any file system), behind its File Meta group.
+
+    The file's pages are given by the kernel as it writes them, as a RAM folder's are; the
+    complete file is then mapped read-only and its descriptor closed, so the cache holds the
+    pages themselves and no file descriptor."""
 
     def __init__(self, cache: MemoryCache, sop_class: str, sop_instance: str, transfer_syntax: str,
                  source_ae: str) -> None:
         self.cache = cache
         self.source_ae = source_ae
         self.error: ArchiveError | None = None
-        fd = os.memfd_create("modality-link-memory", os.MFD_CLOEXEC)
-        self._file: BinaryIO | None = os.fdopen(fd, "w+b")
+        self._fd = os.memfd_create("modality-link-memory", os.MFD_CLOEXEC)
         self._size = 0
         self.write(encode_file_meta(sop_class, sop_instance, transfer_syntax, source_ae))
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append a fragment; past the cache's whole budget the rest is dropped and
-        :meth:`finish` refuses the instance."""
-        if self._file is None:
+        """Append a fragment; past the cache's whole budget (or when RAM runs out) the rest is
+        dropped and :meth:`finish` refuses the instance."""
+        if self._fd < 0:
             return
         self._size += len(data)
         if not self.cache.fits(self._size):
@@ -62,28 +73,41 @@ class IncomingMemoryInstance:
                                      f"({self.cache.budget >> 20} MiB, memory_server.cache_mb)")
             self.discard()
             return
-        self._file.write(data)
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.error = OutOfMemory(f"no memory left for the data set: {exc.strerror}")
+            self.discard()
 
     def discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def finish(self) -> CachedInstance:
         """Validate the complete data set and return it for the cache; raise
-        :class:`ArchiveError` (nothing kept) when it is refused."""
-        if self.error is not None or self._file is None:
+        :class:`ArchiveError` (nothing kept) when it is refused.
+
+        Only the validation is done here, before the response: the text of the index attributes
+        is decoded when first asked for (:attr:`CachedInstance.record`, docs/design.md "The memory
+        server")."""
+        if self.error is not None or self._fd < 0:
             self.discard()
             raise self.error or CannotUnderstand("the data set was discarded")
         try:
-            self._file.flush()
-            rec = validate_received(f"/proc/self/fd/{self._file.fileno()}", self.source_ae)
-            self._file.seek(0)
-            data = self._file.read()
+            data: bytes | mmap.mmap = os.pread(self._fd, self._size, 0) if self._size < MAPPED_FROM \
+                else mmap.mmap(self._fd, self._size, prot=mmap.PROT_READ)
         finally:
             self.discard()
-        rec.size = len(data)
-        return CachedInstance(rec, data)
+        header = lean_header(data if isinstance(data, mmap.mmap) else BytesIO(data))
+        if header is None:  # irregular, Big Endian, Deflated...: pydicom reads it, or says why not
+            rec = pydicom_record(data if isinstance(data, bytes) else data[:], self.source_ae)
+            return CachedInstance(data, rec.sop_instance_uid, replace(rec, size=len(data)))
+        source_ae, size = self.source_ae, len(data)
+        return CachedInstance(data, str(header_uid(header, "SOPInstanceUID")),
+                              lambda: replace(header_record(header, source_ae), size=size))
 
 
 class MemoryStoreHandler:
