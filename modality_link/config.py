@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from modality_link.home import CONFIG_FILE  # noqa: F401 (the home folder layout owns the name)
+from modality_link.net.tls import Credentials, TlsFileError, client_context, server_context
+
 ROLES = ("worklist", "mpps", "store", "commit", "qr")
 #: Transfer syntaxes a node may be configured to receive (PS3.5 §10; UIDs from PS3.6 Annex A).
 KNOWN_TRANSFER_SYNTAXES = (
@@ -79,6 +81,29 @@ def _check_max_pdu(key: str, value: Any) -> int:
     return value
 
 
+def _check_tls(prefix: str, cert: Any, key: Any, ca: Any, listening: bool) -> None:
+    """TLS files of a listening AE or of a node (docs/design.md "TLS"): absolute paths; a
+    certificate only with its private key, a node's only with the CA its peer is verified
+    against (so that `config set` enables TLS by setting tls_cert last); each file set exists
+    and loads, the key matches the certificate and is not open to every user."""
+    for name, path in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)):
+        if not isinstance(path, str):
+            raise ConfigError(f"{prefix}.{name}: the path of a PEM file ('' for none), not {path!r}")
+        if path and not os.path.isabs(path):
+            raise ConfigError(f"{prefix}.{name}: an absolute path, not {path!r}")
+    if cert and not key:
+        raise ConfigError(f"{prefix}.tls_cert: set tls_key (the certificate's private key) first")
+    if cert and not ca and not listening:
+        raise ConfigError(f"{prefix}.tls_cert: set tls_ca (the CA certificates the node's certificate is "
+                          "verified against) first")
+    if not (cert or key or ca):
+        return
+    try:
+        (server_context if listening else client_context)(Credentials(cert, key, ca))
+    except TlsFileError as exc:
+        raise ConfigError(f"{prefix}.{exc.key}: {exc}") from None
+
+
 @dataclass
 class Station:
     """The scanner itself: the calling AE title of every SCU and the modality it acquires."""
@@ -117,6 +142,16 @@ class Listener:
     #: a cap closes the oldest of them (docs/design.md "The listening side").
     max_pending: int = 64
     max_pending_per_address: int = 16
+    #: TLS (docs/design.md "TLS"): our certificate and private key, absolute paths of PEM files;
+    #: with `tls_cert` set the port speaks only TLS. With the CA certificates of `tls_ca` too,
+    #: every requestor must present a certificate they verify.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+    def tls(self) -> Credentials | None:
+        """The port's TLS files; None when it speaks plain TCP."""
+        return Credentials(self.tls_cert, self.tls_key, self.tls_ca) if self.tls_cert else None
 
     def validate(self, prefix: str) -> None:
         check_ae_title(f"{prefix}.ae_title", self.ae_title)
@@ -131,6 +166,7 @@ class Listener:
             raise ConfigError(f"{prefix}.allowed_calling_aets: a list of AE titles")
         for i, aet in enumerate(self.allowed_calling_aets):
             check_ae_title(f"{prefix}.allowed_calling_aets[{i}]", aet)
+        _check_tls(prefix, self.tls_cert, self.tls_key, self.tls_ca, listening=True)
 
 
 @dataclass
@@ -273,6 +309,16 @@ class Node:
     move_timeout: float = 600.0
     #: Send automatically: "none", every completed "exam", or every completed "series".
     auto_send: str = "none"
+    #: TLS (docs/design.md "TLS"): with `tls_ca` set, associations to the node use TLS and its
+    #: certificate must be issued by one of these CA certificates, for `host`; `tls_cert` and
+    #: `tls_key` are the certificate we present (absolute paths of PEM files).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+
+    def tls(self) -> Credentials | None:
+        """Our TLS files for associations to the node; None when they use plain TCP."""
+        return Credentials(self.tls_cert, self.tls_key, self.tls_ca) if self.tls_ca else None
 
     def validate(self, prefix: str) -> None:
         check_ae_title(f"{prefix}.ae_title", self.ae_title)
@@ -324,6 +370,7 @@ class Node:
             raise ConfigError(
                 f"{prefix}.auto_send: one of {', '.join(AUTO_SEND_RULES)}, not {self.auto_send!r}"
             )
+        _check_tls(prefix, self.tls_cert, self.tls_key, self.tls_ca, listening=False)
 
 
 @dataclass

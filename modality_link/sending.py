@@ -126,7 +126,7 @@ class Sending:
                     assoc = self.associations.acquire(
                         job.node, node.host, node.port, cfg.station.ae_title, node.ae_title,
                         [i.sop_class_uid for i in instances], node.transfer_syntaxes, cfg.timeouts,
-                        node.max_pdu)
+                        node.max_pdu, node.tls())
                 except AssociationFailed as exc:
                     raise Retry(str(exc)) from None
                 answered = counts["done"] + counts["failed"]

@@ -20,6 +20,11 @@ Defences (docs/design.md "The listening side"):
   exceed the maximum length we announced (PS3.8 D.1). Either aborts the association at once,
   before its body is read.
 - A data set is never held in memory by the acceptor; command sets are capped.
+- TLS (PS3.15 B.10, docs/design.md "TLS"): on a port with a certificate every connection is a
+  TLS server handshake before any PDU is read, in its connection's thread, within the same
+  ARTIM as the A-ASSOCIATE-RQ; with a CA configured the requestor's certificate is required
+  and verified. A connection that is not TLS, or whose handshake fails, is closed and reported
+  by :meth:`Acceptor.tls_refused`.
 
 One thread per connection; the caps bound them (``max_associations`` + ``max_pending``).
 """
@@ -30,6 +35,7 @@ import errno
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -40,7 +46,7 @@ from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from modality_link.config import Listener, Timeouts
+from modality_link.config import ConfigError, Listener, Timeouts
 from modality_link.net.acse import (
     AssociateRq, MalformedPdu, Supported, decode_associate_rq, encode_associate_ac, negotiate,
 )
@@ -49,6 +55,7 @@ from modality_link.fileformat import padded
 from modality_link.net.command import encode_command, parse_command
 from modality_link.net.status import PROCESSING_FAILURE, SUCCESS, UNRECOGNIZED_OPERATION
 from modality_link.net.storage import c_store_command, move_originator_elements
+from modality_link.net.tls import TlsFileError, describe_error, server_context
 from modality_link.net.upper_layer import (
     A_ABORT_TYPE,
     A_ASSOCIATE_RQ_TYPE,
@@ -79,6 +86,8 @@ LINGER_BYTES = 256 << 10
 _KNOWN_PDUS = range(0x01, 0x08)
 #: A-ABORT source 2 (service provider) reasons, PS3.8 Table 9-26.
 UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 1, 2, 6
+#: The first byte of a TLS record carrying a handshake message (RFC 8446 §5.1): a ClientHello.
+TLS_HANDSHAKE_RECORD = b"\x16"
 #: Command Field values, PS3.7 Annex E.
 C_STORE_RQ, C_GET_RQ, C_FIND_RQ, C_MOVE_RQ, C_ECHO_RQ = 0x0001, 0x0010, 0x0020, 0x0021, 0x0030
 N_EVENT_REPORT_RQ, C_CANCEL_RQ, C_STORE_RSP = 0x0100, 0x0FFF, 0x8001
@@ -293,6 +302,8 @@ class _Connection:
     address: str
     port: int
     pending: bool = True  # no association (yet, or any more): counts toward the pending caps
+    #: When the connection was accepted (time.monotonic()): ARTIM runs from here (PS3.8 §9.1.5).
+    opened: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -333,6 +344,11 @@ class Acceptor:
         }
         self._extended = {uid: service.extended_negotiation for service in self.services
                           for uid in service.sop_classes if service.extended_negotiation is not None}
+        credentials = self.listener.tls()
+        try:
+            self._tls = server_context(credentials) if credentials is not None else None
+        except TlsFileError as exc:  # changed on disk since the configuration was validated
+            raise ConfigError(f"{self.name}: {exc.key}: {exc}") from None
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.listener.bind_address, self.listener.port))
@@ -411,20 +427,64 @@ class Acceptor:
             self._threads.discard(threading.current_thread())
 
     def _serve(self, conn: _Connection) -> None:
-        sock = conn.sock
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _Association(self, conn).run()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is None or self._handshake(conn):
+                _Association(self, conn).run()
         except _Closed:
             pass
         except Exception:  # a bug: log it, count it, keep serving others
             with self._lock:
                 self.faults += 1
             LOG.exception("%s: unexpected fault on the connection from %s:%d", self.name, conn.address, conn.port)
-            _send_quietly(sock, _abort_pdu(2, 0))
+            _send_quietly(conn.sock, _abort_pdu(2, 0))
         finally:
-            _close(sock)
+            _close(conn.sock)
             self._forget(conn)
+
+    def _handshake(self, conn: _Connection) -> bool:
+        """The TLS server handshake (PS3.15 B.10) of a new connection, within ARTIM from its
+        opening; whether it succeeded (`conn.sock` is then the TLS socket). A connection closed
+        before its first byte is not reported (a port check); any other failure is."""
+        assert self._tls is not None
+        artim = self.timeouts.artim
+        try:
+            conn.sock.settimeout(max(conn.opened + artim - time.monotonic(), 0.001))
+            first = conn.sock.recv(1, socket.MSG_PEEK)
+        except socket.timeout:
+            LOG.warning("%s: %s:%d sent no TLS handshake within ARTIM (%g s); connection closed",
+                        self.name, conn.address, conn.port, artim)
+            return False
+        except OSError:
+            return False
+        if not first:
+            return False
+        if first != TLS_HANDSHAKE_RECORD:
+            self.tls_refused(conn.address, conn.port, "not a TLS handshake (the requestor speaks plain TCP)")
+            _linger(conn.sock, artim)
+            return False
+        with self._lock:  # stop() and the pending caps shut conn.sock down: never a detached one
+            conn.sock = self._tls.wrap_socket(conn.sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            conn.sock.settimeout(max(conn.opened + artim - time.monotonic(), 0.001))
+            conn.sock.do_handshake()
+        except socket.timeout:
+            self.tls_refused(conn.address, conn.port, f"TLS handshake not complete within ARTIM ({artim:g} s)")
+            return False
+        except OSError as exc:  # ssl.SSLError included
+            self.tls_refused(conn.address, conn.port, describe_error(exc))
+            _linger(conn.sock, artim)  # our alert reaches the requestor before the close
+            return False
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        LOG.debug("%s: TLS from %s:%d (%s), client certificate %s", self.name, conn.address, conn.port,
+                  conn.sock.version(), (conn.sock.getpeercert() or {}).get("subject", "none"))
+        return True
+
+    def tls_refused(self, address: str, port: int, cause: str) -> None:
+        """A connection to a TLS port refused: the one place every such refusal is reported, a
+        log line naming the peer and the cause (and a Security Alert of the audit trail, PS3.15
+        A.5, belongs here too)."""
+        LOG.warning("%s: TLS connection from %s:%d refused: %s", self.name, address, port, cause)
 
     def _associate(self, conn: _Connection) -> bool:
         """Turn a pending connection into an association, if the acceptor limit allows."""
@@ -444,8 +504,10 @@ class Acceptor:
 
 
 def _shutdown(sock: socket.socket) -> None:
+    """Shut the TCP connection down from another thread (it wakes the connection's thread); the
+    plain socket's method, which leaves a TLS socket's state alone while that thread uses it."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
@@ -584,7 +646,7 @@ class _Association:
 
     def _read_associate_rq(self) -> AssociateRq:
         """Read the first PDU within ARTIM; it must be an A-ASSOCIATE-RQ of bounded size."""
-        self.reader.deadline = time.monotonic() + self.acceptor.timeouts.artim
+        self.reader.deadline = self.conn.opened + self.acceptor.timeouts.artim
         header = self.reader.exact(6)
         kind, _, length = PDU_HEADER.unpack(header)
         if kind not in _KNOWN_PDUS:
@@ -807,6 +869,8 @@ class _Association:
         """Whether the requestor sent something not read yet (without waiting)."""
         if self.reader.pos < self.reader.end:
             return True
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():  # decrypted, not read yet
+            return True
         ready, _, _ = select.select([self.sock], [], [], 0)
         return bool(ready)
 
@@ -866,20 +930,7 @@ class _Association:
         self._linger()
 
     def _linger(self) -> None:
-        """Wait (ARTIM, PS3.8 §9.1.5) for the peer to close the connection after our last PDU;
-        what it still sends is dropped, up to :data:`LINGER_BYTES` (then we close first)."""
-        _shutdown_write(self.sock)
-        deadline = time.monotonic() + self.acceptor.timeouts.artim
-        drained = 0
-        try:
-            while (left := deadline - time.monotonic()) > 0 and drained < LINGER_BYTES:
-                self.sock.settimeout(left)
-                n = len(self.sock.recv(65536))
-                if not n:
-                    return
-                drained += n
-        except OSError:
-            return
+        _linger(self.sock, self.acceptor.timeouts.artim)
 
 
 class _Refused:
@@ -893,6 +944,25 @@ class _Refused:
 
     def discard(self) -> None:
         pass
+
+
+def _linger(sock: socket.socket, artim: float) -> None:
+    """Wait (ARTIM, PS3.8 §9.1.5) for the peer to close the connection after our last PDU (or
+    TLS alert); what it still sends is dropped, up to :data:`LINGER_BYTES` (then we close
+    first). Closing with its data unread would reset the connection, and the peer might lose
+    what we sent last."""
+    _shutdown_write(sock)
+    deadline = time.monotonic() + artim
+    drained = 0
+    try:
+        while (left := deadline - time.monotonic()) > 0 and drained < LINGER_BYTES:
+            sock.settimeout(left)
+            n = len(sock.recv(65536))
+            if not n:
+                return
+            drained += n
+    except OSError:
+        return
 
 
 def _shutdown_write(sock: socket.socket) -> None:

@@ -8,6 +8,8 @@
   - connected, but no A-ASSOCIATE-AC/RJ within the ACSE timeout (PS3.8 §9.1.5, ARTIM);
   - A-ASSOCIATE-RJ: result, source and reason (PS3.8 §9.3.4, Table 9-21);
   - A-ABORT during set-up (PS3.8 §9.3.8, Table 9-26);
+  - a TLS handshake that fails, or a peer that refuses our certificate right after it: the
+    cause (expired, unknown CA, host name mismatch, ...; docs/design.md "TLS");
   - an A-ASSOCIATE-AC that accepts none of the proposed presentation contexts: pynetdicom
     aborts such an association itself (a DICOM association needs at least one accepted context);
     the sentence lists each rejected abstract syntax by name with its result/reason from PS3.8
@@ -15,13 +17,15 @@
 
 pynetdicom does not hand the TCP connect error to the caller (it only logs it), so when no
 connection opened, :func:`associate` tells a timeout by the time spent, and otherwise connects
-once more itself to learn the error (refused, unreachable, unknown host).
+once more itself to learn the error (refused, unreachable, unknown host); it does not hand
+over a TLS error either, so :func:`describe_tls_failure` makes one more handshake to learn it.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -38,6 +42,7 @@ from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.config import Node, Timeouts
+from modality_link.net.tls import TlsFileError, client_context, handshake_failure
 
 LOG = logging.getLogger("modality_link.net")
 
@@ -91,7 +96,8 @@ class AssociationFailed(Exception):
 
     `reason` is a word for programs: ``refused``, ``timeout``, ``unreachable`` (no TCP
     connection), ``no-answer`` (no A-ASSOCIATE response), ``rejected``, ``aborted``,
-    ``no-context`` (see :class:`NoContextAccepted`), or ``failed``.
+    ``no-context`` (see :class:`NoContextAccepted`), ``tls`` (the TLS handshake failed or the
+    peer refused our certificate), or ``failed``.
     """
 
     def __init__(self, message: str, reason: str = "failed") -> None:
@@ -183,14 +189,18 @@ def describe_rejected_contexts(contexts: Sequence[Any]) -> tuple[str, list[tuple
     return "; ".join(parts), rejected
 
 
-def describe_connect_failure(host: str, port: int, elapsed: float, connect_timeout: float | None) -> tuple[str, str]:
-    """Why no TCP connection opened: (reason word, sentence). A connect that lasted the whole
-    connect timeout timed out; otherwise one more connect attempt tells the error."""
+def describe_connect_failure(host: str, port: int, elapsed: float, connect_timeout: float | None,
+                             tls: ssl.SSLContext | None = None) -> tuple[str, str]:
+    """Why no connection opened: (reason word, sentence). A connect that lasted the whole
+    connect timeout timed out; otherwise one more connect attempt tells the error, and with
+    `tls` one more TLS handshake on it."""
     if connect_timeout is not None and elapsed >= connect_timeout * 0.95:
         return "timeout", f"timed out: no TCP connection within {connect_timeout:g} s"
     try:
-        with socket.create_connection((host, port), timeout=2.0):
-            pass
+        with socket.create_connection((host, port), timeout=2.0) as sock:
+            why = handshake_failure(sock, tls, host) if tls is not None else None
+            if why is not None:
+                return "tls", why
     except ConnectionRefusedError:
         return "refused", f"connection refused (nothing listens on {host}:{port})"
     except socket.gaierror as exc:
@@ -200,6 +210,18 @@ def describe_connect_failure(host: str, port: int, elapsed: float, connect_timeo
     except OSError as exc:
         return "unreachable", f"no TCP connection ({exc.strerror or exc})"
     return "failed", "the TCP connection failed, but the port answers now (the peer may have just started)"
+
+
+def describe_tls_failure(host: str, port: int, tls: ssl.SSLContext) -> str | None:
+    """Why a TLS connection to host:port fails, from one more connection and handshake of our
+    own (an association lost at once after connecting); None when there is no TCP connection
+    (:func:`describe_connect_failure` tells why) or TLS works."""
+    try:
+        sock = socket.create_connection((host, port), timeout=2.0)
+    except OSError:
+        return None
+    with sock:
+        return handshake_failure(sock, tls, host)
 
 
 @contextmanager
@@ -233,6 +255,12 @@ def associate(
     ]
     target = f"{node.ae_title}@{node.host}:{node.port}"
     started = time.monotonic()
+    credentials = node.tls()
+    try:
+        tls_context = client_context(credentials) if credentials is not None else None
+    except TlsFileError as exc:  # changed on disk since the configuration was validated
+        LOG.error("association to %s failed: %s: %s", target, exc.key, exc)
+        raise AssociationFailed(f"association to {target} failed: {exc.key}: {exc}", "tls") from None
     assoc = ae.associate(
         node.host,
         node.port,
@@ -240,6 +268,7 @@ def associate(
         ext_neg=list(ext_neg) if ext_neg else None,
         evt_handlers=handlers,
         max_pdu=node.max_pdu,
+        tls_args=(tls_context, node.host) if tls_context is not None else None,
     )
     if not assoc.is_established:
         reason = "failed"
@@ -248,15 +277,21 @@ def associate(
             why = f"the peer accepted the association but none of the proposed presentation contexts: {what}"
             LOG.error("association to %s failed: %s", target, why)
             raise NoContextAccepted(f"association to {target} failed: {why}", rejected)
+        tls_why = None
+        if tls_context is not None and seen.get("connected") and "reject" not in seen \
+                and not isinstance(seen.get("abort"), A_ABORT):  # lost without an answer: TLS?
+            tls_why = describe_tls_failure(node.host, node.port, tls_context)
         if "reject" in seen:
             reason, why = "rejected", describe_reject(seen["reject"])
+        elif tls_why is not None:
+            reason, why = "tls", tls_why
         elif "abort" in seen:
             reason, why = "aborted", describe_abort(seen["abort"])
         elif assoc.is_rejected:
             reason, why = "rejected", "rejected"
         elif not seen.get("connected"):
             reason, why = describe_connect_failure(
-                node.host, node.port, time.monotonic() - started, ae.connection_timeout
+                node.host, node.port, time.monotonic() - started, ae.connection_timeout, tls_context
             )
         else:
             reason = "no-answer"

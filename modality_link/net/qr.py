@@ -650,7 +650,8 @@ class MoveHandler(_Retrieve):
         LOG.info("C-MOVE from %s: %d instance(s) to %s", request.peer, len(instances), destination)
         try:
             assoc = Requestor(node.host, node.port, self.qr.listener.ae_title, node.ae_title,
-                              build_move_contexts(instances, node), self.qr.timeouts, node.max_pdu).open()
+                              build_move_contexts(instances, node), self.qr.timeouts, node.max_pdu,
+                              tls=node.tls()).open()
         except AssociationFailed as exc:
             counts.fail_rest([i.sop_instance_uid for i in instances])
             LOG.warning("C-MOVE from %s: cannot open an association to %s: %s", request.peer, destination, exc)

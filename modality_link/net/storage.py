@@ -36,6 +36,7 @@ from modality_link.config import Timeouts
 from modality_link.fileformat import Part10Error, dataset_offset, padded
 from modality_link.net.command import encode_command, parse_command
 from modality_link.net.status import STORAGE, SUCCESS, Category, category
+from modality_link.net.tls import Credentials
 from modality_link.net.upper_layer import AssociationLost, Requestor
 
 LOG = logging.getLogger("modality_link.net.storage")
@@ -151,19 +152,21 @@ class AssociationPool:
     def acquire(
         self, node: str, host: str, port: int, calling_ae: str, called_ae: str,
         sop_classes: Sequence[str], transfer_syntaxes: Sequence[str], timeouts: Timeouts,
-        max_pdu: int,
+        max_pdu: int, tls: Credentials | None = None,
     ) -> Requestor:
-        """An open association to `node` at (host, port) proposing these SOP classes."""
+        """An open association to `node` at (host, port) proposing these SOP classes, in TLS
+        with these files when given."""
         new = Requestor(host, port, calling_ae, called_ae, build_contexts(sop_classes, transfer_syntaxes),
-                        timeouts, max_pdu)
+                        timeouts, max_pdu, tls=tls)
         needed = {(a, ts) for a, syntaxes in new.proposed for ts in syntaxes}
         found = None
         with self._cond:
             kept = self._idle.pop(node, [])
             for i, (assoc, _) in enumerate(kept):
-                settings = (assoc.host, assoc.port, assoc.calling_ae, assoc.called_ae, assoc.timeouts, assoc.max_pdu)
+                settings = (assoc.host, assoc.port, assoc.calling_ae, assoc.called_ae, assoc.timeouts, assoc.max_pdu,
+                            assoc.tls)
                 offered = {(a, ts) for a, syntaxes in assoc.proposed for ts in syntaxes}
-                if settings == (host, port, calling_ae, called_ae, timeouts, max_pdu) and needed <= offered \
+                if settings == (host, port, calling_ae, called_ae, timeouts, max_pdu, tls) and needed <= offered \
                         and assoc.is_open:
                     found = kept.pop(i)[0]
                     break

@@ -7,7 +7,8 @@ A-ASSOCIATE negotiation (encoded and decoded with pynetdicom's own PDU classes),
 framing (PS3.8 §9.3.5) of a command set and of a data set that is already encoded on disk,
 the response command set, A-RELEASE (§9.3.6, §9.3.7) and A-ABORT (§9.3.8). This module does
 just that, on one blocking socket, one operation outstanding at a time (no asynchronous
-operations window is proposed, PS3.7 D.3.3.3). Every other service keeps pynetdicom.
+operations window is proposed, PS3.7 D.3.3.3), in TLS when the node has it (PS3.15 B.10,
+docs/design.md "TLS"). Every other service keeps pynetdicom.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import BinaryIO, Sequence
@@ -30,7 +32,14 @@ from pynetdicom.presentation import PresentationContext
 
 from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from modality_link.config import Timeouts
-from modality_link.net.association import CONTEXT_RESULTS, AssociationFailed, describe_abort, describe_reject
+from modality_link.net.association import (
+    CONTEXT_RESULTS,
+    AssociationFailed,
+    describe_abort,
+    describe_reject,
+    describe_tls_failure,
+)
+from modality_link.net.tls import Credentials, TlsFileError, client_context, describe_error
 
 LOG = logging.getLogger("modality_link.net")
 
@@ -95,6 +104,8 @@ class Requestor:
     max_pdu: int = 16384
     contexts: list[Context] = field(default_factory=list)
     peer_max_pdu: int = 0
+    #: TLS files (the node's): the peer's certificate verified against their CA and `host`.
+    tls: Credentials | None = None
     sock: socket.socket | None = field(default=None, repr=False)
     #: True once it was kept open after a job and handed to another (``idle_release``).
     reused: bool = False
@@ -116,14 +127,18 @@ class Requestor:
         except OSError as exc:
             raise self._failed(f"cannot connect ({exc.strerror or exc})") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        context = self._tls_handshake()
         try:
             self.sock.settimeout(self.timeouts.acse)
             self.sock.sendall(self._associate_rq())
             kind, body = self._read_pdu()
         except (OSError, AssociationLost) as exc:
             self.close()
-            why = "no A-ASSOCIATE response within the ACSE timeout" if isinstance(exc, socket.timeout) else str(exc)
-            raise self._failed(why) from None
+            if isinstance(exc, socket.timeout):
+                raise self._failed("no A-ASSOCIATE response within the ACSE timeout") from None
+            # a TLS 1.3 peer refuses our certificate after the handshake: its alert, or a reset
+            tls_why = describe_tls_failure(self.host, self.port, context) if context is not None else None
+            raise self._failed(tls_why or str(exc), "tls" if tls_why else "failed") from None
         if kind == A_ASSOCIATE_AC_TYPE:
             pdu = A_ASSOCIATE_AC()
             pdu.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
@@ -145,6 +160,23 @@ class Requestor:
             rj.decode(PDU_HEADER.pack(kind, 0, len(body)) + body)
             raise self._failed(describe_reject(rj.to_primitive()))
         raise self._failed(f"unexpected answer (PDU type 0x{kind:02X}) to the A-ASSOCIATE-RQ")
+
+    def _tls_handshake(self) -> ssl.SSLContext | None:
+        """With :attr:`tls`: the TLS handshake on the new connection (connect timeout) and its
+        context; a failure closes the connection and names the cause."""
+        if self.tls is None:
+            return None
+        assert self.sock is not None
+        try:
+            context = client_context(self.tls)
+            self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
+        except TlsFileError as exc:  # changed on disk since the configuration was validated
+            self.close()
+            raise self._failed(f"{exc.key}: {exc}", "tls") from None
+        except OSError as exc:  # ssl.SSLError included
+            self.close()
+            raise self._failed(describe_error(exc), "tls") from None
+        return context
 
     def _numbered(self) -> list[tuple[int, str]]:
         return [(2 * i + 1, abstract) for i, (abstract, _) in enumerate(self.proposed)]
@@ -171,9 +203,9 @@ class Requestor:
         pdu.from_primitive(prim)
         return pdu.encode()
 
-    def _failed(self, why: str) -> AssociationFailed:
+    def _failed(self, why: str, reason: str = "failed") -> AssociationFailed:
         LOG.error("association to %s failed: %s", self.peer, why)
-        return AssociationFailed(f"association to {self.peer} failed: {why}")
+        return AssociationFailed(f"association to {self.peer} failed: {why}", reason)
 
     def accepted(self) -> dict[str, list[tuple[int, str]]]:
         """{abstract syntax: [(context ID, transfer syntax)]} of the accepted contexts."""
@@ -233,8 +265,13 @@ class Requestor:
             raise AssociationLost(self._lost_reason(exc)) from None
 
     def _send_vectored(self, parts: list) -> None:
-        """sendall() for a list of buffers, without joining them into one copy (sendmsg)."""
+        """sendall() for a list of buffers, without joining them into one copy (sendmsg). TLS
+        has no sendmsg: there they are joined, one copy beside the encryption's, rather than
+        each small header becoming a TLS record of its own."""
         assert self.sock is not None
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.sendall(b"".join(parts))
+            return
         views = [memoryview(p).cast("B") for p in parts]
         while views:
             sent = self.sock.sendmsg(views[:_IOV_MAX])
@@ -310,7 +347,26 @@ class Requestor:
             readable, _, _ = select.select([self.sock], [], [], 0)
         except (OSError, ValueError):
             return False
+        if isinstance(self.sock, ssl.SSLSocket):
+            return self._tls_still_open(readable)
         return not readable
+
+    def _tls_still_open(self, readable: list) -> bool:
+        """:attr:`is_open` in TLS: readable may only be a TLS record that is not data (a session
+        ticket, RFC 8446 §4.6.1); a read without waiting tells."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        if self.sock.pending():
+            return False
+        if not readable:
+            return True
+        try:
+            self.sock.settimeout(0)
+            self.sock.recv(1)  # data unasked, or the end of the connection: gone either way
+        except ssl.SSLWantReadError:
+            return True  # only a record that is not data
+        except OSError:
+            pass
+        return False
 
     def release(self) -> None:
         """A-RELEASE-RQ and wait for A-RELEASE-RP (PS3.8 §7.2); abort if the peer does not answer."""

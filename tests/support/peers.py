@@ -37,9 +37,10 @@ ORTHANC = "/usr/sbin/Orthanc"
 class Orthanc:
     """Orthanc (AE ORTHANC) on free loopback ports in `work`: a Storage and Storage Commitment
     SCP that sends its reports on a separate association (PS3.4 J.3.3). Started by
-    :func:`start_orthanc`; :meth:`allow` adds the AE its reports go to, through its REST API."""
+    :func:`start_orthanc`; :meth:`allow` adds the AE its reports go to, through its REST API.
+    `settings` are more of its configuration options (its DICOM TLS: ``DicomTlsEnabled``...)."""
 
-    def __init__(self, work: Path, overwrite: bool = False) -> None:
+    def __init__(self, work: Path, overwrite: bool = False, settings: dict | None = None) -> None:
         self.work = work
         self.dicom_port, self.http_port = free_port(), free_port()
         work.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,7 @@ class Orthanc:
             "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
             "DicomServerEnabled": True, "HttpServerEnabled": True, "Plugins": [],
-            "OverwriteInstances": overwrite, "DicomModalities": {},
+            "OverwriteInstances": overwrite, "DicomModalities": {}, **(settings or {}),
         }))
         self.log = work / "orthanc.log"  # Orthanc's own account of what it refused, for a failing test
         with open(self.log, "wb") as log:
@@ -62,10 +63,10 @@ class Orthanc:
         with urllib.request.urlopen(req, timeout=30) as rsp:
             return rsp.read()
 
-    def allow(self, ae_title: str, port: int, name: str = "modlink") -> None:
-        """Let Orthanc send Storage Commitment reports to `ae_title` on loopback `port`."""
-        self._rest("PUT", f"/modalities/{name}",
-                   json.dumps({"AET": ae_title, "Host": "127.0.0.1", "Port": port}).encode())
+    def allow(self, ae_title: str, port: int, name: str = "modlink", tls: bool = False) -> None:
+        """Let Orthanc send Storage Commitment reports to `ae_title` on loopback `port` (in TLS)."""
+        modality = {"AET": ae_title, "Host": "127.0.0.1", "Port": port} | ({"UseDicomTls": True} if tls else {})
+        self._rest("PUT", f"/modalities/{name}", json.dumps(modality).encode())
 
     def instance(self, sop_instance_uid: str) -> Dataset:
         """The stored instance with that SOP Instance UID, read with pydicom."""
@@ -78,8 +79,8 @@ class Orthanc:
         self.proc.wait()
 
 
-def start_orthanc(work: Path, overwrite: bool = False) -> Orthanc:
-    return Orthanc(work, overwrite)
+def start_orthanc(work: Path, overwrite: bool = False, settings: dict | None = None) -> Orthanc:
+    return Orthanc(work, overwrite, settings)
 
 
 class Qrscp:
