@@ -2,7 +2,7 @@
 
 Nothing in it is a hand-kept copy of what the code does: the presentation contexts are read from
 the tables the acceptors and requestors negotiate with (``net/servers.py``, ``net/qr.py``,
-``net/commitment.py``, ``net/association.py``), the statuses from ``net/status.py``, the media
+``net/commitment.py``, ``net/association.py``, ``net/tls.py``), the statuses from ``net/status.py``, the media
 profiles from ``media/profiles.py``, the character sets from ``net/charset.py`` and pydicom's own
 mapping, and every AE title, port, limit and parameter from the configuration given (the running
 configuration of a home: ``modality-link conformance``). docs/design.md "Conformance statement".
@@ -51,6 +51,7 @@ from modality_link.net.servers import (
     STORAGE_SOP_CLASSES,
     VERIFICATION,
 )
+from modality_link.net.tls import BCP195_CIPHERS
 from modality_link.net.upper_layer import APPLICATION_CONTEXT
 
 MWL_FIND = "1.2.840.10008.5.1.4.31"
@@ -366,11 +367,30 @@ STATUS_HEADER = ["Service Status", "Further Meaning", "Error Code", "Behavior"]
 FAILURE_HEADER = ["Exception", "Behavior"]
 
 
-def tls_settings(obj: Listener | Node) -> tuple[str, str, str] | None:
-    """The TLS certificate, key and CA of a listening AE or a node (PS3.15 B.1, B.9), when this
-    version's configuration has them and a certificate or CA is set; else None (plain TCP)."""
-    cert, key, ca = (str(getattr(obj, name, "") or "") for name in ("tls_cert", "tls_key", "tls_ca"))
-    return (cert, key, ca) if cert or ca else None
+PLAIN = "TCP/IP without TLS (DICOM Upper Layer, PS3.8)"
+#: What our TLS is (``net/tls.py``).
+TLS_PROFILE = ("Non-downgrading BCP 195 TLS Secure Transport Connection Profile (PS3.15 B.10): TLS 1.2 "
+               f"or later, TLS 1.2 cipher suites {BCP195_CIPHERS}")
+
+
+def listener_security(lst: Listener) -> str:
+    """How a listening AE's port is secured: plain TCP, or TLS with its certificate and, with a CA,
+    the requestors' certificates required and verified."""
+    cred = lst.tls()
+    if cred is None:
+        return PLAIN
+    peers = (f"requestor certificates required and verified against {cred.ca}" if cred.ca
+             else "no requestor certificate asked")
+    return f"{TLS_PROFILE}; our certificate {cred.cert}; {peers}; a plain TCP connection is refused and logged"
+
+
+def node_security(node: Node) -> str:
+    """How associations to a node are secured: plain TCP, or TLS verifying its certificate."""
+    cred = node.tls()
+    if cred is None:
+        return PLAIN
+    ours = f"our certificate {cred.cert}" if cred.cert else "no certificate of ours"
+    return f"{TLS_PROFILE}; the node's certificate verified against {cred.ca} for host {node.host}; {ours}"
 
 
 # -- the statement --------------------------------------------------------------------------------
@@ -667,6 +687,8 @@ class Statement:
                    "association is taken by the disk server AE.")
             return
         self.items(
+            ("The port speaks TLS only (section \"Security Profiles\")" if listener.tls() is not None
+             else "The port speaks plain TCP (section \"Security Profiles\")"),
             "The called AE title must be ours" if listener.require_called_aet
             else f"Any called AE title is accepted (`{key}.require_called_aet` = false)",
             (f"Only these calling AE titles are accepted: {', '.join(listener.allowed_calling_aets)} "
@@ -851,13 +873,12 @@ class Statement:
         cfg = self.cfg
         self.h(1, "Security")
         self.h(2, "Security Profiles")
-        rows = []
-        for label, key in (("Disk server AE", "disk_server"), ("Memory server AE", "memory_server")):
-            tls = tls_settings(getattr(cfg, key))
-            rows.append([label, tls_text(tls)])
-        for name, node in cfg.nodes.items():
-            rows.append([f"node {name}", tls_text(tls_settings(node))])
+        rows = [[ae.name, listener_security(ae.listener)] for ae in self.aes if ae.listener is not None]
+        rows += [[f"node {name}", node_security(node)] for name, node in cfg.nodes.items()]
         self.table("Communication Profiles", ["Connection", "Profile"], rows)
+        self.p("TLS is set per listening AE and per node with `tls_cert`, `tls_key` and `tls_ca` (absolute "
+               "paths of PEM files); a handshake failure is logged and reported with its cause (expired "
+               "certificate, unknown CA, host name mismatch, missing client certificate).")
         self.p("The implementation is bit-preserving for received instances (they are stored as received) "
                "and does not create, verify or replace Digital Signatures.")
         self.h(2, "Association Level Security")
@@ -927,18 +948,6 @@ def role_columns(role: str) -> tuple[str, str]:
 
 def yes(flag: bool) -> str:
     return "Yes" if flag else "No"
-
-
-def tls_text(tls: tuple[str, str, str] | None) -> str:
-    if tls is None:
-        return "TCP/IP without TLS (DICOM Upper Layer, PS3.8)"
-    cert, _, ca = tls
-    text = "Basic TLS Secure Transport Connection Profile (PS3.15 B.1, BCP 195)"
-    if cert:
-        text += f"; certificate {cert}"
-    if ca:
-        text += f"; peer certificates verified against {ca}"
-    return text
 
 
 def statement(cfg: Config, today: datetime.date | None = None) -> list[Block]:

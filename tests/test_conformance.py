@@ -19,6 +19,7 @@ from modality_link import IMPLEMENTATION_CLASS_UID, config
 from modality_link.config import Node, Timeouts
 from modality_link.home import Home, free_port, temporary_home
 from modality_link.net.echo import echo
+from tests.support.certificates import TestCA
 from tests.support.service import InProcessService
 
 MWL_FIND = "1.2.840.10008.5.1.4.31"
@@ -315,3 +316,23 @@ def test_a_configuration_change_shows_in_the_statement(short_tmp: Path) -> None:
     doc = parse(conformance(home))
     assert not any(s.title.startswith("Memory server AE:") for s in doc.sections)
     assert config.load(home.config_path).memory_server.enabled is False
+
+
+def test_tls_settings_show_in_the_security_section(short_tmp: Path) -> None:
+    ca = TestCA(short_tmp / "ca", "modality_link test CA")
+    server = ca.issue("server", san="IP:127.0.0.1")
+    home = temporary_home(short_tmp / "h")
+    for key, path in (("tls_key", server.key), ("tls_ca", ca.cert), ("tls_cert", server.cert)):
+        cli(home, "config", "set", f"disk_server.{key}", str(path))
+    cli(home, "node", "add", "PACS", "--ae", "PACS_AE", "--host", "127.0.0.1", "--port", "104", "--roles", "store")
+    cli(home, "config", "set", "nodes.PACS.tls_ca", str(ca.cert))
+    doc = parse(conformance(home))
+    profiles = {row[0]: row[1] for row in doc.table("Communication Profiles").rows}
+    assert profiles["Disk server AE"].startswith("Non-downgrading BCP 195 TLS")
+    assert f"requestor certificates required and verified against {ca.cert}" in profiles["Disk server AE"]
+    assert profiles["Memory server AE"].startswith("TCP/IP without TLS")
+    assert f"the node's certificate verified against {ca.cert} for host 127.0.0.1" in profiles["node PACS"]
+    acceptance = doc.section("Disk server AE:").number + ".4"
+    policy = next(s for s in doc.sections if s.number == acceptance)
+    assert policy.title == "Association Acceptance Policy"
+    assert any("speaks TLS only" in line for line in policy.text)
