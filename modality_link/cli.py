@@ -513,6 +513,20 @@ def cmd_burn(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_conformance(args: argparse.Namespace, home: Home) -> int:
+    """The DICOM Conformance Statement (PS3.2 Annex A) of this installation's configuration."""
+    from modality_link import conformance
+
+    text = conformance.render(home.load_config(), args.format)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"conformance statement written to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_drives(args: argparse.Namespace, home: Home) -> int:
     drives = _call(home, "drives.list")
     if args.json:
@@ -700,6 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("drives", help="optical drives and their media")
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_drives)
+
+    cs = sub.add_parser("conformance", help="write the DICOM Conformance Statement (PS3.2 Annex A) of this "
+                                            "installation's configuration")
+    cs.add_argument("--format", choices=("md", "html"), default="md", help="Markdown (default) or a standalone "
+                                                                          "XHTML page")
+    cs.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of standard output")
+    cs.set_defaults(func=cmd_conformance)
     return p
 
 

@@ -76,6 +76,8 @@ DECODED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 ]
 VERIFICATION = "1.2.840.10008.1.1"
+#: The Storage SOP classes both listening AEs accept (PS3.4 B.5): every one pynetdicom knows.
+STORAGE_SOP_CLASSES = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
 
 
 class EchoHandler:
@@ -158,8 +160,8 @@ class StorageServer:
             Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
             # requestor_scp: a C-GET requestor takes the SCP role to receive its sub-operations
             # (PS3.4 C.4.3.3, PS3.7 D.3.3.4)
-            Service([str(cx.abstract_syntax) for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
-                    {C_STORE_RQ: StoreHandler(self)}, requestor_scp=nodes is not None),
+            Service(STORAGE_SOP_CLASSES, ARCHIVE_TRANSFER_SYNTAXES, {C_STORE_RQ: StoreHandler(self)},
+                    requestor_scp=nodes is not None),
         ]
         if nodes is not None:  # Query/Retrieve (PS3.4 Annex C), C-MOVE destinations from `nodes`
             services += qr_services(QrContext(archive, listener, timeouts, nodes))
