@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from modality_link import __version__, access, config
+from modality_link import __version__, access, config, selftest
 from modality_link.archive import file_kind
 from modality_link.config import ConfigError
 from modality_link.db import InstanceRecord
@@ -157,6 +157,7 @@ SCHEMAS: dict[str, dict[str, Param]] = {
     "burn.cancel": {"id": ID},
     "drives.list": {},
     "events.subscribe": {},
+    "selftest": {},
 }
 
 _KINDS = {bool: "true or false", int: "a whole number", str: "text",
@@ -229,6 +230,7 @@ ENGINEER_METHODS: dict[str, str] = {
     "studies.unprotect": "it lets the disk clean-up delete a study",
     "cleanup": "it deletes studies",
     "memory.clear": "it deletes what the memory server holds",
+    "selftest": "it checks the service's files, database and network configuration",
 }
 
 #: Optical drive devices a technologist may name besides those of ``media.drives``.
@@ -283,6 +285,7 @@ class Api:
             "burn.disc_inserted": burns.disc_inserted,
             "burn.cancel": burns.cancel,
             "drives.list": burns.drives,
+            "selftest": self.selftest,
         }
         return {name: _mapped(fn) for name, fn in table.items()}
 
@@ -361,6 +364,18 @@ class Api:
                        "budget_bytes": svc.memory.budget},
             "alerts": [a.to_dict() for a in svc.db.alerts.latest(limit=20)],
         }
+
+    def selftest(self) -> dict[str, Any]:
+        """The self test inside the running service (docs/design.md "Self-test")."""
+        svc = self.service
+        assert svc.archive is not None and svc.burns is not None
+        listening = {key: server.port for key, server in (("disk_server", svc.disk_server),
+                                                         ("memory_server", svc.memory_server))
+                     if server is not None}
+        running = selftest.Check("service", True, f"running (pid {os.getpid()}, up "
+                                                  f"{time.time() - svc.started_at:.0f} s), answering over IPC")
+        return selftest.run(svc.home, svc.config, running, listening, svc.burns.drives,
+                            svc.archive.wait_indexed).to_dict()
 
     def studies_list(self) -> list[dict[str, Any]]:
         db = self.service.db

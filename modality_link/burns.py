@@ -57,6 +57,33 @@ KIND = "burn"
 PROGRESS_INTERVAL = 0.25
 
 
+def list_drives(configured: list[str], busy: set[Any]) -> list[dict[str, Any]]:
+    """The drives udev finds plus the `configured` ones (``media.drives``), each with its media
+    (or the error reading it) and whether it is in `busy` (as ``drives.list`` gives them,
+    docs/ipc.md)."""
+    devices: list[hw.Drive] = []
+    try:
+        devices.extend(hw.discover())
+    except Exception as exc:  # no udev (container, CI): configured drives only
+        LOG.warning("drives: udev discovery failed: %s", exc)
+    known = {d.identity.device for d in devices}
+    for name in configured:
+        if name not in known:
+            devices.append(open_drive(name))
+    out = []
+    for d in devices:
+        entry: dict[str, Any] = {"device": d.identity.device, "description": d.identity.description}
+        try:
+            entry["media"] = dataclasses.asdict(d.media())
+            entry["capabilities"] = sorted(d.capabilities())
+        except hw.DriveError as exc:
+            entry["media"] = None
+            entry["error"] = str(exc)
+        entry["busy"] = entry["device"] in busy
+        out.append(entry)
+    return out
+
+
 def open_drive(device: str) -> hw.Drive:
     """The drive called `device` (:func:`hw.open_drive`); an unknown name is :class:`Invalid`."""
     try:
@@ -213,28 +240,8 @@ class Burns:
 
     def drives(self) -> builtins.list[dict[str, Any]]:  # builtins: `list` is a method here
         """Drives found by udev plus the configured ones, with their media and whether a burn uses them."""
-        devices: list[hw.Drive] = []
-        try:
-            devices.extend(hw.discover())
-        except Exception as exc:  # no udev (container, CI): configured drives only
-            LOG.warning("drives: udev discovery failed: %s", exc)
-        known = {d.identity.device for d in devices}
-        for name in self._media().drives:
-            if name not in known:
-                devices.append(open_drive(name))
         busy = {j.params.get("drive") for j in self._db.jobs.latest(kind=KIND, states=("running",))}
-        out = []
-        for d in devices:
-            entry: dict[str, Any] = {"device": d.identity.device, "description": d.identity.description}
-            try:
-                entry["media"] = dataclasses.asdict(d.media())
-                entry["capabilities"] = sorted(d.capabilities())
-            except hw.DriveError as exc:
-                entry["media"] = None
-                entry["error"] = str(exc)
-            entry["busy"] = entry["device"] in busy
-            out.append(entry)
-        return out
+        return list_drives(self._media().drives, busy)
 
     # -- job rows ---------------------------------------------------------------------------------
 

@@ -57,6 +57,36 @@ def cmd_serve(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_install_service(args: argparse.Namespace, home: Home) -> int:
+    from pathlib import Path
+
+    from modality_link import service_unit
+
+    folder = args.service_home or args.home  # the subcommand's --home, else the global one
+    inst = service_unit.Installation(
+        user=args.user, home=Path(folder) if folder else service_unit.DEFAULT_HOME,
+        root=Path(args.root).absolute(), groups=service_unit.default_groups(),
+    )
+    try:
+        if args.dry_run:
+            service_unit.check(inst, as_root=False)
+            for step in service_unit.plan(inst):
+                print(f"would {step}")
+            print(f"--- {inst.unit_path}")
+            print(service_unit.render_unit(inst), end="")
+            return EXIT_OK
+        for step in service_unit.install(inst):
+            print(step)
+    except service_unit.InstallError as exc:
+        print(f"modality-link install-service: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if inst.system:
+        print(f"start it now with: systemctl start {service_unit.UNIT_NAME}")
+        print(f"its log: journalctl -u {service_unit.UNIT_NAME} (and {inst.home}/logs)")
+        print(f"the command line finds it with: export MODALITY_LINK_HOME={inst.home}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace, home: Home) -> int:
     from modality_link.demo import run_demo
 
@@ -135,6 +165,24 @@ def cmd_echo(args: argparse.Namespace, home: Home) -> int:
         status = f"0x{r['status']:04X}" if r["status"] is not None else "-"
         print(f"{r['node']}: {'OK' if r['ok'] else 'FAILED'} status {status} {r['rtt_ms']:.1f} ms {r['message']}")
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
+
+
+def cmd_selftest(args: argparse.Namespace, home: Home) -> int:
+    from modality_link import selftest
+
+    try:
+        report = _call(home, "selftest")
+    except NotRunning:  # the checks run here (docs/design.md "Self-test")
+        report = selftest.run_directly(home).to_dict()
+    if args.json:
+        _out(report)
+    else:
+        for line in selftest.table(selftest.Check(**c) for c in report["checks"]):
+            print(line)
+        failed = sum(not c["ok"] for c in report["checks"])
+        print(f"{'all checks passed' if report['ok'] else f'{failed} check(s) failed'} "
+              f"({'in the running service' if report['mode'] == 'service' else 'no service running: run here'})")
+    return EXIT_OK if report["ok"] else EXIT_FAILED
 
 
 def cmd_import(args: argparse.Namespace, home: Home) -> int:
@@ -465,6 +513,20 @@ def cmd_burn(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+def cmd_conformance(args: argparse.Namespace, home: Home) -> int:
+    """The DICOM Conformance Statement (PS3.2 Annex A) of this installation's configuration."""
+    from modality_link import conformance
+
+    text = conformance.render(home.load_config(), args.format)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"conformance statement written to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_drives(args: argparse.Namespace, home: Home) -> int:
     drives = _call(home, "drives.list")
     if args.json:
@@ -495,6 +557,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("serve", help="run the service in the foreground").set_defaults(func=cmd_serve)
+    ins = sub.add_parser("install-service", help="install the systemd unit (and its system user) that starts "
+                                                 "the service with the OS")
+    ins.add_argument("--user", default="modality-link", help="the system user the service runs as, created if "
+                                                             "missing (default modality-link)")
+    ins.add_argument("--home", dest="service_home", metavar="DIR",
+                     help="the service's home (default /var/lib/modality-link)")
+    ins.add_argument("--root", default="/", metavar="DIR",
+                     help="install below DIR instead of the running system: no user, no systemctl (packaging)")
+    ins.add_argument("--dry-run", action="store_true", help="print what would be done and the unit, change nothing")
+    ins.set_defaults(func=cmd_install_service)
     d = sub.add_parser("demo", help="service + simulated hospital in a temporary home, end to end")
     d.add_argument("--images", type=int, default=20)
     d.add_argument("--keep", action="store_true", help="keep the temporary home")
@@ -533,6 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("name", nargs="?")
     e.add_argument("--all", action="store_true")
     e.set_defaults(func=cmd_echo)
+
+    stt = sub.add_parser("selftest", help="check home permissions, free space, the database, the archive, the "
+                                          "listeners, every node (C-ECHO) and the drives; exit 0 only if all pass")
+    stt.add_argument("--json", action="store_true")
+    stt.set_defaults(func=cmd_selftest)
 
     i = sub.add_parser("import", help="import files or folders into the archive")
     i.add_argument("paths", nargs="+")
@@ -637,6 +714,13 @@ def build_parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("drives", help="optical drives and their media")
     dr.add_argument("--json", action="store_true")
     dr.set_defaults(func=cmd_drives)
+
+    cs = sub.add_parser("conformance", help="write the DICOM Conformance Statement (PS3.2 Annex A) of this "
+                                            "installation's configuration")
+    cs.add_argument("--format", choices=("md", "html"), default="md", help="Markdown (default) or a standalone "
+                                                                          "XHTML page")
+    cs.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of standard output")
+    cs.set_defaults(func=cmd_conformance)
     return p
 
 

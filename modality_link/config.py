@@ -302,15 +302,23 @@ class Archive:
                               f"not {self.cleanup_low}")
 
 
+LOG_FORMATS = ("text", "json")
+
+
 @dataclass
 class Logging:
     level: str = "INFO"
     max_bytes: int = 10 * 1024 * 1024
     backups: int = 5
+    #: "text" (one line per record, for people) or "json" (one JSON object per line with peer,
+    #: AE titles, status and job id, for a log collector: docs/design.md "Unattended operation").
+    format: str = "text"
 
     def validate(self, prefix: str) -> None:
         if self.level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"{prefix}.level: one of DEBUG, INFO, WARNING, ERROR, not {self.level!r}")
+        if self.format not in LOG_FORMATS:
+            raise ConfigError(f"{prefix}.format: one of {', '.join(LOG_FORMATS)}, not {self.format!r}")
         _check_range(f"{prefix}.max_bytes", self.max_bytes, 4096, 10**10)
         _check_range(f"{prefix}.backups", self.backups, 0, 100)
 

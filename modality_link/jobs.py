@@ -29,6 +29,7 @@ from typing import Any, Callable
 from modality_link.config import Config, ConfigError, Node
 from modality_link.db import FINAL_STATES, Database, Job, Jobs
 from modality_link.errors import Conflict, NotFound
+from modality_link.jsonlog import log_context
 
 LOG = logging.getLogger("modality_link.jobs")
 
@@ -177,11 +178,18 @@ class JobQueue:
             self._threads.append(t)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Ask the running attempts to stop at their next safe point (they are queued again,
+        :class:`Stopping`) and wait for the workers, `timeout` seconds for all of them."""
         self._stop.set()
         self.wake()
+        deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(deadline - time.monotonic(), 0.0))
         self._threads = []
+
+    def alive(self) -> bool:
+        """Whether every worker thread still runs (the service's watchdog asks)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
 
     def wake(self) -> None:
         with self._cond:
@@ -290,7 +298,8 @@ class JobQueue:
                     continue
                 self._busy[job.node] = self._busy.get(job.node, 0) + 1
             try:
-                self._execute(job)
+                with log_context(job_id=job.id, node=job.node):  # the fields of JSON log lines
+                    self._execute(job)
             finally:
                 with self._cond:
                     self._busy[job.node] -= 1

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from modality_link import audit
+from modality_link import audit, jsonlog
 from modality_link.config import Config, ConfigError
 from modality_link.db import Database, InstanceRow, Job
 from modality_link.errors import Invalid, NotFound
@@ -90,6 +90,7 @@ class Sending:
         cfg = self.get_config()
         node = self.queue.node(job)
         job_id = job.id
+        jsonlog.bind(peer=f"{node.host}:{node.port}", calling_ae=cfg.station.ae_title, called_ae=node.ae_title)
         self.db.jobs.reset_items(job_id)  # failed items get another chance in this attempt
         pending = [it.item for it in self.db.jobs.items(job_id, "pending")]
         self.db.index.touch_instances(pending)  # a use: docs/design.md "Disk clean-up"
@@ -112,12 +113,13 @@ class Sending:
                                            out.detail)
                     counts["done"] += 1
                     if out.state == "warning":
-                        LOG.warning("job %d: %s stored with %s", job_id, inst.sop_instance_uid, out.detail)
+                        LOG.warning("job %d: %s stored with %s", job_id, inst.sop_instance_uid, out.detail,
+                                    extra={"status": out.status})
                 else:
                     self.db.jobs.set_item(job_id, inst.sop_instance_uid, "failed", out.status, out.detail)
                     counts["failed"] += 1
                     counts["retryable"] += out.retryable
-                    LOG.error("job %d: %s %s", job_id, inst.sop_instance_uid, out.detail)
+                    LOG.error("job %d: %s %s", job_id, inst.sop_instance_uid, out.detail, extra={"status": out.status})
                 now = time.monotonic()
                 if now - last_publish[0] > PROGRESS_INTERVAL or counts["done"] + counts["failed"] == total:
                     last_publish[0] = now

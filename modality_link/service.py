@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from modality_link import __version__, access, audit, config
+from modality_link import __version__, access, audit, config, systemd
 from modality_link.api import Api
 from modality_link.archive import Archive
 from modality_link.autosend import AutoSend
@@ -26,8 +26,9 @@ from modality_link.cleanup import Cleaner
 from modality_link.db import Database, InstanceRecord
 from modality_link.exam import ExamManager
 from modality_link.home import Home
-from modality_link.ipc import IpcServer
+from modality_link.ipc import IpcClient, IpcError, IpcServer, NotRunning
 from modality_link.jobs import JobQueue
+from modality_link.jsonlog import JsonFormatter
 from modality_link.mpps_outbox import MppsOutbox
 from modality_link.memory import CachedInstance, MemoryCache
 from modality_link.net.memory_server import MemoryServer
@@ -47,13 +48,14 @@ class ServiceError(Exception):
 
 
 def setup_logging(home: Home, cfg: config.Config, to_stderr: bool = True) -> None:
-    """A rotating log file in the home folder (and stderr for the foreground service)."""
+    """A rotating log file in the home folder (and stderr for the foreground service), as text
+    lines or JSON lines (``logging.format``, :mod:`modality_link.jsonlog`)."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_modality_link", False):
             root.removeHandler(h)
             h.close()
-    fmt = logging.Formatter(LOG_FORMAT)
+    fmt = JsonFormatter() if cfg.logging.format == "json" else logging.Formatter(LOG_FORMAT)
     handlers: list[logging.Handler] = [
         logging.handlers.RotatingFileHandler(
             home.log_dir / "modality-link.log",
@@ -188,7 +190,12 @@ class Service:
             self.memory_server = None
 
     def stop(self) -> None:
+        """Drain and stop (docs/design.md "Unattended operation"): the listeners first (no new
+        association; a C-STORE being received is finished and indexed, or its partial file
+        removed), then the clean-up, the job queues (a running attempt stops at its next safe
+        point and is queued again), the IPC socket and the database. Every step is bounded."""
         audit.application_activity(started=False)
+        self._stop_servers()
         if self.cleaner is not None:
             self.cleaner.stop()
             self.cleaner = None
@@ -205,7 +212,6 @@ class Service:
             self.ipc.stop()
             self.ipc = None
         self.exams = None
-        self._stop_servers()
         if self.db is not None:
             self.db.close()
             self.db = None
@@ -258,11 +264,45 @@ class Service:
         self.ipc.publish_later("memory.stored", params)
 
     def run_forever(self) -> None:
-        """Serve until SIGTERM or SIGINT."""
+        """Serve until SIGTERM or SIGINT, telling the service manager (sd_notify) that the
+        service is ready, alive (watchdog) and stopping (docs/design.md "Unattended operation")."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
+        status = self.status_line()
+        systemd.notify("READY=1", f"STATUS={status}")
+        watchdog = systemd.Watchdog(self.health, status)
+        watchdog.start()
         self._stop.wait()
+        LOG.info("stopping: draining the listeners, jobs and IPC clients")
+        systemd.notify("STOPPING=1", "STATUS=stopping: draining the listeners, jobs and IPC clients")
+        watchdog.stop()
         self.stop()
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: what listens where."""
+        servers = (("disk server", self.disk_server), ("memory server", self.memory_server))
+        parts = [f"{name} {server.listener.ae_title} on port {server.port}"
+                 for name, server in servers if server is not None]
+        return "serving: " + (", ".join(parts) if parts else "no listener enabled")
+
+    def health(self) -> str | None:
+        """None when the service answers, else what does not (the watchdog's check): the job
+        queues' workers run, the database answers, and the IPC server answers a request (any
+        answer, an error included, shows that its loop runs)."""
+        for name, queue in (("job queue", self.jobs), ("MPPS queue", self.mpps.queue if self.mpps else None)):
+            if queue is None or not queue.alive():
+                return f"the {name} has stopped"
+        if self.db is None:
+            return "the database is closed"
+        self.db.ping()
+        try:
+            with IpcClient(self.home.socket_path, timeout=10.0) as client:
+                client.call("nodes.list")
+        except IpcError:
+            pass
+        except (NotRunning, OSError) as exc:
+            return f"the IPC server does not answer ({exc})"
+        return None
 
     # -- events ---------------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ its file, no file lacks its row, and no temporary is left.
 from __future__ import annotations
 
 import random
-import re
 import sqlite3
 import subprocess
 import time
@@ -21,24 +20,11 @@ from pydicom import dcmread
 from sim import images
 from tests.support.instances import dataset_bytes
 from tests.support.service import ServiceProcess
-from tests.support.tools import dcmtk_env, require_tool
+from tests.support.tools import acknowledged, dcmtk_env, require_tool
 from tests.support.waiting import wait_until
 
 ROUNDS = 30
 IMAGES = 200
-
-
-def acknowledged(storescu_log: str) -> list[Path]:
-    """Files storescu sent and got a success response for ("Sending file" ... "Success")."""
-    out, current = [], None
-    for line in storescu_log.splitlines():
-        m = re.match(r"I: Sending file: (.*)$", line)
-        if m:
-            current = Path(m.group(1))
-        elif "Received Store Response (Success)" in line and current is not None:
-            out.append(current)
-            current = None
-    return out
 
 
 def check(svc: ServiceProcess, acked: list[Path]) -> None:

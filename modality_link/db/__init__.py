@@ -45,5 +45,10 @@ class Database:
         self.alerts = Alerts(self._conn)
         self.retention = Retention(self._conn)
 
+    def ping(self) -> None:
+        """One trivial statement: returns once the connection's lock is free and SQLite
+        answers (the service's watchdog asks)."""
+        self._conn.query("SELECT 1")
+
     def close(self) -> None:
         self._conn.close()

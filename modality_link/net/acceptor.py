@@ -45,7 +45,7 @@ from typing import Callable, Protocol, Sequence
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit
+from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit, jsonlog
 from modality_link.config import ConfigError, Listener, Timeouts
 from modality_link.net.acse import (
     AssociateRq, MalformedPdu, Supported, decode_associate_rq, encode_associate_ac, negotiate,
@@ -323,6 +323,8 @@ class Acceptor:
     faults: int = field(default=0, init=False)
     #: Associations open now (connections past their A-ASSOCIATE-AC, before release or abort).
     associations: int = field(default=0, init=False)
+    #: :meth:`stop` has begun: connections closing now are closed by us.
+    stopping: bool = field(default=False, init=False)
     _conns: list[_Connection] = field(default_factory=list, init=False)  # oldest first
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _sock: socket.socket | None = field(default=None, init=False)
@@ -337,6 +339,7 @@ class Acceptor:
         return int(self._sock.getsockname()[1])
 
     def start(self) -> None:
+        self.stopping = False
         self._supported = {uid: Supported(service.transfer_syntaxes, service.requestor_scp)
                            for service in self.services for uid in service.sop_classes}
         self._dispatch = {
@@ -363,6 +366,7 @@ class Acceptor:
         """Stop listening, close every connection, wait for their threads."""
         if self._sock is None:
             return
+        self.stopping = True
         try:
             self._sock.shutdown(socket.SHUT_RDWR)  # wakes accept()
         except OSError:
@@ -616,6 +620,7 @@ class _Association:
     # -- establishment (Sta2 -> Sta6) --------------------------------------------------------------
 
     def run(self) -> None:
+        jsonlog.bind(peer=f"{self.conn.address}:{self.conn.port}")  # this thread serves this connection only
         try:
             rq = self._read_associate_rq()
         except socket.timeout:
@@ -626,6 +631,7 @@ class _Association:
             self._abort(exc)
             return
         self.peer.calling_ae, self.peer.called_ae = rq.calling_ae, rq.called_ae
+        jsonlog.bind(calling_ae=self.peer.calling_ae, called_ae=self.peer.called_ae)
         why = self._refusal(rq)
         if why is None and not self.acceptor._associate(self.conn):
             why = (2, 3, 2)  # transient, service provider (presentation), local limit exceeded
@@ -634,7 +640,7 @@ class _Association:
             return
         self.associated = True
         try:
-            self.sock.sendall(self._negotiate(rq))
+            self._send(self._negotiate(rq))
             self._serve_data()
         except socket.timeout:
             LOG.warning("%s: association from %s idle for %g s (network timeout); aborted",
@@ -736,7 +742,7 @@ class _Association:
                     # released: its next association must not find this one still counted
                     self.acceptor._dissociate(self.conn)
                     self.associated = False
-                    self.sock.sendall(_RELEASE_RP)
+                    self._send(_RELEASE_RP)
                     self._linger()
                     return
                 elif kind == A_ABORT_TYPE:
@@ -754,7 +760,10 @@ class _Association:
                 else:
                     raise _Abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{kind:02X}")
         except _Closed:
-            if self.sink is not None or self.command:
+            if self.acceptor.stopping:
+                LOG.info("%s: association from %s closed: the service stops%s", self.name, self.peer,
+                         "; the data set being received was discarded" if self.sink is not None else "")
+            elif self.sink is not None or self.command:
                 LOG.warning("%s: connection from %s lost in the middle of a message; nothing of it kept",
                             self.name, self.peer)
             else:
@@ -855,7 +864,8 @@ class _Association:
             exc = data.error
             status = getattr(exc, "status", PROCESSING_FAILURE)
             LOG.error("%s: request 0x%04X of %s from %s failed with status 0x%04X: %s", self.name,
-                      request.command_field, request.affected_sop_instance[:64], self.peer, status, exc)
+                      request.command_field, request.affected_sop_instance[:64], self.peer, status, exc,
+                      extra={"status": status})
             reply(status, str(exc))
             return
         handler = self._handler(request)
@@ -901,7 +911,7 @@ class _Association:
         parts: list = []
         p_data_tf(parts, context_id, memoryview(command), 0x01, limit)
         p_data_tf(parts, context_id, memoryview(dataset), 0x00, limit)
-        self.sock.sendall(b"".join(parts))
+        self._send(b"".join(parts))
 
     def _respond(self, request: Request, status: int, comment: str, extra: dict[int, bytes],
                  dataset: bytes | None) -> None:
@@ -924,7 +934,17 @@ class _Association:
         p_data_tf(parts, request.context_id, memoryview(command), 0x01, limit)
         if dataset is not None:
             p_data_tf(parts, request.context_id, memoryview(dataset), 0x00, limit)
-        self.sock.sendall(b"".join(parts))
+        self._send(b"".join(parts))
+
+    def _send(self, data: bytes) -> None:
+        """Write PDUs to the requestor. A connection closed under the write - by the requestor,
+        or by :meth:`Acceptor.stop` while the service drains - is a lost connection, not a fault."""
+        try:
+            self.sock.sendall(data)
+        except socket.timeout:
+            raise
+        except OSError:
+            raise _Closed() from None
 
     # -- release and abort -------------------------------------------------------------------------
 

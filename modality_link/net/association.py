@@ -30,7 +30,13 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE, Association, _config, evt
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
@@ -44,6 +50,13 @@ LOG = logging.getLogger("modality_link.net")
 # - do not pretty-print C-FIND response identifiers: that converts their raw elements with the
 #   default character set before the worklist SCU could repair (0008,0005).
 _config.LOG_RESPONSE_IDENTIFIERS = False
+
+#: The transfer syntaxes our SCUs propose for each of their presentation contexts, in this order
+#: (the native ones, PS3.5 A.1-A.5; pynetdicom's default): Verification, Modality Worklist, MPPS,
+#: Storage Commitment and the Query/Retrieve SCU. The Storage SCU proposes a node's own list.
+PROPOSED_TRANSFER_SYNTAXES = [
+    ImplicitVRLittleEndian, ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+]
 
 #: PS3.8 Table 9-21: (source, reason) of an A-ASSOCIATE-RJ.
 REJECT_REASONS = {

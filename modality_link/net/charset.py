@@ -36,7 +36,7 @@ LOGGER = logging.getLogger(__name__)
 TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "PN", "UC"}
 
 #: Terms seen in the field mapped to the defined term (case- and punctuation-insensitive key).
-_ALIASES = {
+ALIASES = {
     "UTF8": "ISO_IR 192",
     "UTF-8": "ISO_IR 192",
     "ISOIR192": "ISO_IR 192",
@@ -53,8 +53,8 @@ def normalise_term(term: str) -> str:
     if term == "" or term in python_encoding:
         return term
     key = re.sub(r"[\s_-]", "", term.upper())
-    if key in _ALIASES:
-        return _ALIASES[key]
+    if key in ALIASES:
+        return ALIASES[key]
     m = re.fullmatch(r"ISO2022IR(\d+)", key)
     if m:
         fixed = f"ISO 2022 IR {int(m.group(1))}"

@@ -30,7 +30,7 @@ from pynetdicom.dsutils import decode
 
 from modality_link.config import Node, Timeouts
 from modality_link.net.acceptor import DataSetSink, InMemory, Reply, Request
-from modality_link.net.association import associate, make_ae
+from modality_link.net.association import PROPOSED_TRANSFER_SYNTAXES, associate, make_ae
 from modality_link.net.status import (
     COMMITMENT, INVALID_ARGUMENT_VALUE, NO_SUCH_EVENT_TYPE, PROCESSING_FAILURE, SUCCESS,
 )
@@ -233,7 +233,7 @@ def request_commitment(
     aborted: the SCP will not report on a request it refused).
     """
     ae = make_ae(calling_ae, timeouts, node.max_pdu)
-    ae.add_requested_context(STORAGE_COMMITMENT_PUSH)
+    ae.add_requested_context(STORAGE_COMMITMENT_PUSH, PROPOSED_TRANSFER_SYNTAXES)
     handler = report_handler(on_report)
     answered = threading.Event()  # our N-EVENT-REPORT-RSP left: safe to release
     got_here = threading.Event()  # a report came on this association

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from modality_link.config import Node, Timeouts
-from modality_link.net.association import AssociationFailed, associate, make_ae
+from modality_link.net.association import PROPOSED_TRANSFER_SYNTAXES, AssociationFailed, associate, make_ae
 from modality_link.net.status import SUCCESS
 
 
@@ -25,7 +25,7 @@ class EchoResult:
 def echo(name: str, node: Node, calling_ae: str, timeouts: Timeouts) -> EchoResult:
     """C-ECHO `node`; the round-trip time covers association, C-ECHO and release."""
     ae = make_ae(calling_ae, timeouts)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(Verification, PROPOSED_TRANSFER_SYNTAXES)
     start = time.perf_counter()
     try:
         with associate(ae, node) as assoc:

@@ -19,8 +19,6 @@ from dataclasses import replace
 from io import BytesIO
 from typing import Callable
 
-from pynetdicom.presentation import AllStoragePresentationContexts
-
 from modality_link import audit
 from modality_link.archive import ArchiveError, CannotUnderstand, header_record, header_uid, lean_header, pydicom_record
 from modality_link.config import Listener, Timeouts
@@ -30,6 +28,7 @@ from modality_link.net.acceptor import C_ECHO_RQ, C_STORE_RQ, Acceptor, DataSetS
 from modality_link.net.servers import (
     ARCHIVE_TRANSFER_SYNTAXES,
     DECODED_TRANSFER_SYNTAXES,
+    STORAGE_SOP_CLASSES,
     VERIFICATION,
     EchoHandler,
     finish_store,
@@ -159,8 +158,7 @@ class MemoryServer:
         self._count_lock = threading.Lock()
         services = [
             Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
-            Service([str(cx.abstract_syntax) for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
-                    {C_STORE_RQ: MemoryStoreHandler(self)}),
+            Service(STORAGE_SOP_CLASSES, ARCHIVE_TRANSFER_SYNTAXES, {C_STORE_RQ: MemoryStoreHandler(self)}),
         ]
         self.acceptor = Acceptor(listener, timeouts, services, "memory server")
 

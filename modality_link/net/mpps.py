@@ -29,7 +29,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from modality_link.config import Node, Timeouts
-from modality_link.net.association import AssociationFailed, associate, make_ae
+from modality_link.net.association import PROPOSED_TRANSFER_SYNTAXES, AssociationFailed, associate, make_ae
 from modality_link.net.charset import charset_for
 from modality_link.net.status import MPPS, Category
 
@@ -297,7 +297,7 @@ def send_n_create(
     """N-CREATE one MPPS instance; return its SOP Instance UID (ours, or the SCP's when
     `sop_instance_uid` is None). Raises :class:`MppsError`."""
     ae = make_ae(calling_ae, timeouts, node.max_pdu)
-    ae.add_requested_context(ModalityPerformedProcedureStep)
+    ae.add_requested_context(ModalityPerformedProcedureStep, PROPOSED_TRANSFER_SYNTAXES)
     target = f"{node.ae_title}@{node.host}:{node.port}"
     seen: dict[str, str] = {}
 
@@ -328,7 +328,7 @@ def send_n_create(
 def send_n_set(node: Node, calling_ae: str, timeouts: Timeouts, attrs: Dataset, sop_instance_uid: str) -> int:
     """N-SET the MPPS instance; return the (success or warning) status. Raises :class:`MppsError`."""
     ae = make_ae(calling_ae, timeouts, node.max_pdu)
-    ae.add_requested_context(ModalityPerformedProcedureStep)
+    ae.add_requested_context(ModalityPerformedProcedureStep, PROPOSED_TRANSFER_SYNTAXES)
     target = f"{node.ae_title}@{node.host}:{node.port}"
     try:
         with associate(ae, node) as assoc:

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from modality_link import audit
 from modality_link.config import Node, Timeouts
-from modality_link.net.association import AssociationFailed, associate, make_ae
+from modality_link.net.association import PROPOSED_TRANSFER_SYNTAXES, AssociationFailed, associate, make_ae
 from modality_link.net import status
 from modality_link.net.charset import repair_charset
 
@@ -58,7 +58,7 @@ def find(node: Node, calling_ae: str, timeouts: Timeouts, identifier: Dataset, m
     matches decoded to Unicode. With `limit`, a C-CANCEL-RQ follows the limit-th match."""
     find_uid = MODELS[model][0]
     ae = make_ae(calling_ae, timeouts, node.max_pdu)
-    ae.add_requested_context(find_uid)
+    ae.add_requested_context(find_uid, PROPOSED_TRANSFER_SYNTAXES)
     target = f"{node.ae_title}@{node.host}:{node.port}"
     matches: list[Dataset] = []
     try:
@@ -128,7 +128,7 @@ def move(node: Node, calling_ae: str, timeouts: Timeouts, destination_ae: str, i
     ae = make_ae(calling_ae, timeouts, node.max_pdu)
     # our watchdog decides (move_timeout, then CANCEL_GRACE); pynetdicom's own abort only backs it up
     ae.dimse_timeout = move_timeout + 2 * cancel_grace
-    ae.add_requested_context(move_uid)
+    ae.add_requested_context(move_uid, PROPOSED_TRANSFER_SYNTAXES)
     target = f"{node.ae_title}@{node.host}:{node.port}"
     progress = MoveProgress()
     last = [time.monotonic()]

@@ -77,6 +77,8 @@ DECODED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 ]
 VERIFICATION = "1.2.840.10008.1.1"
+#: The Storage SOP classes both listening AEs accept (PS3.4 B.5): every one pynetdicom knows.
+STORAGE_SOP_CLASSES = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
 
 
 class EchoHandler:
@@ -101,10 +103,11 @@ def finish_store(server: str, request: Request, finish: Callable[[], T], reply: 
         return finish()
     except ArchiveError as exc:
         LOG.error("%s: C-STORE of %s from %s failed with status 0x%04X: %s", server, uid, request.peer,
-                  exc.status, exc)
+                  exc.status, exc, extra={"status": exc.status})
         reply(exc.status, str(exc), None, None)
     except Exception as exc:
-        LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", server, uid, request.peer)
+        LOG.exception("%s: C-STORE of %s from %s failed with status 0x0110", server, uid, request.peer,
+                      extra={"status": PROCESSING_FAILURE})
         reply(PROCESSING_FAILURE, f"processing failure: {exc}", None, None)
     return None
 
@@ -159,8 +162,8 @@ class StorageServer:
             Service([VERIFICATION], DECODED_TRANSFER_SYNTAXES, {C_ECHO_RQ: EchoHandler()}),
             # requestor_scp: a C-GET requestor takes the SCP role to receive its sub-operations
             # (PS3.4 C.4.3.3, PS3.7 D.3.3.4)
-            Service([str(cx.abstract_syntax) for cx in AllStoragePresentationContexts], ARCHIVE_TRANSFER_SYNTAXES,
-                    {C_STORE_RQ: StoreHandler(self)}, requestor_scp=nodes is not None),
+            Service(STORAGE_SOP_CLASSES, ARCHIVE_TRANSFER_SYNTAXES, {C_STORE_RQ: StoreHandler(self)},
+                    requestor_scp=nodes is not None),
         ]
         if nodes is not None:  # Query/Retrieve (PS3.4 Annex C), C-MOVE destinations from `nodes`
             services += qr_services(QrContext(archive, listener, timeouts, nodes))

@@ -1,10 +1,13 @@
-"""What a DIMSE status means: its category, its text, whether asking again may help.
+"""What a DIMSE status means: its category, its text, whether asking again may help, and when
+our SCPs answer it.
 
 The tables are pynetdicom's (`pynetdicom.status`): the category of a code by the ranges of PS3.7
 Annex C (success, warning, failure, cancel, pending) and, per service, the meaning of each code
 PS3.7 Annex C and the service's section of PS3.4 define. This module adds what those tables leave
-to us: names for the codes this package answers with or looks for, and per service which failures
-may end otherwise when the same request is sent again (docs/design.md "Jobs and failures").
+to us: names for the codes this package answers with or looks for, per service which failures
+may end otherwise when the same request is sent again (docs/design.md "Jobs and failures"), and
+which codes our SCP of the service answers and when (the conformance statement's status tables,
+PS3.2 A.4.2.1.4.1.3).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 
 from pynetdicom.status import (
     MODALITY_WORKLIST_SERVICE_CLASS_STATUS,
+    VERIFICATION_SERVICE_CLASS_STATUS,
     QR_FIND_SERVICE_CLASS_STATUS,
     QR_GET_SERVICE_CLASS_STATUS,
     QR_MOVE_SERVICE_CLASS_STATUS,
@@ -78,8 +82,8 @@ def category(code: int) -> str:
 
 @dataclass(frozen=True)
 class Service:
-    """The statuses of one DIMSE service: pynetdicom's table of their meanings, and which
-    failures we send again later."""
+    """The statuses of one DIMSE service: pynetdicom's table of their meanings, which failures
+    we send again later, and what our SCP of it answers."""
 
     #: Where the standard defines the codes, for a code it does not ("a status ... do not define").
     standard: str
@@ -87,6 +91,8 @@ class Service:
     retryable: frozenset[int] = frozenset()
     #: Meanings the standard gives that pynetdicom's table lacks.
     more: Mapping[int, str] = field(default_factory=dict)
+    #: The codes our SCP of this service answers, each with when (empty: we are no SCP of it).
+    answered: Mapping[int, str] = field(default_factory=dict)
 
     def text(self, code: int) -> str:
         """The meaning of `code` for this service: the standard's words, else its category."""
@@ -112,6 +118,17 @@ STORAGE = Service(
     "PS3.4 B.2.3 and PS3.7 Annex C",
     STORAGE_SERVICE_CLASS_STATUS,
     frozenset({PROCESSING_FAILURE, DUPLICATE_INVOCATION, RESOURCE_LIMITATION, *range(0xA700, 0xA800)}),
+    answered={
+        SUCCESS: "the data set is durable in the archive file (disk server) or held in the memory "
+                 "cache (memory server)",
+        OUT_OF_RESOURCES: "the archive's file system has less free space than archive.min_free_mb, or is "
+                          "full; the memory server: the data set is larger than the whole cache",
+        DATA_SET_MISMATCH: "the data set lacks its SOP Class, SOP Instance, Study or Series Instance UID, "
+                           "a UID is not valid (PS3.5 9.1), or it is not the UID the C-STORE-RQ names",
+        CANNOT_UNDERSTAND: "the data set cannot be parsed, is truncated, has bytes after its last "
+                           "element, is Implicit VR under an explicit transfer syntax, or is missing",
+        PROCESSING_FAILURE: "an unexpected fault while storing (logged with its traceback)",
+    },
 )
 #: Modality Performed Procedure Step (N-CREATE, N-SET; PS3.4 F.7.2.1.2, F.8.2.1.2). Retried: A700
 #: and 0213, the SCP out of resources.
@@ -127,11 +144,47 @@ COMMITMENT = Service(
     "PS3.4 J.3 and PS3.7 Annex C",
     STORAGE_COMMITMENT_SERVICE_CLASS_STATUS,
     more={0x0131: "Duplicate Transaction UID"},
+    # our N-EVENT-REPORT-RSP to a commitment report (we are the SCU taking the report)
+    answered={
+        SUCCESS: "the report was read and recorded",
+        NO_SUCH_EVENT_TYPE: "the Event Type ID is neither 1 (success) nor 2 (failures exist)",
+        INVALID_ARGUMENT_VALUE: "the Event Information cannot be decoded or has no Transaction UID",
+        PROCESSING_FAILURE: "the report is for another SOP class, or recording it failed (logged)",
+    },
 )
+#: What the Query/Retrieve SCP answers to any request it refuses (docs/design.md "Query/Retrieve SCP").
+_QR_REFUSALS = {
+    OUT_OF_RESOURCES: "out of resources (memory, the file system) while answering",
+    IDENTIFIER_MISMATCH: "no identifier, Query/Retrieve Level missing or not of the model, or a key of "
+                         "a level below the query level",
+    UNABLE_TO_PROCESS: "no single value in the unique key of a level above, an identifier that "
+                       "cannot be read, or an unexpected fault (logged)",
+    CANCEL: "a C-CANCEL-RQ, read between two responses",
+}
+#: What the C-MOVE and C-GET SCP answers once its sub-operations are done, or cannot start.
+_QR_RETRIEVE = _QR_REFUSALS | {
+    PENDING: "after each C-STORE sub-operation, with the four counts",
+    SUCCESS: "every sub-operation succeeded",
+    SOME_SUB_OPERATIONS_FAILED: "some sub-operations failed: Failed SOP Instance UID List (0008,0058) "
+                                "in the identifier",
+    SUB_OPERATIONS_IMPOSSIBLE: "no sub-operation succeeded (no association to the destination, or "
+                               "every one failed)",
+    MISSING_UNIQUE_KEYS: "the unique keys of the level and the levels above are missing",
+}
 #: Query/Retrieve (PS3.4 C.4.1.1.4 C-FIND, C.4.2.1.5 C-MOVE, C.4.3.1.4 C-GET).
-QR_FIND = Service("PS3.4 C.4.1.1.4 and PS3.7 Annex C", QR_FIND_SERVICE_CLASS_STATUS)
+QR_FIND = Service("PS3.4 C.4.1.1.4 and PS3.7 Annex C", QR_FIND_SERVICE_CLASS_STATUS, answered=_QR_REFUSALS | {
+    PENDING: "a match follows",
+    PENDING_WARNING: "a match follows; the identifier has keys we do not support (neither matched nor "
+                     "returned)",
+    SUCCESS: "matching is complete",
+})
 #: A C-MOVE is asked again when the SCP was out of resources (A7xx); an unknown destination
 #: (A801), a bad identifier (A900) or "unable to process" (Cxxx) get the same answer again.
 QR_MOVE = Service("PS3.4 C.4.2.1.5 and PS3.7 Annex C", QR_MOVE_SERVICE_CLASS_STATUS,
-                  frozenset(range(0xA700, 0xA800)))
-QR_GET = Service("PS3.4 C.4.3.1.4 and PS3.7 Annex C", QR_GET_SERVICE_CLASS_STATUS)
+                  frozenset(range(0xA700, 0xA800)), answered=_QR_RETRIEVE | {
+                      MOVE_DESTINATION_UNKNOWN: "the Move Destination is no configured node (any role)",
+                  })
+QR_GET = Service("PS3.4 C.4.3.1.4 and PS3.7 Annex C", QR_GET_SERVICE_CLASS_STATUS, answered=_QR_RETRIEVE)
+#: Verification (C-ECHO, PS3.4 A.4): our SCP always answers success; as SCU anything else fails the echo.
+VERIFICATION = Service("PS3.4 A.4 and PS3.7 Annex C", VERIFICATION_SERVICE_CLASS_STATUS,
+                       answered={SUCCESS: "always"})

@@ -27,7 +27,7 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 
 from modality_link.config import Node, Timeouts
 from modality_link import audit
-from modality_link.net.association import AssociationFailed, associate, make_ae
+from modality_link.net.association import PROPOSED_TRANSFER_SYNTAXES, AssociationFailed, associate, make_ae
 from modality_link.net.charset import repair_charset
 from modality_link.net.status import CANCEL, PENDING, PENDING_WARNING, SUCCESS, WORKLIST
 
@@ -185,7 +185,7 @@ def find_worklist(
     status, or no response arrives within the DIMSE timeout.
     """
     ae = make_ae(calling_ae, timeouts, node.max_pdu)
-    ae.add_requested_context(ModalityWorklistInformationFind)
+    ae.add_requested_context(ModalityWorklistInformationFind, PROPOSED_TRANSFER_SYNTAXES)
     identifier = build_identifier(query)
     result = WorklistResult()
     target = f"{node.ae_title}@{node.host}:{node.port}"

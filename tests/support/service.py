@@ -11,6 +11,7 @@ Both are driven over the IPC socket of their home (docs/ipc.md) with :meth:`call
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -65,14 +66,14 @@ class ServiceProcess:
     """``modality-link serve`` as a subprocess on `home`; `port` is its disk server's. Its
     stderr goes to ``serve-stderr.log`` in the home, shown when it does not start."""
 
-    def __init__(self, home: Home) -> None:
+    def __init__(self, home: Home, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = config.load(home.config_path).disk_server.port
         self._stderr = home.root / "serve-stderr.log"
         with open(self._stderr, "ab") as stderr:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "modality_link", "--home", str(home.root), "serve"],
-                stdout=subprocess.DEVNULL, stderr=stderr,
+                stdout=subprocess.DEVNULL, stderr=stderr, env=None if env is None else os.environ | env,
             )
         try:
             wait_until(self._answers, 20, "the service to answer on its IPC socket")
@@ -82,10 +83,12 @@ class ServiceProcess:
             raise RuntimeError(f"service did not start ({exc}): {self._stderr.read_text()}") from None
 
     @classmethod
-    def start(cls, root: Path, nodes: dict[str, config.Node] | None = None, **settings: Any) -> ServiceProcess:
+    def start(cls, root: Path, nodes: dict[str, config.Node] | None = None, env: dict[str, str] | None = None,
+              **settings: Any) -> ServiceProcess:
         """Serve a temporary home at `root` (made, or its listeners moved to free ports);
-        `settings` are dotted config keys (``disk_server__port=...``)."""
-        return cls(temporary_home(root, nodes=nodes, **settings))
+        `settings` are dotted config keys (``disk_server__port=...``), `env` more environment
+        variables of the process."""
+        return cls(temporary_home(root, nodes=nodes, **settings), env)
 
     def _answers(self) -> bool:
         try:

@@ -7,6 +7,8 @@ What a missing one means is decided here and only here: outside CI the test is s
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import NoReturn
 
 import pytest
@@ -37,3 +39,17 @@ def require_tool(name: str) -> str:
 def dcmtk_env() -> dict[str, str]:
     """The environment for a DCMTK tool: without TCP_NODELAY=1 it stalls ~40 ms per C-STORE."""
     return dict(os.environ, TCP_NODELAY="1")
+
+
+def acknowledged(storescu_log: str) -> list[Path]:
+    """Files DCMTK storescu (run with -v) sent and got a success response for ("Sending file"
+    ... "Received Store Response (Success)")."""
+    out, current = [], None
+    for line in storescu_log.splitlines():
+        m = re.match(r"I: Sending file: (.*)$", line)
+        if m:
+            current = Path(m.group(1))
+        elif "Received Store Response (Success)" in line and current is not None:
+            out.append(current)
+            current = None
+    return out
