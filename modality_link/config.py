@@ -392,9 +392,12 @@ class Audit:
     """Where the audit trail goes besides ``logs/audit.log`` (docs/design.md "Audit trail"): a
     syslog collector (PS3.15 A.6, A.7), none while `syslog_host` is empty."""
 
+    #: The syslog collector (host name or IP address) that gets a copy of every audit message;
+    #: "" sends none.
     syslog_host: str = ""
-    #: 514, the syslog port PS3.15 A.7 names as the default.
+    #: Its port: 514, the syslog port PS3.15 A.7 names as the default.
     syslog_port: int = 514
+    #: "udp" (RFC 5426, one datagram per message) or "tcp" (RFC 6587 octet counting).
     syslog_transport: str = "udp"
 
     def validate(self, prefix: str) -> None:
