@@ -4,7 +4,8 @@ This module and `modality_link.service` are the only ones besides `modality_link
 IPC protocol exists. Each method calls the exam manager, job queue, burns, archive or config, and
 turns the domain's :class:`~modality_link.errors.RequestError` into an :class:`IpcError` with
 the code docs/ipc.md "Errors" gives; a DICOM status behind the error goes into the error's
-``data`` as ``{"status": N}``.
+``data`` as ``{"status": N}``, the parameter at fault as ``{"param": NAME}`` and a configuration
+key as ``{"key": KEY}``.
 
 Before a method runs, :meth:`Api.check` holds its parameters against the method's schema
 (:data:`SCHEMAS`: type and range of each, -32602 naming the parameter) and the caller's role
@@ -36,7 +37,8 @@ from modality_link.config import ConfigError
 from modality_link.db import InstanceRecord
 from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound, RequestError
 from modality_link.ipc import (
-    CONFIG_INVALID, CONFLICT, DICOM_FAILURE, FORBIDDEN, INVALID_PARAMS, MAX_LINE, NOT_FOUND, IpcError, Peer,
+    CONFIG_INVALID, CONFLICT, DICOM_FAILURE, FORBIDDEN, INVALID_PARAMS, MAX_LINE, NOT_FOUND, PROTOCOL_MISMATCH,
+    PROTOCOL_VERSION, IpcError, Peer,
 )
 from modality_link.net import retrieve
 from modality_link.net.echo import echo
@@ -57,9 +59,15 @@ ERROR_CODES: dict[type[RequestError], int] = {
 
 
 def ipc_error(exc: RequestError) -> IpcError:
-    """The IPC error for a domain error, its DICOM status (if any) in ``data``."""
+    """The IPC error for a domain error: in ``data`` its DICOM status, the parameter at fault
+    and its details, where it has them (docs/ipc.md "Errors")."""
     code = next(c for cls, c in ERROR_CODES.items() if isinstance(exc, cls))
-    return IpcError(code, str(exc), None if exc.status is None else {"status": exc.status})
+    data: dict[str, Any] = dict(exc.details)
+    if exc.status is not None:
+        data["status"] = exc.status
+    if exc.param is not None:
+        data["param"] = exc.param
+    return IpcError(code, str(exc), data or None)
 
 
 def _mapped(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -119,6 +127,7 @@ PATHS = Param(list, required=True, low=1, high=100_000, items=PATH)
 
 #: The parameters of every method, by name (docs/ipc.md "Methods"); null is an absent parameter.
 SCHEMAS: dict[str, dict[str, Param]] = {
+    "hello": {"client": TEXT, "protocol": Param(str, required=True, low=1, high=32)},
     "status": {},
     "studies.list": {},
     "studies.protect": {"study_uid": UID},
@@ -156,7 +165,7 @@ SCHEMAS: dict[str, dict[str, Param]] = {
     "burn.disc_inserted": {"id": ID},
     "burn.cancel": {"id": ID},
     "drives.list": {},
-    "events.subscribe": {},
+    "events.subscribe": {"since": Param(int)},
     "selftest": {},
 }
 
@@ -210,12 +219,17 @@ def check_params(method: str, params: dict[str, Any]) -> None:
     for name, value in params.items():
         rule = schema.get(name)
         if rule is None:
-            raise IpcError(INVALID_PARAMS, f"{method}: no parameter {name!r} (it takes: {', '.join(schema) or 'none'})")
+            raise IpcError(INVALID_PARAMS, f"{method}: no parameter {name!r} (it takes: {', '.join(schema) or 'none'})",
+                           {"param": name})
         if value is not None:
-            _check_value(f"{method}: {name}", value, rule)
+            try:
+                _check_value(f"{method}: {name}", value, rule)
+            except IpcError as exc:
+                exc.data = {"param": name}
+                raise
     missing = [name for name, rule in schema.items() if rule.required and params.get(name) is None]
     if missing:
-        raise IpcError(INVALID_PARAMS, f"{method}: {missing[0]} is missing")
+        raise IpcError(INVALID_PARAMS, f"{method}: {missing[0]} is missing", {"param": missing[0]})
 
 
 # -- roles (docs/ipc.md "Roles") --------------------------------------------------------------------
@@ -250,6 +264,7 @@ class Api:
             "the API is built after the service started its parts"
         exams, burns = svc.exams, svc.burns
         table: dict[str, Callable[..., Any]] = {
+            "hello": self.hello,
             "status": self.status,
             "studies.list": self.studies_list,
             "studies.protect": self.studies_protect,
@@ -337,6 +352,24 @@ class Api:
 
     # -- service and archive --------------------------------------------------------------------
 
+    def hello(self, protocol: str, client: str = "") -> dict[str, Any]:
+        """The handshake (docs/ipc.md "Versions"): the service's protocol version; a client of
+        another major version is refused, since its requests or its reading of the results may
+        not mean what it thinks."""
+        major, _, minor = protocol.partition(".")
+        if not (major.isdigit() and (not minor or minor.isdigit())):
+            raise IpcError(INVALID_PARAMS, f"hello: protocol is MAJOR.MINOR (e.g. {PROTOCOL_VERSION!r}), "
+                                           f"not {protocol!r}", {"param": "protocol"})
+        ours = PROTOCOL_VERSION.split(".")[0]
+        if int(major) != int(ours):
+            raise IpcError(PROTOCOL_MISMATCH,
+                           f"hello: this service speaks protocol {PROTOCOL_VERSION}; a client of protocol "
+                           f"{protocol} (major {int(major)}) cannot be served: use a client for major {ours}",
+                           {"param": "protocol", "protocol": PROTOCOL_VERSION})
+        if client:
+            LOG.info("ipc: hello from %s (protocol %s)", client, protocol)
+        return {"protocol": PROTOCOL_VERSION, "service": "modality_link", "version": __version__}
+
     def status(self) -> dict[str, Any]:
         svc = self.service
         assert svc.db is not None
@@ -351,6 +384,7 @@ class Api:
             }
         return {
             "version": __version__,
+            "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
             "home": str(svc.home.root),
             "uptime_s": round(time.time() - svc.started_at, 1),
@@ -567,13 +601,13 @@ class Api:
         try:
             return config.get_value(cfg, key)
         except ConfigError as exc:
-            raise IpcError(CONFIG_INVALID, str(exc)) from None
+            raise IpcError(CONFIG_INVALID, str(exc), {"key": key}) from None
 
     def config_set(self, key: str, value: str) -> Any:
         try:
             config.set_value(self.service.home.config_path, key, str(value))
         except ConfigError as exc:
-            raise IpcError(CONFIG_INVALID, str(exc)) from None
+            raise IpcError(CONFIG_INVALID, str(exc), {"key": key}) from None
         self.config_reload()
         return config.get_value(self.service.config, key)
 

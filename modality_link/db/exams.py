@@ -138,6 +138,11 @@ class Exams:
                 [(exam_id, now, *astuple(o)) for o in objects],
             )
 
+    def exam_of(self, sop_instance_uid: str) -> int | None:
+        """The exam that holds an object, or None."""
+        row = self._conn.one("SELECT exam_id FROM exam_objects WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return int(row["exam_id"]) if row is not None else None
+
     def objects(self, exam_id: int) -> list[ExamObject]:
         """The exam's objects in the order they were added."""
         rows = self._conn.query(

@@ -267,6 +267,18 @@ MIGRATIONS = [
     CREATE INDEX patients_id ON patients(patient_id);
     CREATE INDEX studies_study_id ON studies(study_id);
     """,
+    # version 8: the event journal (docs/ipc.md "Events"): every IPC event with its sequence
+    # number, for the replay of ``events.subscribe {since}``; AUTOINCREMENT so that a number is
+    # never handed out twice, even after pruning.
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,                     -- Unix seconds
+        type TEXT NOT NULL,                     -- e.g. job.progress
+        params TEXT NOT NULL                    -- JSON: the event's fields but type and seq
+    );
+    CREATE INDEX events_time ON events(time);
+    """,
 ]
 
 
