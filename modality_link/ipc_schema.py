@@ -150,7 +150,7 @@ EVENT_COMMON = (
 ERRORS: tuple[tuple[str, int, str], ...] = (
     ("PARSE_ERROR", ipc.PARSE_ERROR, "the line is not valid JSON (or nested too deeply to read); the connection "
                                      "stays open"),
-    ("INVALID_REQUEST", ipc.INVALID_REQUEST, "not a JSON-RPC 2.0 request (no `\"jsonrpc\":\"2.0\"`, no method, an "
+    ("INVALID_REQUEST", ipc.INVALID_REQUEST, "not a JSON-RPC 2.0 request (its version member is not `\"2.0\"`, no method, an "
                                              "`id` that is not a string, number or null), or the line is too long"),
     ("METHOD_NOT_FOUND", ipc.METHOD_NOT_FOUND, "no such method"),
     ("INVALID_PARAMS", ipc.INVALID_PARAMS, "a parameter missing, unknown, of the wrong type (JSON `true` is not a "
