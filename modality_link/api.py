@@ -397,6 +397,7 @@ class Api:
             "memory": {"instances": len(svc.memory), "bytes": svc.memory.used_bytes,
                        "budget_bytes": svc.memory.budget},
             "alerts": [a.to_dict() for a in svc.db.alerts.latest(limit=20)],
+            "last_event_seq": svc.db.events.last_seq(),
         }
 
     def selftest(self) -> dict[str, Any]:

@@ -194,7 +194,8 @@ METHODS: dict[str, tuple[str, str, str, tuple[Field, ...]]] = {
     "hello": ("the handshake: the service's protocol version; another major is refused", "object", "", (
         _f("protocol", "string", "MAJOR.MINOR"), _f("service", "string"), _f("version", "string"))),
     "status": ("the service's state", "object", "`version, protocol, pid, home, uptime_s, station, listeners, "
-                                                "archive, memory, alerts`", ()),
+                                                "archive, memory, alerts, last_event_seq`", (
+        _f("protocol", "string"), _f("last_event_seq", "integer", "the last event's sequence number"))),
     "studies.list": ("the archive's studies", "array", "studies", ()),
     "studies.protect": ("keep a study from the disk clean-up", "object", "`study_uid, protected`", ()),
     "studies.unprotect": ("let the disk clean-up delete a study again", "object", "`study_uid, protected`", ()),
