@@ -178,7 +178,7 @@ class Client:
 
     def follow_job(self, job_id: int, on_update: Callable[[Job], None] | None = None,
                    timeout: float | None = None) -> Job:
-        """Wait until the job chain is finished (docs/ipc.md "When is a job chain finished?"):
+        """Wait until the job chain is finished (docs/ipc.md "Job chains"):
         the last job of it, whose ``succeeded`` says how it went. Uses its own connection (the
         events it waits on would otherwise interleave with this one's replies)."""
         with IpcClient(self.ipc.path) as ipc:

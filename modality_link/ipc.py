@@ -228,8 +228,8 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def _write_events(self) -> None:
         backlog, self.backlog = self.backlog, []
-        for data in backlog:
-            if not self._write(data):
+        for line in backlog:
+            if not self._write(line):
                 self.server.ipc.unsubscribe(self)
                 return
         while True:

@@ -154,6 +154,7 @@ def test_results_have_the_fields_the_schema_gives(service_in_process: InProcessS
                 assert result[f.name] in ipc_schema.ENUMS[f.enum], (method, f.name)
 
     holds("hello", svc.call("hello", protocol=ipc.PROTOCOL_VERSION))
+    holds("status", svc.call("status"))
     ex = svc.call("exam.start", patient_id="S1", patient_name="Schema^Sam")
     holds("exam.start", ex)
     paths = spool_images(tmp_path / "s", 1)
