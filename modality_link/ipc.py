@@ -28,6 +28,7 @@ import socketserver
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -535,6 +536,8 @@ class IpcClient:
             ) from None
         self._buf = b""
         self._next_id = 0
+        #: Events read while :meth:`call` waited for its reply, for :meth:`next_event`.
+        self._events: deque[dict[str, Any]] = deque()
 
     def close(self) -> None:
         self._sock.close()
@@ -554,6 +557,8 @@ class IpcClient:
             msg = self._read()
             if msg is not None and msg.get("id") == req_id:
                 break
+            if msg is not None and msg.get("method") == "event":  # kept for next_event
+                self._events.append(msg.get("params", {}))
         if "error" in msg:
             e = msg["error"]
             raise IpcError(e.get("code", INTERNAL_ERROR), e.get("message", "unknown error"), e.get("data"))
@@ -575,6 +580,8 @@ class IpcClient:
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
         """The next event's params on a subscribed connection; None after `timeout` seconds."""
+        if self._events:  # arrived while a call waited for its reply
+            return self._events.popleft()
         end = time.monotonic() + timeout
         while True:
             msg = self._read(end - time.monotonic())
@@ -617,6 +624,8 @@ class IpcClient:
         else:
             self.call("events.subscribe", since=since)
         while True:
+            while self._events:
+                yield self._events.popleft()
             msg = self._read()
             if msg is not None and msg.get("method") == "event":
                 yield msg.get("params", {})
