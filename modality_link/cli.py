@@ -21,6 +21,8 @@ from modality_link.ipc import IpcClient, IpcError, NotRunning
 from modality_link.media.profiles import PROFILES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+#: Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_INTERRUPTED = 130
 
 
 def _out(obj: Any) -> None:
@@ -332,34 +334,53 @@ def _jobs_note(jobs: list[int]) -> str:
 
 
 def _wait_job(home: Home, job_id: int) -> dict[str, Any]:
-    """Follow a job and the jobs it queues (commit, resend) with a progress bar on a terminal."""
-    tty = sys.stderr.isatty()
+    """Follow a job and the jobs it queues (commit, resend) on one screen (modality_link.progress):
+    a bar per job on a terminal, plain lines otherwise; each job's outcome as a last line."""
+    from modality_link.progress import Screen, job_status
+
+    screen = Screen()
+    ended: set[int] = set()
 
     def show(job: dict[str, Any]) -> None:
         final = job["state"] in ("done", "failed", "cancelled")
-        if tty:
-            width = 30
-            filled = int(width * (job["done"] + job["failed"]) / max(job["total"], 1))
-            sys.stderr.write(
-                f"\r{job['kind']:<6} job {job['id']} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{job['done']}/{job['total']} {job['state']:<9}" + ("\n" if final else "")
-            )
-            sys.stderr.flush()
-        if final:
-            msg = job["last_error"] or job["detail"]
-            print(f"job {job['id']} ({job['kind']} to {job['node']}): {job['state']}: {msg}")
+        status = job_status(job)
+        if not final:
+            status = f"{job['state']}: {status}" if status else job["state"]
+        screen.update(str(job["id"]), f"{job['kind']} job {job['id']}", job["done"] + job["failed"],
+                      job["total"], status)
+        if final and job["id"] not in ended:
+            ended.add(job["id"])
+            screen.say(f"job {job['id']} ({job['kind']} to {job['node']}): {job['state']}: {status}")
 
-    with IpcClient(home.socket_path) as client:
-        return client.follow_job(job_id, show)
+    try:
+        with IpcClient(home.socket_path) as client:
+            return client.follow_job(job_id, show)
+    finally:
+        screen.close()
+
+
+def _interrupted(what: str, job_id: int) -> int:
+    """Ctrl-C while following: the job is the service's; say so, exit 130 (128 + SIGINT)."""
+    from modality_link.progress import went_on
+
+    print("\n" + went_on(what, job_id), file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _follow(home: Home, job_id: int) -> int:
+    try:
+        job = _wait_job(home, job_id)
+    except KeyboardInterrupt:
+        return _interrupted("job", job_id)
+    return EXIT_OK if job["state"] == "done" else EXIT_FAILED
 
 
 def cmd_send(args: argparse.Namespace, home: Home) -> int:
     res = _call(home, "send", study_uids=args.study_uids, node=args.to, commit=args.commit)
-    print(f"job {res['job_id']} queued")
+    print(f"job {res['job_id']} queued", flush=True)
     if not args.wait:
         return EXIT_OK
-    job = _wait_job(home, res["job_id"])
-    return EXIT_OK if job["state"] == "done" else EXIT_FAILED
+    return _follow(home, res["job_id"])
 
 
 def cmd_query(args: argparse.Namespace, home: Home) -> int:
@@ -386,11 +407,10 @@ def cmd_query(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_retrieve(args: argparse.Namespace, home: Home) -> int:
     res = _call(home, "retrieve", node=args.node, study_uid=args.study, patient_id=args.patient_id, to=args.to)
-    print(f"job {res['job_id']} queued")
+    print(f"job {res['job_id']} queued", flush=True)
     if not args.wait:
         return EXIT_OK
-    job = _wait_job(home, res["job_id"])
-    return EXIT_OK if job["state"] == "done" else EXIT_FAILED
+    return _follow(home, res["job_id"])
 
 
 def _job_line(j: dict[str, Any]) -> str:
@@ -749,4 +769,4 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"service's user's)", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED

@@ -224,6 +224,7 @@ class JobQueue:
         return {
             **job.to_dict(),
             "children": self.rows.children(job_id),
+            "attempt_history": [a.to_dict() for a in self.rows.attempts(job_id)],
             "failed_items": [it.to_dict() for it in self.rows.items(job_id, "failed")[:100]],
             "warning_items": [it.to_dict() for it in self.rows.items(job_id, "warning")[:100]],
         }
@@ -258,10 +259,17 @@ class JobQueue:
         return self.show(job_id)
 
     def retry(self, job_id: int) -> dict[str, Any]:
-        """Queue a failed or cancelled job again: attempts reset, failed items pending again."""
+        """Queue a failed or cancelled job again: attempts reset, failed items pending again.
+        A queued job (waiting for its next attempt, or for a commitment report) is tried now."""
         job = self._get(job_id)
+        if job.state == "queued":
+            if self.rows.make_due(job_id):
+                LOG.info("job %d: tried now at the operator's request", job_id)
+            self._progress(job_id)
+            self.wake()
+            return self.show(job_id)
         if job.state not in ("failed", "cancelled"):
-            raise Conflict(f"job {job_id} is {job.state}; only a failed or cancelled job can be retried")
+            raise Conflict(f"job {job_id} is {job.state}; only a failed, cancelled or queued job can be retried")
         self._cancelled.discard(job_id)
         self.rows.reset_items(job_id)
         kind = self._kinds.get(job.kind)
@@ -310,30 +318,36 @@ class JobQueue:
         ctx = JobContext(job_id, self._stop, self._cancelled)
         kind = self._kinds.get(job.kind)
         self._progress(job_id)
+        started, outcome, error = time.time(), "done", ""
         try:
             if kind is None:
                 raise Fail(f"no executor for jobs of kind {job.kind!r}")
             result = kind.executor(job, ctx)
         except Stopping:
+            outcome = "interrupted"
             self.rows.requeue(job_id, "interrupted; will resume")
         except Retry as exc:
-            self._attempt_failed(job, str(exc), exc.forever)
+            outcome, error = "retry", str(exc)
+            self._attempt_failed(job, error, exc.forever)
         except Fail as exc:
+            outcome, error = "failed", str(exc)
             LOG.error("job %d failed: %s", job_id, exc)
             self.rows.end(job_id, "failed", detail="failed", attempts=job.attempts + 1, error=str(exc))
             if exc.alert:
                 self._alert_failed(job, str(exc))
         except Exception as exc:  # a bug: keep the worker; an attempt like any other
-            error = f"{type(exc).__name__}: {exc}"
+            outcome, error = "retry", f"{type(exc).__name__}: {exc}"
             if error != job.last_error:  # the traceback once, not at every attempt
                 LOG.exception("job %d: unexpected error", job_id)
             self._attempt_failed(job, error)
         else:
             if isinstance(result, Wait):
+                outcome, error = "wait", result.detail
                 self.rows.requeue(job_id, result.detail, at=result.until)
             else:
                 self.rows.end(job_id, "done")
                 LOG.info("job %d done", job_id)
+        self.rows.add_attempt(job_id, started, outcome, error)
         self._progress(job_id)
         self._ended(job_id)
 

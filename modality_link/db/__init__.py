@@ -20,12 +20,12 @@ from modality_link.db.alerts import Alert, Alerts
 from modality_link.db.connection import Connection
 from modality_link.db.exams import Exam, ExamObject, Exams, ExamSeries, WorklistItem
 from modality_link.db.index import Index, InstanceRecord, InstanceRow, StudyRow, StudyUse
-from modality_link.db.jobs import FINAL_STATES, CommitTransaction, Job, JobItem, Jobs
+from modality_link.db.jobs import FINAL_STATES, Attempt, CommitTransaction, Job, JobItem, Jobs
 from modality_link.db.retention import Retention, StudyFacts
 from modality_link.db.schema import migrate
 
 __all__ = [
-    "Alert", "CommitTransaction", "Database", "Exam", "ExamObject", "ExamSeries", "FINAL_STATES",
+    "Alert", "Attempt", "CommitTransaction", "Database", "Exam", "ExamObject", "ExamSeries", "FINAL_STATES",
     "InstanceRecord", "InstanceRow", "Job", "JobItem", "Jobs", "StudyFacts", "StudyRow", "StudyUse", "WorklistItem",
 ]
 
