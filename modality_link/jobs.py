@@ -235,10 +235,6 @@ class JobQueue:
             raise NotFound(f"no job {job_id}")
         return job
 
-    def list(self) -> list[dict[str, Any]]:
-        """The jobs as ``jobs.list`` gives them (docs/ipc.md), newest first."""
-        return [job.to_dict() for job in self.rows.latest()]
-
     def cancel(self, job_id: int) -> dict[str, Any]:
         """Cancel a queued job, or ask a running one to stop at its next safe point.
 

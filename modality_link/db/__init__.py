@@ -33,10 +33,13 @@ __all__ = [
 class Database:
     """The service's SQLite file: one connection, migrated on opening, and its parts."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, read_only: bool = False) -> None:
+        """Open (and migrate) the file; `read_only`: open it as it is, to read beside or after
+        the service, creating and changing nothing (``jobs`` while no service runs)."""
         self.path = str(path)
-        self._conn = Connection(path)
-        migrate(self._conn)
+        self._conn = Connection(path, read_only)
+        if not read_only:
+            migrate(self._conn)
         self.index = Index(self._conn)
         self.jobs = Jobs(self._conn)
         self.mpps_jobs = Jobs(self._conn, "mpps_jobs", "mpps_job_items")
