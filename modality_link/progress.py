@@ -114,6 +114,7 @@ class Screen:
 def _rich_progress(out: IO[str], unit: str) -> Any:
     """A `rich` progress display: label, bar, done/total, rate, time left, status."""
     from rich.console import Console
+    from rich.table import Column
     from rich.progress import (
         BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn,
     )
@@ -125,8 +126,10 @@ def _rich_progress(out: IO[str], unit: str) -> Any:
             return Text(f"{speed:.1f} {unit}/s" if speed else f"- {unit}/s")
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-        TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), RateColumn(),
+        TimeRemainingColumn(),
+        # the reason may be long (a peer's error): it wraps in its column, the bar keeps its place
+        TextColumn("{task.fields[status]}", table_column=Column(ratio=1, overflow="fold", no_wrap=False)),
         console=Console(file=out, force_terminal=True), transient=False,
     )
 
