@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from modality_link import __version__
 from modality_link.home import Home
@@ -366,12 +366,7 @@ def cmd_exam(args: argparse.Namespace, home: Home) -> int:
             print(res["exam_id"], flush=True)
             print(_mpps_outcome(home, res))
     elif args.action == "list":
-        exams = _read_list(home, "exam.list", "exams")
-        if args.json:
-            _out(exams)
-        else:
-            for x in exams:
-                print(_exam_line(x))
+        _show_rows(_read_list(home, "exam.list", "exams"), args.json, _exam_line)
     elif args.action == "show":
         res = _call(home, "exam.show", exam_id=args.exam_id)
         if args.json:
@@ -540,13 +535,17 @@ def _job_line(j: dict[str, Any]) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace, home: Home) -> int:
-    jobs = _read_list(home, "jobs.list", "jobs")
-    if args.json:
-        _out(jobs)
-    else:
-        for j in jobs:
-            print(_job_line(j))
+    _show_rows(_read_list(home, "jobs.list", "jobs"), args.json, _job_line)
     return EXIT_OK
+
+
+def _show_rows(rows: list[dict[str, Any]], as_json: bool, line: Callable[[dict[str, Any]], str]) -> None:
+    """A list as JSON, or one line per row."""
+    if as_json:
+        _out(rows)
+        return
+    for row in rows:
+        print(line(row))
 
 
 def _read_list(home: Home, method: str, name: str) -> Any:

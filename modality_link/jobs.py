@@ -323,8 +323,8 @@ class JobQueue:
             outcome = "interrupted"
             self.rows.requeue(job_id, "interrupted; will resume")
         except Retry as exc:
-            outcome, error = "retry", str(exc)
-            self._attempt_failed(job, error, exc.forever)
+            error = str(exc)
+            outcome = "retry" if self._attempt_failed(job, error, exc.forever) else "failed"
         except Fail as exc:
             outcome, error = "failed", str(exc)
             LOG.error("job %d failed: %s", job_id, exc)
@@ -332,10 +332,10 @@ class JobQueue:
             if exc.alert:
                 self._alert_failed(job, str(exc))
         except Exception as exc:  # a bug: keep the worker; an attempt like any other
-            outcome, error = "retry", f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {exc}"
             if error != job.last_error:  # the traceback once, not at every attempt
                 LOG.exception("job %d: unexpected error", job_id)
-            self._attempt_failed(job, error)
+            outcome = "retry" if self._attempt_failed(job, error) else "failed"
         else:
             if isinstance(result, Wait):
                 outcome, error = "wait", result.detail
@@ -347,8 +347,9 @@ class JobQueue:
         self._progress(job_id)
         self._ended(job_id)
 
-    def _attempt_failed(self, job: Job, error: str, forever: bool = False) -> None:
-        """Queue the job again after the node's back-off, or fail it after its last attempt."""
+    def _attempt_failed(self, job: Job, error: str, forever: bool = False) -> bool:
+        """Queue the job again after the node's back-off (True), or fail it after its last
+        attempt (False)."""
         job_id = job.id
         attempts = job.attempts + 1
         if attempts < job.max_attempts or forever:
@@ -359,11 +360,12 @@ class JobQueue:
             detail = f"attempt {attempts} failed; retrying" if forever else \
                 f"attempt {attempts} of {job.max_attempts} failed; retrying"
             self.rows.requeue(job_id, detail, at=time.time() + delay, attempts=attempts, error=error)
-            return
+            return True
         LOG.error("job %d failed after %d attempt(s): %s", job_id, attempts, error)
         self.rows.end(job_id, "failed", detail=f"gave up after {attempts} attempt(s)", attempts=attempts,
                          error=error)
         self._alert_failed(job, error)
+        return False
 
     def _alert_failed(self, job: Job, error: str) -> None:
         """The ``job-failed`` alert, for kinds that do not report their failures themselves."""
