@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from modality_link import __version__, access, config, selftest
+from modality_link import __version__, access, config, lists, selftest
 from modality_link.archive import file_kind
 from modality_link.config import ConfigError
 from modality_link.db import InstanceRecord
@@ -154,6 +154,7 @@ SCHEMAS: dict[str, dict[str, Param]] = {
     "exam.series_complete": {"exam_id": ID, "series_uid": UID},
     "exam.end": {"exam_id": ID, "discontinue": TEXT},
     "exam.show": {"exam_id": ID},
+    "exam.list": {"limit": Param(int, low=1, high=10_000)},
     "send": {"study_uids": UIDS, "node": NAME, "commit": FLAG},
     "jobs.list": {},
     "jobs.show": {"id": ID},
@@ -289,6 +290,7 @@ class Api:
             "exam.series_complete": exams.series_complete,
             "exam.end": exams.end,
             "exam.show": exams.exam_info,
+            "exam.list": self.exam_list,
             "send": self.send,
             "jobs.list": self.jobs_list,
             "jobs.show": self.jobs_show,
@@ -413,16 +415,13 @@ class Api:
                             svc.archive.wait_indexed).to_dict()
 
     def studies_list(self) -> list[dict[str, Any]]:
-        db = self.service.db
-        assert db is not None
-        counts = db.jobs.node_counts()
-        usage = db.index.usage()
-        out = []
-        for s in db.index.studies():
-            use = usage.get(s.study_uid)
-            out.append({**s.to_dict(), "nodes": counts.get(s.study_uid, {}),
-                        "protected": use.protected if use else False, "last_used": use.last_used if use else None})
-        return out
+        assert self.service.db is not None
+        return lists.studies(self.service.db)
+
+    def exam_list(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest exams, newest first (docs/ipc.md ``exam.list``)."""
+        assert self.service.db is not None
+        return lists.exams(self.service.db, limit)
 
     def studies_protect(self, study_uid: str) -> dict[str, Any]:
         """Keep a study from the disk clean-up (docs/design.md "Disk clean-up")."""
@@ -555,8 +554,8 @@ class Api:
         return {"job_id": sending.submit(study_uids, node, bool(commit))}
 
     def jobs_list(self) -> list[dict[str, Any]]:
-        assert self.service.jobs is not None
-        return self.service.jobs.list()
+        assert self.service.db is not None
+        return lists.jobs(self.service.db)
 
     def jobs_show(self, id: int) -> dict[str, Any]:
         assert self.service.jobs is not None

@@ -184,7 +184,8 @@ ERROR_DATA = (
 # -- methods --------------------------------------------------------------------------------------
 
 _JOB = "a job: `id, kind, node, state, params, parent_id, attempts, max_attempts, next_attempt_at, last_error, " \
-       "detail, created_at, updated_at, total, done, warnings, failed`"
+       "detail, created_at, updated_at, total, done, warnings, failed`, and the same times as ISO 8601 local " \
+       "time `created, updated, next_attempt` (null when none)"
 _EXAM = "the exam: `exam_id, state, sps_id, study_uid, pps_id, mpps_uid, mpps_node, objects, series, mpps`"
 _BURN = "the burn as in `burn.status`"
 
@@ -225,12 +226,15 @@ METHODS: dict[str, tuple[str, str, str, tuple[Field, ...]]] = {
     "exam.end": ("end an exam: MPPS N-SET queued, auto-send applied", "object", f"{_EXAM}, `jobs`", (
         EXAM_ID, _f("state", "string", enum="exam_state"), _f("jobs", "array", "send job ids"))),
     "exam.show": ("an exam", "object", _EXAM, (EXAM_ID, _f("state", "string", enum="exam_state"))),
+    "exam.list": ("the newest exams, newest first (`limit`, default 50)", "array", _EXAM, ()),
     "send": ("queue a send job (and its commit job)", "object", "", (_f("job_id", "integer"),)),
     "jobs.list": ("the jobs, newest first", "array", _JOB, ()),
     "jobs.show": ("a job with its children and failed items", "object", f"{_JOB}, `children, failed_items, "
                                                                          f"warning_items`", (
         _f("id", "integer"), _f("kind", "string", enum="job_kind"), _f("state", "string", enum="job_state"),
-        _f("parent_id", "integer", nullable=True), _f("children", "array", "ids of the jobs it queued"))),
+        _f("parent_id", "integer", nullable=True), _f("children", "array", "ids of the jobs it queued"),
+        _f("attempt_history", "array", "each attempt: started, ended (ISO 8601), outcome (done, retry, wait, "
+                                       "failed, interrupted), error"))),
     "jobs.retry": ("queue a failed or cancelled job again", "object", _JOB, ()),
     "jobs.cancel": ("cancel a queued or running job", "object", _JOB, ()),
     "burn": ("burn studies to a disc or an ISO image", "object", _BURN, ()),

@@ -109,6 +109,10 @@ class Exams:
         row = self._conn.one(f"{_EXAM} WHERE id=?", (exam_id,))
         return Exam(**row) if row is not None else None
 
+    def latest(self, limit: int = 100) -> list[Exam]:
+        """The newest `limit` exams, newest first."""
+        return [Exam(**r) for r in self._conn.query(f"{_EXAM} ORDER BY id DESC LIMIT ?", (limit,))]
+
     def set_mpps_uid(self, exam_id: int, mpps_uid: str) -> None:
         """The MPPS SOP Instance UID, once the SCP assigned it in the N-CREATE response."""
         self._conn.execute("UPDATE exams SET mpps_uid=? WHERE id=?", (mpps_uid, exam_id))

@@ -279,6 +279,19 @@ MIGRATIONS = [
     );
     CREATE INDEX events_time ON events(time);
     """,
+    # version 9: each attempt of a send, commit, burn or retrieve job, for ``jobs.show``'s history
+    # (docs/ipc.md): when it started and ended, how it ended (done, retry, wait, failed,
+    # interrupted) and its error. Attempts before this version are not known.
+    """
+    CREATE TABLE job_attempts (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        started_at REAL NOT NULL,
+        ended_at REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX job_attempts_job ON job_attempts(job_id, started_at);
+    """,
 ]
 
 
