@@ -150,7 +150,8 @@ class Service:
         self.autosend.resume()
         self.mpps.start()
         api = Api(self)
-        self.ipc = IpcServer(self.home.socket_path, api.methods(), check=api.check, group=group)
+        self.ipc = IpcServer(self.home.socket_path, api.methods(), check=api.check, group=group,
+                             journal=self.db.events)
         self.ipc.start()
         self.jobs.start()
         cleaner.start()
