@@ -138,7 +138,10 @@ class EventLog:
         return [e for e in list(self.events) if e.get("id") == burn_id and e["type"] == kind]
 
     def done(self, burn_id: int) -> dict[str, Any]:
-        return wait_until(lambda: self.of(burn_id, "burn.done"), BURN_WAIT, f"burn.done of {burn_id}")[0]
+        """The burn.done event of `burn_id` without its journal number (``seq``, checked here)."""
+        event = dict(wait_until(lambda: self.of(burn_id, "burn.done"), BURN_WAIT, f"burn.done of {burn_id}")[0])
+        assert isinstance(event.pop("seq"), int)
+        return event
 
     def close(self) -> None:
         import socket
