@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from modality_link import __version__, access, config, lists, selftest
+from modality_link import __version__, access, audit, config, lists, selftest
 from modality_link.archive import file_kind
 from modality_link.config import ConfigError
 from modality_link.db import InstanceRecord
@@ -317,14 +317,15 @@ class Api:
         if role == access.ENGINEER:
             return
         engineers = f"the service engineer (root, the service's user or group {ipc.engineer_group!r}, ipc.engineer_group)"
+        refusal = None
         if role is None:
-            raise IpcError(FORBIDDEN, f"{method}: refused: user {peer.uid} is not in group {ipc.technologist_group!r} "
-                                      f"(ipc.technologist_group), whose members may use the service, nor is it "
-                                      f"{engineers}")
-        why = ENGINEER_METHODS.get(method) or self.engineer_target(method, params)
-        if why:
-            raise IpcError(FORBIDDEN, f"{method}: refused: only {engineers} may do this, since {why}; "
-                                      f"user {peer.uid} is a technologist")
+            refusal = (f"{method}: refused: user {peer.uid} is not in group {ipc.technologist_group!r} "
+                       f"(ipc.technologist_group), whose members may use the service, nor is it {engineers}")
+        elif why := ENGINEER_METHODS.get(method) or self.engineer_target(method, params):
+            refusal = f"{method}: refused: only {engineers} may do this, since {why}; user {peer.uid} is a technologist"
+        if refusal is not None:
+            audit.restricted_function(f"uid {peer.uid}", refusal)
+            raise IpcError(FORBIDDEN, refusal)
 
     def engineer_target(self, method: str, params: dict[str, Any]) -> str | None:
         """Why a technologist may not name this target (a file written outside the export folder,

@@ -78,6 +78,8 @@ NODE_AUTHENTICATION = _dcm("110126", "Node Authentication")
 NETWORK_CONFIGURATION = _dcm("110128", "Network Configuration")
 SECURITY_CONFIGURATION = _dcm("110129", "Security Configuration")
 SOFTWARE_CONFIGURATION = _dcm("110131", "Software Configuration")
+#: A local user refused a command of the service engineer's (docs/design.md "Who may do what").
+RESTRICTED_FUNCTION = _dcm("110132", "Use of Restricted Function")
 # Active Participant roles (CID 402)
 APPLICATION = _dcm("110150", "Application")
 APPLICATION_LAUNCHER = _dcm("110151", "Application Launcher")
@@ -445,6 +447,12 @@ def security_alert(alert: Code, description: str, *, node: Participant | None = 
         subject = node if node is not None and not node.local else Participant(m.ours().ae_title, m.trail.host)
         m.alert_subject(NODE_ID, subject.host, subject.ae_title or subject.host, description, role=None)
     m.emit()
+
+
+def restricted_function(user: str, description: str) -> None:
+    """A Security Alert for a request the IPC refused by its caller's role (PS3.15 A.5.3.11,
+    Use of Restricted Function): `user` is the caller, `description` the refusal."""
+    security_alert(RESTRICTED_FUNCTION, description, user=user)
 
 
 def association_refused(peer: AssociationPeer, reason: str) -> None:

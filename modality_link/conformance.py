@@ -891,7 +891,16 @@ class Statement:
                                                     "Called AE title must match", "Maximum associations"], rows)
         self.h(2, "Application Level Security")
         self.p("Commands reach the service only through its local IPC socket in the home folder; no DICOM "
-               "service changes the configuration.")
+               "service changes the configuration. With `ipc.engineer_group` and `ipc.technologist_group` "
+               "set, the configuration, deletions and file targets outside `media.export_dir` are the "
+               "service engineer's.")
+        self.h(2, "Audit Trail")
+        audit = cfg.audit
+        collector = (f"and to the syslog collector {audit.syslog_host}:{audit.syslog_port} "
+                     f"({audit.syslog_transport.upper()}, RFC 5424)" if audit.syslog_host else
+                     "(no syslog collector is configured: `audit.syslog_host`)")
+        self.p("DICOM audit messages (PS3.15 A.5: Application Activity, DICOM Instances Transferred, Query, "
+               "Export, Security Alert) are written to `logs/audit.log` in the home folder " + collector + ".")
 
     # -- 8 annexes
 

@@ -9,6 +9,7 @@ console.
 from __future__ import annotations
 
 import grp
+import base64
 import os
 import re
 import shutil
@@ -77,6 +78,12 @@ def test_a_technologist_scans_and_exports_but_does_not_configure_or_delete(roles
                     "service engineer", roles["eng_group"], "ipc.engineer_group", "configuration")
     assert f"user {TECH} is a technologist" in msg
     assert home.config_path.read_bytes() == before
+    # the refusal is in the audit trail (PS3.15 A.5.3.11), naming the user and saying why
+    alerts = [line for line in (home.log_dir / "audit.log").read_text().splitlines()
+              if "Use of Restricted Function" in line]
+    assert len(alerts) == 1 and f'UserID="uid {TECH}"' in alerts[0]
+    why = re.search(r'type="Alert Description" value="([^"]+)"', alerts[0])
+    assert why is not None and base64.b64decode(why.group(1)).decode() == msg
     forbidden(ipc_as(TECH, tech, home, "cleanup", dry_run=True), "deletes studies")
     forbidden(ipc_as(TECH, tech, home, "memory.clear"), "memory server")
     forbidden(ipc_as(TECH, tech, home, "nodes.echo", all=True), "network")

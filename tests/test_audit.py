@@ -380,6 +380,14 @@ def test_every_message_type_is_valid_dicom_audit_xml(trail: audit.AuditTrail, tm
     assert objects(hostile, "Patient Number")[0].findtext("ParticipantObjectName") == "BAD\ufffd^NAME\ufffd\r\nX"
 
 
+def test_a_refused_ipc_request_is_a_restricted_function_alert(trail: audit.AuditTrail, tmp_path: Path) -> None:
+    audit.restricted_function("uid 4243", "config.set: refused: only the service engineer may do this")
+    (doc,) = audit_log(tmp_path / "audit.log")[-1:]
+    codes = [c.get("originalText") for c in doc.find("EventIdentification").findall("EventTypeCode")]
+    assert codes == ["Use of Restricted Function"]
+    assert "uid 4243" in [p.get("UserID") for p in doc.findall("ActiveParticipant")]
+
+
 def test_nothing_is_reported_without_a_trail(tmp_path: Path) -> None:
     peer = FakePeer()
     audit.received(peer, instance())

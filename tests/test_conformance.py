@@ -311,6 +311,12 @@ def test_a_configuration_change_shows_in_the_statement(short_tmp: Path) -> None:
         "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.1"]
     node_rows = {r[0]: r for r in doc.table("Configuration Parameters: nodes").rows}
     assert "PACS:" in node_rows["`nodes.NAME.transfer_syntaxes`"][3]
+    assert "no syslog collector is configured" in " ".join(doc.section("Audit Trail").text)
+
+    cli(home, "config", "set", "audit.syslog_host", "syslog.hospital.example")
+    cli(home, "config", "set", "audit.syslog_transport", "tcp")
+    audit_text = " ".join(parse(conformance(home)).section("Audit Trail").text)
+    assert "syslog collector syslog.hospital.example:514 (TCP, RFC 5424)" in audit_text
 
     cli(home, "config", "set", "memory_server.enabled", "false")
     doc = parse(conformance(home))
