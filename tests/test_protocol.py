@@ -10,7 +10,6 @@ import pytest
 from pydicom import dcmread
 
 from modality_link.config import Node
-from modality_link.home import free_port
 from modality_link.ipc import (
     CONFIG_INVALID, CONFLICT, INVALID_PARAMS, PROTOCOL_MISMATCH, PROTOCOL_VERSION, IpcClient, IpcError,
 )

@@ -54,7 +54,7 @@ def test_send_waits_with_its_reason_then_follow_and_retry_now(short_tmp: Path) -
         # Ctrl-C: the job goes on in the service, and how to follow it again
         term.interrupt()
         assert term.wait() == 130, term.text
-        assert f"it goes on in the service" in term.text and f"modality-link job follow {job_id}" in term.text
+        assert "it goes on in the service" in term.text and f"modality-link job follow {job_id}" in term.text
         job = svc.call("jobs.show", id=job_id)
         assert job["state"] == "queued" and job["next_attempt_at"] > job["updated_at"] + 30
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", job["next_attempt"]), job
