@@ -99,7 +99,7 @@ def checked_uid(uid: object, what: str) -> str:
 
 
 #: Why a file without the PS3.10 header (PS3.10 §7.1) is refused, in the operator's words.
-NOT_DICOM = "not a DICOM file (no DICM prefix after the 128-byte preamble, PS3.10 7.1)"
+NOT_DICOM = "not a DICOM file (no DICM prefix after the 128-byte preamble: no File Meta header, PS3.10 7.1)"
 
 
 def _dataset_offset(fp: BinaryIO) -> int:

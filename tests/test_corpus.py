@@ -231,14 +231,25 @@ EXAM_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def exam(receiver) -> dict[str, Any]:
-    service, home = receiver
+def acquisition() -> Iterator[tuple[Service, Any]]:
+    """A console of its own: an image whose SOP Instance UID is archived already (by the receive
+    and import tests) may not be added to an exam (docs/ipc.md, exam.add_image)."""
+    home = make_home()
+    svc = InProcessService(home)
+    yield svc.service, home
+    svc.stop()
+    cleanup(home)
+
+
+@pytest.fixture(scope="module")
+def exam(acquisition) -> dict[str, Any]:
+    service, home = acquisition
     return call(home, "exam.start", patient_id="CORPUS1", patient_name="Müller^Jörg")
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_exam_add(case: Case, receiver, exam):
-    service, home = receiver
+def test_exam_add(case: Case, acquisition, exam):
+    service, home = acquisition
     if not case.valid:
         with pytest.raises(Exception) as err:
             call(home, "exam.add_image", exam_id=exam["exam_id"], paths=[str(case.path)])
