@@ -212,7 +212,7 @@ def cmd_node(args: argparse.Namespace, home: Home) -> int:
         config.save(cfg, home.config_path)
         print(f"node {args.name} added")
     elif args.action == "edit":
-        node = cfg.node(args.name)
+        edited = cfg.node(args.name)
         changes = {"ae_title": args.ae, "host": args.host, "port": args.port, "auto_send": args.auto_send,
                    "roles": None if args.roles is None else [r.strip() for r in args.roles.split(",") if r.strip()]}
         changed = {k: v for k, v in changes.items() if v is not None}
@@ -221,9 +221,9 @@ def cmd_node(args: argparse.Namespace, home: Home) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         for key, value in changed.items():
-            setattr(node, key, value)
+            setattr(edited, key, value)
         config.save(cfg, home.config_path)
-        print(_node_line(args.name, vars(node)))
+        print(_node_line(args.name, vars(edited)))
         _print_warnings(config.warnings(cfg))
     elif args.action == "remove":
         cfg.node(args.name)

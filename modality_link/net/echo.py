@@ -104,7 +104,7 @@ def echo_services(name: str, node: Node, calling_ae: str, timeouts: Timeouts) ->
         with associate(ae, node) as assoc:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             for cx in assoc.rejected_contexts:
-                refused[str(cx.abstract_syntax)] = CONTEXT_RESULTS.get(cx.result, f"result {cx.result}")
+                refused[str(cx.abstract_syntax)] = CONTEXT_RESULTS.get(cx.result or 0, f"result {cx.result}")
             if VERIFICATION_UID in accepted:
                 rsp = assoc.send_c_echo()
                 status = int(rsp.Status) if "Status" in rsp else None
