@@ -4,7 +4,8 @@ This module and `modality_link.service` are the only ones besides `modality_link
 IPC protocol exists. Each method calls the exam manager, job queue, burns, archive or config, and
 turns the domain's :class:`~modality_link.errors.RequestError` into an :class:`IpcError` with
 the code docs/ipc.md "Errors" gives; a DICOM status behind the error goes into the error's
-``data`` as ``{"status": N}``.
+``data`` as ``{"status": N}``, the parameter at fault as ``{"param": NAME}`` and a configuration
+key as ``{"key": KEY}``.
 
 Before a method runs, :meth:`Api.check` holds its parameters against the method's schema
 (:data:`SCHEMAS`: type and range of each, -32602 naming the parameter) and the caller's role
@@ -30,13 +31,14 @@ from typing import TYPE_CHECKING, Any, Callable
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from modality_link import __version__, access, config, selftest
+from modality_link import __version__, access, config, lists, selftest
 from modality_link.archive import file_kind
 from modality_link.config import ConfigError
 from modality_link.db import InstanceRecord
 from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound, RequestError, UnknownNode
 from modality_link.ipc import (
-    CONFIG_INVALID, CONFLICT, DICOM_FAILURE, FORBIDDEN, INVALID_PARAMS, MAX_LINE, NOT_FOUND, IpcError, Peer,
+    CONFIG_INVALID, CONFLICT, DICOM_FAILURE, FORBIDDEN, INVALID_PARAMS, MAX_LINE, NOT_FOUND, PROTOCOL_MISMATCH,
+    PROTOCOL_VERSION, IpcError, Peer,
 )
 from modality_link.net import retrieve
 from modality_link.net.echo import echo, echo_services
@@ -57,11 +59,14 @@ ERROR_CODES: dict[type[RequestError], int] = {
 
 
 def ipc_error(exc: RequestError) -> IpcError:
-    """The IPC error for a domain error, its DICOM status (if any) in ``data``."""
+    """The IPC error for a domain error: in ``data`` its DICOM status, the parameter at fault
+    and its details, where it has them (docs/ipc.md "Errors")."""
     code = next(c for cls, c in ERROR_CODES.items() if isinstance(exc, cls))
-    data: dict[str, Any] = {} if exc.status is None else {"status": exc.status}
-    if isinstance(exc, UnknownNode):
-        data["node"] = exc.node  # the command line's exit code 2 (docs/cli.md "Exit codes")
+    data: dict[str, Any] = dict(exc.details)
+    if exc.status is not None:
+        data["status"] = exc.status
+    if exc.param is not None:
+        data["param"] = exc.param
     return IpcError(code, str(exc), data or None)
 
 
@@ -122,6 +127,7 @@ PATHS = Param(list, required=True, low=1, high=100_000, items=PATH)
 
 #: The parameters of every method, by name (docs/ipc.md "Methods"); null is an absent parameter.
 SCHEMAS: dict[str, dict[str, Param]] = {
+    "hello": {"client": TEXT, "protocol": Param(str, required=True, low=1, high=32)},
     "status": {},
     "studies.list": {},
     "studies.protect": {"study_uid": UID},
@@ -149,6 +155,7 @@ SCHEMAS: dict[str, dict[str, Param]] = {
     "exam.series_complete": {"exam_id": ID, "series_uid": UID},
     "exam.end": {"exam_id": ID, "discontinue": TEXT},
     "exam.show": {"exam_id": ID},
+    "exam.list": {"limit": Param(int, low=1, high=10_000)},
     "send": {"study_uids": UIDS, "node": NAME, "commit": FLAG},
     "jobs.list": {},
     "jobs.show": {"id": ID},
@@ -160,7 +167,7 @@ SCHEMAS: dict[str, dict[str, Param]] = {
     "burn.disc_inserted": {"id": ID},
     "burn.cancel": {"id": ID},
     "drives.list": {},
-    "events.subscribe": {},
+    "events.subscribe": {"since": Param(int)},
     "selftest": {},
 }
 
@@ -214,12 +221,17 @@ def check_params(method: str, params: dict[str, Any]) -> None:
     for name, value in params.items():
         rule = schema.get(name)
         if rule is None:
-            raise IpcError(INVALID_PARAMS, f"{method}: no parameter {name!r} (it takes: {', '.join(schema) or 'none'})")
+            raise IpcError(INVALID_PARAMS, f"{method}: no parameter {name!r} (it takes: {', '.join(schema) or 'none'})",
+                           {"param": name})
         if value is not None:
-            _check_value(f"{method}: {name}", value, rule)
+            try:
+                _check_value(f"{method}: {name}", value, rule)
+            except IpcError as exc:
+                exc.data = {"param": name}
+                raise
     missing = [name for name, rule in schema.items() if rule.required and params.get(name) is None]
     if missing:
-        raise IpcError(INVALID_PARAMS, f"{method}: {missing[0]} is missing")
+        raise IpcError(INVALID_PARAMS, f"{method}: {missing[0]} is missing", {"param": missing[0]})
 
 
 # -- roles (docs/ipc.md "Roles") --------------------------------------------------------------------
@@ -254,6 +266,7 @@ class Api:
             "the API is built after the service started its parts"
         exams, burns = svc.exams, svc.burns
         table: dict[str, Callable[..., Any]] = {
+            "hello": self.hello,
             "status": self.status,
             "studies.list": self.studies_list,
             "studies.protect": self.studies_protect,
@@ -279,6 +292,7 @@ class Api:
             "exam.series_complete": exams.series_complete,
             "exam.end": exams.end,
             "exam.show": exams.exam_info,
+            "exam.list": self.exam_list,
             "send": self.send,
             "jobs.list": self.jobs_list,
             "jobs.show": self.jobs_show,
@@ -342,6 +356,24 @@ class Api:
 
     # -- service and archive --------------------------------------------------------------------
 
+    def hello(self, protocol: str, client: str = "") -> dict[str, Any]:
+        """The handshake (docs/ipc.md "Versions"): the service's protocol version; a client of
+        another major version is refused, since its requests or its reading of the results may
+        not mean what it thinks."""
+        major, _, minor = protocol.partition(".")
+        if not (major.isdigit() and (not minor or minor.isdigit())):
+            raise IpcError(INVALID_PARAMS, f"hello: protocol is MAJOR.MINOR (e.g. {PROTOCOL_VERSION!r}), "
+                                           f"not {protocol!r}", {"param": "protocol"})
+        ours = PROTOCOL_VERSION.split(".")[0]
+        if int(major) != int(ours):
+            raise IpcError(PROTOCOL_MISMATCH,
+                           f"hello: this service speaks protocol {PROTOCOL_VERSION}; a client of protocol "
+                           f"{protocol} (major {int(major)}) cannot be served: use a client for major {ours}",
+                           {"param": "protocol", "protocol": PROTOCOL_VERSION})
+        if client:
+            LOG.info("ipc: hello from %s (protocol %s)", client, protocol)
+        return {"protocol": PROTOCOL_VERSION, "service": "modality_link", "version": __version__}
+
     def status(self) -> dict[str, Any]:
         svc = self.service
         assert svc.db is not None
@@ -356,6 +388,7 @@ class Api:
             }
         return {
             "version": __version__,
+            "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
             "home": str(svc.home.root),
             "uptime_s": round(time.time() - svc.started_at, 1),
@@ -369,6 +402,7 @@ class Api:
                        "budget_bytes": svc.memory.budget},
             "alerts": [a.to_dict() for a in svc.db.alerts.latest(limit=20)],
             "warnings": config.warnings(svc.config),
+            "last_event_seq": svc.db.events.last_seq(),
         }
 
     def selftest(self) -> dict[str, Any]:
@@ -384,16 +418,13 @@ class Api:
                             svc.archive.wait_indexed).to_dict()
 
     def studies_list(self) -> list[dict[str, Any]]:
-        db = self.service.db
-        assert db is not None
-        counts = db.jobs.node_counts()
-        usage = db.index.usage()
-        out = []
-        for s in db.index.studies():
-            use = usage.get(s.study_uid)
-            out.append({**s.to_dict(), "nodes": counts.get(s.study_uid, {}),
-                        "protected": use.protected if use else False, "last_used": use.last_used if use else None})
-        return out
+        assert self.service.db is not None
+        return lists.studies(self.service.db)
+
+    def exam_list(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest exams, newest first (docs/ipc.md ``exam.list``)."""
+        assert self.service.db is not None
+        return lists.exams(self.service.db, limit)
 
     def studies_protect(self, study_uid: str) -> dict[str, Any]:
         """Keep a study from the disk clean-up (docs/design.md "Disk clean-up")."""
@@ -526,8 +557,8 @@ class Api:
         return {"job_id": sending.submit(study_uids, node, bool(commit))}
 
     def jobs_list(self) -> list[dict[str, Any]]:
-        assert self.service.jobs is not None
-        return self.service.jobs.list()
+        assert self.service.db is not None
+        return lists.jobs(self.service.db)
 
     def jobs_show(self, id: int) -> dict[str, Any]:
         assert self.service.jobs is not None
@@ -576,13 +607,13 @@ class Api:
         try:
             return config.get_value(cfg, key)
         except ConfigError as exc:
-            raise IpcError(CONFIG_INVALID, str(exc)) from None
+            raise IpcError(CONFIG_INVALID, str(exc), {"key": key}) from None
 
     def config_set(self, key: str, value: str) -> Any:
         try:
             config.set_value(self.service.home.config_path, key, str(value))
         except ConfigError as exc:
-            raise IpcError(CONFIG_INVALID, str(exc)) from None
+            raise IpcError(CONFIG_INVALID, str(exc), {"key": key}) from None
         self.config_reload()
         return config.get_value(self.service.config, key)
 

@@ -98,6 +98,10 @@ def checked_uid(uid: object, what: str) -> str:
     return str(uid)
 
 
+#: Why a file without the PS3.10 header (PS3.10 §7.1) is refused, in the operator's words.
+NOT_DICOM = "not a DICOM file (no DICM prefix after the 128-byte preamble, PS3.10 7.1)"
+
+
 def _dataset_offset(fp: BinaryIO) -> int:
     """Where the data set of the PS3.10 file `fp` starts (after its File Meta group)."""
     fp.seek(0)
@@ -133,7 +137,10 @@ def read_header(source: Path | bytes) -> Dataset:
             elif syntax and not UID(syntax).is_implicit_VR and ds._dict:
                 fp.seek(_dataset_offset(fp) + 4)
                 _check_explicit_vr(fp.read(2), UID(syntax))
-    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError, zlib.error) as exc:
+    except InvalidDicomError:
+        # pydicom's own text suggests force=True, which is no advice for an operator
+        raise CannotUnderstand(NOT_DICOM) from None
+    except (EOFError, ValueError, KeyError, struct.error, OSError, zlib.error) as exc:
         raise CannotUnderstand(f"dataset cannot be parsed: {exc}") from None
     if end > size:
         raise CannotUnderstand(f"dataset is truncated: {end - size} bytes missing at its end")

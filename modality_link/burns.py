@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import hw
+from modality_link import audit
 from modality_link.archive import file_kind
 from modality_link.config import Media
 from modality_link.db import Database, Job
@@ -43,8 +44,10 @@ from modality_link.errors import Conflict, Invalid, NotFound
 from modality_link.jobs import FINAL_STATES, Fail, JobContext, JobQueue, Stopping
 from modality_link.media import MediaError, MediaOptions
 from modality_link.media.burn import (
-    DISC_DONE, DISC_FAILED, DISC_STOPPED, BurnAborted, BurnStopped, DiscReport, burn_studies,
+    DISC_DONE, DISC_FAILED, DISC_STOPPED, DISC_VERIFYING, DISC_WRITING, BurnAborted, BurnStopped, DiscReport,
+    burn_studies,
 )
+from modality_link.media.profiles import PROFILES
 
 LOG = logging.getLogger("modality_link.burns")
 
@@ -327,6 +330,11 @@ class Burns:
 
         def on_disc(disc: DiscReport, uids: Sequence[str]) -> None:
             entry = dataclasses.asdict(disc)
+            # the data left on a medium written in this attempt: an export (docs/design.md "Audit trail")
+            if disc.state in (DISC_DONE, DISC_FAILED, DISC_STOPPED) and discs.get(disc.index, {}).get("state") in (
+                    DISC_WRITING, DISC_VERIFYING):
+                audit.exported(disc.target, iso_out is not None, disc.fileset_id, PROFILES[options.profile].medium,
+                               self._db.index.instance_studies(list(uids)).values(), disc.state == DISC_DONE)
             discs[disc.index] = entry
             params["discs"] = [discs[k] for k in sorted(discs)]
             self._db.jobs.set_detail(job_id, f"disc {disc.index} of {disc.count}: {disc.state}", params=params)

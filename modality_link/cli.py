@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from modality_link import __version__
 from modality_link.home import Home
@@ -29,6 +29,8 @@ EXIT_CODES = {
     EXIT_USAGE: "invalid usage: a wrong option, an invalid configuration value or file, an unknown node",
     EXIT_NOT_RUNNING: "no service running (the command needs one)",
 }
+#: Ctrl-C (128 + SIGINT), as a shell reports it
+EXIT_INTERRUPTED = 130
 
 
 def _out(obj: Any) -> None:
@@ -310,11 +312,65 @@ def cmd_selftest(args: argparse.Namespace, home: Home) -> int:
 def cmd_import(args: argparse.Namespace, home: Home) -> int:
     import os
 
-    res = _call(home, "archive.import", paths=[os.path.abspath(p) for p in args.paths])
+    paths = [os.path.abspath(p) for p in args.paths]
+    res = _import_with_progress(home, paths)
     print(f"imported {res['imported']} file(s)")
     for f in res["failed"]:
         print(f"refused {f['path']}: {f['error']}", file=sys.stderr)
     return EXIT_OK if not res["failed"] else EXIT_FAILED
+
+
+def _files_to_import(paths: list[str]) -> int:
+    """How many files ``archive.import`` will read (folders recursively, DICOMDIR skipped)."""
+    import os
+
+    count = 0
+    for path in paths:
+        if not os.path.isdir(path):
+            count += 1
+            continue
+        for _, _, files in os.walk(path):
+            count += sum(name != "DICOMDIR" for name in files)
+    return count
+
+
+def _import_with_progress(home: Home, paths: list[str]) -> dict[str, Any]:
+    """``archive.import`` with its progress (files done of total) on the progress screen: each
+    ``instance.stored`` event while the call runs is one more file in."""
+    import threading
+
+    from modality_link.progress import Screen
+
+    total = _files_to_import(paths)
+    screen = Screen(unit="files")
+    label = "import"
+    screen.update(label, label, 0, total, f"{total} file(s) to read")
+    done = threading.Event()
+
+    def count(events: IpcClient) -> None:
+        stored = 0
+        while not done.is_set():
+            try:
+                ev = events.next_event(0.2)
+            except (OSError, NotRunning, ValueError):
+                return
+            if ev is not None and ev.get("type") == "instance.stored":
+                stored = min(stored + 1, total)
+                screen.update(label, label, stored, total, "reading")
+
+    with IpcClient(home.socket_path, timeout=None) as events:
+        events.call("events.subscribe")
+        counter = threading.Thread(target=count, args=(events,), daemon=True)
+        counter.start()
+        try:
+            res: dict[str, Any] = _call(home, "archive.import", paths=paths)
+        finally:
+            done.set()
+            counter.join(2.0)
+    screen.update(label, label, res["imported"] + len(res["failed"]), total,
+                  f"{res['imported']} imported, {len(res['failed'])} refused")
+    screen.close()
+    return res
 
 
 def _when(t: float | None) -> str:
@@ -334,7 +390,7 @@ def cmd_studies(args: argparse.Namespace, home: Home) -> int:
         else:
             print(f"{res['study_uid']}: {'protected' if res['protected'] else 'not protected'}")
         return EXIT_OK
-    studies = _call(home, "studies.list")
+    studies = _read_list(home, "studies.list", "studies")
     if args.json:
         _out(studies)
         return EXIT_OK
@@ -429,7 +485,22 @@ def cmd_exam(args: argparse.Namespace, home: Home) -> int:
         if args.json:
             _out(res)
         else:
-            print(res["exam_id"])
+            print(res["exam_id"], flush=True)
+            print(_mpps_outcome(home, res))
+    elif args.action == "list":
+        _show_rows(_read_list(home, "exam.list", "exams"), args.json, _exam_line)
+    elif args.action == "show":
+        res = _call(home, "exam.show", exam_id=args.exam_id)
+        if args.json:
+            _out(res)
+        else:
+            print(f"exam {res['exam_id']}: {res['state']}, study {res['study_uid']}, SPS {res['sps_id'] or '-'}, "
+                  f"{res['objects']} object(s)")
+            for se in res["series"]:
+                print(f"  series {se['series_uid']}: {se['instances']} instance(s)"
+                      f"{', complete' if se['complete'] else ''}")
+            for m in res["mpps"]:
+                print(f"  MPPS {_MPPS_NAMES.get(m['kind'], m['kind'])} to {m['node']}: {_mpps_state(m)}")
     elif args.action == "add":
         res = _call(home, "exam.add_image", exam_id=args.exam_id, paths=[os.path.abspath(p) for p in args.paths])
         print(f"exam {res['exam_id']}: {len(res['added'])} object(s) archived")
@@ -446,6 +517,47 @@ def cmd_exam(args: argparse.Namespace, home: Home) -> int:
     return EXIT_OK
 
 
+_MPPS_NAMES = {"create": "N-CREATE", "set": "N-SET"}
+
+
+def _mpps_state(m: dict[str, Any]) -> str:
+    """An MPPS outbox row (docs/ipc.md ``exam.show``) in words."""
+    from modality_link.progress import clock
+
+    if m["state"] == "queued" and (m["attempts"] or m["last_error"]):
+        due = f", next attempt at {clock(m['next_attempt'])}" if m.get("next_attempt") else ""
+        return f"queued for retry ({m['last_error'] or 'not answered'}{due})"
+    if m["state"] == "failed":
+        return f"failed: {m['last_error']}"
+    return str(m["state"])
+
+
+def _mpps_outcome(home: Home, exam: dict[str, Any], wait: float = 5.0) -> str:
+    """The N-CREATE's outcome, waited for briefly: sent, failed with the reason, or queued for
+    retry (it goes on in the service; ``exam show`` tells later)."""
+    import time
+
+    if not exam["mpps"]:
+        return "MPPS: no node with the mpps role; no N-CREATE sent"
+    end = time.monotonic() + wait
+    with IpcClient(home.socket_path) as client:
+        while True:
+            create = client.call("exam.show", exam_id=exam["exam_id"])["mpps"][0]
+            if create["state"] != "queued" or create["attempts"] or time.monotonic() >= end:
+                break
+            time.sleep(0.1)
+    state = _mpps_state(create)
+    if create["state"] == "queued" and not create["attempts"]:
+        state = "not answered yet; it goes on in the service (see exam show)"
+    return f"MPPS N-CREATE to {create['node']}: {state}"
+
+
+def _exam_line(x: dict[str, Any]) -> str:
+    mpps = ", ".join(f"{_MPPS_NAMES.get(m['kind'], m['kind'])} {m['state']}" for m in x["mpps"]) or "no MPPS"
+    return (f"{x['exam_id']:>5} {x['state']:<13} {x['patient_id']:<12} {x['patient_name']:<28} "
+            f"started {x['started'][:16].replace('T', ' ')} {mpps}")
+
+
 def _jobs_note(jobs: list[int]) -> str:
     """", auto-send jobs 4, 5 queued" (or nothing when no node has a matching auto_send rule)."""
     if not jobs:
@@ -454,34 +566,53 @@ def _jobs_note(jobs: list[int]) -> str:
 
 
 def _wait_job(home: Home, job_id: int) -> dict[str, Any]:
-    """Follow a job and the jobs it queues (commit, resend) with a progress bar on a terminal."""
-    tty = sys.stderr.isatty()
+    """Follow a job and the jobs it queues (commit, resend) on one screen (modality_link.progress):
+    a bar per job on a terminal, plain lines otherwise; each job's outcome as a last line."""
+    from modality_link.progress import Screen, job_status
+
+    screen = Screen()
+    ended: set[int] = set()
 
     def show(job: dict[str, Any]) -> None:
         final = job["state"] in ("done", "failed", "cancelled")
-        if tty:
-            width = 30
-            filled = int(width * (job["done"] + job["failed"]) / max(job["total"], 1))
-            sys.stderr.write(
-                f"\r{job['kind']:<6} job {job['id']} [{'#' * filled}{'.' * (width - filled)}] "
-                f"{job['done']}/{job['total']} {job['state']:<9}" + ("\n" if final else "")
-            )
-            sys.stderr.flush()
-        if final:
-            msg = job["last_error"] or job["detail"]
-            print(f"job {job['id']} ({job['kind']} to {job['node']}): {job['state']}: {msg}")
+        status = job_status(job)
+        if not final:
+            status = f"{job['state']}: {status}" if status else job["state"]
+        screen.update(str(job["id"]), f"{job['kind']} job {job['id']}", job["done"] + job["failed"],
+                      job["total"], status)
+        if final and job["id"] not in ended:
+            ended.add(job["id"])
+            screen.say(f"job {job['id']} ({job['kind']} to {job['node']}): {job['state']}: {status}")
 
-    with IpcClient(home.socket_path) as client:
-        return client.follow_job(job_id, show)
+    try:
+        with IpcClient(home.socket_path) as client:
+            return client.follow_job(job_id, show)
+    finally:
+        screen.close()
+
+
+def _interrupted(what: str, job_id: int) -> int:
+    """Ctrl-C while following: the job is the service's; say so, exit 130 (128 + SIGINT)."""
+    from modality_link.progress import went_on
+
+    print("\n" + went_on(what, job_id), file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def _follow(home: Home, job_id: int) -> int:
+    try:
+        job = _wait_job(home, job_id)
+    except KeyboardInterrupt:
+        return _interrupted("job", job_id)
+    return EXIT_OK if job["state"] == "done" else EXIT_FAILED
 
 
 def cmd_send(args: argparse.Namespace, home: Home) -> int:
     res = _call(home, "send", study_uids=args.study_uids, node=args.to, commit=args.commit)
-    print(f"job {res['job_id']} queued")
+    print(f"job {res['job_id']} queued", flush=True)
     if not args.wait:
         return EXIT_OK
-    job = _wait_job(home, res["job_id"])
-    return EXIT_OK if job["state"] == "done" else EXIT_FAILED
+    return _follow(home, res["job_id"])
 
 
 def cmd_query(args: argparse.Namespace, home: Home) -> int:
@@ -508,38 +639,76 @@ def cmd_query(args: argparse.Namespace, home: Home) -> int:
 
 def cmd_retrieve(args: argparse.Namespace, home: Home) -> int:
     res = _call(home, "retrieve", node=args.node, study_uid=args.study, patient_id=args.patient_id, to=args.to)
-    print(f"job {res['job_id']} queued")
+    print(f"job {res['job_id']} queued", flush=True)
     if not args.wait:
         return EXIT_OK
-    job = _wait_job(home, res["job_id"])
-    return EXIT_OK if job["state"] == "done" else EXIT_FAILED
+    return _follow(home, res["job_id"])
 
 
 def _job_line(j: dict[str, Any]) -> str:
-    extra = f" ({j['last_error']})" if j["last_error"] else (f" ({j['detail']})" if j["detail"] else "")
+    from modality_link.progress import job_status
+
+    status = job_status(j)
     return (
         f"{j['id']:>5} {j['kind']:<7} {j['node']:<12} {j['state']:<9} "
-        f"{j['done']}/{j['total']} failed {j['failed']} attempts {j['attempts']}{extra}"
+        f"{j['done']}/{j['total']} failed {j['failed']} attempts {j['attempts']}"
+        + (f" ({status})" if status else "")
     )
 
 
 def cmd_jobs(args: argparse.Namespace, home: Home) -> int:
-    jobs = _call(home, "jobs.list")
-    if args.json:
-        _out(jobs)
-    else:
-        for j in jobs:
-            print(_job_line(j))
+    _show_rows(_read_list(home, "jobs.list", "jobs"), args.json, _job_line)
     return EXIT_OK
 
 
+def _show_rows(rows: list[dict[str, Any]], as_json: bool, line: Callable[[dict[str, Any]], str]) -> None:
+    """A list as JSON, or one line per row."""
+    if as_json:
+        _out(rows)
+        return
+    for row in rows:
+        print(line(row))
+
+
+def _read_list(home: Home, method: str, name: str) -> Any:
+    """`method`'s result from the service; while none runs, the same list read from its database
+    (read-only, modality_link.lists), with a note on stderr saying so."""
+    from modality_link import lists
+
+    try:
+        return _call(home, method)
+    except NotRunning as exc:
+        try:
+            db = lists.read_only(home)
+        except lists.NoDatabase:
+            raise exc from None
+        try:
+            rows = getattr(lists, name)(db)
+        finally:
+            db.close()
+        print(f"modality-link: the service is not running ({exc}); this is its database as it left it",
+              file=sys.stderr)
+        return rows
+
+
 def cmd_job(args: argparse.Namespace, home: Home) -> int:
+    if args.action == "follow":
+        job = _call(home, "jobs.show", id=args.id)
+        if job["kind"] == "burn":
+            return _follow_burn(home, args.id, yes=False)
+        return _follow(home, args.id)
     method = {"show": "jobs.show", "retry": "jobs.retry", "cancel": "jobs.cancel"}[args.action]
     job = _call(home, method, id=args.id)
     if args.json:
         _out(job)
         return EXIT_OK
     print(_job_line(job))
+    if args.action == "show":
+        print(f"  created {job['created']}, last change {job['updated']}"
+              + (f", next attempt {job['next_attempt']}" if job["next_attempt"] else ""))
+        for a in job.get("attempt_history", []):
+            print(f"  attempt {a['started']} - {a['ended'][11:]}: {a['outcome']}"
+                  + (f": {a['error']}" if a["error"] else ""))
     for d in job["params"].get("discs", []) if job["kind"] == "burn" else []:
         print("  " + _disc_line(d))
     for item in job.get("failed_items", []):
@@ -593,39 +762,58 @@ def cmd_burn(args: argparse.Namespace, home: Home) -> int:
         burn = _call(home, "burn", **params)
         print(burn["id"])
         return EXIT_OK
-    # Subscribe before starting so that no event of this burn is missed.
-    with IpcClient(home.socket_path, timeout=None) as events, IpcClient(home.socket_path) as client:
-        stream = events.events()
-        burn = client.call("burn", **params)
-        burn_id = burn["id"]
-        print(f"{burn_id}: burning {len(args.study_uids)} study(ies) to {burn['target']}", flush=True)
-        if burn["state"] == "queued" and burn["detail"]:
-            print(f"{burn_id}: queued ({burn['detail']})", flush=True)
-        tty = sys.stdout.isatty()
-        for ev in stream:
-            if ev.get("id") != burn_id:
-                continue
-            if ev["type"] == "burn.progress":
-                line = _progress_line(ev)
-                if tty:
-                    print("\r" + line, end="", flush=True)
-                elif ev["fraction"] >= 1.0:
-                    print(line, flush=True)
-            elif ev["type"] == "burn.insert_disc":
-                print(("\n" if tty else "") + ev["message"], flush=True)
-                if not args.yes:
-                    try:
-                        input("Press Enter when the disc is in the drive (Ctrl-C to stop waiting) ")
-                    except EOFError:
-                        print("modality-link burn: no terminal to answer the disc prompt; use --yes",
-                              file=sys.stderr)
+    return _follow_burn(home, None, args.yes, params)
+
+
+def _follow_burn(home: Home, burn_id: int | None, yes: bool, start: dict[str, Any] | None = None) -> int:
+    """Follow a burn on the progress screen (modality_link.progress): the burn `start` starts
+    (params of ``burn``), or burn `burn_id` already under way (``job follow``). Events are
+    subscribed to before the burn starts or its state is read, so that none is missed."""
+    from modality_link.progress import Screen
+
+    screen = Screen(unit="%")
+    try:
+        with IpcClient(home.socket_path, timeout=None) as events, IpcClient(home.socket_path) as client:
+            events.call("events.subscribe")
+            if start is not None:
+                burn = client.call("burn", **start)
+                burn_id = burn["id"]
+                print(f"{burn_id}: burning {len(start['study_uids'])} study(ies) to {burn['target']}", flush=True)
+                if burn["state"] == "queued" and burn["detail"]:
+                    print(f"{burn_id}: queued ({burn['detail']})", flush=True)
+            assert burn_id is not None
+            state = client.call("burn.status", id=burn_id)
+            if start is None:
+                print(f"{burn_id}: {state['state']} (burn to {state['target']})", flush=True)
+            if state["state"] not in ("done", "failed", "cancelled"):
+                if start is None and state.get("waiting_for_disc"):
+                    if not _disc_prompt(client, burn_id, f"put blank disc {state['waiting_for_disc']} in", yes):
                         return EXIT_FAILED
-                client.call("burn.disc_inserted", id=burn_id)
-            elif ev["type"] == "burn.done":
-                break
-        if tty:
-            print()
-        status = client.call("burn.status", id=burn_id)
+                while True:
+                    ev = events.next_event(1.0)
+                    if ev is None:  # quiet: has it ended meanwhile (a burn.done missed)?
+                        if client.call("burn.status", id=burn_id)["state"] in ("done", "failed", "cancelled"):
+                            break
+                        continue
+                    if ev.get("id") != burn_id:
+                        continue
+                    if ev["type"] == "burn.progress":
+                        screen.update(f"{ev['disc']}:{ev['phase']}",
+                                      f"burn {burn_id} disc {ev['disc']} of {ev['discs']} {ev['phase']:<6}",
+                                      int(ev["fraction"] * 100), 100, "")
+                    elif ev["type"] == "burn.insert_disc":
+                        screen.say(ev["message"])
+                        if not _disc_prompt(client, burn_id, "", yes):
+                            return EXIT_FAILED
+                    elif ev["type"] == "burn.done":
+                        break
+            screen.close()
+            status = client.call("burn.status", id=burn_id)
+    except KeyboardInterrupt:
+        screen.close()
+        if burn_id is None:
+            raise
+        return _interrupted("burn", burn_id)
     for d in status["discs"]:
         print(_disc_line(d))
     if status["state"] != "done":
@@ -633,6 +821,20 @@ def cmd_burn(args: argparse.Namespace, home: Home) -> int:
         return EXIT_FAILED
     print(f"{burn_id}: done")
     return EXIT_OK
+
+
+def _disc_prompt(client: IpcClient, burn_id: int, message: str, yes: bool) -> bool:
+    """Ask for the next blank disc (unless `yes`) and tell the service it is in."""
+    if message:
+        print(f"{burn_id}: {message}", flush=True)
+    if not yes:
+        try:
+            input("Press Enter when the disc is in the drive (Ctrl-C to stop waiting) ")
+        except EOFError:
+            print("modality-link burn: no terminal to answer the disc prompt; use --yes", file=sys.stderr)
+            return False
+    client.call("burn.disc_inserted", id=burn_id)
+    return True
 
 
 def cmd_conformance(args: argparse.Namespace, home: Home) -> int:
@@ -845,6 +1047,11 @@ def build_parser(lists: bool = False) -> argparse.ArgumentParser:
     xs.add_argument("--patient-id", help="unscheduled: the Patient ID")
     xs.add_argument("--patient-name", help="unscheduled: the Patient's Name")
     xs.add_argument("--json", action="store_true", help=JSON_HELP)
+    xl = xsub.add_parser("list", help="the latest exams with their MPPS state (readable while the service is stopped)")
+    xl.add_argument("--json", action="store_true", help=JSON_HELP)
+    xw = xsub.add_parser("show", help="one exam: its series and its MPPS messages")
+    xw.add_argument("exam_id", type=int, help="the exam")
+    xw.add_argument("--json", action="store_true", help=JSON_HELP)
     xa = xsub.add_parser("add", help="add image files to an exam")
     xa.add_argument("exam_id", type=int, help="the exam")
     xa.add_argument("paths", nargs="+", help="PS3.10 files")
@@ -884,8 +1091,10 @@ def build_parser(lists: bool = False) -> argparse.ArgumentParser:
     jl = command("jobs", "list the job queue")
     jl.add_argument("--json", action="store_true", help=JSON_HELP)
     jl.set_defaults(func=cmd_jobs)
-    jb = command("job", "show, retry or cancel one job")
-    jb.add_argument("action", choices=("show", "retry", "cancel"), help="what to do")
+    jb = command("job", "show, follow, retry or cancel one job")
+    jb.add_argument("action", choices=("show", "follow", "retry", "cancel"),
+                    help="show (times, attempts), follow (its progress again; Ctrl-C leaves it running), "
+                         "retry (a failed or cancelled job again; a queued one now) or cancel")
     jb.add_argument("id", type=int, help="the job's ID (modality-link jobs lists them)")
     jb.add_argument("--json", action="store_true", help=JSON_HELP)
     jb.set_defaults(func=cmd_job)
@@ -946,7 +1155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, home))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         code, message = exit_code(exc)
         print(f"modality-link: {message}", file=sys.stderr)

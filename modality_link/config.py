@@ -387,6 +387,35 @@ class Ipc:
         _check_group(f"{prefix}.technologist_group", self.technologist_group)
 
 
+#: How audit messages reach a syslog collector: UDP (RFC 5426) or TCP with octet counting
+#: (RFC 6587); TLS (RFC 5425) is not offered yet.
+SYSLOG_TRANSPORTS = ("udp", "tcp")
+_SYSLOG_HOST = re.compile(r"[A-Za-z0-9._:%-]{0,253}")
+
+
+@dataclass
+class Audit:
+    """Where the audit trail goes besides ``logs/audit.log`` (docs/design.md "Audit trail"): a
+    syslog collector (PS3.15 A.6, A.7), none while `syslog_host` is empty."""
+
+    #: The syslog collector (host name or IP address) that gets a copy of every audit message;
+    #: "" sends none.
+    syslog_host: str = ""
+    #: Its port: 514, the syslog port PS3.15 A.7 names as the default.
+    syslog_port: int = 514
+    #: "udp" (RFC 5426, one datagram per message) or "tcp" (RFC 6587 octet counting).
+    syslog_transport: str = "udp"
+
+    def validate(self, prefix: str) -> None:
+        if not isinstance(self.syslog_host, str) or not _SYSLOG_HOST.fullmatch(self.syslog_host):
+            raise ConfigError(f"{prefix}.syslog_host: a host name or IP address ('' for none), "
+                              f"not {self.syslog_host!r}")
+        _check_port(f"{prefix}.syslog_port", self.syslog_port)
+        if self.syslog_transport not in SYSLOG_TRANSPORTS:
+            raise ConfigError(f"{prefix}.syslog_transport: one of {', '.join(SYSLOG_TRANSPORTS)}, "
+                              f"not {self.syslog_transport!r}")
+
+
 @dataclass
 class Node:
     """A remote DICOM node: its address, its roles and how we talk to it."""
@@ -503,6 +532,7 @@ class Config:
     archive: Archive = field(default_factory=Archive)
     logging: Logging = field(default_factory=Logging)
     media: Media = field(default_factory=Media)
+    audit: Audit = field(default_factory=Audit)
     ipc: Ipc = field(default_factory=Ipc)
     nodes: dict[str, Node] = field(default_factory=dict)
 
@@ -761,6 +791,24 @@ def _locate(cfg: Config, key: str) -> tuple[Any, str, dataclasses.Field]:
     if parts[-1] not in fields:
         raise ConfigError(f"{key}: unknown key (known in this section: {', '.join(fields)})")
     return obj, parts[-1], fields[parts[-1]]
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between `old` and `new` (a node added or removed
+    counts as ``nodes.NAME``), in the order of the file."""
+    def flat(cfg: Config) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cfg):
+            if f.name != "nodes":
+                out |= {f"{f.name}.{k}": v for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
+        for name, node in cfg.nodes.items():
+            out |= {f"nodes.{name}.{k}": v for k, v in dataclasses.asdict(node).items()}
+        return out
+
+    before, after = flat(old), flat(new)
+    changed = [k for k in after if k in before and before[k] != after[k]]
+    nodes = [f"nodes.{n}" for n in list(old.nodes) + list(new.nodes) if (n in old.nodes) != (n in new.nodes)]
+    return changed + nodes
 
 
 def get_value(cfg: Config, key: str) -> Any:

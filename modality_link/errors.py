@@ -12,11 +12,15 @@ class RequestError(Exception):
     """A request that cannot be done; the message is a sentence for the user.
 
     `status` is the DICOM status behind it when a peer or the archive gave one (PS3.7 Annex C),
-    else None."""
+    else None; `param` the request's parameter at fault, where there is one; `details` more
+    facts a program may act on (e.g. the exam that holds a SOP Instance UID already)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, param: str | None = None,
+                 details: dict[str, object] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.param = param
+        self.details = details or {}
 
 
 class NotFound(RequestError):
@@ -28,7 +32,7 @@ class UnknownNode(NotFound):
     command line exits 2 for it, as for any invalid usage: docs/cli.md "Exit codes")."""
 
     def __init__(self, message: str, node: str) -> None:
-        super().__init__(message)
+        super().__init__(message, details={"node": node})
         self.node = node
 
 

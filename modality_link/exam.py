@@ -381,6 +381,7 @@ class ExamManager:
             try:  # each image written and its flush begun while the next one is prepared
                 for name, path in files:
                     coerced, rec, is_image = self._coerce(name, path, exam, item, station)
+                    self._check_not_elsewhere(name, rec, exam)
                     staged.append(self.archive.stage_coerced(coerced, path, rec))
                     group.append((name, rec, _exam_object(rec, coerced.dataset, is_image)))
                 with self._lock:  # not between the checks of series_complete or end and their effect
@@ -427,6 +428,23 @@ class ExamManager:
         except Exception as exc:
             raise Invalid(f"{name}: not a DICOM file ({exc})") from None
         return coerced, rec, is_image
+
+    def _check_not_elsewhere(self, name: str, rec: InstanceRecord, exam: Exam) -> None:
+        """A SOP Instance UID identifies one instance (PS3.3 C.12.1.1.1): one already held by
+        another exam, or archived in another study, is refused rather than moved out of it."""
+        uid = rec.sop_instance_uid
+        holder = self.db.exams.exam_of(uid)
+        archived = self.db.index.instance(uid)
+        if holder is not None and holder != exam.id:
+            other = self.db.exams.get(holder)
+            study = other.study_uid if other is not None else ""
+            raise Conflict(f"{name}: SOP Instance UID {uid} is already archived in exam {holder} (study {study}); "
+                           f"an image added again needs a new SOP Instance UID", param="paths",
+                           details={"sop_instance_uid": uid, "exam_id": holder, "study_uid": study})
+        if holder is None and archived is not None and archived.study_uid != exam.study_uid:
+            raise Conflict(f"{name}: SOP Instance UID {uid} is already archived in study {archived.study_uid}; "
+                           f"an image added again needs a new SOP Instance UID", param="paths",
+                           details={"sop_instance_uid": uid, "exam_id": None, "study_uid": archived.study_uid})
 
     def _check_open(self, exam_id: int, series_uid: str, path: str) -> None:
         """Images may be added while the exam is in progress and their series not complete."""

@@ -7,7 +7,9 @@ the acquisition software's authors; a test keeps the two in step.
 - Requests and responses follow JSON-RPC 2.0 (https://www.jsonrpc.org/specification), each
   encoded as UTF-8 JSON on one line terminated by ``\\n``.
 - ``events.subscribe`` turns a connection into an event stream: the server then sends
-  notifications ``{"jsonrpc": "2.0", "method": "event", "params": {"type": ..., ...}}``.
+  notifications ``{"jsonrpc": "2.0", "method": "event", "params": {"type": ..., "seq": N, ...}}``.
+  With a :class:`Journal`, every event gets a sequence number and ``events.subscribe {since: N}``
+  first replays the journaled events after N (docs/ipc.md "Events").
 - Every error carries a code (below) and a human sentence in ``message``.
 - Each connection knows its peer (:class:`Peer`: process, user and groups, from ``SO_PEERCRED``
   and ``SO_PEERGROUPS``, unix(7)); the server's `check` sees it with every request and may
@@ -26,11 +28,16 @@ import socketserver
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 LOG = logging.getLogger("modality_link.ipc")
+
+#: The protocol's version, MAJOR.MINOR (docs/ipc.md "Versions"): a client of another major is
+#: refused by ``hello``; a minor adds methods, parameters, result fields or events only.
+PROTOCOL_VERSION = "1.0"
 
 # JSON-RPC 2.0 codes
 PARSE_ERROR = -32700
@@ -45,6 +52,8 @@ DICOM_FAILURE = -32003
 CONFLICT = -32004
 #: The caller's role may not do this (docs/ipc.md "Roles").
 FORBIDDEN = -32010
+#: The client speaks a major version of the protocol the service does not (``hello``).
+PROTOCOL_MISMATCH = -32011
 
 #: Longest request line the server accepts (bytes).
 MAX_LINE = 1 << 20
@@ -104,6 +113,33 @@ class NotRunning(Exception):
     """No service listens on the home folder's socket."""
 
 
+class Replayed(Protocol):
+    """One journaled event (``seq``, ``type``, ``params``)."""
+
+    seq: int
+    type: str
+    params: dict[str, Any]
+
+
+class Replay(Protocol):
+    """What a journal gives back for ``events.subscribe {since}``."""
+
+    @property
+    def events(self) -> "list[Any]": ...  # of Replayed
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def last_seq(self) -> int: ...
+
+
+class Journal(Protocol):
+    """Where the server numbers and keeps its events (the service's SQLite, `db.events`)."""
+
+    def append(self, event_type: str, params: dict[str, Any]) -> int: ...
+    def replay(self, since: int) -> Replay: ...
+    def last_seq(self) -> int: ...
+
+
 def _encode(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
@@ -117,6 +153,8 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def setup(self) -> None:
         self.subscribed = False
+        #: Replayed events, written before any event of the queue.
+        self.backlog: list[bytes] = []
         self._writer: threading.Thread | None = None
         self.write_lock = threading.Lock()
         self.events: queue.Queue["bytes | _LaterEvent | None"] = queue.Queue(self.server.ipc.event_queue)
@@ -190,6 +228,11 @@ class _Handler(socketserver.BaseRequestHandler):
         self.subscribed = True
 
     def _write_events(self) -> None:
+        backlog, self.backlog = self.backlog, []
+        for line in backlog:
+            if not self._write(line):
+                self.server.ipc.unsubscribe(self)
+                return
         while True:
             item = self.events.get()
             data = item.encode() if isinstance(item, _LaterEvent) else item
@@ -245,7 +288,7 @@ class _LaterEvent:
                 make, self._make = self._make, None
                 try:
                     self._data = _encode({"jsonrpc": "2.0", "method": "event",
-                                          "params": {"type": self.event_type, **make()}})
+                                          "params": {"type": self.event_type, "seq": None, **make()}})
                 except Exception:
                     LOG.exception("ipc: the %s event could not be made; not sent", self.event_type)
             return self._data
@@ -269,12 +312,18 @@ class IpcServer:
         self, path: Path, methods: dict[str, Callable[..., Any]], *, max_connections: int = 64,
         idle_timeout: float = 120.0, event_queue: int = 1000, send_timeout: float = 10.0,
         check: Callable[[Peer, str, dict[str, Any]], None] | None = None, group: int | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.path = Path(path)
         self.methods = dict(methods)
         self.methods["events.subscribe"] = self._subscribe_placeholder
         self.check = check
         self.group = group
+        #: Numbers and keeps the events for replay; None: events carry no ``seq``.
+        self.journal = journal
+        # a published event is journaled and queued, and a subscriber replays and joins, in one
+        # order: nothing replayed is also queued live, nothing is missed between the two
+        self._publish_lock = threading.Lock()
         #: Connections served at once; one more is told so and closed.
         self.max_connections = max_connections
         #: Seconds a connection may stay silent (or leave a line unfinished) unless subscribed.
@@ -290,7 +339,7 @@ class IpcServer:
         self._thread: threading.Thread | None = None
 
     @staticmethod
-    def _subscribe_placeholder() -> None:  # dispatch handles it with the connection
+    def _subscribe_placeholder(since: int | None = None) -> None:  # dispatch handles it with the connection
         return None
 
     def start(self) -> None:
@@ -349,13 +398,25 @@ class IpcServer:
 
         Never waits for a client: each subscriber has a bounded queue that a thread of its own
         writes out. A subscriber whose queue is full does not read its events; it is dropped
-        (its connection closed, one log line) rather than waited for."""
-        self._queue(_encode({"jsonrpc": "2.0", "method": "event", "params": {"type": event_type, **params}}))
+        (its connection closed, one log line) rather than waited for. With a :attr:`journal` the
+        event is journaled first and carries its sequence number ``seq``."""
+        with self._publish_lock:
+            if self.journal is None:
+                fields = {"type": event_type, **params}
+            else:
+                try:
+                    seq: int | None = self.journal.append(event_type, params)
+                except Exception:  # the database is unwell: the live event still goes out
+                    LOG.exception("ipc: the %s event could not be journaled", event_type)
+                    seq = None
+                fields = {"type": event_type, "seq": seq, **params}
+            self._queue(_encode({"jsonrpc": "2.0", "method": "event", "params": fields}))
 
     def publish_later(self, event_type: str, make: Callable[[], dict[str, Any]]) -> None:
         """:meth:`publish` an event whose parameters `make` gives, called (once) by a subscriber's
         writer thread, never when nobody subscribes: for an event that is costly to make on a
-        thread that serves a peer (the memory server's ``memory.stored``)."""
+        thread that serves a peer (the memory server's ``memory.stored``). Such an event is not
+        journaled: its ``seq`` is null and it is never replayed."""
         self._queue(_LaterEvent(event_type, make))
 
     def _queue(self, data: "bytes | _LaterEvent") -> None:
@@ -395,12 +456,7 @@ class IpcServer:
             if method not in self.methods:
                 raise IpcError(METHOD_NOT_FOUND, f"no such method: {method}")
             if method == "events.subscribe":
-                if self.check is not None:
-                    self.check(handler.peer, method, {})
-                with self._lock:
-                    self._subscribers.add(handler)
-                handler.subscribe()
-                result: Any = {"subscribed": True}
+                result: Any = self._subscribe(handler, params)
             elif isinstance(params, dict):
                 result = self._call(handler.peer, method, **params)
             elif isinstance(params, list):
@@ -417,14 +473,47 @@ class IpcServer:
             return None if is_notification else _Handler._error(req_id, internal)
         return None if is_notification else {"jsonrpc": "2.0", "id": req_id, "result": result}
 
+    def _subscribe(self, handler: _Handler, params: Any) -> dict[str, Any]:
+        """Subscribe `handler`; with ``since``, the journaled events after it are written first.
+
+        The result says how many were replayed and whether they are all that happened since
+        (``complete``: false when `since` is older than the journal keeps, or newer than its
+        last number, e.g. another home's; the client then resynchronises with ``jobs.list``,
+        ``exam.show``...)."""
+        if isinstance(params, list):
+            params = dict(zip(["since"], params))
+        if not isinstance(params, dict) or set(params) - {"since"}:
+            raise IpcError(INVALID_PARAMS, "events.subscribe: it takes only since", {"param": "since"})
+        if self.check is not None:
+            self.check(handler.peer, "events.subscribe", params)
+        since = params.get("since")
+        with self._publish_lock:
+            result: dict[str, Any] = {"subscribed": True}
+            if self.journal is not None:
+                last = self.journal.last_seq()
+                result |= {"last_seq": last, "replayed": 0, "complete": True}
+                if since is not None:
+                    replay = self.journal.replay(since)
+                    handler.backlog = [_encode({"jsonrpc": "2.0", "method": "event",
+                                                "params": {"type": e.type, "seq": e.seq, **e.params}})
+                                       for e in replay.events]
+                    result |= {"last_seq": replay.last_seq, "replayed": len(replay.events),
+                               "complete": replay.complete}
+            with self._lock:
+                self._subscribers.add(handler)
+            handler.subscribe()
+        return result
+
     def _call(self, peer: Peer, method: str, *args: Any, **kwargs: Any) -> Any:
         import inspect  # the server only (clients start without it); loaded there already
 
         func = self.methods[method]
+        signature = inspect.signature(func)
         try:
-            bound = inspect.signature(func).bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
         except TypeError as exc:
-            raise IpcError(INVALID_PARAMS, f"{method}: {exc}") from None
+            unknown = sorted(set(kwargs) - set(signature.parameters))
+            raise IpcError(INVALID_PARAMS, f"{method}: {exc}", {"param": unknown[0]} if unknown else None) from None
         if self.check is not None:
             self.check(peer, method, dict(bound.arguments))
         return func(*bound.args, **bound.kwargs)
@@ -447,6 +536,8 @@ class IpcClient:
             ) from None
         self._buf = b""
         self._next_id = 0
+        #: Events read while :meth:`call` waited for its reply, for :meth:`next_event`.
+        self._events: deque[dict[str, Any]] = deque()
 
     def close(self) -> None:
         self._sock.close()
@@ -466,6 +557,8 @@ class IpcClient:
             msg = self._read()
             if msg is not None and msg.get("id") == req_id:
                 break
+            if msg is not None and msg.get("method") == "event":  # kept for next_event
+                self._events.append(msg.get("params", {}))
         if "error" in msg:
             e = msg["error"]
             raise IpcError(e.get("code", INTERNAL_ERROR), e.get("message", "unknown error"), e.get("data"))
@@ -487,6 +580,8 @@ class IpcClient:
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
         """The next event's params on a subscribed connection; None after `timeout` seconds."""
+        if self._events:  # arrived while a call waited for its reply
+            return self._events.popleft()
         end = time.monotonic() + timeout
         while True:
             msg = self._read(end - time.monotonic())
@@ -521,10 +616,16 @@ class IpcClient:
                 if event is None or (event.get("type") == "job.progress" and event.get("job_id") == job_id):
                     break
 
-    def events(self) -> Iterator[dict[str, Any]]:
-        """Subscribe and yield each event's params (``type`` and its fields)."""
-        self.call("events.subscribe")
+    def events(self, since: int | None = None) -> Iterator[dict[str, Any]]:
+        """Subscribe and yield each event's params (``type``, ``seq`` and its fields); with
+        `since`, the events after that sequence number come first (replayed)."""
+        if since is None:
+            self.call("events.subscribe")
+        else:
+            self.call("events.subscribe", since=since)
         while True:
+            while self._events:
+                yield self._events.popleft()
             msg = self._read()
             if msg is not None and msg.get("method") == "event":
                 yield msg.get("params", {})

@@ -224,6 +224,7 @@ class JobQueue:
         return {
             **job.to_dict(),
             "children": self.rows.children(job_id),
+            "attempt_history": [a.to_dict() for a in self.rows.attempts(job_id)],
             "failed_items": [it.to_dict() for it in self.rows.items(job_id, "failed")[:100]],
             "warning_items": [it.to_dict() for it in self.rows.items(job_id, "warning")[:100]],
         }
@@ -233,10 +234,6 @@ class JobQueue:
         if job is None:
             raise NotFound(f"no job {job_id}")
         return job
-
-    def list(self) -> list[dict[str, Any]]:
-        """The jobs as ``jobs.list`` gives them (docs/ipc.md), newest first."""
-        return [job.to_dict() for job in self.rows.latest()]
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         """Cancel a queued job, or ask a running one to stop at its next safe point.
@@ -258,10 +255,17 @@ class JobQueue:
         return self.show(job_id)
 
     def retry(self, job_id: int) -> dict[str, Any]:
-        """Queue a failed or cancelled job again: attempts reset, failed items pending again."""
+        """Queue a failed or cancelled job again: attempts reset, failed items pending again.
+        A queued job (waiting for its next attempt, or for a commitment report) is tried now."""
         job = self._get(job_id)
+        if job.state == "queued":
+            if self.rows.make_due(job_id):
+                LOG.info("job %d: tried now at the operator's request", job_id)
+            self._progress(job_id)
+            self.wake()
+            return self.show(job_id)
         if job.state not in ("failed", "cancelled"):
-            raise Conflict(f"job {job_id} is {job.state}; only a failed or cancelled job can be retried")
+            raise Conflict(f"job {job_id} is {job.state}; only a failed, cancelled or queued job can be retried")
         self._cancelled.discard(job_id)
         self.rows.reset_items(job_id)
         kind = self._kinds.get(job.kind)
@@ -310,15 +314,19 @@ class JobQueue:
         ctx = JobContext(job_id, self._stop, self._cancelled)
         kind = self._kinds.get(job.kind)
         self._progress(job_id)
+        started, outcome, error = time.time(), "done", ""
         try:
             if kind is None:
                 raise Fail(f"no executor for jobs of kind {job.kind!r}")
             result = kind.executor(job, ctx)
         except Stopping:
+            outcome = "interrupted"
             self.rows.requeue(job_id, "interrupted; will resume")
         except Retry as exc:
-            self._attempt_failed(job, str(exc), exc.forever)
+            error = str(exc)
+            outcome = "retry" if self._attempt_failed(job, error, exc.forever) else "failed"
         except Fail as exc:
+            outcome, error = "failed", str(exc)
             LOG.error("job %d failed: %s", job_id, exc)
             self.rows.end(job_id, "failed", detail="failed", attempts=job.attempts + 1, error=str(exc))
             if exc.alert:
@@ -327,18 +335,21 @@ class JobQueue:
             error = f"{type(exc).__name__}: {exc}"
             if error != job.last_error:  # the traceback once, not at every attempt
                 LOG.exception("job %d: unexpected error", job_id)
-            self._attempt_failed(job, error)
+            outcome = "retry" if self._attempt_failed(job, error) else "failed"
         else:
             if isinstance(result, Wait):
+                outcome, error = "wait", result.detail
                 self.rows.requeue(job_id, result.detail, at=result.until)
             else:
                 self.rows.end(job_id, "done")
                 LOG.info("job %d done", job_id)
+        self.rows.add_attempt(job_id, started, outcome, error)
         self._progress(job_id)
         self._ended(job_id)
 
-    def _attempt_failed(self, job: Job, error: str, forever: bool = False) -> None:
-        """Queue the job again after the node's back-off, or fail it after its last attempt."""
+    def _attempt_failed(self, job: Job, error: str, forever: bool = False) -> bool:
+        """Queue the job again after the node's back-off (True), or fail it after its last
+        attempt (False)."""
         job_id = job.id
         attempts = job.attempts + 1
         if attempts < job.max_attempts or forever:
@@ -349,11 +360,12 @@ class JobQueue:
             detail = f"attempt {attempts} failed; retrying" if forever else \
                 f"attempt {attempts} of {job.max_attempts} failed; retrying"
             self.rows.requeue(job_id, detail, at=time.time() + delay, attempts=attempts, error=error)
-            return
+            return True
         LOG.error("job %d failed after %d attempt(s): %s", job_id, attempts, error)
         self.rows.end(job_id, "failed", detail=f"gave up after {attempts} attempt(s)", attempts=attempts,
                          error=error)
         self._alert_failed(job, error)
+        return False
 
     def _alert_failed(self, job: Job, error: str) -> None:
         """The ``job-failed`` alert, for kinds that do not report their failures themselves."""

@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from modality_link.config import Config
 from modality_link.db import Database, Exam, Job
 from modality_link.jobs import Fail, JobContext, JobQueue, Retry
+from modality_link.lists import MPPS_STATES
 from modality_link.net import mpps
 
 LOG = logging.getLogger("modality_link.mpps_outbox")
@@ -34,7 +35,6 @@ CREATE, SET = "create", "set"
 UNREACHABLE_ALERT_AT = 3
 
 #: A job's state as the outbox row of ``exam.show`` says it (docs/ipc.md).
-_ROW_STATES = {"queued": "queued", "running": "queued", "done": "sent", "failed": "failed", "cancelled": "failed"}
 
 
 class MppsOutbox:
@@ -131,7 +131,7 @@ def _outbox_row(job: Job) -> dict[str, Any]:
     sent = job.state == "done"
     return {
         "id": job.id, "exam_id": job.params["exam_id"], "kind": job.params["message"], "node": job.node,
-        "state": _ROW_STATES[job.state], "attempts": job.attempts + int(sent), "next_attempt": job.next_attempt_at,
+        "state": MPPS_STATES[job.state], "attempts": job.attempts + int(sent), "next_attempt": job.next_attempt_at,
         "last_error": "" if sent else job.last_error, "created_at": job.created_at,
         "sent_at": job.updated_at if sent else None,
     }

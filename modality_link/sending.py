@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from modality_link import jsonlog
+from modality_link import audit, jsonlog
 from modality_link.config import Config, ConfigError
 from modality_link.db import Database, InstanceRow, Job
 from modality_link.errors import Invalid, NotFound, UnknownNode, missing_role
@@ -103,8 +103,11 @@ class Sending:
         if instances:
             self.db.jobs.set_detail(job_id, f"sending {len(instances)} instance(s)")
             last_publish = [0.0]
+            studies = self.db.index.instance_studies([i.sop_instance_uid for i in instances])
+            sent = audit.Transfer(audit.Participant(cfg.station.ae_title), audit.Participant(node.ae_title, node.host))
 
             def on_result(inst: storage.Instance, out: storage.Outcome) -> bool:
+                sent.add(studies.get(inst.sop_instance_uid), out.state != "failed")
                 if out.state in ("done", "warning"):
                     self.db.jobs.mark_sent(job_id, job.node, inst.sop_instance_uid, out.state, out.status or 0,
                                            out.detail)
@@ -147,6 +150,8 @@ class Sending:
                 except BaseException:
                     assoc.abort()
                     raise
+                finally:
+                    audit.transferred(sent)
                 break
             if ctx.should_stop():
                 assoc.abort()

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from modality_link import __version__, access, config, systemd
+from modality_link import __version__, access, audit, config, systemd
 from modality_link.api import Api
 from modality_link.archive import Archive
 from modality_link.autosend import AutoSend
@@ -124,6 +124,7 @@ class Service:
         self._lock_file: Any = None
         self.burns: Burns | None = None
         self.cleaner: Cleaner | None = None
+        self.audit: audit.AuditTrail | None = None
         self._umask: int | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -140,6 +141,8 @@ class Service:
             export.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             LOG.warning("media.export_dir %s cannot be made (%s): exports to it will fail", export, exc.strerror or exc)
+        self.audit = audit.AuditTrail(self.home.log_dir / "audit.log", self.config)
+        audit.install(self.audit)
         self.db = Database(self.home.db_path)
         self.archive = Archive(
             self.home.archive_dir, self.db, self.config.archive.min_free_mb, on_alert=self.alert
@@ -172,11 +175,13 @@ class Service:
         self.autosend.resume()
         self.mpps.start()
         api = Api(self)
-        self.ipc = IpcServer(self.home.socket_path, api.methods(), check=api.check, group=group)
+        self.ipc = IpcServer(self.home.socket_path, api.methods(), check=api.check, group=group,
+                             journal=self.db.events)
         self.ipc.start()
         self.jobs.start()
         cleaner.start()
         self.started_at = time.time()
+        audit.application_activity(started=True)
         LOG.info("modality_link %s serving home %s (pid %d)", __version__, self.home.root, os.getpid())
 
     def _lock_home(self) -> None:
@@ -215,6 +220,7 @@ class Service:
         association; a C-STORE being received is finished and indexed, or its partial file
         removed), then the clean-up, the job queues (a running attempt stops at its next safe
         point and is queued again), the IPC socket and the database. Every step is bounded."""
+        audit.application_activity(started=False)
         self._stop_servers()
         if self.cleaner is not None:
             self.cleaner.stop()
@@ -235,6 +241,10 @@ class Service:
         if self.db is not None:
             self.db.close()
             self.db = None
+        if self.audit is not None:
+            audit.uninstall(self.audit)
+            self.audit.close()
+            self.audit = None
         if self._lock_file is not None:
             self._lock_file.close()
             self._lock_file = None
@@ -249,7 +259,10 @@ class Service:
         new = config.load(self.home.config_path)
         restart = (new.disk_server != self.config.disk_server or new.memory_server != self.config.memory_server
                    or new.timeouts != self.config.timeouts)
+        audit.configuration_changed(self.config, new, self.home.config_path)
         self.config = new
+        if self.audit is not None:
+            self.audit.configure(new)
         self.memory.budget = new.memory_server.cache_mb << 20
         if self.archive is not None:
             self.archive.min_free_mb = new.archive.min_free_mb

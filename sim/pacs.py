@@ -420,20 +420,26 @@ class Pacs:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sim.pacs", description=__doc__.splitlines()[0])
-    p.add_argument("--ae", default="SIMPACS")
-    p.add_argument("--port", type=int, default=11114)
-    p.add_argument("--report-to", help="AE@HOST:PORT of the modality's listening AE")
-    p.add_argument("--commit-mode", choices=COMMIT_MODES, default="same")
-    p.add_argument("--commit-delay", type=float, default=0.0)
-    p.add_argument("--fail-commit", type=int, default=0)
-    p.add_argument("--store-status", type=lambda s: int(s, 16), default=0, help="hex, e.g. A700")
-    p.add_argument("--abort-after", type=int)
-    p.add_argument("--ack-delay", type=float, default=0.0)
+    p = argparse.ArgumentParser(
+        prog="python -m sim.pacs", description=__doc__.splitlines()[0],
+        epilog="Prints one line 'sim.pacs: AE on HOST:PORT, ...' once it listens and logs what it receives "
+               "on stderr; Ctrl-C stops it (docs/sim.md).")
+    p.add_argument("--ae", default="SIMPACS", help="its AE title (default SIMPACS)")
+    p.add_argument("--port", type=int, default=11115, help="TCP port on 127.0.0.1 (default 11115; 0: any free one)")
+    p.add_argument("--report-to", help="AE@HOST:PORT of the modality's listening AE, for commitment reports "
+                                       "on a new association")
+    p.add_argument("--commit-mode", choices=COMMIT_MODES, default="same",
+                   help="how it reports Storage Commitment (default same: on the N-ACTION's association)")
+    p.add_argument("--commit-delay", type=float, default=0.0, help="seconds before each commitment report")
+    p.add_argument("--fail-commit", type=int, default=0, help="report the last N instances of a request failed")
+    p.add_argument("--store-status", type=lambda s: int(s, 16), default=0,
+                   help="the status of every C-STORE response, hex, e.g. A700 (default 0000)")
+    p.add_argument("--abort-after", type=int, help="abort the association once after N C-STOREs")
+    p.add_argument("--ack-delay", type=float, default=0.0, help="seconds before each C-STORE response")
     p.add_argument("--preload", nargs="*", default=[], help="PS3.10 files or folders to hold as priors")
     p.add_argument("--move-dest", action="append", default=[], help="AE@HOST:PORT a C-MOVE may send to")
-    p.add_argument("--move-delay", type=float, default=0.0)
-    p.add_argument("--move-fail-every", type=int, default=0)
+    p.add_argument("--move-delay", type=float, default=0.0, help="seconds before each C-MOVE sub-operation")
+    p.add_argument("--move-fail-every", type=int, default=0, help="every N-th C-MOVE sub-operation fails")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     report_to = None
@@ -453,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     files = [f for p in map(Path, a.preload) for f in (sorted(p.rglob("*.dcm")) if p.is_dir() else [p])]
     pacs.preload(files)
     pacs.start()
+    print(f"sim.pacs: {a.ae} on {pacs.host}:{pacs.port}, commit mode {a.commit_mode}, {len(files)} prior(s)",
+          flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -319,12 +319,15 @@ class RIS:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sim.ris", description=__doc__.splitlines()[0])
-    p.add_argument("--port", type=int, default=11114)
-    p.add_argument("--mode", choices=MODES, default="standard")
-    p.add_argument("--ae", default="RIS")
+    p = argparse.ArgumentParser(
+        prog="python -m sim.ris", description=__doc__.splitlines()[0],
+        epilog="Prints one line 'sim.ris: AE on HOST:PORT, mode MODE' once it listens, then each MPPS message "
+               "received as a JSON line (DICOM JSON model); Ctrl-C stops it (docs/sim.md).")
+    p.add_argument("--port", type=int, default=11114, help="TCP port on 127.0.0.1 (default 11114; 0: any free one)")
+    p.add_argument("--mode", choices=MODES, default="standard", help="quirk mode (default standard; see docs/sim.md)")
+    p.add_argument("--ae", default="RIS", help="its AE title (default RIS)")
     p.add_argument("--station", default="MODLINK", help="Scheduled Station AE Title of the demo items")
-    p.add_argument("--items", type=int, default=3)
+    p.add_argument("--items", type=int, default=3, help="worklist items scheduled for today (default 3)")
     args = p.parse_args(argv)
     ris = RIS(port=args.port, mode=args.mode, ae_title=args.ae, items=demo_items(args.station, count=args.items))
     ris.start()

@@ -242,6 +242,8 @@ IPC_IMPORTERS = {
     "modality_link/api.py": "the IPC methods: domain errors become IPC errors here",
     "modality_link/cli.py": "a client of the running service",
     "modality_link/demo.py": "a client: drives the service it started, as the acquisition software does",
+    "modality_link/client.py": "the supported client library of the acquisition software (docs/client.md)",
+    "modality_link/ipc_schema.py": "describes the protocol: its version, error codes and methods (docs/ipc.openrpc.json)",
 }
 
 

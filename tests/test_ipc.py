@@ -304,3 +304,27 @@ def test_a_subscriber_that_stops_reading_does_not_stall_the_disk_server(service:
         assert sum(s["instances"] for s in service.studies()) == len(files)
     finally:
         mute.close()
+
+
+def test_events_written_before_a_calls_reply_are_kept_for_next_event(short_tmp: Path) -> None:
+    """On a subscribed connection an event may arrive before the reply of the call that caused
+    it: the client keeps it for next_event (and events()) instead of dropping it."""
+    srv: IpcServer
+
+    def act(n: int) -> str:
+        for i in range(n):
+            srv.publish("acted", i=i)
+        # the events are written before the reply
+        wait_until(lambda: all(h.events.empty() for h in srv._subscribers), 5, "the events written")
+        return "done"
+
+    srv = IpcServer(short_tmp / "t.sock", {"act": act})
+    srv.start()
+    try:
+        with IpcClient(srv.path, timeout=10) as client:
+            client.call("events.subscribe")
+            assert client.call("act", n=3) == "done"
+            assert [client.next_event(1)["i"] for _ in range(3)] == [0, 1, 2]
+            assert client.next_event(0.2) is None
+    finally:
+        srv.stop()

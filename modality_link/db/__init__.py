@@ -9,6 +9,7 @@ writes its tables and hands out typed rows (frozen dataclasses):
   sent/committed state, commitment transactions;
 - :mod:`.exams`: the kept worklist, exams, their objects and series;
 - :mod:`.alerts`: what the operator must be told;
+- :mod:`.events`: the journal of IPC events, for a client's replay;
 - :mod:`.retention`: what the disk clean-up decides on, and the deletions under way.
 """
 
@@ -18,30 +19,36 @@ from pathlib import Path
 
 from modality_link.db.alerts import Alert, Alerts
 from modality_link.db.connection import Connection
+from modality_link.db.events import Events, JournalEvent, Replay
 from modality_link.db.exams import Exam, ExamObject, Exams, ExamSeries, WorklistItem
-from modality_link.db.index import Index, InstanceRecord, InstanceRow, StudyRow, StudyUse
-from modality_link.db.jobs import FINAL_STATES, CommitTransaction, Job, JobItem, Jobs
+from modality_link.db.index import Index, InstanceRecord, InstanceRow, InstanceStudy, StudyRow, StudyUse
+from modality_link.db.jobs import FINAL_STATES, Attempt, CommitTransaction, Job, JobItem, Jobs
 from modality_link.db.retention import Retention, StudyFacts
 from modality_link.db.schema import migrate
 
 __all__ = [
-    "Alert", "CommitTransaction", "Database", "Exam", "ExamObject", "ExamSeries", "FINAL_STATES",
-    "InstanceRecord", "InstanceRow", "Job", "JobItem", "Jobs", "StudyFacts", "StudyRow", "StudyUse", "WorklistItem",
+    "Alert", "Attempt", "CommitTransaction", "Database", "Exam", "ExamObject", "ExamSeries", "FINAL_STATES",
+    "Events", "InstanceRecord", "InstanceRow", "InstanceStudy", "Job", "JobItem", "Jobs", "JournalEvent", "Replay",
+    "StudyFacts", "StudyRow", "StudyUse", "WorklistItem",
 ]
 
 
 class Database:
     """The service's SQLite file: one connection, migrated on opening, and its parts."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, read_only: bool = False) -> None:
+        """Open (and migrate) the file; `read_only`: open it as it is, to read beside or after
+        the service, creating and changing nothing (``jobs`` while no service runs)."""
         self.path = str(path)
-        self._conn = Connection(path)
-        migrate(self._conn)
+        self._conn = Connection(path, read_only)
+        if not read_only:
+            migrate(self._conn)
         self.index = Index(self._conn)
         self.jobs = Jobs(self._conn)
         self.mpps_jobs = Jobs(self._conn, "mpps_jobs", "mpps_job_items")
         self.exams = Exams(self._conn)
         self.alerts = Alerts(self._conn)
+        self.events = Events(self._conn)
         self.retention = Retention(self._conn)
 
     def ping(self) -> None:

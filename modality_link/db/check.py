@@ -10,22 +10,19 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from modality_link.db.connection import read_only_uri
+
 
 class DatabaseUnreadable(Exception):
     """The database file cannot be opened or read; the message says why."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """A read-only connection. A read-only reader of a WAL database creates the ``-wal`` and
-    ``-shm`` files when they are missing (and leaves them, owned by whoever ran it); they are
-    missing exactly when no connection has the file open and its last one checkpointed it, and
-    then the file is complete and unchanging and is read as ``immutable``."""
+    """A read-only connection (:func:`~modality_link.db.connection.read_only_uri`)."""
     if not path.exists():
         raise DatabaseUnreadable(f"{path} does not exist")
-    wal = path.with_name(path.name + "-wal")
-    mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
     try:
-        return sqlite3.connect(f"{path.absolute().as_uri()}?{mode}", uri=True, timeout=10.0)
+        return sqlite3.connect(read_only_uri(path), uri=True, timeout=10.0)
     except sqlite3.Error as exc:
         raise DatabaseUnreadable(f"{path}: {exc}") from None
 

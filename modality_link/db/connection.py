@@ -15,11 +15,26 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 
+def read_only_uri(path: Path) -> str:
+    """The URI that opens `path` read-only. A read-only reader of a WAL database creates the
+    ``-wal`` and ``-shm`` files when they are missing (and leaves them, owned by whoever ran
+    it); they are missing exactly when no connection has the file open and its last one
+    checkpointed it, and then the file is complete and unchanging and is read as ``immutable``."""
+    wal = path.with_name(path.name + "-wal")
+    mode = "mode=ro" if wal.exists() else "mode=ro&immutable=1"
+    return f"{path.absolute().as_uri()}?{mode}"
+
+
 class Connection:
     """One SQLite file in WAL mode, its statements serialised by a lock."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, read_only: bool = False) -> None:
         self._lock = threading.RLock()
+        if read_only:  # beside the service, or after it: create nothing, change nothing
+            self._conn = sqlite3.connect(read_only_uri(Path(path)), uri=True, check_same_thread=False,
+                                         isolation_level=None, timeout=10.0)
+            self._conn.row_factory = sqlite3.Row
+            return
         self._conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")

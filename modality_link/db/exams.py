@@ -109,6 +109,10 @@ class Exams:
         row = self._conn.one(f"{_EXAM} WHERE id=?", (exam_id,))
         return Exam(**row) if row is not None else None
 
+    def latest(self, limit: int = 100) -> list[Exam]:
+        """The newest `limit` exams, newest first."""
+        return [Exam(**r) for r in self._conn.query(f"{_EXAM} ORDER BY id DESC LIMIT ?", (limit,))]
+
     def set_mpps_uid(self, exam_id: int, mpps_uid: str) -> None:
         """The MPPS SOP Instance UID, once the SCP assigned it in the N-CREATE response."""
         self._conn.execute("UPDATE exams SET mpps_uid=? WHERE id=?", (mpps_uid, exam_id))
@@ -137,6 +141,11 @@ class Exams:
                 f"VALUES (?, ?, {', '.join('?' * len(fields(ExamObject)))})",
                 [(exam_id, now, *astuple(o)) for o in objects],
             )
+
+    def exam_of(self, sop_instance_uid: str) -> int | None:
+        """The exam that holds an object, or None."""
+        row = self._conn.one("SELECT exam_id FROM exam_objects WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return int(row["exam_id"]) if row is not None else None
 
     def objects(self, exam_id: int) -> list[ExamObject]:
         """The exam's objects in the order they were added."""

@@ -100,6 +100,19 @@ class StudyUse:
     protected: bool
 
 
+@dataclass(frozen=True)
+class InstanceStudy:
+    """An archived instance with its study and patient: what the audit trail names of an
+    instance sent, retrieved or exported (PS3.15 A.5.3)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    accession: str
+    patient_id: str
+    patient_name: str
+
+
 _INSTANCE = """SELECT i.sop_instance_uid, i.series_uid, se.study_uid, i.sop_class_uid, i.instance_number,
                       i.transfer_syntax, i.size, i.path, i.source_ae, i.received_at
                FROM instances i JOIN series se USING(series_uid)"""
@@ -221,6 +234,20 @@ class Index:
                 {where} ORDER BY s.study_date, s.study_uid, CAST(se.series_number AS INTEGER), se.series_uid,
                 CAST(i.instance_number AS INTEGER), i.sop_instance_uid""", args)
         return [InstanceRow(**r) for r in rows]
+
+    def instance_studies(self, sop_instance_uids: list[str]) -> dict[str, InstanceStudy]:
+        """The study and patient of each of these instances that is indexed, by SOP Instance UID."""
+        found: dict[str, InstanceStudy] = {}
+        for i in range(0, len(sop_instance_uids), 500):
+            chunk = sop_instance_uids[i : i + 500]
+            rows = self._conn.query(
+                f"""SELECT i.sop_instance_uid, i.sop_class_uid, s.study_uid, s.accession, p.patient_id,
+                           p.patient_name
+                    FROM instances i JOIN series se USING(series_uid) JOIN studies s ON s.study_uid=se.study_uid
+                    JOIN patients p ON p.pk=s.patient_pk
+                    WHERE i.sop_instance_uid IN ({",".join("?" * len(chunk))})""", chunk)
+            found |= {r["sop_instance_uid"]: InstanceStudy(**r) for r in rows}
+        return found
 
     def studies(self) -> list[StudyRow]:
         """Every study with its patient and counts, oldest first (the CLI's `studies`)."""

@@ -10,6 +10,7 @@ columns in their own tables: ``jobs``/``job_items`` (send, commit, burn) and
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from dataclasses import dataclass, replace
@@ -52,7 +53,31 @@ class Job:
             "last_error": self.last_error, "detail": self.detail, "created_at": self.created_at,
             "updated_at": self.updated_at, "total": self.total, "done": self.done,
             "warnings": self.warnings, "failed": self.failed,
+            "created": local_time(self.created_at), "updated": local_time(self.updated_at),
+            "next_attempt": local_time(self.next_attempt_at) if self.state == "queued" else "",
         }
+
+
+def local_time(t: float | None) -> str:
+    """`t` (Unix seconds) as ISO 8601 local time with its UTC offset; "" for none."""
+    if not t:
+        return ""
+    return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt of a job: when it ran, how it ended and with which error."""
+
+    started_at: float
+    ended_at: float
+    outcome: str  # done | retry | wait | failed | interrupted
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"started": local_time(self.started_at), "ended": local_time(self.ended_at),
+                "started_at": self.started_at, "ended_at": self.ended_at, "outcome": self.outcome,
+                "error": self.error}
 
 
 @dataclass(frozen=True)
@@ -217,6 +242,23 @@ class Jobs:
             sql += " AND state=?"
             args.append(only_if)
         return self._conn.execute(sql, args).rowcount > 0
+
+    def add_attempt(self, job_id: int, started_at: float, outcome: str, error: str = "") -> None:
+        """Record an attempt of a job of the ``jobs`` table (the MPPS queue keeps none)."""
+        if self._jobs == "jobs":
+            self._conn.execute(
+                "INSERT INTO job_attempts(job_id, started_at, ended_at, outcome, error) VALUES (?,?,?,?,?)",
+                (job_id, started_at, time.time(), outcome, error),
+            )
+
+    def attempts(self, job_id: int, limit: int = 100) -> list[Attempt]:
+        """The job's last `limit` attempts, oldest first."""
+        if self._jobs != "jobs":
+            return []
+        rows = self._conn.query(
+            "SELECT started_at, ended_at, outcome, error FROM job_attempts WHERE job_id=? "
+            "ORDER BY started_at DESC LIMIT ?", (job_id, limit))
+        return [Attempt(**r) for r in reversed(rows)]
 
     # -- items ----------------------------------------------------------------------------------
 

@@ -267,6 +267,31 @@ MIGRATIONS = [
     CREATE INDEX patients_id ON patients(patient_id);
     CREATE INDEX studies_study_id ON studies(study_id);
     """,
+    # version 8: the event journal (docs/ipc.md "Events"): every IPC event with its sequence
+    # number, for the replay of ``events.subscribe {since}``; AUTOINCREMENT so that a number is
+    # never handed out twice, even after pruning.
+    """
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        time REAL NOT NULL,                     -- Unix seconds
+        type TEXT NOT NULL,                     -- e.g. job.progress
+        params TEXT NOT NULL                    -- JSON: the event's fields but type and seq
+    );
+    CREATE INDEX events_time ON events(time);
+    """,
+    # version 9: each attempt of a send, commit, burn or retrieve job, for ``jobs.show``'s history
+    # (docs/ipc.md): when it started and ended, how it ended (done, retry, wait, failed,
+    # interrupted) and its error. Attempts before this version are not known.
+    """
+    CREATE TABLE job_attempts (
+        job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+        started_at REAL NOT NULL,
+        ended_at REAL NOT NULL,
+        outcome TEXT NOT NULL,
+        error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX job_attempts_job ON job_attempts(job_id, started_at);
+    """,
 ]
 
 

@@ -45,7 +45,7 @@ from typing import Callable, Protocol, Sequence
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
-from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, jsonlog
+from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit, jsonlog
 from modality_link.config import ConfigError, Listener, Timeouts
 from modality_link.net.acse import (
     AssociateRq, MalformedPdu, Supported, decode_associate_rq, encode_associate_ac, negotiate,
@@ -114,6 +114,8 @@ class Peer:
     port: int
     calling_ae: str = ""
     called_ae: str = ""
+    #: What the association moved, reported to the audit trail when it ends (PS3.15 A.5.3.7).
+    transfers: dict[str, audit.Transfer] = field(default_factory=dict, repr=False, compare=False)
 
     def __str__(self) -> str:
         return f"{self.calling_ae or '?'}@{self.address}:{self.port}"
@@ -486,9 +488,10 @@ class Acceptor:
 
     def tls_refused(self, address: str, port: int, cause: str) -> None:
         """A connection to a TLS port refused: the one place every such refusal is reported, a
-        log line naming the peer and the cause (and a Security Alert of the audit trail, PS3.15
-        A.5, belongs here too)."""
+        log line naming the peer and the cause and a Security Alert of the audit trail (PS3.15
+        A.5.3.11)."""
         LOG.warning("%s: TLS connection from %s:%d refused: %s", self.name, address, port, cause)
+        audit.tls_failure(audit.Participant("", address), cause, refused_by=self.name)
 
     def _associate(self, conn: _Connection) -> bool:
         """Turn a pending connection into an association, if the acceptor limit allows."""
@@ -649,6 +652,7 @@ class _Association:
             if self.associated:
                 self.acceptor._dissociate(self.conn)
                 self.associated = False
+            audit.association_ended(self.peer)
 
     def _read_associate_rq(self) -> AssociateRq:
         """Read the first PDU within ARTIM; it must be an A-ASSOCIATE-RQ of bounded size."""
@@ -702,6 +706,7 @@ class _Association:
         LOG.warning("%s: association from %s refused: rejected (%s): %s%s", self.name, self.peer,
                     REJECT_RESULTS.get(result), REJECT_REASONS.get((source, reason)),
                     self._refusal_detail(source, reason))
+        audit.association_refused(self.peer, f"{REJECT_REASONS.get((source, reason))} ({self.name})")
         _send_quietly(self.sock, pdu.encode())
         self._linger()
 

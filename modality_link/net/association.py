@@ -40,7 +40,7 @@ from pydicom.uid import (
 from pynetdicom import AE, Association, _config, evt
 from pynetdicom.pdu_primitives import A_ABORT, A_ASSOCIATE, A_P_ABORT
 
-from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit
 from modality_link.config import Node, Timeouts
 from modality_link.net.tls import TlsFileError, client_context, handshake_failure
 
@@ -310,6 +310,8 @@ def associate(
             limit = f" within {ae.acse_timeout:g} s (ACSE timeout)" if ae.acse_timeout else ""
             why = f"connected, but no answer to the association request{limit}"
         LOG.error("association to %s failed: %s", target, why)
+        if reason == "tls":
+            audit.tls_failure(audit.Participant(node.ae_title, node.host), why)
         raise AssociationFailed(f"association to {target} failed: {why}", reason)
     try:
         yield assoc

@@ -19,6 +19,7 @@ from dataclasses import replace
 from io import BytesIO
 from typing import Callable
 
+from modality_link import audit
 from modality_link.archive import ArchiveError, CannotUnderstand, header_record, header_uid, lean_header, pydicom_record
 from modality_link.config import Listener, Timeouts
 from modality_link.fileformat import encode_file_meta
@@ -129,6 +130,7 @@ class MemoryStoreHandler:
         if item is None:
             return
         evicted = server.cache.put(item)
+        audit.received(request.peer, lambda: item.record)  # decoded when the association ends
         if evicted:
             LOG.info("memory server: %d instance(s) evicted (least recently used) for %s",
                      len(evicted), request.affected_sop_instance[:64])

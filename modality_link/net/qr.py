@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 
+from modality_link import audit
 from modality_link.archive import IMAGE_KEYS, REQUEST_ATTRIBUTES, REQUEST_KEYS, SERIES_KEYS, Archive
 from modality_link.config import Listener, Node, Timeouts
 from modality_link.db import InstanceRow
@@ -505,6 +506,7 @@ class FindHandler:
         if not isinstance(data, InMemory):
             reply(IDENTIFIER_MISMATCH, "C-FIND-RQ without an identifier")
             return
+        audit.query_received(request.peer, request.abstract_syntax, request.transfer_syntax, bytes(data.data))
         try:
             ds = decode_identifier(bytes(data.data), request.transfer_syntax)
             combined = reply.extended_negotiation()[1:2] == b"\x01"  # PS3.4 C.5.1.1, byte 2
@@ -624,6 +626,13 @@ class _Retrieve:
         if uids:
             self.qr.archive.db.index.touch_instances(list(uids))
 
+    def report(self, request: Request, destination: audit.Participant, uids: Iterable[str],
+               failed: Sequence[str]) -> None:
+        """What this request sent (`uids`, those in `failed` not transferred) to the audit trail."""
+        studies = self.qr.archive.db.index.instance_studies(sorted(set(uids) | set(failed)))
+        audit.sent(audit.Participant(request.peer.called_ae), destination, studies, set(failed),
+                   audit.remote(request.peer))
+
 
 class MoveHandler(_Retrieve):
     """C-MOVE SCP (PS3.4 C.4.2.3): the instances go to a configured node as C-STORE
@@ -677,6 +686,7 @@ class MoveHandler(_Retrieve):
             else:
                 assoc.close()
         self.touch(sorted(sent))
+        self.report(request, audit.Participant(node.ae_title, node.host), sent, counts.failed_uids)
         counts.final(reply.cancelled() and counts.remaining > 0, comment)
 
 
@@ -703,6 +713,7 @@ class GetHandler(_Retrieve):
         for inst in instances:
             if reply.cancelled():
                 self.touch(sent)
+                self.report(request, audit.remote(request.peer), sent, counts.failed_uids)
                 counts.final(True)
                 return
             ready = prepare(inst, reply.storage_contexts(inst.sop_class_uid),
@@ -710,6 +721,7 @@ class GetHandler(_Retrieve):
             counts.done(inst.sop_instance_uid, self._store(reply, inst, ready))
             sent.append(inst.sop_instance_uid)
         self.touch(sent)
+        self.report(request, audit.remote(request.peer), sent, counts.failed_uids)
         counts.final(False)
 
     @staticmethod

@@ -17,6 +17,7 @@ from typing import Callable
 
 from pydicom.dataset import Dataset
 
+from modality_link import audit
 from modality_link.config import Node, Timeouts
 from modality_link.net.association import PROPOSED_TRANSFER_SYNTAXES, AssociationFailed, associate, make_ae
 from modality_link.net import status
@@ -63,6 +64,7 @@ def find(node: Node, calling_ae: str, timeouts: Timeouts, identifier: Dataset, m
     try:
         with associate(ae, node) as assoc:
             cancelled = False
+            audit.query_sent(calling_ae, audit.Participant(node.ae_title, node.host), find_uid, identifier)
             for status_ds, ident in assoc.send_c_find(identifier, find_uid, msg_id=1):
                 if "Status" not in status_ds:
                     raise QueryError(f"query at {target}: no response within the DIMSE timeout "

@@ -33,6 +33,7 @@ from pydicom.uid import (
 )
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from modality_link import audit
 from modality_link.archive import Archive, ArchiveError, IncomingInstance
 from modality_link.config import Listener, Node, Timeouts
 from modality_link.db import InstanceRecord
@@ -131,6 +132,7 @@ class StoreHandler:
         if rec is None:
             return
         server.archive.index_later(rec, server.on_stored)
+        audit.received(request.peer, rec)
         with server._count_lock:
             server.stored += 1
         reply(SUCCESS, "", None, None)

@@ -30,7 +30,7 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from modality_link import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, audit
 from modality_link.config import Timeouts
 from modality_link.net.association import (
     CONTEXT_RESULTS,
@@ -205,6 +205,8 @@ class Requestor:
 
     def _failed(self, why: str, reason: str = "failed") -> AssociationFailed:
         LOG.error("association to %s failed: %s", self.peer, why)
+        if reason == "tls":
+            audit.tls_failure(audit.Participant(self.called_ae, self.host), why)
         return AssociationFailed(f"association to {self.peer} failed: {why}", reason)
 
     def accepted(self) -> dict[str, list[tuple[int, str]]]:

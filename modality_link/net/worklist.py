@@ -26,6 +26,7 @@ from pydicom.sequence import Sequence
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
 from modality_link.config import Node, Timeouts
+from modality_link import audit
 from modality_link.net.association import PROPOSED_TRANSFER_SYNTAXES, AssociationFailed, associate, make_ae
 from modality_link.net.charset import repair_charset
 from modality_link.net.status import CANCEL, PENDING, PENDING_WARNING, SUCCESS, WORKLIST
@@ -193,6 +194,8 @@ def find_worklist(
             if not any(cx.abstract_syntax == ModalityWorklistInformationFind for cx in assoc.accepted_contexts):
                 raise WorklistError(f"worklist query to {target}: the peer does not accept the MWL FIND SOP class")
             msg_id = 1
+            audit.query_sent(calling_ae, audit.Participant(node.ae_title, node.host), ModalityWorklistInformationFind,
+                             identifier)
             responses = assoc.send_c_find(identifier, ModalityWorklistInformationFind, msg_id=msg_id)
             cancelled = False
             status = None
