@@ -35,13 +35,13 @@ from modality_link import __version__, access, audit, config, lists, selftest
 from modality_link.archive import file_kind
 from modality_link.config import ConfigError
 from modality_link.db import InstanceRecord
-from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound, RequestError
+from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound, RequestError, UnknownNode
 from modality_link.ipc import (
     CONFIG_INVALID, CONFLICT, DICOM_FAILURE, FORBIDDEN, INVALID_PARAMS, MAX_LINE, NOT_FOUND, PROTOCOL_MISMATCH,
     PROTOCOL_VERSION, IpcError, Peer,
 )
 from modality_link.net import retrieve
-from modality_link.net.echo import echo
+from modality_link.net.echo import echo, echo_services
 from modality_link.retrieving import STUDY_KEYS
 
 if TYPE_CHECKING:
@@ -135,12 +135,13 @@ SCHEMAS: dict[str, dict[str, Param]] = {
     "cleanup": {"dry_run": FLAG},
     "archive.import": {"paths": PATHS},
     "nodes.list": {},
-    "nodes.echo": {"name": TEXT, "all": FLAG},
+    "nodes.echo": {"name": TEXT, "all": FLAG, "services": FLAG},
     "config.get": {"key": TEXT},
     "config.set": {"key": NAME, "value": Param(object, required=True, high=MAX_LINE)},
     "config.reload": {},
     "alerts.list": {"include_cleared": FLAG},
     "alerts.clear": {"code": TEXT},
+    "alerts.ack": {"id": ID},
     "memory.list": {},
     "memory.fetch": {"sop_instance_uid": UID, "path": PATH},
     "memory.clear": {},
@@ -279,6 +280,7 @@ class Api:
             "config.reload": self.config_reload,
             "alerts.list": self.alerts_list,
             "alerts.clear": self.alerts_clear,
+            "alerts.ack": self.alerts_ack,
             "memory.list": self.memory_list,
             "memory.fetch": self.memory_fetch,
             "memory.clear": self.memory_clear,
@@ -400,6 +402,7 @@ class Api:
             "memory": {"instances": len(svc.memory), "bytes": svc.memory.used_bytes,
                        "budget_bytes": svc.memory.budget},
             "alerts": [a.to_dict() for a in svc.db.alerts.latest(limit=20)],
+            "warnings": config.warnings(svc.config),
             "last_event_seq": svc.db.events.last_seq(),
         }
 
@@ -575,7 +578,7 @@ class Api:
     def nodes_list(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(node) for name, node in self.service.config.nodes.items()}
 
-    def nodes_echo(self, name: str | None = None, all: bool = False) -> list[dict[str, Any]]:
+    def nodes_echo(self, name: str | None = None, all: bool = False, services: bool = False) -> list[dict[str, Any]]:
         cfg = self.service.config
         if all:
             names = list(cfg.nodes)
@@ -588,7 +591,10 @@ class Api:
             try:
                 node = cfg.node(n)
             except ConfigError as exc:
-                raise NotFound(str(exc)) from None
+                raise UnknownNode(str(exc), n) from None
+            if services:
+                results.append(echo_services(n, node, cfg.station.ae_title, cfg.timeouts).to_dict())
+                continue
             res = echo(n, node, cfg.station.ae_title, cfg.timeouts)
             if not res.ok:
                 LOG.error("echo: %s (%s@%s:%d): %s", n, node.ae_title, node.host, node.port, res.message)
@@ -630,3 +636,10 @@ class Api:
         assert self.service.db is not None
         self.service.db.alerts.clear(code)
         return {"cleared": True}
+
+    def alerts_ack(self, id: int) -> dict[str, Any]:
+        """Acknowledge one alert (mark it cleared) by its id."""
+        assert self.service.db is not None
+        if not self.service.db.alerts.acknowledge(id):
+            raise NotFound(f"no alert {id}")
+        return {"id": id, "cleared": True}

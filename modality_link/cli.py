@@ -5,7 +5,8 @@ client of the running service over IPC. `config` and `node` edit the config file
 service engineer can configure before the first start) and, when a service runs, ask it to
 reload.
 
-Exit codes: 0 success, 1 the operation failed, 2 bad usage or an invalid value, 3 no service.
+Exit codes: one table (:data:`EXIT_CODES`, docs/cli.md "Exit codes"), applied to every command
+by :func:`exit_code` in :func:`main`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from modality_link.ipc import IpcClient, IpcError, NotRunning
 from modality_link.media.profiles import PROFILES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+#: The exit code of every command (docs/cli.md "Exit codes").
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILED: "the operation failed (a peer refused or did not answer, a job failed, a file was refused)",
+    EXIT_USAGE: "invalid usage: a wrong option, an invalid configuration value or file, an unknown node",
+    EXIT_NOT_RUNNING: "no service running (the command needs one)",
+}
 #: Ctrl-C (128 + SIGINT), as a shell reports it
 EXIT_INTERRUPTED = 130
 
@@ -107,29 +115,76 @@ def cmd_status(args: argparse.Namespace, home: Home) -> int:
     print(f"  archive: {st['archive']['studies']} studies, {st['archive']['instances']} instances")
     for a in st["alerts"]:
         print(f"  ALERT {a['level']} {a['code']}: {a['message']}")
+    for w in st.get("warnings", []):
+        print(f"  WARNING {w}")
     return EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace, home: Home) -> int:
+    from pathlib import Path
+
     from modality_link import config
 
     home.ensure()
     if args.action == "show":
-        print(home.config_path.read_text(encoding="utf-8"), end="")
+        print(home.config_path.read_text(encoding="utf-8") if home.config_path.exists() else "", end="")
     elif args.action == "get":
         value = config.get_value(config.load(home.config_path), args.key)
         print(json.dumps(value) if not isinstance(value, str) else value)
-    elif args.action == "set":
-        cfg = config.set_value(home.config_path, args.key, args.value)
+    elif args.action in ("set", "unset"):
+        if args.action == "set":
+            cfg = config.set_value(home.config_path, args.key, args.value)
+        else:
+            cfg = config.unset_value(home.config_path, args.key)
         print(f"{args.key} = {json.dumps(config.get_value(cfg, args.key), ensure_ascii=False)}")
+        _print_warnings(config.warnings(cfg))
         _notify_reload(home)
     elif args.action == "validate":
-        config.load(home.config_path)
-        print(f"{home.config_path}: valid")
+        return _validate_file(home.config_path, f"{home.config_path}: valid")
+    elif args.action == "export":
+        text = home.config_path.read_text(encoding="utf-8") if home.config_path.exists() else \
+            config.dumps(config.load(home.config_path))
+        config.load(home.config_path)  # only a valid configuration is exported
+        Path(args.file).write_text(text, encoding="utf-8")
+        print(f"configuration written to {args.file}")
+    elif args.action == "import":
+        code = _validate_file(Path(args.file), f"{args.file}: valid")
+        if code != EXIT_OK:
+            print(f"modality-link: {home.config_path} not changed", file=sys.stderr)
+            return code
+        config.write_private(home.config_path, Path(args.file).read_bytes())
+        print(f"{home.config_path}: replaced by {args.file}")
+        _notify_reload(home)
     return EXIT_OK
 
 
+def _validate_file(path: Any, valid: str) -> int:
+    """Every error of a configuration file at once (exit 2 if any), then its warnings."""
+    from modality_link import config
+
+    _, errors = config.read_file(path) if path.exists() else ("", [])
+    for error in errors:
+        print(f"modality-link: invalid configuration: {error}", file=sys.stderr)
+    if errors:
+        print(f"modality-link: {path}: {len(errors)} error(s)", file=sys.stderr)
+        return EXIT_USAGE
+    print(valid)
+    _print_warnings(config.warnings(config.load(path)))
+    return EXIT_OK
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"modality-link: warning: {w}", file=sys.stderr)
+
+
+def _node_line(name: str, node: dict[str, Any]) -> str:
+    return f"{name}: {node['ae_title']}@{node['host']}:{node['port']} roles={','.join(node['roles'])}"
+
+
 def cmd_node(args: argparse.Namespace, home: Home) -> int:
+    import dataclasses
+
     from modality_link import config
 
     home.ensure()
@@ -140,7 +195,16 @@ def cmd_node(args: argparse.Namespace, home: Home) -> int:
             _out(nodes)
         else:
             for n, node in nodes.items():
-                print(f"{n}: {node['ae_title']}@{node['host']}:{node['port']} roles={','.join(node['roles'])}")
+                print(_node_line(n, node))
+        return EXIT_OK
+    if args.action == "show":
+        shown = dataclasses.asdict(cfg.node(args.name))
+        if args.json:
+            _out(shown)
+        else:
+            print(f"[nodes.{args.name}]")
+            for key, value in shown.items():
+                print(f"{key} = {json.dumps(value, ensure_ascii=False)}")
         return EXIT_OK
     if args.action == "add":
         if any(n.lower() == args.name.lower() for n in cfg.nodes):
@@ -149,6 +213,20 @@ def cmd_node(args: argparse.Namespace, home: Home) -> int:
         cfg.nodes[args.name] = config.Node(ae_title=args.ae, host=args.host, port=args.port, roles=roles)
         config.save(cfg, home.config_path)
         print(f"node {args.name} added")
+    elif args.action == "edit":
+        edited = cfg.node(args.name)
+        changes = {"ae_title": args.ae, "host": args.host, "port": args.port, "auto_send": args.auto_send,
+                   "roles": None if args.roles is None else [r.strip() for r in args.roles.split(",") if r.strip()]}
+        changed = {k: v for k, v in changes.items() if v is not None}
+        if not changed:
+            print("modality-link node edit: give what to change (--ae, --host, --port, --roles, --auto-send)",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        for key, value in changed.items():
+            setattr(edited, key, value)
+        config.save(cfg, home.config_path)
+        print(_node_line(args.name, vars(edited)))
+        _print_warnings(config.warnings(cfg))
     elif args.action == "remove":
         cfg.node(args.name)
         del cfg.nodes[args.name]
@@ -162,11 +240,55 @@ def cmd_echo(args: argparse.Namespace, home: Home) -> int:
     if not args.all and not args.name:
         print("modality-link echo: give a node name or --all", file=sys.stderr)
         return EXIT_USAGE
-    results = _call(home, "nodes.echo", name=args.name, all=args.all)
+    results = _call(home, "nodes.echo", name=args.name, all=args.all, **({"services": True} if args.services else {}))
     for r in results:
+        if args.services:
+            print(f"{r['node']}: {'OK' if r['ok'] else 'FAILED'} {r['rtt_ms']:.1f} ms {r['message']}")
+            for c in r["services"]:
+                print(f"  {c['role']:<12} {c['name']} ({c['sop_class']}): {c['detail']}")
+            continue
         status = f"0x{r['status']:04X}" if r["status"] is not None else "-"
         print(f"{r['node']}: {'OK' if r['ok'] else 'FAILED'} status {status} {r['rtt_ms']:.1f} ms {r['message']}")
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
+
+
+def cmd_logs(args: argparse.Namespace, home: Home) -> int:
+    """The service's log, filtered (:mod:`modality_link.logfile`)."""
+    from modality_link import logfile
+
+    keep = logfile.Filter(level=args.level, job=args.job)
+    lines = logfile.read(home.log_dir, keep)
+    if args.lines:
+        from collections import deque
+
+        lines = iter(deque(lines, maxlen=args.lines))
+    for line in lines:
+        print(line)
+    if args.follow:
+        sys.stdout.flush()
+        for line in logfile.follow(home.log_dir, keep):
+            print(line, flush=True)
+    return EXIT_OK
+
+
+def cmd_alerts(args: argparse.Namespace, home: Home) -> int:
+    if args.action == "ack":
+        if args.id is None:
+            print("modality-link alerts ack: give the alert's ID (modality-link alerts lists them)", file=sys.stderr)
+            return EXIT_USAGE
+        _call(home, "alerts.ack", id=args.id)
+        print(f"alert {args.id} acknowledged")
+        return EXIT_OK
+    alerts = _call(home, "alerts.list", include_cleared=args.all)
+    if args.json:
+        _out(alerts)
+        return EXIT_OK
+    if not alerts:
+        print("no alerts")
+    for a in alerts:
+        print(f"{a['id']:>5} {_when(a['time'])} {a['level']:<7} {a['code']}: {a['message']}"
+              + (" (acknowledged)" if a["cleared"] else ""))
+    return EXIT_OK
 
 
 def cmd_selftest(args: argparse.Namespace, home: Home) -> int:
@@ -751,16 +873,48 @@ def cmd_drives(args: argparse.Namespace, home: Home) -> int:
 
 # -- parser -------------------------------------------------------------------------------------
 
+JSON_HELP = "print the result as JSON (for scripts)"
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modality-link", description="DICOM connectivity for a modality console")
+
+def config_epilog() -> str:
+    """The lists `--help` shows: node roles and every configuration key with its default,
+    generated from the configuration's dataclasses (modality_link.config)."""
+    import dataclasses
+
+    from modality_link import config
+
+    lines = [f"node roles: {', '.join(config.ROLES)}", "", "configuration keys (default):"]
+    for f in dataclasses.fields(config.Config):
+        if f.name == "nodes":
+            continue
+        section = getattr(config.Config(), f.name)
+        lines += [f"  {f.name}.{g.name} ({json.dumps(getattr(section, g.name))})"
+                  if (f.name, g.name) != ("disk_server", "ae_title") else "  disk_server.ae_title (station.ae_title)"
+                  for g in dataclasses.fields(section)]
+    defaults = config.Node()
+    lines += [f"  nodes.NAME.{g.name} ({json.dumps(getattr(defaults, g.name))})" for g in dataclasses.fields(defaults)]
+    lines += ["", "exit codes: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items())]
+    return "\n".join(lines)
+
+
+def build_parser(lists: bool = False) -> argparse.ArgumentParser:
+    """The command line; `lists`: put the lists of roles and keys into the help (they need the
+    configuration module, which the thin IPC clients do not load)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    epilog = config_epilog() if lists else None
+    roles = "worklist, mpps, store, commit, qr"  # config.ROLES, without loading the configuration module
+    p = argparse.ArgumentParser(prog="modality-link", description="DICOM connectivity for a modality console "
+                                "(command list: docs/cli.md)", epilog=epilog, formatter_class=raw)
     p.add_argument("--home", help="home folder (default $MODALITY_LINK_HOME or ~/.local/share/modality-link)")
     p.add_argument("--version", action="version", version=f"modality_link {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("serve", help="run the service in the foreground").set_defaults(func=cmd_serve)
-    ins = sub.add_parser("install-service", help="install the systemd unit (and its system user) that starts "
-                                                 "the service with the OS")
+    def command(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=raw, **kw)
+
+    command("serve", "run the service in the foreground").set_defaults(func=cmd_serve)
+    ins = command("install-service", "install the systemd unit (and its system user) that starts the service "
+                                     "with the OS")
     ins.add_argument("--user", default="modality-link", help="the system user the service runs as, created if "
                                                              "missing (default modality-link)")
     ins.add_argument("--home", dest="service_home", metavar="DIR",
@@ -769,146 +923,184 @@ def build_parser() -> argparse.ArgumentParser:
                      help="install below DIR instead of the running system: no user, no systemctl (packaging)")
     ins.add_argument("--dry-run", action="store_true", help="print what would be done and the unit, change nothing")
     ins.set_defaults(func=cmd_install_service)
-    d = sub.add_parser("demo", help="service + simulated hospital in a temporary home, end to end")
-    d.add_argument("--images", type=int, default=20)
+    d = command("demo", "service + simulated hospital in a temporary home, end to end")
+    d.add_argument("--images", type=int, default=20, help="images of the simulated exam (default 20)")
     d.add_argument("--keep", action="store_true", help="keep the temporary home")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("status", help="the service's state")
-    s.add_argument("--json", action="store_true")
+    s = command("status", "the service's state, its alerts and settings that stop peers reaching it")
+    s.add_argument("--json", action="store_true", help=JSON_HELP)
     s.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("config", help="show, get, set or validate the configuration")
-    csub = c.add_subparsers(dest="action", required=True)
-    csub.add_parser("show")
-    g = csub.add_parser("get")
-    g.add_argument("key")
-    st = csub.add_parser("set")
-    st.add_argument("key")
-    st.add_argument("value")
-    csub.add_parser("validate")
+    c = command("config", "show, get, set, unset, validate, export or import the configuration", epilog=epilog)
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    csub.add_parser("show", help="print the config file")
+    g = csub.add_parser("get", help="print one value")
+    g.add_argument("key", help="SECTION.KEY or nodes.NAME.KEY, e.g. station.ae_title (list: config --help)")
+    st = csub.add_parser("set", help="set one value (validated; a running service reloads)")
+    st.add_argument("key", help="SECTION.KEY or nodes.NAME.KEY, e.g. station.ae_title (list: config --help)")
+    st.add_argument("value", help="the new value; a list is comma-separated")
+    un = csub.add_parser("unset", help="put one value back to its default (the key leaves the file)")
+    un.add_argument("key", help="SECTION.KEY or nodes.NAME.KEY")
+    csub.add_parser("validate", help="check the config file: every error at once, then warnings")
+    ex = csub.add_parser("export", help="copy the configuration (with its comments) to a file, to clone a console")
+    ex.add_argument("file", help="the file to write")
+    im = csub.add_parser("import", help="replace the configuration by a file, if the file is valid (every error "
+                                        "listed otherwise)")
+    im.add_argument("file", help="a config file, e.g. from config export")
     c.set_defaults(func=cmd_config)
 
-    n = sub.add_parser("node", help="remote DICOM nodes")
-    nsub = n.add_subparsers(dest="action", required=True)
-    na = nsub.add_parser("add")
-    na.add_argument("name")
-    na.add_argument("--ae", required=True)
-    na.add_argument("--host", required=True)
-    na.add_argument("--port", type=int, required=True)
-    na.add_argument("--roles", default="store")
-    nl = nsub.add_parser("list")
-    nl.add_argument("--json", action="store_true")
-    nr = nsub.add_parser("remove")
-    nr.add_argument("name")
+    n = command("node", "remote DICOM nodes: list, show, add, edit, remove", epilog=epilog)
+    nsub = n.add_subparsers(dest="action", required=True, metavar="ACTION")
+    na = nsub.add_parser("add", help="add a node")
+    na.add_argument("name", help="a name for the node (letters, digits, _ - .)")
+    na.add_argument("--ae", required=True, help="its AE title")
+    na.add_argument("--host", required=True, help="its host name or IP address")
+    na.add_argument("--port", type=int, required=True, help="its DICOM port")
+    na.add_argument("--roles", default="store", help=f"comma-separated, from {roles} (default store)")
+    nl = nsub.add_parser("list", help="list the nodes")
+    nl.add_argument("--json", action="store_true", help=JSON_HELP)
+    ns = nsub.add_parser("show", help="every setting of one node")
+    ns.add_argument("name", help="the node")
+    ns.add_argument("--json", action="store_true", help=JSON_HELP)
+    ne = nsub.add_parser("edit", help="change a node's address, roles or auto-send rule (other keys: "
+                                      "config set nodes.NAME.KEY)")
+    ne.add_argument("name", help="the node")
+    ne.add_argument("--ae", help="its AE title")
+    ne.add_argument("--host", help="its host name or IP address")
+    ne.add_argument("--port", type=int, help="its DICOM port")
+    ne.add_argument("--roles", help=f"comma-separated, from {roles} (replaces the list)")
+    ne.add_argument("--auto-send", choices=("none", "exam", "series"), help="send each completed exam or series")
+    nr = nsub.add_parser("remove", help="remove a node")
+    nr.add_argument("name", help="the node")
     n.set_defaults(func=cmd_node)
 
-    e = sub.add_parser("echo", help="C-ECHO a configured node from the service")
-    e.add_argument("name", nargs="?")
-    e.add_argument("--all", action="store_true")
+    e = command("echo", "C-ECHO a configured node from the service, or (--services) ask which of its roles' "
+                        "services it accepts")
+    e.add_argument("name", nargs="?", help="the node")
+    e.add_argument("--all", action="store_true", help="every configured node")
+    e.add_argument("--services", action="store_true",
+                   help="propose each role's SOP classes (store: CT, MR, SC storage; commit: Storage Commitment "
+                        "Push Model; worklist: MWL FIND; mpps: MPPS; qr: Study Root FIND and MOVE) and report "
+                        "each accepted or refused")
     e.set_defaults(func=cmd_echo)
 
-    stt = sub.add_parser("selftest", help="check home permissions, free space, the database, the archive, the "
-                                          "listeners, every node (C-ECHO) and the drives; exit 0 only if all pass")
-    stt.add_argument("--json", action="store_true")
+    stt = command("selftest", "check home permissions, free space, the database, the archive, the listeners, "
+                              "the AE identity, every node (C-ECHO) and the drives; exit 0 only if all pass")
+    stt.add_argument("--json", action="store_true", help=JSON_HELP)
     stt.set_defaults(func=cmd_selftest)
 
-    i = sub.add_parser("import", help="import files or folders into the archive")
-    i.add_argument("paths", nargs="+")
+    lg = command("logs", "print the service's log (the files in HOME/logs), filtered")
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines (Ctrl-C stops)")
+    lg.add_argument("--job", type=int, metavar="ID", help="only the lines of job ID")
+    lg.add_argument("--level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"), default="DEBUG",
+                    help="only lines of this level or above")
+    lg.add_argument("--lines", "-n", type=int, metavar="N", help="only the last N lines (before --follow)")
+    lg.set_defaults(func=cmd_logs)
+
+    al = command("alerts", "list the service's alerts, or acknowledge one")
+    al.add_argument("action", nargs="?", choices=["list", "ack"], default="list", help="list (default) or ack ID")
+    al.add_argument("id", nargs="?", type=int, help="ack: the alert's ID")
+    al.add_argument("--all", action="store_true", help="list: also the acknowledged ones")
+    al.add_argument("--json", action="store_true", help=JSON_HELP)
+    al.set_defaults(func=cmd_alerts)
+
+    i = command("import", "import files or folders into the archive")
+    i.add_argument("paths", nargs="+", help="DICOM files or folders")
     i.set_defaults(func=cmd_import)
 
-    so = sub.add_parser("studies", help="list the archive's studies; protect one from the disk clean-up, or not")
+    so = command("studies", "list the archive's studies; protect one from the disk clean-up, or not")
     so.add_argument("action", nargs="?", choices=["list", "protect", "unprotect"], default="list",
                     help="list (default), protect STUDY_UID or unprotect STUDY_UID")
     so.add_argument("uid", nargs="?", help="protect, unprotect: the Study Instance UID")
-    so.add_argument("--json", action="store_true")
+    so.add_argument("--json", action="store_true", help=JSON_HELP)
     so.set_defaults(func=cmd_studies)
 
-    cu = sub.add_parser("cleanup", help="run the disk clean-up now: delete least recently used studies that "
-                                        "are safe to delete, down to the low mark")
+    cu = command("cleanup", "run the disk clean-up now: delete least recently used studies that are safe to "
+                            "delete, down to the low mark")
     cu.add_argument("--dry-run", action="store_true", help="only list what it would delete, and what it keeps")
-    cu.add_argument("--json", action="store_true")
+    cu.add_argument("--json", action="store_true", help=JSON_HELP)
     cu.set_defaults(func=cmd_cleanup)
 
-    m = sub.add_parser("memory", help="the memory server's cache: list it, export an instance, clear it")
+    m = command("memory", "the memory server's cache: list it, export an instance, clear it")
     m.add_argument("action", nargs="?", choices=["list", "export", "clear"], default="list",
                    help="list (default), export SOP_INSTANCE_UID FILE, or clear")
     m.add_argument("uid", nargs="?", help="export: the SOP Instance UID")
     m.add_argument("file", nargs="?", help="export: a new file to write the PS3.10 bytes to")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help=JSON_HELP)
     m.set_defaults(func=cmd_memory)
 
-    w = sub.add_parser("worklist", help="query the modality worklist (MWL C-FIND)")
-    w.add_argument("--node")
+    w = command("worklist", "query the modality worklist (MWL C-FIND)")
+    w.add_argument("--node", help="the node to ask (role worklist; default the first)")
     w.add_argument("--date", help="today, YYYYMMDD or YYYYMMDD-YYYYMMDD")
-    w.add_argument("--patient-name")
-    w.add_argument("--patient-id")
-    w.add_argument("--accession")
+    w.add_argument("--patient-name", help="Patient's Name, wildcards * and ?")
+    w.add_argument("--patient-id", help="Patient ID")
+    w.add_argument("--accession", help="Accession Number")
     w.add_argument("--modality", help="a modality code, or '*' for any")
     w.add_argument("--json", action="store_true", help="items in the DICOM JSON model")
     w.set_defaults(func=cmd_worklist)
 
-    x = sub.add_parser("exam", help="exam lifecycle: start, add images, end (MPPS)")
-    xsub = x.add_subparsers(dest="action", required=True)
-    xs = xsub.add_parser("start")
+    x = command("exam", "exam lifecycle: start, add images, end (MPPS)")
+    xsub = x.add_subparsers(dest="action", required=True, metavar="ACTION")
+    xs = xsub.add_parser("start", help="start an exam (MPPS IN PROGRESS)")
     xs.add_argument("--item", help="SPS ID of a worklist item of the last query")
-    xs.add_argument("--patient-id")
-    xs.add_argument("--patient-name")
-    xs.add_argument("--json", action="store_true")
+    xs.add_argument("--patient-id", help="unscheduled: the Patient ID")
+    xs.add_argument("--patient-name", help="unscheduled: the Patient's Name")
+    xs.add_argument("--json", action="store_true", help=JSON_HELP)
     xl = xsub.add_parser("list", help="the latest exams with their MPPS state (readable while the service is stopped)")
-    xl.add_argument("--json", action="store_true")
+    xl.add_argument("--json", action="store_true", help=JSON_HELP)
     xw = xsub.add_parser("show", help="one exam: its series and its MPPS messages")
-    xw.add_argument("exam_id", type=int)
-    xw.add_argument("--json", action="store_true")
-    xa = xsub.add_parser("add")
-    xa.add_argument("exam_id", type=int)
-    xa.add_argument("paths", nargs="+")
+    xw.add_argument("exam_id", type=int, help="the exam")
+    xw.add_argument("--json", action="store_true", help=JSON_HELP)
+    xa = xsub.add_parser("add", help="add image files to an exam")
+    xa.add_argument("exam_id", type=int, help="the exam")
+    xa.add_argument("paths", nargs="+", help="PS3.10 files")
     xc = xsub.add_parser("series-complete", help="a series has all its images: apply the auto-send rule 'series'")
-    xc.add_argument("exam_id", type=int)
-    xc.add_argument("series_uid")
-    xe = xsub.add_parser("end")
-    xe.add_argument("exam_id", type=int)
+    xc.add_argument("exam_id", type=int, help="the exam")
+    xc.add_argument("series_uid", help="the Series Instance UID")
+    xe = xsub.add_parser("end", help="end an exam (MPPS COMPLETED, or DISCONTINUED)")
+    xe.add_argument("exam_id", type=int, help="the exam")
     xe.add_argument("--discontinue", metavar="CODE", help="CID 9300 reason code, e.g. 110513")
     x.set_defaults(func=cmd_exam)
-    se = sub.add_parser("send", help="send studies to a node (C-STORE), optionally with commitment")
-    se.add_argument("study_uids", nargs="+", metavar="STUDY_UID")
-    se.add_argument("--to", required=True, metavar="NODE")
-    se.add_argument("--commit", action="store_true", help="ask for Storage Commitment afterwards")
+    se = command("send", "send studies to a node (C-STORE), optionally with commitment")
+    se.add_argument("study_uids", nargs="+", metavar="STUDY_UID", help="Study Instance UIDs of the archive")
+    se.add_argument("--to", required=True, metavar="NODE", help="the node (role store)")
+    se.add_argument("--commit", action="store_true", help="ask for Storage Commitment afterwards (role commit)")
     se.add_argument("--wait", action="store_true", help="show progress; exit 0 only on success")
     se.set_defaults(func=cmd_send)
 
-    q = sub.add_parser("query", help="browse a remote archive (C-FIND at a node with the qr role)")
+    q = command("query", "browse a remote archive (C-FIND at a node with the qr role)")
     q.add_argument("--from", dest="node", required=True, help="the node to ask")
-    q.add_argument("--level", choices=["patient", "study", "series", "image"], default="study")
+    q.add_argument("--level", choices=["patient", "study", "series", "image"], default="study",
+                   help="the query level (default study)")
     q.add_argument("--model", choices=["study", "patient"], default="study", help="Q/R information model")
     q.add_argument("-k", "--key", action="append", metavar="KEYWORD=VALUE",
                    help="a matching key, e.g. PatientName=DOE* or StudyDate=20240101-; repeatable")
     q.add_argument("--json", action="store_true", help="the matches in the DICOM JSON model")
     q.set_defaults(func=cmd_query)
 
-    rt = sub.add_parser("retrieve", help="load a prior study from a node (C-MOVE) into the memory server "
-                                         "or the archive")
+    rt = command("retrieve", "load a prior study from a node (C-MOVE) into the memory server or the archive")
     rt.add_argument("--from", dest="node", required=True, help="the node to retrieve from (role qr)")
     what = rt.add_mutually_exclusive_group(required=True)
     what.add_argument("--study", help="a Study Instance UID")
     what.add_argument("--patient-id", help="every study of this Patient ID")
-    rt.add_argument("--to", choices=["memory", "archive"], default="memory")
+    rt.add_argument("--to", choices=["memory", "archive"], default="memory", help="where to (default memory)")
     rt.add_argument("--wait", action="store_true", help="follow the job until it ends")
     rt.set_defaults(func=cmd_retrieve)
 
-    jl = sub.add_parser("jobs", help="list the job queue")
-    jl.add_argument("--json", action="store_true")
+    jl = command("jobs", "list the job queue")
+    jl.add_argument("--json", action="store_true", help=JSON_HELP)
     jl.set_defaults(func=cmd_jobs)
-    jb = sub.add_parser("job", help="show, follow, retry or cancel one job")
+    jb = command("job", "show, follow, retry or cancel one job")
     jb.add_argument("action", choices=("show", "follow", "retry", "cancel"),
                     help="show (times, attempts), follow (its progress again; Ctrl-C leaves it running), "
                          "retry (a failed or cancelled job again; a queued one now) or cancel")
-    jb.add_argument("id", type=int)
-    jb.add_argument("--json", action="store_true")
+    jb.add_argument("id", type=int, help="the job's ID (modality-link jobs lists them)")
+    jb.add_argument("--json", action="store_true", help=JSON_HELP)
     jb.set_defaults(func=cmd_job)
 
-    b = sub.add_parser("burn", help="burn studies to a disc (--drive) or an ISO image file (--iso)")
-    b.add_argument("study_uids", nargs="*", metavar="STUDY_UID")
+    b = command("burn", "burn studies to a disc (--drive) or an ISO image file (--iso)")
+    b.add_argument("study_uids", nargs="*", metavar="STUDY_UID", help="Study Instance UIDs of the archive")
     b.add_argument("--drive", metavar="DEV", help="/dev/srN, stdio:/path or sim:NAME")
     b.add_argument("--iso", metavar="FILE", help="write ISO image file(s): FILE, FILE_2, ...")
     b.add_argument("--profile", help=f"application profile, PS3.11: {', '.join(sorted(PROFILES))} "
@@ -920,12 +1112,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cancel burn ID (same as 'job cancel ID'); a disc being written is finished first")
     b.set_defaults(func=cmd_burn)
 
-    dr = sub.add_parser("drives", help="optical drives and their media")
-    dr.add_argument("--json", action="store_true")
+    dr = command("drives", "optical drives and their media")
+    dr.add_argument("--json", action="store_true", help=JSON_HELP)
     dr.set_defaults(func=cmd_drives)
 
-    cs = sub.add_parser("conformance", help="write the DICOM Conformance Statement (PS3.2 Annex A) of this "
-                                            "installation's configuration")
+    cs = command("conformance", "write the DICOM Conformance Statement (PS3.2 Annex A) of this installation's "
+                                "configuration")
     cs.add_argument("--format", choices=("md", "html"), default="md", help="Markdown (default) or a standalone "
                                                                           "XHTML page")
     cs.add_argument("--output", "-o", metavar="FILE", help="write to FILE instead of standard output")
@@ -933,29 +1125,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    home = Home.resolve(args.home)
-    try:
-        return int(args.func(args, home))
-    except ValueError as exc:
+def exit_code(exc: Exception) -> tuple[int, str]:
+    """The exit code (:data:`EXIT_CODES`) and the sentence for an error a command raised; the
+    one place that decides them. An error of no kind below is re-raised (a bug: a traceback)."""
+    if isinstance(exc, NotRunning):
+        return EXIT_NOT_RUNNING, str(exc)
+    if isinstance(exc, IpcError):
+        from modality_link.ipc import CONFIG_INVALID
+
+        unknown_node = isinstance(exc.data, dict) and "node" in exc.data
+        return (EXIT_USAGE if unknown_node or exc.code == CONFIG_INVALID else EXIT_FAILED), exc.message
+    if isinstance(exc, PermissionError):  # the home is the service's user's (docs/design.md "Files and permissions")
+        return EXIT_FAILED, (f"{exc.filename or exc}: permission denied (the service engineer's, or the "
+                             f"service's user's)")
+    if isinstance(exc, ValueError):
         # modality_link.config (TOML, dataclasses) is loaded only by the commands that use it,
         # so that the thin IPC clients start fast.
         from modality_link.config import ConfigError
 
-        if not isinstance(exc, ConfigError):
-            raise
-        print(f"modality-link: invalid configuration: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except NotRunning as exc:
-        print(f"modality-link: {exc}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
-    except IpcError as exc:
-        print(f"modality-link: {exc.message}", file=sys.stderr)
-        return EXIT_FAILED
-    except PermissionError as exc:  # the home is the service's user's (docs/design.md "Files and permissions")
-        print(f"modality-link: {exc.filename or exc}: permission denied (the service engineer's, or the "
-              f"service's user's)", file=sys.stderr)
-        return EXIT_FAILED
+        if isinstance(exc, ConfigError):
+            return EXIT_USAGE, f"invalid configuration: {exc}"
+    raise exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(lists="-h" in argv or "--help" in argv).parse_args(argv)
+    home = Home.resolve(args.home)
+    try:
+        return int(args.func(args, home))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        code, message = exit_code(exc)
+        print(f"modality-link: {message}", file=sys.stderr)
+        return code

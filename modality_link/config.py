@@ -198,7 +198,13 @@ class Station:
 
 @dataclass
 class Listener:
-    """A listening AE (PS3.8 §9): disk server or memory server."""
+    """A listening AE (PS3.8 §9): disk server or memory server.
+
+    The disk server answers to the station's AE title unless ``disk_server.ae_title`` is set
+    on its own (docs/design.md "One identity"): a Storage Commitment report (PS3.4 J.3.3) and a
+    C-MOVE (PS3.4 C.4.2) are addressed to the AE title the peers know the console by, which is
+    the calling AE title of our requests. In the file an empty or absent value means "the
+    station's"; loaded, the field holds the title in effect."""
 
     ae_title: str = "MODLINK"
     port: int = 11112
@@ -598,6 +604,9 @@ def from_dict(data: dict[str, Any]) -> Config:
             base = getattr(cfg, key)
             merged = dataclasses.asdict(base) | value
             setattr(cfg, key, _build(type(base), merged, key))
+    listener = data.get("disk_server")
+    if not (isinstance(listener, dict) and listener.get("ae_title")):
+        cfg.disk_server.ae_title = cfg.station.ae_title  # "" or absent: the station's
     cfg.validate()
     return cfg
 
@@ -629,17 +638,44 @@ def _table(values: dict[str, Any]) -> Any:
     return table
 
 
-def _document(cfg: Config) -> tomlkit.TOMLDocument:
-    """The whole configuration as a new TOML document, every key written."""
+def _section(cfg: Config, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A section's values as the file holds them, and their defaults: the disk server's AE
+    title is "" (the station's) while it is the station's (:class:`Listener`)."""
+    section = getattr(cfg, name)
+    values, defaults = dataclasses.asdict(section), dataclasses.asdict(type(section)())
+    if name == "disk_server":
+        defaults["ae_title"] = ""
+        if values["ae_title"] == cfg.station.ae_title:
+            values["ae_title"] = ""
+    return values, defaults
+
+
+#: The keys a node's table always shows, default or not: where it is and what it does.
+NODE_ADDRESS = ("ae_title", "host", "port", "roles")
+
+
+def _node_values(node: Node) -> dict[str, Any]:
+    """A new node's table: its address and roles, and the values that differ from the defaults."""
+    defaults = dataclasses.asdict(Node())
+    return {k: v for k, v in dataclasses.asdict(node).items() if k in NODE_ADDRESS or v != defaults[k]}
+
+
+def _document(cfg: Config, every_key: bool = False) -> tomlkit.TOMLDocument:
+    """The configuration as a new TOML document: the values that differ from the defaults
+    (what an absent key means), or `every_key`."""
     doc = tomlkit.document()
     doc.add(tomlkit.comment(HEADER))
     for f in dataclasses.fields(cfg):
         if f.name != "nodes":
-            doc.add(f.name, _table(dataclasses.asdict(getattr(cfg, f.name))))
+            values, defaults = _section(cfg, f.name) if not every_key else (
+                dataclasses.asdict(getattr(cfg, f.name)), {})
+            changed = {k: v for k, v in values.items() if every_key or v != defaults[k]}
+            if changed:
+                doc.add(f.name, _table(changed))
     if cfg.nodes:
         nodes = tomlkit.table(is_super_table=True)
         for name, node in cfg.nodes.items():
-            nodes.add(name, _table(dataclasses.asdict(node)))
+            nodes.add(name, _table(dataclasses.asdict(node) if every_key else _node_values(node)))
         doc.add("nodes", nodes)
     return doc
 
@@ -667,8 +703,7 @@ def _merged(doc: tomlkit.TOMLDocument, cfg: Config) -> tomlkit.TOMLDocument:
     layout of everything else stay."""
     for f in dataclasses.fields(cfg):
         if f.name != "nodes":
-            section = getattr(cfg, f.name)
-            _merge_table(doc, f.name, dataclasses.asdict(section), dataclasses.asdict(type(section)()))
+            _merge_table(doc, f.name, *_section(cfg, f.name))
     nodes = doc.get("nodes")
     if nodes is None:
         if not cfg.nodes:
@@ -681,13 +716,13 @@ def _merged(doc: tomlkit.TOMLDocument, cfg: Config) -> tomlkit.TOMLDocument:
         if name in nodes:
             _merge_table(nodes, name, dataclasses.asdict(node), defaults)
         else:
-            nodes[name] = _table(dataclasses.asdict(node))
+            nodes[name] = _table(_node_values(node))
     return doc
 
 
 def dumps(cfg: Config) -> str:
     """Serialise `cfg` as a new TOML file, every key written."""
-    return tomlkit.dumps(_document(cfg))
+    return tomlkit.dumps(_document(cfg, every_key=True))
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -723,7 +758,8 @@ def write_private(path: Path, data: bytes) -> None:
 
 def save(cfg: Config, path: Path) -> None:
     """Validate, then write the file: an existing file keeps its comments and layout and only
-    the values that changed are rewritten; a new one gets every key (:func:`write_private`)."""
+    the values that changed are rewritten; a new one gets the values that differ from the
+    defaults (:func:`write_private`)."""
     cfg.validate()
     try:
         doc = _merged(tomlkit.parse(path.read_text(encoding="utf-8")), cfg)
@@ -803,10 +839,164 @@ def parse_value(key: str, text: str, current: Any) -> Any:
     return text
 
 
+def _assign(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key; the disk server's AE title follows a new station AE title while it
+    was the station's (:class:`Listener`)."""
+    obj, name, _ = _locate(cfg, key)
+    if key == "station.ae_title" and cfg.disk_server.ae_title == cfg.station.ae_title:
+        cfg.disk_server.ae_title = value
+    setattr(obj, name, value)
+
+
 def set_value(path: Path, key: str, text: str) -> Config:
     """Set one dotted key in the file at `path`; the file is untouched if the result is invalid."""
     cfg = load(path)
-    obj, name, _ = _locate(cfg, key)
-    setattr(obj, name, parse_value(key, text, getattr(obj, name)))
+    _assign(cfg, key, parse_value(key, text, get_value(cfg, key)))
     save(cfg, path)
     return cfg
+
+
+def unset_value(path: Path, key: str) -> Config:
+    """Remove one dotted key from the file at `path`: it is back to its default (the disk
+    server's AE title: the station's). Comments and layout stay; an invalid result (a node's
+    AE title has no default) leaves the file untouched."""
+    cfg = load(path)
+    _locate(cfg, key)  # a known key, or ConfigError naming the known ones
+    default = Node() if key.startswith("nodes.") else getattr(Config(), key.split(".")[0])
+    value = getattr(default, key.split(".")[-1])
+    if key == "disk_server.ae_title":
+        value = cfg.station.ae_title
+    _assign(cfg, key, value)
+    try:
+        doc = tomlkit.parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return cfg
+    *tables, name = key.split(".")
+    table: Any = doc
+    for part in tables:
+        table = table.get(part) if table is not None else None
+    if table is not None and name in table:
+        del table[name]
+        if len(tables) == 1 and not table.as_string().strip():  # an empty section without comments goes
+            del doc[tables[0]]
+    text = tomlkit.dumps(doc)
+    if from_dict(tomllib.loads(text)) != cfg:
+        raise ConfigError(f"{key}: the file would not read back as the configuration set")
+    write_private(path, text.encode("utf-8"))
+    return cfg
+
+
+# -- every error at once, and warnings (`config validate`, `config import`) --------------------
+
+
+def _table_problems(cls: type, table: Any, prefix: str, found: list[str]) -> dict[str, Any] | None:
+    """Append to `found` every rule `table` breaks as a `cls` section; return the table less
+    its faulty keys (None if it is no table). A section's `validate` stops at its first
+    fault, so each fault's key is dropped (back to its default) and the rest checked again."""
+    if not isinstance(table, dict):
+        found.append(f"{prefix}: must be a table")
+        return None
+    names = [f.name for f in dataclasses.fields(cls)]
+    kept = {}
+    for key, value in table.items():
+        if key not in names:
+            found.append(f"{prefix}.{key}: unknown key (known: {', '.join(names)})")
+        elif not (cls is Listener and key == "ae_title" and value == ""):  # "": the station's
+            kept[key] = value
+    for _ in range(len(names) + 1):
+        obj = cls()
+        for key, value in kept.items():
+            setattr(obj, key, value)
+        try:
+            for name in names:
+                _check_strings(f"{prefix}.{name}", getattr(obj, name))
+            obj.validate(prefix)
+            return kept
+        except ConfigError as exc:
+            found.append(str(exc))
+            fault = str(exc).split(":", 1)[0].removeprefix(prefix + ".").split("[")[0]
+            if fault in kept:
+                del kept[fault]
+            elif cls is Node and fault == "ae_title":  # required: a stand-in to check the rest
+                kept[fault] = "UNSET"
+            else:
+                return kept
+    return kept
+
+
+def problems(data: Any) -> list[str]:
+    """Every rule the parsed configuration `data` breaks, one sentence each naming its key
+    (:func:`from_dict` stops at the first)."""
+    found: list[str] = []
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    clean: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in sections:
+            found.append(f"{key}: unknown section (known: {', '.join(sections)})")
+        elif key != "nodes":
+            kept = _table_problems(type(getattr(Config(), key)), value, key, found)
+            if kept is not None:
+                clean[key] = kept
+        elif not isinstance(value, dict):
+            found.append("nodes: must be a table of [nodes.NAME] tables")
+        else:
+            clean["nodes"] = {}
+            for name, table in value.items():
+                kept = _table_problems(Node, table, f"nodes.{name}", found)
+                if kept is not None:
+                    clean["nodes"][name] = kept
+    try:
+        from_dict(clean)  # the rules across sections: node names, two listeners on one port
+    except ConfigError as exc:
+        if str(exc) not in found:
+            found.append(str(exc))
+    return found
+
+
+def read_file(path: Path) -> tuple[str, list[str]]:
+    """A configuration file's text and every rule it breaks (TOML syntax first)."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return text, [f"{path.name}: not valid TOML ({exc})"]
+    return text, problems(data)
+
+
+#: Host names and addresses that only this machine reaches.
+_LOOPBACK = ("localhost", "ip6-localhost")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower().removesuffix(".") in _LOOPBACK
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Valid settings that make a Storage Commitment report (PS3.4 J.3.3: the SCP associates
+    to the AE that asked) or a C-MOVE (PS3.4 C.4.2: to a destination AE the SCP knows by its
+    title and address) unreachable; each sentence names the key and the fix."""
+    out: list[str] = []
+    disk, station = cfg.disk_server, cfg.station
+    callers = {name: n for name, n in cfg.nodes.items() if {"commit", "qr"} & set(n.roles)}
+    commit = [name for name, n in cfg.nodes.items() if "commit" in n.roles]
+    if commit and disk.enabled and disk.ae_title != station.ae_title:
+        out.append(
+            f"disk_server.ae_title {disk.ae_title!r} differs from station.ae_title {station.ae_title!r}: "
+            f"{', '.join(commit)} (role commit) send their Storage Commitment reports to the AE title that "
+            f"asked, {station.ae_title!r}, which the disk server refuses; let the listener follow the "
+            f"station (modality-link config unset disk_server.ae_title)")
+    if commit and not disk.enabled:
+        out.append(f"disk_server.enabled is false: {', '.join(commit)} (role commit) cannot deliver their "
+                   f"Storage Commitment reports (modality-link config set disk_server.enabled true)")
+    for key in ("disk_server", "memory_server"):
+        lst: Listener = getattr(cfg, key)
+        remote = [name for name, n in callers.items() if not _loopback(n.host)]
+        if lst.enabled and lst.bind_address and _loopback(lst.bind_address) and remote:
+            out.append(
+                f"{key}.bind_address {lst.bind_address} accepts connections from this machine only: "
+                f"{', '.join(remote)} (roles commit or qr) cannot connect to {lst.ae_title} for Storage "
+                f"Commitment reports or C-MOVE (modality-link config unset {key}.bind_address)")
+    return out

@@ -27,6 +27,22 @@ class NotFound(RequestError):
     """What the request names does not exist: an exam, a job, a study, a node, a file."""
 
 
+class UnknownNode(NotFound):
+    """The request names a node that is not configured; `node` is the name asked for (the
+    command line exits 2 for it, as for any invalid usage: docs/cli.md "Exit codes")."""
+
+    def __init__(self, message: str, node: str) -> None:
+        super().__init__(message, details={"node": node})
+        self.node = node
+
+
+def missing_role(node: str, role: str, roles: list[str], what: str = "") -> str:
+    """The sentence for a node without the role a request needs, with the command that adds it."""
+    wanted = ",".join([*roles, role])
+    return (f"nodes.{node}: this node has no '{role}' role{f' ({what})' if what else ''}; add it with: "
+            f"modality-link node edit {node} --roles {wanted}")
+
+
 class Conflict(RequestError):
     """The request does not fit the current state (an exam that has ended, a job still running)."""
 

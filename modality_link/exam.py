@@ -44,7 +44,7 @@ from modality_link.archive import Archive, ArchiveError, check_file_meta, read_h
 from modality_link.autosend import AutoSend
 from modality_link.coercion import PIXEL_DATA, Coerced, coerce_file
 from modality_link.db import Database, Exam, ExamObject, InstanceRecord
-from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound
+from modality_link.errors import Conflict, DicomFailure, Invalid, NotFound, UnknownNode
 from modality_link.mpps_outbox import CREATE, SET, MppsOutbox
 from modality_link.net import mpps
 from modality_link.net.charset import charset_for
@@ -215,7 +215,7 @@ class ExamManager:
             try:
                 node = cfg.node(name)
             except config.ConfigError as exc:
-                raise NotFound(str(exc)) from None
+                raise UnknownNode(str(exc), name) from None
             return name, node
         for n, node in cfg.nodes.items():
             if role in node.roles:

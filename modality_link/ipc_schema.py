@@ -179,6 +179,7 @@ ERROR_DATA = (
     _f("sop_instance_uid", "string", "a SOP Instance UID already archived (CONFLICT)"),
     _f("exam_id", "integer", "the exam that holds it, null when it was archived outside an exam", nullable=True),
     _f("study_uid", "string", "the study that holds it"),
+    _f("node", "string", "a node name that is not configured (NOT_FOUND)"),
 )
 
 # -- methods --------------------------------------------------------------------------------------
@@ -195,20 +196,25 @@ METHODS: dict[str, tuple[str, str, str, tuple[Field, ...]]] = {
     "hello": ("the handshake: the service's protocol version; another major is refused", "object", "", (
         _f("protocol", "string", "MAJOR.MINOR"), _f("service", "string"), _f("version", "string"))),
     "status": ("the service's state", "object", "`version, protocol, pid, home, uptime_s, station, listeners, "
-                                                "archive, memory, alerts, last_event_seq`", (
-        _f("protocol", "string"), _f("last_event_seq", "integer", "the last event's sequence number"))),
+                                                "archive, memory, alerts, last_event_seq, warnings`", (
+        _f("protocol", "string"), _f("last_event_seq", "integer", "the last event's sequence number"),
+        _f("warnings", "array", "sentences about settings that make a commitment report or a C-MOVE "
+                                "unreachable (docs/design.md \"One identity\")"))),
     "studies.list": ("the archive's studies", "array", "studies", ()),
     "studies.protect": ("keep a study from the disk clean-up", "object", "`study_uid, protected`", ()),
     "studies.unprotect": ("let the disk clean-up delete a study again", "object", "`study_uid, protected`", ()),
     "cleanup": ("run the disk clean-up now, or say what it would delete", "object", "what it deleted", ()),
     "archive.import": ("import PS3.10 files or folders", "object", "`imported, failed, jobs`", ()),
     "nodes.list": ("the configured nodes", "object", "NAME: the node's settings", ()),
-    "nodes.echo": ("C-ECHO configured nodes", "array", "`node, ok, status, rtt_ms, message` each", ()),
+    "nodes.echo": ("C-ECHO configured nodes, or (`services`) propose each role's SOP classes", "array",
+                   "`node, ok, status, rtt_ms, message` each; with `services`: `node, ok, rtt_ms, message, "
+                   "services` (`role, sop_class, name, accepted, detail` each)", ()),
     "config.get": ("a configuration value, or the whole file as TOML", "any", "the value", ()),
     "config.set": ("set, validate, write and reload one value", "any", "the new value", ()),
     "config.reload": ("re-read the configuration file", "object", "`reloaded, listeners_restarted`", ()),
     "alerts.list": ("the alerts, newest first", "array", "`id, time, level, code, message, cleared` each", ()),
     "alerts.clear": ("mark alerts as seen", "object", "`cleared`", ()),
+    "alerts.ack": ("acknowledge one alert by its id", "object", "`id, cleared`", ()),
     "memory.list": ("what the memory server holds", "object", "`instances, bytes, budget_bytes, studies`", ()),
     "memory.fetch": ("one instance of the memory server as a PS3.10 file", "object", "the instance, `data` or "
                                                                                     "`path`", ()),

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 
 from modality_link.config import Config, ConfigError, Node
 from modality_link.db import Job
-from modality_link.errors import DicomFailure, Invalid, NotFound
+from modality_link.errors import DicomFailure, Invalid, NotFound, UnknownNode, missing_role
 from modality_link.jobs import Fail, JobContext, JobQueue, Retry, Stopping
 from modality_link.net import retrieve, status
 from modality_link.net.retrieve import MoveProgress, QueryError
@@ -59,9 +59,9 @@ class Retrieving:
         try:
             node = self.get_config().node(name)
         except ConfigError as exc:
-            raise Invalid(str(exc)) from None
+            raise UnknownNode(str(exc), name) from None
         if "qr" not in node.roles:
-            raise Invalid(f"nodes.{name}: this node has no 'qr' role (Query/Retrieve)")
+            raise Invalid(missing_role(name, "qr", node.roles, "Query/Retrieve"))
         return node
 
     def destination(self, to: str) -> str:

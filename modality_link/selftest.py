@@ -13,6 +13,8 @@ The checks, one row each (several for the listeners, nodes and drives):
   in the archive is indexed;
 - **listener** (disk and memory server): an association and a C-ECHO (PS3.4 Annex A) to
   ourselves on the port;
+- **identity**: no setting makes a Storage Commitment report or a C-MOVE unreachable (the
+  listener's AE title is the station's, it listens where the nodes can reach it);
 - **node** (each configured node): C-ECHO with the function the `echo` command uses;
 - **drive** (each optical drive): it answers and says what medium it holds.
 
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from modality_link.config import Config, Listener, Node
+from modality_link.config import Config, Listener, Node, warnings
 from modality_link.db.check import DatabaseUnreadable, indexed_files, integrity_problems
 from modality_link.home import Home
 from modality_link.net.acceptor import C_ECHO_RQ, Acceptor, Service
@@ -90,9 +92,21 @@ def run(home: Home, cfg: Config, service: Check, listening: dict[str, int] | Non
         listener: Listener = getattr(cfg, key)
         port = None if listening is None else listening.get(key, 0)
         checks.append(check_listener(label, listener, port, cfg))
+    checks.append(check_identity(cfg))
     checks += [check_node(name, node, cfg) for name, node in cfg.nodes.items()]
     checks += check_drives(drives)
     return Report("direct" if listening is None else "service", checks)
+
+
+def check_identity(cfg: Config) -> Check:
+    """The AE titles and addresses peers answer to: a Storage Commitment report or a C-MOVE
+    that cannot reach us fails here (:func:`modality_link.config.warnings`)."""
+    found = warnings(cfg)
+    if found:
+        return Check("identity", False, "; ".join(found))
+    return Check("identity", True, f"the disk server answers to {cfg.disk_server.ae_title}, the AE title "
+                                   f"of our requests (station.ae_title)" if cfg.disk_server.enabled
+                 else "no disk server; no node sends to us")
 
 
 def run_directly(home: Home) -> Report:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from modality_link import audit, jsonlog
 from modality_link.config import Config, ConfigError
 from modality_link.db import Database, InstanceRow, Job
-from modality_link.errors import Invalid, NotFound
+from modality_link.errors import Invalid, NotFound, UnknownNode, missing_role
 from modality_link.jobs import Fail, JobContext, JobQueue, Retry, Stopping
 from modality_link.net import storage
 from modality_link.net.association import AssociationFailed
@@ -67,11 +67,11 @@ class Sending:
         try:
             n = cfg.node(node)
         except ConfigError as exc:  # its message names the known nodes
-            raise Invalid(str(exc)) from None
+            raise UnknownNode(str(exc), node) from None
         if "store" not in n.roles:
-            raise Invalid(f"nodes.{node}: this node has no 'store' role")
+            raise Invalid(missing_role(node, "store", n.roles))
         if commit and "commit" not in n.roles:
-            raise Invalid(f"nodes.{node}: this node has no 'commit' role (Storage Commitment)")
+            raise Invalid(missing_role(node, "commit", n.roles, "Storage Commitment"))
         uids: list[str] = []
         for study in study_uids:
             rows = self.db.index.study_instances(study)

@@ -8,11 +8,13 @@ the schema in `modality_link.db`, the protocol in `modality_link.ipc`.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import logging.handlers
 import os
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -73,6 +75,29 @@ def setup_logging(home: Home, cfg: config.Config, to_stderr: bool = True) -> Non
     root.setLevel(cfg.logging.level)
     # pynetdicom logs every PDU at INFO/DEBUG; our own lines name peer, status and reason.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if cfg.logging.level != "DEBUG" else logging.DEBUG)
+
+
+def listen_error(key: str, listener: config.Listener, exc: OSError) -> str:
+    """Why a listening AE cannot listen, naming the key to change and the command that does it."""
+    port, address = listener.port, listener.bind_address or "every interface"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} is in use by another program: change {key}.port "
+                f"(modality-link config set {key}.port N), or stop the program that listens on it")
+    if exc.errno == errno.EACCES:
+        return (f"port {port} is below 1024 and needs privileges this user has not: change {key}.port "
+                f"(modality-link config set {key}.port N, e.g. 11112)")
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return (f"{key}.bind_address {address} is not an address of this machine: change it "
+                f"(modality-link config unset {key}.bind_address listens on every interface)")
+    return f"{key} cannot listen on {address} port {port}: {exc.strerror or exc}"
+
+
+def _listen(server: StorageServer | MemoryServer, key: str, listener: config.Listener) -> None:
+    """Start a listening AE; a socket error becomes a :class:`ServiceError` that names the fix."""
+    try:
+        server.start()
+    except OSError as exc:
+        raise ServiceError(listen_error(key, listener, exc)) from None
 
 
 class Service:
@@ -176,11 +201,11 @@ class Service:
                 on_report=self.commitment.handle_report if self.commitment is not None else None,
                 nodes=lambda: self.config.nodes,
             )
-            self.disk_server.start()
+            _listen(self.disk_server, "disk_server", self.config.disk_server)
         if self.config.memory_server.enabled:
             self.memory_server = MemoryServer(self.config.memory_server, self.config.timeouts, self.memory,
                                               self.on_memory_stored)
-            self.memory_server.start()
+            _listen(self.memory_server, "memory_server", self.config.memory_server)
 
     def _stop_servers(self) -> None:
         if self.disk_server is not None:

@@ -256,7 +256,7 @@ def test_echo_reports_status_and_round_trip(service: ServiceProcess) -> None:
     assert "DEAD: FAILED" in both.stdout
     assert "DEAD" in service.log()
     unknown = service.cli("echo", "NOBODY")
-    assert unknown.returncode == 1 and "no such node" in unknown.stderr
+    assert unknown.returncode == 2 and "no such node" in unknown.stderr  # an unknown node is invalid usage (docs/cli.md "Exit codes")
 
 
 def test_import_files_and_folders(service: ServiceProcess, tmp_path: Path) -> None:

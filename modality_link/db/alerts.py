@@ -52,3 +52,10 @@ class Alerts:
             self._conn.execute("UPDATE alerts SET cleared=1")
         else:
             self._conn.execute("UPDATE alerts SET cleared=1 WHERE code=?", (code,))
+
+    def acknowledge(self, alert_id: int) -> bool:
+        """Mark the alert `alert_id` cleared (acknowledged); whether there is such an alert."""
+        if self._conn.one("SELECT 1 FROM alerts WHERE id=?", (alert_id,)) is None:
+            return False
+        self._conn.execute("UPDATE alerts SET cleared=1 WHERE id=?", (alert_id,))
+        return True

@@ -686,13 +686,26 @@ class _Association:
             return 1, 1, 7  # called AE title not recognized
         return None
 
+    def _refusal_detail(self, source: int, reason: int) -> str:
+        """What an AE title refusal was asked and what we answer to (PS3.8 Table 9-21), with the
+        key that changes it: the log line names the fix."""
+        lst = self.acceptor.listener
+        if (source, reason) == (1, 7):
+            return (f": {self.peer.called_ae!r} was asked for, this listener answers to {lst.ae_title.strip()!r} "
+                    f"(its ae_title; the disk server's follows station.ae_title unless set on its own)")
+        if (source, reason) == (1, 3):
+            return (f": calling AE title {self.peer.calling_ae!r} is not among allowed_calling_aets "
+                    f"({', '.join(a.strip() for a in lst.allowed_calling_aets)})")
+        return ""
+
     def _reject(self, result: int, source: int, reason: int) -> None:
         prim = A_ASSOCIATE()
         prim.result, prim.result_source, prim.diagnostic = result, source, reason
         pdu = A_ASSOCIATE_RJ()
         pdu.from_primitive(prim)
-        LOG.warning("%s: association from %s refused: rejected (%s): %s", self.name, self.peer,
-                    REJECT_RESULTS.get(result), REJECT_REASONS.get((source, reason)))
+        LOG.warning("%s: association from %s refused: rejected (%s): %s%s", self.name, self.peer,
+                    REJECT_RESULTS.get(result), REJECT_REASONS.get((source, reason)),
+                    self._refusal_detail(source, reason))
         audit.association_refused(self.peer, f"{REJECT_REASONS.get((source, reason))} ({self.name})")
         _send_quietly(self.sock, pdu.encode())
         self._linger()

@@ -204,12 +204,19 @@ def describe_connect_failure(host: str, port: int, elapsed: float, connect_timeo
     except ConnectionRefusedError:
         return "refused", f"connection refused (nothing listens on {host}:{port})"
     except socket.gaierror as exc:
-        return "unreachable", f"unknown host {host} ({exc.strerror or exc})"
+        return "unreachable", unknown_host(host, exc)
     except TimeoutError:
         return "timeout", "timed out: no TCP connection"
     except OSError as exc:
         return "unreachable", f"no TCP connection ({exc.strerror or exc})"
     return "failed", "the TCP connection failed, but the port answers now (the peer may have just started)"
+
+
+def unknown_host(host: str, exc: socket.gaierror) -> str:
+    """A host name that does not resolve, and the fix: the node's host (an IP address, or a
+    name DNS or /etc/hosts knows)."""
+    return (f"unknown host {host} ({exc.strerror or exc}): give the node's IP address or a name DNS or "
+            f"/etc/hosts knows (modality-link node edit NAME --host ADDRESS)")
 
 
 def describe_tls_failure(host: str, port: int, tls: ssl.SSLContext) -> str | None:
@@ -272,7 +279,7 @@ def associate(
             tls_args=(tls_context, node.host) if tls_context is not None else None,
         )
     except socket.gaierror as exc:  # pynetdicom resolves the name before it connects
-        why = f"unknown host {node.host} ({exc.strerror or exc})"
+        why = unknown_host(node.host, exc)
         LOG.error("association to %s failed: %s", target, why)
         raise AssociationFailed(f"association to {target} failed: {why}", "unreachable") from None
     if not assoc.is_established:
