@@ -78,9 +78,19 @@ class Field:
     description: str = ""
     nullable: bool = False
     enum: str | None = None  # a key of ENUMS
+    #: An object's fields, or an array's items: their fields (an object each) or their JSON type.
+    fields: tuple[Field, ...] | None = None
+    items: tuple[Field, ...] | str | None = None
+    #: False: present in some answers only (docs/ipc.md says which).
+    required: bool = True
 
     def schema(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": [self.type, "null"] if self.nullable else self.type}
+        if self.fields is not None:
+            out |= _object(self.fields)
+            out["type"] = ["object", "null"] if self.nullable else "object"
+        if self.items is not None:
+            out["items"] = {"type": self.items} if isinstance(self.items, str) else _object(self.items)
         if self.enum is not None:
             out = {"$ref": f"#/components/schemas/{self.enum}"}
             if self.nullable:
@@ -94,8 +104,14 @@ class Field:
         return f"`{self.name}` ({kind}{' or null' if self.nullable else ''})"
 
 
-def _f(name: str, type: str, description: str = "", nullable: bool = False, enum: str | None = None) -> Field:
-    return Field(name, type, description, nullable, enum)
+def _f(name: str, type: str, description: str = "", nullable: bool = False, enum: str | None = None,
+       fields: tuple[Field, ...] | None = None, items: tuple[Field, ...] | str | None = None) -> Field:
+    return Field(name, type, description, nullable, enum, fields, items)
+
+
+def _all(type: str, *names: str) -> tuple[Field, ...]:
+    """Fields of one JSON type, without descriptions."""
+    return tuple(_f(n, type) for n in names)
 
 
 EXAM_ID = _f("exam_id", "integer")
@@ -186,9 +202,65 @@ ERROR_DATA = (
 
 _JOB = "a job: `id, kind, node, state, params, parent_id, attempts, max_attempts, next_attempt_at, last_error, " \
        "detail, created_at, updated_at, total, done, warnings, failed`, and the same times as ISO 8601 local " \
-       "time `created, updated, next_attempt` (null when none)"
+       "time `created, updated, next_attempt` (\"\" when none)"
 _EXAM = "the exam: `exam_id, state, sps_id, study_uid, pps_id, mpps_uid, mpps_node, objects, series, mpps`"
 _BURN = "the burn as in `burn.status`"
+
+#: A job's row (``jobs.list``; modality_link/db/jobs.py ``Job.to_dict``).
+JOB_FIELDS = (
+    _f("id", "integer"), _f("kind", "string", enum="job_kind"), _f("node", "string"),
+    _f("state", "string", enum="job_state"),
+    _f("params", "object", "what the job works on (its kind's own members: studies, commit, study_uid...)"),
+    _f("parent_id", "integer", "the job that queued this one", nullable=True),
+    *_all("integer", "attempts", "max_attempts"),
+    _f("next_attempt_at", "number", "Unix seconds", nullable=True), *_all("string", "last_error", "detail"),
+    *_all("number", "created_at", "updated_at"), *_all("integer", "total", "done", "warnings", "failed"),
+    _f("created", "string", "ISO 8601 local time"), _f("updated", "string", "ISO 8601 local time"),
+    _f("next_attempt", "string", "ISO 8601 local time while queued, else \"\""),
+)
+_ITEM = (_f("item", "string", "a SOP Instance UID"), _f("state", "string"),
+         _f("status", "integer", "the last DICOM status", nullable=True), _f("detail", "string"))
+#: A job with its history (``jobs.show``, ``jobs.retry``, ``jobs.cancel``).
+JOB_SHOWN = JOB_FIELDS + (
+    _f("children", "array", "ids of the jobs it queued", items="integer"),
+    _f("attempt_history", "array", "each attempt: started, ended (ISO 8601), outcome (done, retry, wait, "
+                                   "failed, interrupted), error", items=(
+        *_all("string", "started", "ended"), _f("started_at", "number"), _f("ended_at", "number", nullable=True),
+        _f("outcome", "string"), _f("error", "string"))),
+    _f("failed_items", "array", items=_ITEM), _f("warning_items", "array", items=_ITEM),
+)
+_MPPS_MESSAGE = (
+    *_all("integer", "id", "exam_id"), _f("kind", "string", enum="mpps_message"), _f("node", "string"),
+    _f("state", "string"), _f("attempts", "integer"), _f("next_attempt", "number", "Unix seconds"),
+    _f("last_error", "string"), _f("created_at", "number"), _f("sent_at", "number", nullable=True),
+)
+#: An exam (``exam.show``; modality_link/exam.py).
+EXAM_FIELDS = (
+    EXAM_ID, _f("state", "string", enum="exam_state"),
+    *_all("string", "sps_id", "study_uid", "pps_id", "mpps_uid", "mpps_node"), _f("objects", "integer"),
+    _f("series", "array", items=(_f("series_uid", "string"), _f("instances", "integer"),
+                                 _f("complete", "boolean"))),
+    _f("mpps", "array", "its MPPS messages (PS3.4 Annex F)", items=_MPPS_MESSAGE),
+)
+_DISC = (
+    *_all("integer", "index", "count"), *_all("string", "fileset_id", "target", "state"),
+    *_all("integer", "instances", "image_bytes"), _f("medium_verified", "boolean"), _f("files_checked", "integer"),
+    *_all("string", "message", "digest"),
+)
+#: A burn (``burn.status``; modality_link/burns.py).
+BURN_FIELDS = (
+    *_all("integer", "id", "job_id"), _f("study_uids", "array", items="string"),
+    *_all("string", "target", "profile"), _f("state", "string", enum="job_state"),
+    *_all("string", "error", "detail"), _f("stopping", "boolean"), _f("discs", "array", items=_DISC),
+    _f("waiting_for_disc", "object", "the disc asked for (`burn.insert_disc`)", nullable=True),
+    _f("queued", "number", nullable=True), _f("started", "number", nullable=True),
+    _f("finished", "number", nullable=True),
+)
+_DISK = (*_all("integer", "used_bytes", "capacity_bytes"), _f("quota", "boolean"), _f("percent", "number"))
+_LISTENER = (_f("ae_title", "string"), _f("port", "integer"), _f("running", "boolean"))
+ALERT_FIELDS = (_f("id", "integer"), _f("time", "number", "Unix seconds"), _f("level", "string", enum="alert_level"),
+                _f("code", "string", enum="alert_code"), _f("message", "string"),
+                _f("cleared", "integer", "1 once acknowledged or cleared, else 0"))
 
 #: Each method: a summary, its result's JSON type and what the result holds (docs/ipc.md "Methods"
 #: has the whole story); for the acquisition sequence the result's fields.
@@ -197,57 +269,94 @@ METHODS: dict[str, tuple[str, str, str, tuple[Field, ...]]] = {
         _f("protocol", "string", "MAJOR.MINOR"), _f("service", "string"), _f("version", "string"))),
     "status": ("the service's state", "object", "`version, protocol, pid, home, uptime_s, station, listeners, "
                                                 "archive, memory, alerts, last_event_seq, warnings`", (
-        _f("protocol", "string"), _f("last_event_seq", "integer", "the last event's sequence number"),
+        _f("version", "string"), _f("protocol", "string"), _f("pid", "integer"), _f("home", "string"),
+        _f("uptime_s", "number"), _f("station", "object", fields=_all("string", "ae_title", "modality", "name",
+                                                                     "institution")),
+        _f("listeners", "object", fields=(_f("disk_server", "object", fields=_LISTENER),
+                                          _f("memory_server", "object", fields=_LISTENER))),
+        _f("archive", "object", fields=_all("integer", "studies", "instances")),
+        _f("memory", "object", fields=_all("integer", "instances", "bytes", "budget_bytes")),
+        _f("alerts", "array", "the latest 20 alerts not cleared", items=ALERT_FIELDS),
+        _f("last_event_seq", "integer", "the last event's sequence number"),
         _f("warnings", "array", "sentences about settings that make a commitment report or a C-MOVE "
-                                "unreachable (docs/design.md \"One identity\")"))),
-    "studies.list": ("the archive's studies", "array", "studies", ()),
-    "studies.protect": ("keep a study from the disk clean-up", "object", "`study_uid, protected`", ()),
-    "studies.unprotect": ("let the disk clean-up delete a study again", "object", "`study_uid, protected`", ()),
-    "cleanup": ("run the disk clean-up now, or say what it would delete", "object", "what it deleted", ()),
-    "archive.import": ("import PS3.10 files or folders", "object", "`imported, failed, jobs`", ()),
+                                "unreachable (docs/design.md \"One identity\")", items="string"))),
+    "studies.list": ("the archive's studies", "array", "studies", (
+        *_all("string", "study_uid", "patient_id", "patient_name", "birth_date", "sex", "study_date", "study_time",
+              "accession", "study_id", "description"), *_all("integer", "series", "instances"),
+        _f("modalities", "string"), _f("nodes", "object", "node name: the study's state there"),
+        _f("protected", "boolean"), _f("last_used", "number", "Unix seconds", nullable=True))),
+    "studies.protect": ("keep a study from the disk clean-up", "object", "`study_uid, protected`", (_f("study_uid", "string"), _f("protected", "boolean"))),
+    "studies.unprotect": ("let the disk clean-up delete a study again", "object", "`study_uid, protected`", (_f("study_uid", "string"), _f("protected", "boolean"))),
+    "cleanup": ("run the disk clean-up now, or say what it would delete", "object", "what it deleted", (
+        _f("dry_run", "boolean"), *_all("integer", "high", "low"), _f("above_high", "boolean"),
+        _f("before", "object", fields=_DISK), _f("after", "object", fields=_DISK),
+        _f("deleted", "array", "the studies deleted (or that would be)", items="object"),
+        _f("deleted_bytes", "integer"), _f("blocked", "object", "what holds data back, by reason"),
+        _f("nodes", "array", items="string"), _f("copies", "string"))),
+    "archive.import": ("import PS3.10 files or folders", "object", "`imported, failed, jobs`", (
+        _f("imported", "integer"), _f("failed", "array", items=(_f("path", "string"), _f("error", "string"))),
+        _f("jobs", "array", "send job ids", items="integer"))),
     "nodes.list": ("the configured nodes", "object", "NAME: the node's settings", ()),
     "nodes.echo": ("C-ECHO configured nodes, or (`services`) propose each role's SOP classes", "array",
                    "`node, ok, status, rtt_ms, message` each; with `services`: `node, ok, rtt_ms, message, "
-                   "services` (`role, sop_class, name, accepted, detail` each)", ()),
+                   "services` (`role, sop_class, name, accepted, detail` each)", (
+        _f("node", "string"), _f("ok", "boolean"),
+        Field("status", "integer", "the C-ECHO status (not with `services`)", nullable=True, required=False),
+        _f("rtt_ms", "number", nullable=True), _f("message", "string"),
+        Field("services", "array", "with `services`: each role's SOP class proposed", required=False,
+              items=(*_all("string", "role", "sop_class", "name"), _f("accepted", "boolean"), _f("detail", "string"))))),
     "config.get": ("a configuration value, or the whole file as TOML", "any", "the value", ()),
     "config.set": ("set, validate, write and reload one value", "any", "the new value", ()),
-    "config.reload": ("re-read the configuration file", "object", "`reloaded, listeners_restarted`", ()),
-    "alerts.list": ("the alerts, newest first", "array", "`id, time, level, code, message, cleared` each", ()),
-    "alerts.clear": ("mark alerts as seen", "object", "`cleared`", ()),
-    "alerts.ack": ("acknowledge one alert by its id", "object", "`id, cleared`", ()),
-    "memory.list": ("what the memory server holds", "object", "`instances, bytes, budget_bytes, studies`", ()),
+    "config.reload": ("re-read the configuration file", "object", "`reloaded, listeners_restarted`", (_f("reloaded", "boolean"), _f("listeners_restarted", "boolean"))),
+    "alerts.list": ("the alerts, newest first", "array", "`id, time, level, code, message, cleared` each", ALERT_FIELDS),
+    "alerts.clear": ("mark alerts as seen", "object", "`cleared`", (_f("cleared", "boolean"),)),
+    "alerts.ack": ("acknowledge one alert by its id", "object", "`id, cleared`", (_f("id", "integer"), _f("cleared", "boolean"))),
+    "memory.list": ("what the memory server holds", "object", "`instances, bytes, budget_bytes, studies`", (
+        _f("studies", "array", items=(
+            *_all("string", "study_uid", "patient_id", "patient_name", "study_date", "accession", "study_description"),
+            *_all("integer", "instances", "bytes"),
+            _f("series", "array", items=(
+                *_all("string", "series_uid", "modality", "series_number", "series_description"),
+                *_all("integer", "instances", "bytes"), _f("sop_instance_uids", "array", items="string"))))),
+        *_all("integer", "instances", "bytes", "budget_bytes"))),
     "memory.fetch": ("one instance of the memory server as a PS3.10 file", "object", "the instance, `data` or "
                                                                                     "`path`", ()),
-    "memory.clear": ("drop what the memory server holds", "object", "`cleared`", ()),
+    "memory.clear": ("drop what the memory server holds", "object", "`cleared`", (_f("cleared", "integer", "instances dropped"),)),
     "query": ("C-FIND at a node", "array", "matches in the DICOM JSON model (PS3.18 F.2)", ()),
-    "retrieve": ("queue a retrieve job", "object", "`job_id`", ()),
-    "worklist.query": ("C-FIND the Modality Worklist", "object", "`node, items, partial, message, status`", ()),
-    "exam.start": ("start an exam: MPPS N-CREATE queued", "object", _EXAM, (
-        EXAM_ID, _f("state", "string", enum="exam_state"), _f("study_uid", "string"), _f("sps_id", "string"))),
-    "exam.add_image": ("archive acquired images of an exam, as one group", "object", "", (
-        EXAM_ID, _f("added", "array", "the SOP Instance UIDs archived"))),
+    "retrieve": ("queue a retrieve job", "object", "`job_id`", (_f("job_id", "integer"),)),
+    "worklist.query": ("C-FIND the Modality Worklist", "object", "`node, items, partial, message, status`", (
+        _f("node", "string"),
+        _f("items", "array", "the scheduled procedure steps", items=(
+            *_all("string", "sps_id", "patient_name", "patient_id", "birth_date", "sex", "accession",
+                  "requested_procedure_id", "description", "modality", "station_aet", "start_date", "start_time",
+                  "status", "study_uid"),
+            _f("dataset", "object", "the whole item in the DICOM JSON model (PS3.18 F.2)"))),
+        _f("partial", "boolean"), _f("message", "string"), _f("status", "integer", nullable=True))),
+    "exam.start": ("start an exam: MPPS N-CREATE queued", "object", _EXAM, EXAM_FIELDS),
+    "exam.add_image": ("archive acquired images of an exam, as one group", "object", "", (EXAM_ID, _f("added", "array", "the SOP Instance UIDs archived", items="string"))),
     "exam.series_complete": ("a series has all its images: its auto-send", "object", "", (
         EXAM_ID, _f("series_uid", "string"), _f("instances", "integer"), _f("already_complete", "boolean"),
-        _f("jobs", "array", "send job ids"))),
-    "exam.end": ("end an exam: MPPS N-SET queued, auto-send applied", "object", f"{_EXAM}, `jobs`", (
-        EXAM_ID, _f("state", "string", enum="exam_state"), _f("jobs", "array", "send job ids"))),
-    "exam.show": ("an exam", "object", _EXAM, (EXAM_ID, _f("state", "string", enum="exam_state"))),
-    "exam.list": ("the newest exams, newest first (`limit`, default 50)", "array", _EXAM, ()),
+        _f("jobs", "array", "send job ids", items="integer"))),
+    "exam.end": ("end an exam: MPPS N-SET queued, auto-send applied", "object", f"{_EXAM}, `jobs`", EXAM_FIELDS + (_f("jobs", "array", "send job ids", items="integer"),)),
+    "exam.show": ("an exam", "object", _EXAM, EXAM_FIELDS),
+    "exam.list": ("the newest exams, newest first (`limit`, default 50)", "array", _EXAM, (
+        EXAM_ID, _f("state", "string", enum="exam_state"), *_all("string", "sps_id", "study_uid", "patient_id",
+                                                                 "patient_name"),
+        _f("started_at", "number"), _f("ended_at", "number", nullable=True),
+        _f("started", "string", "ISO 8601 local time"), _f("ended", "string", "ISO 8601 local time, \"\" if not ended"),
+        _f("mpps", "array", items=(_f("kind", "string", enum="mpps_message"), _f("state", "string"),
+                                   _f("last_error", "string"))))),
     "send": ("queue a send job (and its commit job)", "object", "", (_f("job_id", "integer"),)),
-    "jobs.list": ("the jobs, newest first", "array", _JOB, ()),
+    "jobs.list": ("the jobs, newest first", "array", _JOB, JOB_FIELDS),
     "jobs.show": ("a job with its children and failed items", "object", f"{_JOB}, `children, failed_items, "
-                                                                         f"warning_items`", (
-        _f("id", "integer"), _f("kind", "string", enum="job_kind"), _f("state", "string", enum="job_state"),
-        _f("parent_id", "integer", nullable=True), _f("children", "array", "ids of the jobs it queued"),
-        _f("attempt_history", "array", "each attempt: started, ended (ISO 8601), outcome (done, retry, wait, "
-                                       "failed, interrupted), error"))),
-    "jobs.retry": ("queue a failed or cancelled job again", "object", _JOB, ()),
-    "jobs.cancel": ("cancel a queued or running job", "object", _JOB, ()),
-    "burn": ("burn studies to a disc or an ISO image", "object", _BURN, ()),
-    "burn.status": ("a burn", "object", _BURN, ()),
-    "burn.list": ("the latest 200 burns", "array", _BURN, ()),
-    "burn.disc_inserted": ("the next blank disc is in the drive", "object", "`id, disc`", ()),
-    "burn.cancel": ("cancel a burn", "object", _BURN, ()),
+                                                                         f"warning_items`", JOB_SHOWN),
+    "jobs.retry": ("queue a failed or cancelled job again", "object", _JOB, JOB_SHOWN),
+    "jobs.cancel": ("cancel a queued or running job", "object", _JOB, JOB_SHOWN),
+    "burn": ("burn studies to a disc or an ISO image", "object", _BURN, BURN_FIELDS),
+    "burn.status": ("a burn", "object", _BURN, BURN_FIELDS),
+    "burn.list": ("the latest 200 burns", "array", _BURN, BURN_FIELDS),
+    "burn.disc_inserted": ("the next blank disc is in the drive", "object", "`id, disc`", (_f("id", "integer"), _f("disc", "integer"))),
+    "burn.cancel": ("cancel a burn", "object", _BURN, BURN_FIELDS),
     "drives.list": ("the optical drives", "array", "`device, description, media, capabilities, busy` each", ()),
     "events.subscribe": ("turn this connection into an event stream; with `since`, replay what came after it",
                          "object", "", (
@@ -255,7 +364,9 @@ METHODS: dict[str, tuple[str, str, str, tuple[Field, ...]]] = {
         _f("replayed", "integer", "events written before the live ones"),
         _f("complete", "boolean", "false: events after `since` were pruned (or `since` is not this journal's); "
                                   "resynchronise with jobs.list, exam.show..."))),
-    "selftest": ("the self test inside the service", "object", "`ok, mode, checks`", ()),
+    "selftest": ("the self test inside the service", "object", "`ok, mode, checks`", (
+        _f("ok", "boolean"), _f("mode", "string"),
+        _f("checks", "array", items=(_f("name", "string"), _f("ok", "boolean"), _f("detail", "string"))))),
 }
 
 # -- the document ---------------------------------------------------------------------------------
@@ -283,7 +394,7 @@ def param_schema(rule: Param) -> dict[str, Any]:
 
 def _object(fields: tuple[Field, ...], description: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {"type": "object", "properties": {f.name: f.schema() for f in fields},
-                           "required": [f.name for f in fields]}
+                           "required": [f.name for f in fields if f.required], "additionalProperties": False}
     if description:
         out["description"] = description
     return out
@@ -293,7 +404,11 @@ def document() -> dict[str, Any]:
     """The OpenRPC document of the protocol."""
     methods = []
     for name, (summary, kind, holds, fields) in METHODS.items():
-        result: dict[str, Any] = _object(fields, holds) if fields else {"description": holds}
+        result: dict[str, Any] = {"description": holds}
+        if fields and kind == "array":  # the fields of each item
+            result |= {"type": "array", "items": _object(fields)}
+        elif fields:
+            result = _object(fields, holds)
         if not fields and kind != "any":
             result["type"] = kind
         params = [{"name": p, "required": rule.required,

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no stubs installed
 import pytest
 from pydicom import dcmread
 
