@@ -339,7 +339,7 @@ METHODS: dict[str, tuple[str, str, str, tuple[Field, ...]]] = {
         _f("jobs", "array", "send job ids", items="integer"))),
     "exam.end": ("end an exam: MPPS N-SET queued, auto-send applied", "object", f"{_EXAM}, `jobs`", EXAM_FIELDS + (_f("jobs", "array", "send job ids", items="integer"),)),
     "exam.show": ("an exam", "object", _EXAM, EXAM_FIELDS),
-    "exam.list": ("the newest exams, newest first (`limit`, default 50)", "array", _EXAM, (
+    "exam.list": ("the newest exams, newest first (`limit`, default 100)", "array", _EXAM, (
         EXAM_ID, _f("state", "string", enum="exam_state"), *_all("string", "sps_id", "study_uid", "patient_id",
                                                                  "patient_name"),
         _f("started_at", "number"), _f("ended_at", "number", nullable=True),
